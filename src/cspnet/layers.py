@@ -1,0 +1,167 @@
+"""Small building blocks shared by every model family.
+
+`ConvBnAct` is the Darknet ``[convolutional]`` section with ``batch_normalize=1``: a bias-free
+convolution, BatchNorm and an activation. Activations are named as in the Darknet cfgs
+(``leaky`` is LeakyReLU with slope 0.1, as darknet's ``leaky_activate``).
+"""
+from __future__ import annotations
+
+import difflib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("leaky", "mish", "swish", "relu", "relu6", "logistic", "linear")
+# Aliases users reach for; each maps onto one of ACTIVATIONS.
+_ALIASES = {"silu": "swish", "leaky_relu": "leaky", "identity": "linear", "sigmoid": "logistic", "none": "linear"}
+
+
+def canonical_act(name: str) -> str:
+    """Return the canonical activation name, or raise ValueError with close matches."""
+    if not isinstance(name, str):
+        raise ValueError(f"activation must be a name, got {type(name).__name__}")
+    key = name.lower()
+    key = _ALIASES.get(key, key)
+    if key not in ACTIVATIONS:
+        close = difflib.get_close_matches(key, ACTIVATIONS + tuple(_ALIASES), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown activation {name!r}{hint} (known: {', '.join(ACTIVATIONS)})")
+    return key
+
+
+def make_act(name: str) -> nn.Module:
+    """Build the activation module for a Darknet activation name."""
+    key = canonical_act(name)
+    if key == "leaky":
+        return nn.LeakyReLU(0.1, inplace=True)
+    if key == "mish":
+        return nn.Mish(inplace=True)
+    if key == "swish":
+        return nn.SiLU(inplace=True)
+    if key == "relu":
+        return nn.ReLU(inplace=True)
+    if key == "relu6":
+        return nn.ReLU6(inplace=True)
+    if key == "logistic":
+        return nn.Sigmoid()
+    return nn.Identity()
+
+
+class ConvBnAct(nn.Sequential):
+    """Conv2d (no bias) -> BatchNorm2d -> activation, with Darknet's 'same' padding (k // 2)."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        act: str = "leaky",
+        dilation: int = 1,
+    ):
+        padding = dilation * (kernel_size // 2)
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation=dilation, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        self.act = make_act(act)
+        self.in_chs, self.out_chs = in_chs, out_chs
+
+
+def darknet_add(x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """Darknet's ``[shortcut]``: add ``shortcut`` into ``x`` over min(C_x, C_s) channels.
+
+    The result keeps ``x``'s shape. A larger shortcut map is subsampled with stride
+    ``H_s / H_x`` (darknet ``shortcut_cpu``), which is how the plain ResNet cfgs make the
+    first block of a stride-2 stage residual without a projection conv; a shortcut with fewer
+    channels is a *partial residual* (csresnet50 stage 1, paper §4.2, CSPNet issue #13).
+    """
+    if x.shape == shortcut.shape:
+        return x + shortcut
+    if shortcut.shape[2] != x.shape[2] or shortcut.shape[3] != x.shape[3]:
+        step_h, step_w = shortcut.shape[2] // x.shape[2], shortcut.shape[3] // x.shape[3]
+        if step_h < 1 or step_w < 1 or step_h != step_w:
+            raise ValueError(f"shortcut of shape {tuple(shortcut.shape)} cannot be added to {tuple(x.shape)}")
+        shortcut = shortcut[:, :, ::step_h, ::step_w][:, :, : x.shape[2], : x.shape[3]]
+    c_x, c_s = x.shape[1], shortcut.shape[1]
+    if c_s == c_x:
+        return x + shortcut
+    if c_s > c_x:
+        return x + shortcut[:, :c_x]
+    return torch.cat([x[:, :c_s] + shortcut, x[:, c_s:]], dim=1)
+
+
+class Shortcut(nn.Module):
+    """A residual add as a module (Darknet ``[shortcut]``), so that profilers can see it."""
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return darknet_add(x, shortcut)
+
+
+class Maxout(nn.Module):
+    """Maxout over channels (Darknet ``[maxpool] maxpool_depth=1 out_channels=N``).
+
+    Output channel g is the max over input channels g, g+N, g+2N, ... (darknet
+    ``forward_maxpool_layer``); EFM uses it to compress pyramid maps before concatenation.
+    """
+
+    def __init__(self, out_chs: int):
+        super().__init__()
+        self.out_chs = out_chs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if c % self.out_chs:
+            # Darknet takes the max over whatever input channels map to each output channel.
+            pad = self.out_chs - c % self.out_chs
+            x = torch.cat([x, x[:, -1:].expand(n, pad, h, w)], dim=1)
+            c = x.shape[1]
+        return x.view(n, c // self.out_chs, self.out_chs, h, w).amax(dim=1)
+
+
+class SPP(nn.Module):
+    """Spatial pyramid pooling as in YOLOv3-SPP: concat [max13, max9, max5, identity] (stride 1)."""
+
+    def __init__(self, kernel_sizes: tuple[int, ...] = (5, 9, 13)):
+        super().__init__()
+        self.kernel_sizes = kernel_sizes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pools = [F.max_pool2d(x, k, 1, k // 2) for k in reversed(self.kernel_sizes)]
+        return torch.cat(pools + [x], dim=1)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation channel attention (used by the SE PeleeNet variants)."""
+
+    def __init__(self, chs: int, reduction: int = 4, act: str = "relu"):
+        super().__init__()
+        hidden = max(8, chs // reduction)
+        self.fc1 = nn.Conv2d(chs, hidden, 1)
+        self.act = make_act(act)
+        self.fc2 = nn.Conv2d(hidden, chs, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(self.act(self.fc1(s))))
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool -> dropout -> linear (the cfgs' ``[avgpool]`` + 1x1 ``[convolutional]``).
+
+    A 1x1 convolution on a pooled 1x1 map is a linear layer; ``nn.Linear`` holds the same
+    ``C_out x C_in`` weights and bias, so Darknet weights map onto it by a reshape.
+    """
+
+    def __init__(self, in_chs: int, num_classes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.in_chs = in_chs
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        if pre_logits:
+            return x
+        return self.fc(self.drop(x))

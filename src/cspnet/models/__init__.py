@@ -1,0 +1,1 @@
+"""Model families: one file each, a typed config per variant plus a builder."""

@@ -1,0 +1,167 @@
+"""`StagedNet`: stem -> stages -> classifier head, with the backbone contract every model shares.
+
+Family files build the stem and stages; this class gives them the same API:
+``forward_features``, ``forward_head``, ``reset_classifier``, ``feature_info``,
+``features_only`` / ``out_indices``, ``frozen_stages``, ``norm_eval`` and gradient checkpointing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import ClassifierHead
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One feature level: its channels, its stride from the input, and the module producing it."""
+
+    num_chs: int
+    reduction: int
+    module: str
+
+
+class StagedNet(nn.Module):
+    """A classification network made of a stem, a list of stages and a pooled linear head.
+
+    Feature level 0 is the stem's output and level ``i`` the output of ``stages[i - 1]``.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        stem_chs: int,
+        stem_stride: int,
+        stages: list[nn.Module],
+        stage_chs: list[int],
+        stage_strides: list[int],
+        *,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        features_only: bool = False,
+        out_indices: tuple[int, ...] | None = None,
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
+    ):
+        super().__init__()
+        if len(stages) != len(stage_chs) or len(stages) != len(stage_strides):
+            raise ValueError("stages, stage_chs and stage_strides must have the same length")
+        self.in_chans = in_chans
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        infos = [FeatureInfo(stem_chs, stem_stride, "stem")]
+        reduction = stem_stride
+        for i, (chs, stride) in enumerate(zip(stage_chs, stage_strides)):
+            reduction *= stride
+            infos.append(FeatureInfo(chs, reduction, f"stages.{i}"))
+        self.feature_info: list[FeatureInfo] = infos
+        self.num_features = infos[-1].num_chs
+        self.features_only = features_only
+        if out_indices is None:
+            out_indices = tuple(range(len(infos)))
+        bad = [i for i in out_indices if not -len(infos) <= i < len(infos)]
+        if bad:
+            raise ValueError(f"out_indices {bad} out of range for {len(infos)} feature levels")
+        self.out_indices = tuple(i % len(infos) for i in out_indices)
+        if not -1 <= frozen_stages <= len(stages):
+            raise ValueError(f"frozen_stages must be in [-1, {len(stages)}], got {frozen_stages}")
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.grad_checkpointing = False
+        self.head = None if features_only else ClassifierHead(self.num_features, num_classes, drop_rate)
+        self.num_classes = 0 if features_only else num_classes
+        self.init_weights()
+        self._freeze()
+
+    def init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    # -- backbone contract -------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected an image batch of rank 4 (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got input of shape {tuple(x.shape)}")
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, x, use_reentrant=False)
+        return module(x)
+
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """All feature levels (stem and every stage output)."""
+        self._check_input(x)
+        levels = [self._run(self.stem, x)]
+        for stage in self.stages:
+            levels.append(self._run(stage, levels[-1]))
+        return levels
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self._run(self.stem, x)
+        for stage in self.stages:
+            x = self._run(stage, x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.head is None:
+            raise ValueError("this model was built with features_only=True and has no head")
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor):
+        if self.features_only:
+            levels = self.forward_levels(x)
+            return [levels[i] for i in self.out_indices]
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: pooled features)."""
+        drop = self.head.drop.p if self.head is not None else 0.0
+        self.head = ClassifierHead(self.num_features, num_classes, drop)
+        if num_classes > 0:
+            nn.init.normal_(self.head.fc.weight, 0, 0.01)
+            nn.init.zeros_(self.head.fc.bias)
+        self.num_classes = num_classes
+        self.features_only = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute stage activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+
+    # -- freezing, as detection frameworks use it -----------------------------------------------
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        return [self.stem] + list(self.stages[: self.frozen_stages])
+
+    def _freeze(self) -> None:
+        for m in self._frozen_modules():
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self

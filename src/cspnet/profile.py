@@ -1,0 +1,144 @@
+"""Measure a model from its real module graph: parameters, MACs, Darknet BFLOPs and CIO.
+
+Conventions (stated once, used everywhere):
+
+- ``params``: every parameter (what ``sum(p.numel())`` gives).
+- ``conv_params``: weights of convolution and linear layers only, no BN and no biases. This is
+  how the official CSPNet README counts "#Param" (a Darknet classifier is a 1x1 conv).
+- ``macs``: multiply-accumulates of convolution and linear layers, for one image.
+- ``bflops``: Darknet's BFLOPs = 2 * ``macs`` / 1e9.
+- ``flops_all``: FLOPs of every layer that runs as a module: 2 per MAC for conv/linear,
+  2 per element for BatchNorm (scale and shift), 1 per element for activations, one per
+  window element for pooling. Adds and concatenations written as tensor ops are not counted.
+- ``shortcut_adds``: elements written by residual adds (`cspnet.layers.Shortcut`). Some Darknet
+  builds add these to their BFLOPs total (one per output element of a ``[shortcut]``); the
+  README's resnet10 figure (2.273) includes them, its darknet53 figure (18.57) does not.
+- ``cio``: the paper's memory-traffic measure (CIO of HarDNet): for every convolution, the
+  number of elements of its input plus its output, summed, for one image.
+
+Shapes come from forward hooks during one batch-1 forward pass in eval mode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import Shortcut
+
+_ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Mish, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Tanh)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    name: str
+    kind: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    params: int
+    macs: int
+    flops: int
+    cio: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    input_size: tuple[int, int]
+    params: int
+    conv_params: int
+    macs: int
+    flops_all: int
+    shortcut_adds: int
+    cio: int
+    layers: list[LayerProfile] = field(repr=False)
+
+    @property
+    def bflops(self) -> float:
+        """Darknet BFLOPs: 2 x conv/linear multiply-adds, in billions."""
+        return 2 * self.macs / 1e9
+
+    def as_dict(self) -> dict:
+        return {
+            "input_size": list(self.input_size),
+            "params": self.params,
+            "conv_params": self.conv_params,
+            "macs": self.macs,
+            "bflops": self.bflops,
+            "flops_all": self.flops_all,
+            "shortcut_adds": self.shortcut_adds,
+            "cio": self.cio,
+        }
+
+
+def _conv_macs(m: nn.Conv2d, out: torch.Tensor) -> int:
+    k = m.kernel_size[0] * m.kernel_size[1]
+    return out.numel() * (m.in_channels // m.groups) * k
+
+
+def _window(m: nn.Module) -> int:
+    k = m.kernel_size
+    return k * k if isinstance(k, int) else k[0] * k[1]
+
+
+def profile(model: nn.Module, input_size: int | tuple[int, int] = 224, in_chans: int | None = None) -> Profile:
+    """Profile ``model`` on one ``in_chans x H x W`` image (``input_size`` is H = W or (H, W))."""
+    if isinstance(input_size, int):
+        input_size = (input_size, input_size)
+    in_chans = in_chans or getattr(model, "in_chans", 3)
+    layers: list[LayerProfile] = []
+
+    def hook(name: str):
+        def fn(m: nn.Module, inputs, output):
+            x = inputs[0] if inputs else None
+            if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+                return
+            own = sum(p.numel() for p in m.parameters(recurse=False))
+            macs = flops = cio = 0
+            if isinstance(m, nn.Conv2d):
+                macs = _conv_macs(m, output)
+                flops, cio = 2 * macs, x.numel() + output.numel()
+                kind = "conv"
+            elif isinstance(m, nn.Linear):
+                macs = output.numel() * m.in_features
+                flops, kind = 2 * macs, "linear"
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                flops, kind = 2 * output.numel(), "bn"
+            elif isinstance(m, _ACTS):
+                flops, kind = output.numel(), "act"
+            elif isinstance(m, Shortcut):
+                flops, kind = output.numel(), "shortcut"
+            elif isinstance(m, _POOLS):
+                flops, kind = output.numel() * _window(m), "pool"
+            elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+                flops, kind = x.numel(), "pool"
+            else:
+                kind = type(m).__name__
+            layers.append(LayerProfile(name, kind, tuple(x.shape), tuple(output.shape), own, macs, flops, cio))
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if not list(m.children())]
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, *input_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    conv_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    return Profile(
+        input_size=tuple(input_size),
+        params=sum(p.numel() for p in model.parameters()),
+        conv_params=conv_params,
+        macs=sum(layer.macs for layer in layers),
+        flops_all=sum(layer.flops for layer in layers),
+        shortcut_adds=sum(layer.flops for layer in layers if layer.kind == "shortcut"),
+        cio=sum(layer.cio for layer in layers),
+        layers=layers,
+    )

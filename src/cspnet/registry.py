@@ -1,0 +1,108 @@
+"""Model registry: name -> (typed config, builder, the paper's figures).
+
+Each family file declares its variants in a ``MODELS`` tuple of `ModelSpec`; this module only
+collects those tuples, so "go to definition" on a config leads straight to the family file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PaperFigures:
+    """Figures published for a model, with the precision they were printed at.
+
+    ``params_m`` counts convolution weights only (no BN, no bias), as the official README does;
+    ``bflops`` is Darknet's BFLOPs, 2 x multiply-adds of the conv layers, at ``input_size``.
+    """
+
+    params_m: float | None
+    bflops: float | None
+    input_size: int
+    source: str
+    top1: float | None = None
+    params_decimals: int = 2
+    bflops_decimals: int = 2
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    cfg: Any
+    build: Callable[..., nn.Module]
+    paper: PaperFigures | None = None
+    twin: str | None = None
+    darknet_cfg: str | None = None
+    default_input: int = 256
+    description: str = ""
+
+
+MODEL_KWARGS = ("num_classes", "in_chans", "drop_rate", "features_only", "out_indices", "frozen_stages", "norm_eval")
+
+
+def _all_specs() -> dict[str, ModelSpec]:
+    from .models import darknet, resnet
+
+    specs: dict[str, ModelSpec] = {}
+    for family in (darknet.MODELS, resnet.MODELS):
+        for spec in family:
+            if spec.name in specs:
+                raise RuntimeError(f"model {spec.name!r} registered twice")
+            specs[spec.name] = spec
+    return specs
+
+
+_SPECS: dict[str, ModelSpec] | None = None
+
+
+def specs() -> dict[str, ModelSpec]:
+    global _SPECS
+    if _SPECS is None:
+        _SPECS = _all_specs()
+    return _SPECS
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of registered models matching a shell-style ``pattern``."""
+    return sorted(n for n in specs() if fnmatch.fnmatch(n, pattern))
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return specs()[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(specs()), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (see cspnet.list_models())") from None
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model.
+
+    Keyword arguments that name a field of the model's config (``act``, ``fusion``,
+    ``part_ratio`` …) override it; ``num_classes``, ``in_chans``, ``drop_rate``,
+    ``features_only``, ``out_indices``, ``frozen_stages`` and ``norm_eval`` go to the network.
+    """
+    spec = get_spec(name)
+    fields = {f.name for f in dataclasses.fields(spec.cfg)}
+    cfg_over = {k: v for k, v in kwargs.items() if k in fields}
+    net_kwargs = {k: v for k, v in kwargs.items() if k in MODEL_KWARGS}
+    unknown = sorted(set(kwargs) - set(cfg_over) - set(net_kwargs))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for model {name!r}; config fields: {sorted(fields)}, "
+            f"network options: {list(MODEL_KWARGS)}"
+        )
+    cfg = dataclasses.replace(spec.cfg, **cfg_over) if cfg_over else spec.cfg
+    model = spec.build(cfg, **net_kwargs)
+    model.model_name = name
+    model.model_cfg = cfg
+    return model

@@ -1,0 +1,104 @@
+"""Weights on disk: safetensors with a small JSON metadata block, and strict loading with clear errors.
+
+Nothing here unpickles: safetensors files hold only tensors and string metadata, and ``.pth``
+files are read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+METADATA_KEY = "cspnet"
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be loaded into the model it was meant for."""
+
+
+def save_weights(path: str | os.PathLike, model_or_state: nn.Module | dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> Path:
+    """Write tensors to ``path`` as safetensors, atomically (temp file + rename).
+
+    ``metadata`` (model name, config, input size, normalisation …) is stored as JSON under
+    the ``cspnet`` key of the safetensors header.
+    """
+    path = Path(path)
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    meta = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True, default=str)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata block of a cspnet safetensors file (empty for foreign files)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorsError, OSError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    raw = meta.get(METADATA_KEY)
+    if raw is None:
+        return {}
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: corrupt cspnet metadata ({e})") from None
+
+
+def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or (never unpickling) from ``.pth`` / ``.pt``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    if path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses anything but tensors and plain containers
+            raise WeightsError(f"{path}: cannot be read safely with weights_only=True ({e})") from None
+        for key in ("state_dict", "model", "model_state"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise WeightsError(f"{path}: does not hold a flat state dict of tensors")
+        return obj
+    try:
+        return load_file(str(path))
+    except (SafetensorsError, OSError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True, source: str = "weights") -> None:
+    """Copy ``state`` into ``model``, naming every missing, unexpected and mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mis_shaped = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if own[k].shape != state[k].shape
+    )
+    problems = []
+    if mis_shaped:
+        problems.append("mis-shaped: " + "; ".join(mis_shaped[:10]) + (" …" if len(mis_shaped) > 10 else ""))
+    if strict and missing:
+        problems.append("missing: " + ", ".join(missing[:10]) + (f" … ({len(missing)} in all)" if len(missing) > 10 else ""))
+    if strict and unexpected:
+        problems.append("unexpected: " + ", ".join(unexpected[:10]) + (f" … ({len(unexpected)} in all)" if len(unexpected) > 10 else ""))
+    if problems:
+        name = getattr(model, "model_name", type(model).__name__)
+        raise WeightsError(f"{source} do not fit model {name!r}: " + " | ".join(problems))
+    model.load_state_dict(state, strict=strict)
