@@ -14,19 +14,32 @@ class ResidualBlock(nn.Module):
 
     With ``mid_chs == out_chs`` and ``groups=32`` it is the CSPResNeXt block "w/o bottleneck"
     (paper Fig. 5). The shortcut is Darknet's: when the input has fewer channels or a larger map
-    than the output it is added partially (see ``darknet_add``), never through a projection conv.
+    than the output it is added partially (see ``darknet_add``). With ``projection=True`` such a
+    block instead projects its input with a strided 1x1 conv + BN, as torchvision's ResNets do.
     """
 
-    def __init__(self, in_chs: int, mid_chs: int, out_chs: int, stride: int = 1, groups: int = 1, act: str = "leaky"):
+    def __init__(
+        self,
+        in_chs: int,
+        mid_chs: int,
+        out_chs: int,
+        stride: int = 1,
+        groups: int = 1,
+        act: str = "leaky",
+        projection: bool = False,
+    ):
         super().__init__()
         self.conv1 = ConvBnAct(in_chs, mid_chs, 1, act=act)
         self.conv2 = ConvBnAct(mid_chs, mid_chs, 3, stride, groups=groups, act=act)
         self.conv3 = ConvBnAct(mid_chs, out_chs, 1, act="linear")
+        needs_projection = projection and (in_chs != out_chs or stride != 1)
+        self.shortcut = ConvBnAct(in_chs, out_chs, 1, stride, act="linear") if needs_projection else None
         self.add = Shortcut()
         self.act = make_act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.add(self.conv3(self.conv2(self.conv1(x))), x))
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return self.act(self.add(self.conv3(self.conv2(self.conv1(x))), shortcut))
 
 
 class BasicBlock(nn.Module):

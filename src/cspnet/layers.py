@@ -2,7 +2,8 @@
 
 `ConvBnAct` is the Darknet ``[convolutional]`` section with ``batch_normalize=1``: a bias-free
 convolution, BatchNorm and an activation. Activations are named as in the Darknet cfgs
-(``leaky`` is LeakyReLU with slope 0.1, as darknet's ``leaky_activate``).
+(``leaky`` is LeakyReLU with slope 0.1, as darknet's ``leaky_activate``; ``leaky_0.01`` is
+PyTorch's default slope, which timm's ``leaky_relu`` models were trained with).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("leaky", "mish", "swish", "relu", "relu6", "logistic", "linear")
+ACTIVATIONS = ("leaky", "leaky_0.01", "mish", "swish", "relu", "relu6", "logistic", "linear")
 # Aliases users reach for; each maps onto one of ACTIVATIONS.
 _ALIASES = {"silu": "swish", "leaky_relu": "leaky", "identity": "linear", "sigmoid": "logistic", "none": "linear"}
 
@@ -35,6 +36,8 @@ def make_act(name: str) -> nn.Module:
     key = canonical_act(name)
     if key == "leaky":
         return nn.LeakyReLU(0.1, inplace=True)
+    if key == "leaky_0.01":
+        return nn.LeakyReLU(0.01, inplace=True)
     if key == "mish":
         return nn.Mish(inplace=True)
     if key == "swish":

@@ -45,10 +45,17 @@ class ModelRow:
         return ""
 
 
-def model_rows(pattern: str = "*", input_size: int | None = None) -> list[ModelRow]:
-    """Profile every model matching ``pattern`` at its paper input size (or ``input_size``)."""
+def model_rows(pattern: str = "*", input_size: int | None = None, with_twins: bool = True) -> list[ModelRow]:
+    """Profile every model matching ``pattern`` at its paper input size (or ``input_size``).
+
+    With ``with_twins`` the plain twin of every matching CSP model is profiled too, so that
+    the table can show CSP/plain ratios.
+    """
+    names = list_models(pattern)
+    if with_twins:
+        names += [t for n in names if (t := get_spec(n).twin) and t not in names]
     rows = []
-    for name in list_models(pattern):
+    for name in sorted(names):
         spec = get_spec(name)
         paper = spec.paper
         size = input_size or (paper.input_size if paper else spec.default_input)

@@ -6,7 +6,9 @@ Family files build the stem and stages; this class gives them the same API:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -22,6 +24,37 @@ class FeatureInfo:
     num_chs: int
     reduction: int
     module: str
+
+
+class _RestoreNormStats:
+    """Context that puts a module's BatchNorm buffers back as they were on entry.
+
+    Checkpointing re-runs a stage's forward in the backward pass; in train mode that would update
+    the running statistics a second time with the same batch. Recomputation runs inside this
+    context, so a checkpointed step leaves exactly the statistics of a plain step.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.saved = [
+            (buf, buf.clone())
+            for m in self.module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for buf in m.buffers()
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for buf, value in self.saved:
+                buf.copy_(value)
+
+
+def _checkpoint_contexts(module: nn.Module):
+    # (forward context, recomputation context) for torch.utils.checkpoint's context_fn
+    return contextlib.nullcontext(), _RestoreNormStats(module)
 
 
 class StagedNet(nn.Module):
@@ -99,7 +132,8 @@ class StagedNet(nn.Module):
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(module, x, use_reentrant=False)
+            contexts = partial(_checkpoint_contexts, module)
+            return checkpoint(module, x, use_reentrant=False, context_fn=contexts)
         return module(x)
 
     def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -49,10 +49,10 @@ MODEL_KWARGS = ("num_classes", "in_chans", "drop_rate", "features_only", "out_in
 
 
 def _all_specs() -> dict[str, ModelSpec]:
-    from .models import darknet, resnet
+    from .models import darknet, resnet, timm_variants, torchvision_variants
 
     specs: dict[str, ModelSpec] = {}
-    for family in (darknet.MODELS, resnet.MODELS):
+    for family in (darknet.MODELS, resnet.MODELS, timm_variants.MODELS, torchvision_variants.MODELS):
         for spec in family:
             if spec.name in specs:
                 raise RuntimeError(f"model {spec.name!r} registered twice")
@@ -90,7 +90,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     Keyword arguments that name a field of the model's config (``act``, ``fusion``,
     ``part_ratio`` …) override it; ``num_classes``, ``in_chans``, ``drop_rate``,
     ``features_only``, ``out_indices``, ``frozen_stages`` and ``norm_eval`` go to the network.
+    ``pretrained`` is the path of a weights file (`cspnet.weights.load_pretrained`).
     """
+    pretrained = kwargs.pop("pretrained", None)
     spec = get_spec(name)
     fields = {f.name for f in dataclasses.fields(spec.cfg)}
     cfg_over = {k: v for k, v in kwargs.items() if k in fields}
@@ -105,4 +107,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     model = spec.build(cfg, **net_kwargs)
     model.model_name = name
     model.model_cfg = cfg
+    if pretrained:
+        from .weights import load_pretrained
+
+        load_pretrained(model, pretrained)
     return model

@@ -21,6 +21,9 @@ Split modes:
 - ``slice`` the base map's channels ``[0, γ·C)`` bypass the blocks and ``[γ·C, C)`` go through
   them (the paper's figure), each made contiguous before use
 
+The base map is the stage input after ``down``, or the output of an optional ``base`` layer: timm's
+CSP stages compute it with one shared 1x1 expansion conv and then ``slice`` it (see docs/interop.md).
+
 γ (``part_ratio``) is the fraction of base channels that *bypass* the blocks, so computation
 falls as γ grows (paper Table 1). The concat order is ``[block path, cross path]`` as in the cfgs.
 """
@@ -74,6 +77,8 @@ class CrossStage(nn.Module):
         base_chs: channels of the base layer (the output of ``down``, or the stage input).
         make_blocks: builds the blocks for a given input width (see ``BlockFactory``).
         down: module applied first (e.g. a 3x3 stride-2 conv); ``None`` for no downsampling.
+        base: module applied after ``down`` that produces the ``base_chs``-wide base map (timm's
+            shared 1x1 ``conv_exp``); ``None``: the base map is ``down``'s output or the input.
         fusion: ``csp`` | ``fusion_first`` | ``fusion_last`` | ``none``.
         split: ``conv`` | ``slice``.
         part_ratio: γ, the fraction of base channels that bypasses the blocks.
@@ -96,6 +101,7 @@ class CrossStage(nn.Module):
         make_blocks: BlockFactory,
         *,
         down: nn.Module | None = None,
+        base: nn.Module | None = None,
         fusion: Fusion = "csp",
         split: Split = "conv",
         part_ratio: float = 0.5,
@@ -117,6 +123,7 @@ class CrossStage(nn.Module):
         conv_fn = conv_fn or partial(ConvBnAct, kernel_size=1, act=act)
         self.fusion, self.split, self.part_ratio = fusion, split, part_ratio
         self.down = down
+        self.base = base
 
         if fusion == "none":
             self.cross = self.main = None
@@ -159,6 +166,8 @@ class CrossStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.down is not None:
             x = self.down(x)
+        if self.base is not None:
+            x = self.base(x)
         if self.fusion == "none":
             x = self.blocks(x)
             return self.transition(x) if self.transition is not None else x

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError as SafetensorsError  # the class is SafetensorError in safetensors 0.8
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -102,3 +102,40 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool 
         name = getattr(model, "model_name", type(model).__name__)
         raise WeightsError(f"{source} do not fit model {name!r}: " + " | ".join(problems))
     model.load_state_dict(state, strict=strict)
+
+
+def _config_differences(saved: dict[str, Any], cfg: Any) -> list[str]:
+    import dataclasses
+
+    # Compare as JSON, the form the metadata was written in (tuples become lists).
+    built = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    return [
+        f"{k}: file {saved.get(k)!r} vs model {built.get(k)!r}"
+        for k in sorted(set(saved) | set(built))
+        if saved.get(k) != built.get(k)
+    ]
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a weights file into a registered model, checking that it was made for it.
+
+    The file's metadata (when it has any) must name this model and, if it records a config,
+    the same config; then every tensor must fit (`load_into`, strict). A ``features_only``
+    backbone ignores the file's classifier (``head.*``), as detection frameworks expect.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise WeightsError(f"pretrained must be the path of a weights file (nothing is downloaded), got {path!r}")
+    path = Path(path)
+    state = load_state(path)
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    name = getattr(model, "model_name", None)
+    if name is not None and meta.get("model") not in (None, name):
+        raise WeightsError(f"{path}: holds weights of model {meta['model']!r} (metadata 'model'), not {name!r}")
+    cfg = getattr(model, "model_cfg", None)
+    if isinstance(meta.get("config"), dict) and cfg is not None:
+        diffs = _config_differences(meta["config"], cfg)
+        if diffs:
+            raise WeightsError(f"{path}: made for another configuration of {name!r}: " + "; ".join(diffs))
+    if getattr(model, "features_only", False):
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    load_into(model, state, strict=True, source=str(path))

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import convert as convert_cmd
 from . import models as models_cmd
 
-COMMANDS = (models_cmd,)
+COMMANDS = (models_cmd, convert_cmd,)
 
 
 def build_parser() -> argparse.ArgumentParser:

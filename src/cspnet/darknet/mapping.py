@@ -1,0 +1,104 @@
+"""Native models <-> Darknet weights.
+
+The native models register their layers in the order the official cfgs list them (a
+`cspnet.stage.CrossStage` holds down, cross, main, blocks, partial transition, transition; the
+blocks hold their convs in order; the classifier ``head.fc`` is the cfg's final 1x1 conv with
+bias). So the k-th Conv2d (with the BatchNorm that follows it) or Linear of a native model is the
+k-th weighted layer of its cfg, and a ``.weights`` file maps onto it without the cfg. The tests
+check this against every registered model's ``ModelSpec.darknet_cfg`` by comparing outputs.
+
+resnet50.cfg applies its 1000-way conv *before* the global pool and the native model after it;
+a 1x1 conv commutes with averaging, so the same weights give the same logits.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .build import DarknetNet, WeightRecord
+from .weights import DarknetWeightsError, WeightsHeader, read_weights, write_weights
+
+
+def native_records(model: nn.Module) -> list[WeightRecord]:
+    """The weighted layers of a native model in module order, as ``.weights`` records.
+
+    A Conv2d takes the BatchNorm2d registered right after it (its ``ConvBnAct``); a conv with
+    neither BN nor bias, or a BN with no conv before it, cannot be expressed in Darknet's format.
+    """
+    records: list[WeightRecord] = []
+    pending: tuple[str, nn.Conv2d] | None = None  # a bias-free conv waiting for its BN
+
+    def close_pending() -> None:
+        if pending is not None:
+            raise ValueError(f"{pending[0]}: a convolution without bias or BatchNorm has no Darknet layout")
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            close_pending()
+            if m.bias is None:
+                pending = (name, m)
+            else:
+                records.append(WeightRecord(name, "conv", m.weight, m.bias, None))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if pending is None or pending[1].out_channels != m.num_features:
+                raise ValueError(f"{name}: a BatchNorm that does not follow a bias-free convolution has no Darknet layout")
+            records.append(WeightRecord(pending[0], "conv", pending[1].weight, m.bias, m))
+            pending = None
+        elif isinstance(m, nn.Linear):
+            close_pending()
+            if m.bias is None:
+                raise ValueError(f"{name}: a Linear without bias has no Darknet layout")
+            # The cfgs' classifier is a 1x1 [convolutional] with bias: a conv record.
+            records.append(WeightRecord(name, "conv", m.weight, m.bias, None))
+    close_pending()
+    return records
+
+
+def _describe(record: WeightRecord) -> str:
+    bn = "+BN" if record.bn is not None else "+bias"
+    return f"{record.name} {tuple(record.weight.shape)}{bn}"
+
+
+def _flat_shape(shape: torch.Size) -> tuple[int, ...]:
+    # A Linear's (out, in) weight is a 1x1 conv's (out, in, 1, 1).
+    return tuple(shape[:2]) if len(shape) == 4 and tuple(shape[2:]) == (1, 1) else tuple(shape)
+
+
+def copy_records(src: list[WeightRecord], dst: list[WeightRecord]) -> None:
+    """Copy weights, biases and BN state record by record, checking that every pair matches."""
+    if len(src) != len(dst):
+        raise DarknetWeightsError(f"{len(src)} weighted layers cannot map onto {len(dst)}")
+    for a, b in zip(src, dst):
+        if (a.bn is None) != (b.bn is None) or _flat_shape(a.weight.shape) != _flat_shape(b.weight.shape):
+            raise DarknetWeightsError(f"layer {_describe(a)} does not match {_describe(b)}")
+    with torch.no_grad():
+        for a, b in zip(src, dst):
+            for x, y in zip(a.tensors, b.tensors):
+                y.copy_(x.reshape(y.shape))
+
+
+def darknet_to_native(darknet: DarknetNet, native: nn.Module) -> None:
+    """Copy a cfg-built model's weights into the matching native model."""
+    copy_records(darknet.weight_records(), native_records(native))
+
+
+def native_to_darknet(native: nn.Module, darknet: DarknetNet) -> None:
+    """Copy a native model's weights into the cfg-built model of its official cfg."""
+    copy_records(native_records(native), darknet.weight_records())
+
+
+def load_darknet_weights(model: nn.Module, path: str | os.PathLike, *, partial: bool = False) -> WeightsHeader:
+    """Load an official ``.weights`` file into a native model (e.g. ``csresnext50.weights`` into cspresnext50).
+
+    ``partial=True`` accepts a file holding only the first layers (darknet ``partial``, e.g.
+    ``csdarknet53.conv.104``, the backbone without the classifier); the rest keep their values.
+    """
+    return read_weights(native_records(model), path, partial=partial)
+
+
+def save_darknet_weights(model: nn.Module, path: str | os.PathLike, header: WeightsHeader | None = None) -> Path:
+    """Write a native model as a Darknet ``.weights`` file for its official cfg."""
+    return write_weights(native_records(model), path, header=header)

@@ -1,0 +1,344 @@
+"""Classification data: Fashion-MNIST (Debian package), scikit-learn digits, and image folders.
+
+Every dataset yields ``(image, label)`` with ``image`` a ``uint8`` tensor ``C x S x S`` already at
+the training size. Nothing random happens here: augmentation is done on whole batches by the
+trainer's task with an explicit generator, so a run is a deterministic function of its seed
+(exact ``--resume``, DataLoader workers or not, one process or many).
+
+- ``fashion-mnist``: the original IDX files of Debian's ``dataset-fashion-mnist`` package in
+  ``/usr/share/datasets/fashion-mnist`` (60,000 train / 10,000 test, 28x28 grey, 10 classes).
+- ``digits``: scikit-learn's bundled ``load_digits`` (1,797 8x8 images, 17 grey levels), split
+  80/20 stratified with a fixed seed; for tests and as an offline fallback.
+- a directory in ``ImageFolder`` layout (``root/<class>/<image>``), read with torchvision. If it
+  has ``train/`` and ``val/`` (or ``test/``) sub-directories they are the splits; otherwise a fixed,
+  seeded ``val_fraction`` of each class is held out.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+FASHION_MNIST_ROOT = Path(os.environ.get("CSPNET_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+BUILTIN = ("fashion-mnist", "digits")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used: missing, empty class folders, too few classes, bad files."""
+
+
+class CorruptImageError(DataError):
+    """An image file that cannot be decoded."""
+
+
+@dataclass
+class ClassificationData:
+    """A train / test pair with what a model and the trainer need to know about it.
+
+    ``hflip`` says whether a horizontal flip keeps the label (true for clothes, false for digits).
+    ``skipped`` lists the corrupt files left out (``skip_corrupt=True``).
+    """
+
+    name: str
+    train: Dataset
+    test: Dataset
+    classes: list[str]
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name, "classes": self.classes, "in_chans": self.in_chans, "img_size": self.img_size,
+            "mean": list(self.mean), "std": list(self.std), "hflip": self.hflip,
+            "train_size": len(self.train), "test_size": len(self.test), "skipped": len(self.skipped),
+        }
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as one ``uint8`` tensor ``N x C x S x S`` with ``int64`` labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
+            raise ValueError(f"expected uint8 images N x C x H x W and N labels, got {tuple(images.shape)} {images.dtype} and {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+    def targets(self) -> list[int]:
+        return self.labels.tolist()
+
+
+def _resize_uint8(images: np.ndarray, size: int) -> torch.Tensor:
+    """``N x H x W`` (or ``N x C x H x W``) uint8 -> ``N x C x size x size`` uint8, antialiased bilinear."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.dim() == 3:
+        x = x[:, None]
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x.contiguous()
+    out = []
+    for chunk in x.split(4096):  # bounded memory for 60k images
+        y = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(y.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _read_idx(path: Path, magic: int, rank: int) -> np.ndarray:
+    """Read an IDX file (the MNIST format: big-endian magic, dims, then uint8 data)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    header = np.frombuffer(raw[: 4 * (rank + 1)], dtype=">u4")
+    if len(header) != rank + 1 or header[0] != magic:
+        raise DataError(f"{path}: not an IDX file (magic {header[0] if len(header) else None}, expected {magic})")
+    dims = tuple(int(d) for d in header[1:])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 * (rank + 1))
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated ({data.size} bytes of data, header says {dims})")
+    return data.reshape(dims)
+
+
+def load_fashion_mnist(img_size: int = 32, root: str | os.PathLike | None = None) -> ClassificationData:
+    """Fashion-MNIST from the IDX files of Debian's ``dataset-fashion-mnist`` package."""
+    root = Path(root) if root is not None else FASHION_MNIST_ROOT
+    if not root.is_dir():
+        raise DataError(
+            f"{root}: Fashion-MNIST not found; install it with `apt-get install dataset-fashion-mnist` "
+            "(or set CSPNET_FASHION_MNIST to a folder holding the four *-ubyte.gz files)"
+        )
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz", 2051, 3)
+        labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 2049, 1)
+        if len(images) != len(labels):
+            raise DataError(f"{root}: {prefix} has {len(images)} images but {len(labels)} labels")
+        splits[split] = TensorImageDataset(_resize_uint8(images, img_size), torch.from_numpy(labels.astype(np.int64)))
+    mean, std = _mean_std(splits["train"].images)
+    return ClassificationData("fashion-mnist", splits["train"], splits["test"], list(FASHION_MNIST_CLASSES),
+                              1, img_size, mean, std, hflip=True)
+
+
+def load_digits_data(img_size: int = 32, test_fraction: float = 0.2, seed: int = 0) -> ClassificationData:
+    """scikit-learn's bundled 8x8 digits, upsampled to ``img_size``, split stratified with ``seed``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed)
+    x = _resize_uint8(images, img_size)
+    y = torch.from_numpy(labels)
+    train = TensorImageDataset(x[idx_train], y[idx_train])
+    mean, std = _mean_std(train.images)
+    return ClassificationData("digits", train, TensorImageDataset(x[idx_test], y[idx_test]),
+                              [str(i) for i in range(10)], 1, img_size, mean, std, hflip=False)
+
+
+def _mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.double() / 255.0
+    dims = (0, 2, 3)
+    return tuple(x.mean(dims).tolist()), tuple(x.std(dims).tolist())
+
+
+# -- image folders -------------------------------------------------------------------------------
+def _is_image(path: str) -> bool:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
+def scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes (sorted sub-directory names) and ``(path, class index)`` samples of an ImageFolder tree.
+
+    Raises `DataError` for a missing directory, fewer than two classes, or a class folder without
+    images (naming it).
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        raise DataError(f"{root}: a classification dataset needs at least two class folders (root/<class>/<image>), found {found}")
+    empty = [c for c in classes if not any(_is_image(os.path.join(d, f)) for d, _, fs in os.walk(root / c, followlinks=True) for f in fs)]
+    if empty:
+        raise DataError(f"{root}: empty class folder(s) {', '.join(str(root / c) for c in empty)} (no {'/'.join(IMG_EXTENSIONS)} files)")
+    samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS)
+    return classes, samples
+
+
+def decode_image(path: str, img_size: int, in_chans: int) -> torch.Tensor:
+    """Open, convert (grey or RGB), resize the short side to ``img_size``, centre-crop; ``uint8 C x S x S``.
+
+    Raises `CorruptImageError` naming the file when it cannot be decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms import v2
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if in_chans == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CorruptImageError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
+    tf = v2.Compose([v2.PILToTensor(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
+    return tf(im)
+
+
+class FolderDataset(Dataset):
+    """Image files with class indices, decoded and resized on access (DataLoader workers welcome)."""
+
+    def __init__(self, samples: list[tuple[str, int]], img_size: int, in_chans: int):
+        self.samples = samples
+        self.img_size = img_size
+        self.in_chans = in_chans
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        return decode_image(path, self.img_size, self.in_chans), label
+
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+
+def _drop_corrupt(samples: list[tuple[str, int]], img_size: int, in_chans: int) -> tuple[list[tuple[str, int]], list[str]]:
+    from tqdm import tqdm
+
+    good, bad = [], []
+    for path, label in tqdm(samples, desc="checking images", unit="img", leave=False, disable=len(samples) < 1000):
+        try:
+            decode_image(path, img_size, in_chans)
+            good.append((path, label))
+        except CorruptImageError:
+            bad.append(path)
+    return good, bad
+
+
+def _holdout(samples: list[tuple[str, int]], fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``fraction`` of each class (at least one image), by a seeded permutation."""
+    rng = np.random.default_rng(seed)
+    labels = np.array([s[1] for s in samples])
+    test_idx = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = max(1, int(round(fraction * len(idx)))) if len(idx) > 1 else 0
+        test_idx.extend(rng.permutation(idx)[:n].tolist())
+    test_set = set(test_idx)
+    return [s for i, s in enumerate(samples) if i not in test_set], [samples[i] for i in sorted(test_idx)]
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    img_size: int = 224,
+    in_chans: int = 3,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    skip_corrupt: bool = False,
+) -> ClassificationData:
+    """An ImageFolder tree (with ``train/`` + ``val/``/``test/`` splits, or one tree split by ``val_fraction``).
+
+    Corrupt images raise `CorruptImageError` naming the file when they are read; with
+    ``skip_corrupt=True`` every image is decoded once up front and the unreadable ones are left
+    out and listed in ``skipped``.
+    """
+    root = Path(root)
+    if in_chans not in (1, 3):
+        raise DataError(f"in_chans must be 1 (grey) or 3 (RGB) for image folders, got {in_chans}")
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None:
+        classes, train = scan_folder(root / "train")
+        test_classes, test = scan_folder(test_dir)
+        if test_classes != classes:
+            raise DataError(f"{test_dir}: classes {test_classes} differ from {root / 'train'}: {classes}")
+    else:
+        if not 0.0 < val_fraction < 1.0:
+            raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        classes, samples = scan_folder(root)
+        train, test = _holdout(samples, val_fraction, seed)
+    skipped: list[str] = []
+    if skip_corrupt:
+        train, bad_train = _drop_corrupt(train, img_size, in_chans)
+        test, bad_test = _drop_corrupt(test, img_size, in_chans)
+        skipped = bad_train + bad_test
+        if not train:
+            raise DataError(f"{root}: every training image is corrupt")
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.25,))
+    return ClassificationData(str(root), FolderDataset(train, img_size, in_chans), FolderDataset(test, img_size, in_chans),
+                              classes, in_chans, img_size, mean, std, hflip=True, skipped=skipped)
+
+
+def _limit(dataset: Dataset, n: int | None, seed: int) -> Dataset:
+    """A class-balanced subset of ``n`` samples (every class keeps its share), chosen with ``seed``."""
+    if n is None or n >= len(dataset):
+        return dataset
+    if n < 1:
+        raise DataError(f"a subset limit must be positive, got {n}")
+    labels = np.asarray(dataset.targets())
+    order = np.random.default_rng(seed).permutation(len(labels))
+    # interleave classes so that any prefix is balanced
+    per_class = [order[labels[order] == c] for c in np.unique(labels)]
+    interleaved = [idx[i] for i in range(max(map(len, per_class))) for idx in per_class if i < len(idx)]
+    keep = np.sort(np.asarray(interleaved[:n]))
+    if isinstance(dataset, TensorImageDataset):
+        return TensorImageDataset(dataset.images[keep], dataset.labels[keep])
+    return FolderDataset([dataset.samples[i] for i in keep], dataset.img_size, dataset.in_chans)
+
+
+def load_classification(
+    data: str,
+    img_size: int = 32,
+    *,
+    in_chans: int | None = None,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    val_fraction: float = 0.1,
+    skip_corrupt: bool = False,
+    seed: int = 0,
+) -> ClassificationData:
+    """``data`` is ``"fashion-mnist"``, ``"digits"`` or a directory path; see the module docstring.
+
+    ``train_limit`` / ``test_limit`` keep a class-balanced subset (for quick runs and tests).
+    """
+    if data == "fashion-mnist":
+        out = load_fashion_mnist(img_size)
+    elif data == "digits":
+        out = load_digits_data(img_size)
+    elif os.path.isdir(data):
+        out = load_image_folder(data, img_size, in_chans or 3, val_fraction=val_fraction, seed=seed, skip_corrupt=skip_corrupt)
+    else:
+        raise DataError(f"--data {data!r}: not one of {', '.join(BUILTIN)} and not a directory")
+    if in_chans is not None and in_chans != out.in_chans:
+        raise DataError(f"{data} has {out.in_chans} channel(s), --in-chans {in_chans} was asked for")
+    out.train = _limit(out.train, train_limit, seed)
+    out.test = _limit(out.test, test_limit, seed + 1)
+    return out

@@ -1,0 +1,248 @@
+"""`Detector` = backbone taps -> neck -> YOLO head, and `create_detector`.
+
+In training mode ``forward`` returns the raw per-level head maps (what `YoloLoss` reads); in eval
+mode it returns the decoded boxes of every anchor and cell before NMS, ``(N, R, 5 + C)`` rows
+``[x1, y1, x2, y2, objectness, class probabilities…]`` in input pixels. `Detector.postprocess`
+applies the confidence threshold and class-wise NMS (``torchvision.ops.batched_nms``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.ops import batched_nms
+
+from ..registry import create_model
+from .head import AnchorLayout, YoloHead, decode_level, make_anchor_layout
+from .necks import NECKS, build_neck, neck_inputs
+
+# Feature taps the official detector cfgs read where they differ from our stage outputs:
+# csresnet50-panet-spp.cfg routes layers 38 and 65, the 1x1 convs that open the next stage's
+# downsampling (256 ch at stride 8, 512 at 16), not the 512 / 1024-ch concats before them.
+# csresnext50 (layers 38, 65) and csdarknet53 (54, 85) tap the stage outputs themselves.
+CFG_TAPS: dict[str, dict[int, str]] = {
+    "cspresnet50": {4: "stages.1.down.0", 8: "stages.2.down.0", 16: "stages.3.down.0"},
+}
+# Neck width at the coarsest level: 512 in the official cfgs (128 / 256 / 512); EFM and GFM were
+# designed for small backbones (paper Table 2: CSPPeleeNet), so they default to half of it.
+DEFAULT_WIDTH = {"fpn": 512, "panet": 512, "efm": 256, "efm-sam": 256, "efm-spp": 256, "gfm": 256}
+
+
+@dataclass(frozen=True)
+class DetectorCfg:
+    """Everything needed to rebuild a detector (stored in checkpoints)."""
+
+    backbone: str
+    neck: str = "panet"
+    num_classes: int = 80
+    anchors: tuple[tuple[float, float], ...] | None = None
+    strides: tuple[int, ...] = (8, 16, 32)
+    neck_width: int | None = None
+    spp: bool | None = None
+    act: str = "leaky"
+    scale_x_y: float = 1.0
+    in_chans: int = 3
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["anchors"] = [list(a) for a in self.anchors] if self.anchors is not None else None
+        d["strides"] = list(self.strides)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DetectorCfg:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown detector config key(s) {unknown}; known: {sorted(names)}")
+        d = dict(d)
+        if d.get("anchors") is not None:
+            d["anchors"] = tuple(tuple(float(v) for v in a) for a in d["anchors"])
+        if "strides" in d:
+            d["strides"] = tuple(int(s) for s in d["strides"])
+        return cls(**d)
+
+
+class BackboneTaps(nn.Module):
+    """Runs a backbone once and returns the maps the neck reads, finest first.
+
+    A tap is a feature level (an int, see ``feature_info``) or the dotted name of a module inside
+    the backbone whose output is captured with a forward hook (`CFG_TAPS`).
+    """
+
+    def __init__(self, backbone: nn.Module, taps: list[int | str], chs: list[int], strides: list[int]):
+        super().__init__()
+        self.body = backbone
+        self.taps = list(taps)
+        self.out_chs = list(chs)
+        self.strides = list(strides)
+        self._captured: dict[str, torch.Tensor] = {}
+        modules = dict(backbone.named_modules())
+        for tap in self.taps:
+            if isinstance(tap, str):
+                if tap not in modules:
+                    raise ValueError(f"backbone has no module {tap!r} to tap")
+                modules[tap].register_forward_hook(self._capture(tap))
+
+    def _capture(self, name: str):
+        def hook(module, inputs, output):
+            self._captured[name] = output
+        return hook
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._captured = {}
+        levels = self.body.forward_levels(x)
+        maps = [self._captured[t] if isinstance(t, str) else levels[t] for t in self.taps]
+        self._captured = {}
+        return maps
+
+
+def select_taps(backbone: nn.Module, name: str, strides: tuple[int, ...]) -> tuple[list[int | str], list[int]]:
+    """The tap and its channel count for each stride: the cfg's tap if `CFG_TAPS` names one, else the
+    deepest feature level at that stride."""
+    infos = backbone.feature_info
+    modules = dict(backbone.named_modules())
+    taps, chs = [], []
+    for s in strides:
+        special = CFG_TAPS.get(name, {}).get(s)
+        if special is not None:
+            taps.append(special)
+            chs.append(modules[special].out_chs)
+            continue
+        levels = [i for i, f in enumerate(infos) if f.reduction == s]
+        if not levels:
+            have = sorted({f.reduction for f in infos})
+            raise ValueError(f"backbone {name!r} has no feature map at stride {s} (strides: {have})")
+        taps.append(levels[-1])
+        chs.append(infos[levels[-1]].num_chs)
+    return taps, chs
+
+
+class Detector(nn.Module):
+    """A one-stage YOLO-style detector (see the module docstring for the outputs)."""
+
+    def __init__(self, cfg: DetectorCfg):
+        super().__init__()
+        if cfg.neck not in NECKS:
+            raise ValueError(f"unknown neck {cfg.neck!r}; expected one of {', '.join(NECKS)}")
+        self.cfg = cfg
+        self.model_cfg = cfg  # for checkpoint metadata
+        self.model_name = f"{cfg.backbone}-{cfg.neck}"
+        self.num_classes = cfg.num_classes
+        self.in_chans = cfg.in_chans
+        self.layout: AnchorLayout = make_anchor_layout(cfg.anchors, cfg.strides)
+        n_in = neck_inputs(cfg.neck, len(cfg.strides))
+        tap_strides = tuple(cfg.strides[0] // 2 ** k for k in range(n_in - len(cfg.strides), 0, -1)) + cfg.strides
+        body = create_model(cfg.backbone, features_only=True, in_chans=cfg.in_chans, **cfg.backbone_kwargs)
+        taps, chs = select_taps(body, cfg.backbone, tap_strides)
+        self.backbone = BackboneTaps(body, taps, chs, list(tap_strides))
+        top = cfg.neck_width or DEFAULT_WIDTH[cfg.neck]
+        n = len(cfg.strides)
+        widths = [max(top // 2 ** (n - 1 - i), 8) for i in range(n)]
+        self.neck = build_neck(cfg.neck, chs, widths, cfg.act, cfg.spp)
+        self.head = YoloHead(self.neck.out_chs, [self.layout.num_anchors(i) for i in range(n)], cfg.num_classes, act=cfg.act)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return self.layout.strides
+
+    def forward_raw(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.head(self.neck(self.backbone(x)))
+
+    def decode(self, raw: list[torch.Tensor]) -> torch.Tensor:
+        """Decoded rows of every level, concatenated: ``(N, R, 5 + C)``."""
+        return torch.cat(
+            [
+                decode_level(r, self.layout.level_anchors(i), s, self.cfg.scale_x_y)
+                for i, (r, s) in enumerate(zip(raw, self.layout.strides))
+            ],
+            dim=1,
+        )
+
+    def forward(self, x: torch.Tensor):
+        raw = self.forward_raw(x)
+        return raw if self.training else self.decode(raw)
+
+    @staticmethod
+    def postprocess(
+        outputs: torch.Tensor,
+        conf_thresh: float = 0.25,
+        iou_thresh: float = 0.45,
+        max_det: int = 300,
+        multi_label: bool = True,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Threshold and NMS the decoded rows of each image.
+
+        Score = objectness x class probability. With ``multi_label`` every class above
+        ``conf_thresh`` is a candidate (Darknet's per-class thresholding), else only the best class.
+        NMS is class-wise (`torchvision.ops.batched_nms`). Returns per image a dict with ``boxes``
+        (K, 4) xyxy, ``scores`` (K,) and ``labels`` (K,), best first.
+        """
+        if outputs.ndim != 3 or outputs.shape[-1] < 6:
+            raise ValueError(f"postprocess expects decoded outputs (N, R, 5 + C), got shape {tuple(outputs.shape)}")
+        results = []
+        for rows in outputs:
+            scores = rows[:, 4:5] * rows[:, 5:]
+            if multi_label:
+                idx, labels = (scores > conf_thresh).nonzero(as_tuple=True)
+                conf = scores[idx, labels]
+            else:
+                conf, labels = scores.max(1)
+                idx = (conf > conf_thresh).nonzero().flatten()
+                conf, labels = conf[idx], labels[idx]
+            boxes = rows[idx, :4]
+            keep = batched_nms(boxes, conf, labels, iou_thresh)[:max_det]
+            results.append({"boxes": boxes[keep], "scores": conf[keep], "labels": labels[keep]})
+        return results
+
+    def cfg_layer_order(self) -> list[str]:
+        """Names of the neck and head convolutions in the order of the official Darknet cfg.
+
+        The cfgs interleave the heads with the neck (PANet: top-down path, stride-8 head,
+        bottom-up step, stride-16 head, …); a Darknet ``.weights`` file stores conv weights in
+        this order after the backbone's.
+        """
+        convs = lambda prefix, mod: [f"{prefix}.{n}" for n, m in mod.named_modules() if isinstance(m, nn.Conv2d)]  # noqa: E731
+        head = lambda i: convs(f"head.convs.{i}", self.head.convs[i]) + convs(f"head.preds.{i}", self.head.preds[i])  # noqa: E731
+        n = len(self.strides)
+        if self.cfg.neck == "panet":
+            order = convs("neck.topdown", self.neck.topdown) + head(0)
+            for i, step in enumerate(self.neck.bottomup):
+                order += convs(f"neck.bottomup.{i}", step) + head(i + 1)
+            return order
+        if self.cfg.neck == "fpn":
+            order = convs("neck.top", self.neck.top) + head(n - 1)
+            for i, step in enumerate(self.neck.steps):
+                order += convs(f"neck.steps.{i}", step) + head(n - 2 - i)
+            return order
+        raise ValueError(f"neck {self.cfg.neck!r} has no official Darknet cfg")
+
+
+def create_detector(
+    backbone: str, neck: str = "panet", num_classes: int = 80, anchors=None, **kwargs: Any
+) -> Detector:
+    """Build a detector on a registered backbone (``cspnet.list_models()``).
+
+    Args:
+        backbone: model name, e.g. ``"cspresnext50"``.
+        neck: ``fpn`` | ``panet`` (with SPP, as the official cfgs) | ``efm`` | ``efm-sam`` | ``efm-spp`` | ``gfm``.
+        num_classes: number of object classes.
+        anchors: ``(w, h)`` pixel sizes, a multiple of the number of levels (default: the cfgs' nine
+            COCO anchors); spread over the levels smallest first.
+        **kwargs: ``strides`` (default (8, 16, 32)), ``neck_width`` (channels at the coarsest level),
+            ``spp`` (force SPP on/off), ``act``, ``scale_x_y``, ``in_chans``, ``backbone_kwargs``
+            (config overrides for `cspnet.create_model`).
+    """
+    names = {f.name for f in dataclasses.fields(DetectorCfg)} - {"backbone", "neck", "num_classes", "anchors"}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise ValueError(f"unknown detector option(s) {unknown}; known: {sorted(names)}")
+    if "strides" in kwargs:
+        kwargs["strides"] = tuple(kwargs["strides"])
+    if anchors is not None:
+        anchors = tuple(tuple(float(v) for v in a) for a in anchors)
+    return Detector(DetectorCfg(backbone, neck, num_classes, anchors, **kwargs))

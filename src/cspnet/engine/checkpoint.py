@@ -1,0 +1,355 @@
+"""Training checkpoints that lose nothing and never unpickle.
+
+A checkpoint called ``name`` (``"last"``, ``"best"`` …) in ``out_dir`` is three files:
+
+- ``{name}.safetensors``: the model weights, written by `cspnet.weights.save_weights`, with the
+  model name, its config and the training position in the header metadata. This is the file a
+  user loads for inference (``cspnet.weights.load_state``).
+- ``{name}.state.safetensors``: every other tensor: optimizer and scheduler state, the EMA
+  weights, the torch RNG state.
+- ``{name}.json``: the commit record: epoch, step, metrics, config, Python / NumPy RNG states,
+  and the non-tensor parts of the optimizer / scheduler state (tensors are replaced by
+  ``{"__tensor__": key}`` references into the state file).
+
+Why a crash never costs the last good checkpoint: the two tensor files are first written under
+names carrying a fresh token (``{name}-{token}.safetensors``), each atomically (temp file + fsync
++ ``os.replace``). Only then is ``{name}.json`` replaced (atomically, last) -- that is the commit.
+After the commit the token files are renamed to their plain names. A loader follows the JSON: it
+takes the token files if they still exist, else the plain files, and checks that every file
+carries the JSON's token. A process killed at any instant therefore leaves either the previous
+checkpoint or the new one, complete, and never a mixture.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..weights import WeightsError, load_into, read_metadata, save_weights
+
+FORMAT = "cspnet-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupt, or made for another model."""
+
+
+# -- nested Python state <-> JSON + tensors -----------------------------------------------------
+def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Turn nested state (dicts, lists, tuples, numbers, tensors) into JSON-able data.
+
+    Tensors go into ``tensors`` under a key derived from ``prefix`` and are replaced by
+    ``{"__tensor__": key}``; dicts with non-string keys (optimizer state is keyed by int) become
+    ``{"__items__": [[key, value], ...]}`` and tuples ``{"__tuple__": [...]}``, so that
+    `unflatten_state` gives back exactly the same structure.
+    """
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().to("cpu").clone().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: flatten_state(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+        items = []
+        for i, (k, v) in enumerate(obj.items()):
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                raise CheckpointError(f"cannot store a dict key of type {type(k).__name__} at {prefix}")
+            items.append([k, flatten_state(v, f"{prefix}.{i}", tensors)])
+        return {"__items__": items}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise CheckpointError(f"cannot store a value of type {type(obj).__name__} at {prefix} (only tensors, numbers, strings, lists and dicts)")
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> Any:
+    """Inverse of `flatten_state`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            key = obj["__tensor__"]
+            if key not in tensors:
+                raise CheckpointError(f"{source}: tensor {key!r} is missing")
+            return tensors[key]
+        if set(obj) == {"__items__"}:
+            return {k: unflatten_state(v, tensors, source) for k, v in obj["__items__"]}
+        if set(obj) == {"__tuple__"}:
+            return tuple(unflatten_state(v, tensors, source) for v in obj["__tuple__"])
+        return {k: unflatten_state(v, tensors, source) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors, source) for v in obj]
+    return obj
+
+
+# -- RNG ------------------------------------------------------------------------------------------
+def rng_state(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Python, NumPy and torch (CPU, and CUDA if used) RNG states; torch's go into ``tensors``."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": {"__tensor__": "rng.torch"},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+        state["cuda"] = [{"__tensor__": f"rng.cuda.{i}"} for i in range(torch.cuda.device_count())]
+    return state
+
+
+def set_rng_state(state: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Restore what `rng_state` saved."""
+    try:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(unflatten_state(state["torch"], tensors, source))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([unflatten_state(s, tensors, source) for s in state["cuda"]])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: corrupt RNG state ({e})") from None
+
+
+# -- files ---------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel (or similar ``.module``) wrapper."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def model_metadata(model: nn.Module) -> dict[str, Any]:
+    """Name, config and head size of a registered model, for file headers."""
+    cfg = getattr(model, "model_cfg", None)
+    return {
+        "model": getattr(model, "model_name", type(model).__name__),
+        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
+        "num_classes": getattr(model, "num_classes", None),
+        "in_chans": getattr(model, "in_chans", None),
+    }
+
+
+def _files(out_dir: Path, name: str, token: str | None = None) -> tuple[Path, Path]:
+    stem = f"{name}-{token}" if token else name
+    return out_dir / f"{stem}.safetensors", out_dir / f"{stem}.state.safetensors"
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    ema: Any = None,
+    state: dict[str, Any],
+    name: str = "last",
+) -> Path:
+    """Write checkpoint ``name`` in ``out_dir`` (see the module docstring for the files).
+
+    ``state`` is JSON-able training state (epoch, step, config, metrics …); it is returned by
+    `load_checkpoint`. ``scheduler`` and ``ema`` are anything with ``state_dict()`` /
+    ``load_state_dict()`` (an EMA's state dict holds tensors, a scheduler's mostly numbers).
+    The RNG states of Python, NumPy and torch are saved too. Returns the JSON path.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = unwrap_model(model)
+    token = secrets.token_hex(6)
+    model_tmp, state_tmp = _files(out_dir, name, token)
+    model_final, state_final = _files(out_dir, name)
+
+    meta = {**model_metadata(model), "token": token, "epoch": state.get("epoch"), "step": state.get("step")}
+    tensors: dict[str, torch.Tensor] = {}
+    record = {
+        "format": FORMAT,
+        "token": token,
+        "model": meta["model"],
+        "num_classes": meta["num_classes"],
+        "in_chans": meta["in_chans"],
+        "state": flatten_state(state, "state", tensors),
+        "rng": rng_state(tensors),
+    }
+    if tensors.keys() - {"rng.torch"}:
+        raise CheckpointError("state must be JSON-able (numbers, strings, lists, dicts); put tensors in the model, optimizer, scheduler or EMA")
+    if optimizer is not None:
+        record["optimizer"] = flatten_state(optimizer.state_dict(), "optimizer", tensors)
+    if scheduler is not None:
+        record["scheduler"] = flatten_state(scheduler.state_dict(), "scheduler", tensors)
+    if ema is not None:
+        record["ema"] = flatten_state(ema.state_dict(), "ema", tensors)
+
+    # 1. payloads under token names; 2. the JSON commit; 3. plain names.
+    save_weights(model_tmp, model, meta)
+    _save_tensors_atomic(state_tmp, tensors, {"cspnet_token": token, "format": FORMAT})
+    _fsync_dir(out_dir)
+    json_path = out_dir / f"{name}.json"
+    _write_json_atomic(json_path, record)
+    os.replace(model_tmp, model_final)
+    os.replace(state_tmp, state_final)
+    _fsync_dir(out_dir)
+    stale = re.compile(rf"{re.escape(name)}-[0-9a-f]{{12}}(\.state)?\.safetensors(\.tmp)?")
+    for path in out_dir.iterdir():  # payloads of earlier writes killed before their commit
+        if stale.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+    return json_path
+
+
+def read_checkpoint_record(out_dir: str | os.PathLike, name: str = "last") -> dict[str, Any]:
+    """The JSON commit record of a checkpoint, validated (no tensors loaded)."""
+    path = Path(out_dir) / f"{name}.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint here (expected {name}.json written by cspnet train)")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt checkpoint record ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} record (key 'format' is {record.get('format') if isinstance(record, dict) else None!r})")
+    for key in ("token", "model", "state", "rng"):
+        if key not in record:
+            raise CheckpointError(f"{path}: key {key!r} is missing")
+    return record
+
+
+def _committed_file(out_dir: Path, name: str, token: str, which: int) -> Path:
+    """The committed tensor file ``which`` (0: model, 1: state): token name first, then plain name."""
+    for path in (_files(out_dir, name, token)[which], _files(out_dir, name)[which]):
+        if path.is_file():
+            return path
+    return _files(out_dir, name)[which]
+
+
+def checkpoint_weights_path(out_dir: str | os.PathLike, name: str = "last") -> Path:
+    """The model weights file that belongs to the committed checkpoint ``name``."""
+    record = read_checkpoint_record(out_dir, name)
+    return _committed_file(Path(out_dir), name, record["token"], 0)
+
+
+def _check_token(path: Path, token: str, found: str | None) -> None:
+    if found != token:
+        raise CheckpointError(
+            f"{path}: belongs to another write of this checkpoint (token {found!r}, the JSON record says {token!r}); "
+            "were files copied in by hand?"
+        )
+
+
+def load_checkpoint(
+    out_dir: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    ema: Any = None,
+    name: str = "last",
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load checkpoint ``name`` from ``out_dir`` into the given objects; return its ``state``.
+
+    Raises `CheckpointError` naming the file and key at fault: a checkpoint of another model,
+    a head with another number of classes, missing / mis-shaped tensors, an optimizer with other
+    parameter groups, a file from another write. Nothing is unpickled. ``restore_rng`` restores
+    the Python, NumPy and torch RNG states as they were when the checkpoint was written.
+    """
+    out_dir = Path(out_dir)
+    model = unwrap_model(model)
+    record = read_checkpoint_record(out_dir, name)
+    token = record["token"]
+    json_path = out_dir / f"{name}.json"
+
+    weights_path = _committed_file(out_dir, name, token, 0)
+    try:
+        meta = read_metadata(weights_path)
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
+    _check_token(weights_path, token, meta.get("token"))
+    want = getattr(model, "model_name", None)
+    if want is not None and meta.get("model") != want:
+        raise CheckpointError(f"{weights_path}: checkpoint of model {meta.get('model')!r} (key 'model'), cannot load into {want!r}")
+    own_classes = getattr(model, "num_classes", None)
+    if own_classes is not None and meta.get("num_classes") not in (None, own_classes):
+        raise CheckpointError(
+            f"{weights_path}: checkpoint has num_classes={meta['num_classes']} (key 'num_classes', head.fc), "
+            f"the model was built with num_classes={own_classes}"
+        )
+    try:
+        weights = load_file(str(weights_path))
+        load_into(model, weights, source=str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({e})") from None
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
+
+    need_state = restore_rng or any(x is not None for x in (optimizer, scheduler, ema))
+    if need_state:
+        state_path = _committed_file(out_dir, name, token, 1)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(state_path), framework="pt") as f:
+                found = (f.metadata() or {}).get("cspnet_token")
+            tensors = load_file(str(state_path))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{state_path}: not a readable safetensors file ({e})") from None
+        _check_token(state_path, token, found)
+        for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("ema", ema)):
+            if obj is None:
+                continue
+            if key not in record:
+                raise CheckpointError(f"{json_path}: key {key!r} is missing (the run was saved without one)")
+            try:
+                obj.load_state_dict(unflatten_state(record[key], tensors, str(state_path)))
+            except CheckpointError:
+                raise
+            except (ValueError, KeyError, RuntimeError, TypeError) as e:
+                raise CheckpointError(f"{json_path}: key {key!r} does not fit ({e})") from None
+        if restore_rng:
+            set_rng_state(record["rng"], tensors, str(json_path))
+    return unflatten_state(record["state"], {}, str(json_path))

@@ -1,0 +1,124 @@
+"""Weights from the libraries users already have them for: timm and torchvision.
+
+A `Conversion` maps one source model's state dict onto the cspnet model that computes the same
+function (``cspresnext50`` in timm -> ``cspresnext50_timm`` here; docs/interop.md lists the
+models and how they differ from the official cfgs). Conversion only renames keys and, where
+the layouts differ in form, reorders channels; it never needs the source library installed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..weights import WeightsError, load_into, load_state, save_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How the source library's ImageNet weights expect images (their eval transform)."""
+
+    input_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """``library``'s model ``source`` -> cspnet model ``model``, via ``convert`` (state dict in, out)."""
+
+    library: str
+    source: str
+    model: str
+    convert: Callable[[StateDict], StateDict]
+    preprocess: Preprocess
+
+
+Rule = tuple[str, "str | Callable[[re.Match[str]], str]"]
+
+
+def rename_keys(state: StateDict, rules: Sequence[Rule], source: str) -> StateDict:
+    """Rename every key by the first matching ``(regex, replacement)`` rule (as `re.sub` takes).
+
+    A key that no rule matches means the state dict is not of the model it claims to be; it is
+    reported by name rather than silently dropped.
+    """
+    out: StateDict = {}
+    unknown = []
+    for key, value in state.items():
+        for pattern, repl in rules:
+            new, n = re.subn(pattern, repl, key, count=1)
+            if n:
+                out[new] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        more = f" … ({len(unknown)} in all)" if len(unknown) > 10 else ""
+        raise WeightsError(f"{source}: keys with no counterpart in cspnet: {', '.join(unknown[:10])}{more}")
+    return out
+
+
+def conversions() -> dict[tuple[str, str], Conversion]:
+    """Every known conversion, keyed by ``(library, source model name)``."""
+    from . import timm, torchvision
+
+    return {(c.library, c.source): c for c in (*timm.CONVERSIONS, *torchvision.CONVERSIONS)}
+
+
+def get_conversion(library: str, source: str) -> Conversion:
+    known = conversions()
+    try:
+        return known[(library, source)]
+    except KeyError:
+        names = sorted(s for lib, s in known if lib == library)
+        if not names:
+            libs = sorted({lib for lib, _ in known})
+            raise ValueError(f"unknown source library {library!r}; expected one of {', '.join(libs)}") from None
+        raise ValueError(f"no converter for {library} model {source!r}; known: {', '.join(names)}") from None
+
+
+def convert_state(library: str, source: str, state: StateDict) -> StateDict:
+    """Map ``library``'s ``source`` state dict onto its cspnet model's keys and layouts."""
+    # Checkpoints saved from DataParallel / DDP wrappers carry a ``module.`` prefix.
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return get_conversion(library, source).convert(state)
+
+
+def convert_file(library: str, source: str, src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Convert the weights file ``src`` (.safetensors, or .pth read with weights_only=True) to ``out``.
+
+    The result is loaded strictly into the cspnet model before it is written, so a file that is
+    not ``source``'s weights fails here with the keys and shapes at fault. ``out`` carries the
+    model name, config, class count and the source's preprocessing as metadata.
+    """
+    from ..engine.checkpoint import model_metadata
+    from ..registry import create_model
+
+    conv = get_conversion(library, source)
+    state = convert_state(library, source, load_state(src))
+    fc = state.get("head.fc.weight")
+    model = create_model(conv.model, num_classes=fc.shape[0] if fc is not None else 0)
+    load_into(model, state, source=f"{src} (as {library} {source})")
+    p = conv.preprocess
+    metadata = {
+        **model_metadata(model),
+        "source": f"{library}:{source}",
+        "input_size": p.input_size,
+        "crop_pct": p.crop_pct,
+        "interpolation": p.interpolation,
+        "mean": list(p.mean),
+        "std": list(p.std),
+    }
+    return save_weights(out, model, metadata)

@@ -1,0 +1,60 @@
+"""ResNet-50 and ResNeXt-50 32x4d laid out as torchvision builds them, to take its ImageNet weights.
+
+The cfg-faithful ``resnet50`` / ``resnext50`` cannot: the Darknet cfgs have no projection
+shortcuts (the first block of a stage adds its input partially), pool 2x2 after the stem and
+use leaky ReLU. torchvision's ResNets (v1.5: stride on the 3x3) project with a strided 1x1
+conv + BN, pool 3x3/2 with padding 1, and use ReLU. These variants are built from the same
+`ResidualBlock` (``projection=True``) and plain `CrossStage` as ``resnet50``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..blocks import ResidualBlock, repeat_blocks
+from ..layers import ConvBnAct, canonical_act
+from ..net import StagedNet
+from ..registry import ModelSpec
+from ..stage import CrossStage
+
+
+@dataclass(frozen=True)
+class TvResNetCfg:
+    """torchvision's ``ResNet(Bottleneck, depths, groups, width_per_group)``."""
+
+    depths: tuple[int, ...] = (3, 4, 6, 3)
+    groups: int = 1
+    width_per_group: int = 64
+    act: str = "relu"
+
+
+def build_tv_resnet(cfg: TvResNetCfg, *, in_chans: int = 3, **net_kwargs) -> StagedNet:
+    """Build a `StagedNet` with torchvision's ResNet layout (see the module docstring)."""
+    act = canonical_act(cfg.act)
+    stem = nn.Sequential(ConvBnAct(in_chans, 64, 7, 2, act=act), nn.MaxPool2d(3, 2, 1))
+    stages, chs, strides = [], [], []
+    in_chs = 64
+    for i, depth in enumerate(cfg.depths):
+        planes = 64 * 2**i
+        mid, out, stride = planes * cfg.width_per_group // 64 * cfg.groups, planes * 4, 1 if i == 0 else 2
+
+        def make_blocks(width: int, mid=mid, out=out, stride=stride, depth=depth):
+            return repeat_blocks(
+                lambda c, j: ResidualBlock(c, mid, out, stride if j == 0 else 1, cfg.groups, act, projection=True),
+                width, out, depth,
+            )
+
+        stages.append(CrossStage(in_chs, make_blocks, fusion="none"))
+        chs.append(out)
+        strides.append(stride)
+        in_chs = out
+    return StagedNet(stem, 64, 4, stages, chs, strides, in_chans=in_chans, **net_kwargs)
+
+
+MODELS = (
+    ModelSpec("resnet50_tv", "torchvision", TvResNetCfg(), build_tv_resnet, default_input=224,
+              description="ResNet-50 laid out as torchvision's resnet50 (takes its weights)"),
+    ModelSpec("resnext50_tv", "torchvision", TvResNetCfg(groups=32, width_per_group=4), build_tv_resnet,
+              default_input=224, description="ResNeXt-50 32x4d laid out as torchvision's resnext50_32x4d (takes its weights)"),
+)

@@ -1,0 +1,53 @@
+"""Bad input gets a clear ValueError."""
+import pytest
+import torch
+
+import cspnet
+from cspnet.layers import darknet_add, make_act
+
+
+def test_unknown_model_suggests_close_matches():
+    with pytest.raises(ValueError, match="did you mean cspresnext50"):
+        cspnet.create_model("cspresnex50")
+
+
+def test_unknown_option_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown option"):
+        cspnet.create_model("cspdarknet53", widht=2)
+
+
+def test_wrong_input_channels_and_rank():
+    model = cspnet.create_model("resnet10").eval()
+    with pytest.raises(ValueError, match="3 input channels"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="rank 4"):
+        model(torch.randn(3, 64, 64))
+
+
+def test_gamma_outside_open_interval():
+    with pytest.raises(ValueError, match="part_ratio"):
+        cspnet.create_model("cspdarknet53", split="slice", part_ratio=1.0)
+
+
+def test_unknown_activation():
+    with pytest.raises(ValueError, match="did you mean mish"):
+        cspnet.create_model("cspdarknet53", act="mihs")
+    with pytest.raises(ValueError, match="unknown activation"):
+        make_act("gelu")
+
+
+def test_plain_config_cannot_be_made_csp_by_a_flag():
+    with pytest.raises(ValueError, match="plain model"):
+        cspnet.create_model("resnet50", fusion="csp")
+
+
+def test_shortcut_shape_mismatch():
+    with pytest.raises(ValueError, match="cannot be added"):
+        darknet_add(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 6, 3))
+
+
+def test_out_indices_and_frozen_stages_ranges():
+    with pytest.raises(ValueError, match="out_indices"):
+        cspnet.create_model("resnet10", features_only=True, out_indices=(9,))
+    with pytest.raises(ValueError, match="frozen_stages"):
+        cspnet.create_model("resnet10", frozen_stages=7)
