@@ -49,10 +49,14 @@ MODEL_KWARGS = ("num_classes", "in_chans", "drop_rate", "features_only", "out_in
 
 
 def _all_specs() -> dict[str, ModelSpec]:
-    from .models import darknet, resnet, timm_variants, torchvision_variants
+    from .models import (
+        darknet, densenet, elastic, mobilenet, peleenet, reference, resnet, timm_variants, torchvision_variants,
+    )
 
     specs: dict[str, ModelSpec] = {}
-    for family in (darknet.MODELS, resnet.MODELS, timm_variants.MODELS, torchvision_variants.MODELS):
+    for family in (darknet.MODELS, resnet.MODELS, timm_variants.MODELS, torchvision_variants.MODELS,
+                   densenet.MODELS, elastic.MODELS, mobilenet.MODELS,
+                   peleenet.MODELS, reference.MODELS):
         for spec in family:
             if spec.name in specs:
                 raise RuntimeError(f"model {spec.name!r} registered twice")
@@ -90,10 +94,14 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     Keyword arguments that name a field of the model's config (``act``, ``fusion``,
     ``part_ratio`` …) override it; ``num_classes``, ``in_chans``, ``drop_rate``,
     ``features_only``, ``out_indices``, ``frozen_stages`` and ``norm_eval`` go to the network.
-    ``pretrained`` is the path of a weights file (`cspnet.weights.load_pretrained`).
+    ``pretrained`` is the path of a weights file (`cspnet.weights.load_pretrained`);
+    ``darknet_weights`` the path of an official Darknet ``.weights`` file for the model's cfg.
     """
     pretrained = kwargs.pop("pretrained", None)
+    darknet_weights = kwargs.pop("darknet_weights", None)
     spec = get_spec(name)
+    if darknet_weights and not spec.darknet_cfg:
+        raise ValueError(f"model {name!r} has no official Darknet cfg, so no .weights layout to read")
     fields = {f.name for f in dataclasses.fields(spec.cfg)}
     cfg_over = {k: v for k, v in kwargs.items() if k in fields}
     net_kwargs = {k: v for k, v in kwargs.items() if k in MODEL_KWARGS}
@@ -111,4 +119,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         from .weights import load_pretrained
 
         load_pretrained(model, pretrained)
+    if darknet_weights:
+        from .darknet.mapping import load_darknet_weights
+
+        load_darknet_weights(model, darknet_weights)
     return model

@@ -93,6 +93,9 @@ class CrossStage(nn.Module):
         conv_fn: factory for the 1x1 split/transition layers (default ConvBnAct 1x1 with ``act``).
         transition: a ready module to use as the transition (e.g. DenseNet's conv + avgpool);
             its output width must be given as ``transition_chs``.
+        cross, main: ready modules for the two split layers of a ``conv`` split, used instead of
+            1x1 convs (csmobilenet-v2.cfg splits with two strided depthwise convs); their output
+            widths must be given as ``cross_chs`` and ``main_chs``.
     """
 
     def __init__(
@@ -113,6 +116,8 @@ class CrossStage(nn.Module):
         act: str = "leaky",
         conv_fn: ConvFactory | None = None,
         transition: nn.Module | None = None,
+        cross: nn.Module | None = None,
+        main: nn.Module | None = None,
     ):
         super().__init__()
         check_fusion(fusion)
@@ -125,6 +130,10 @@ class CrossStage(nn.Module):
         self.down = down
         self.base = base
 
+        if (cross is not None or main is not None) and (
+            fusion == "none" or split != "conv" or cross is None or main is None or cross_chs is None or main_chs is None
+        ):
+            raise ValueError("custom cross/main layers need a conv split, both modules and both cross_chs and main_chs")
         if fusion == "none":
             self.cross = self.main = None
             self.cross_chs, self.main_chs = 0, base_chs
@@ -138,8 +147,8 @@ class CrossStage(nn.Module):
             self.cross_chs = cross_chs if cross_chs is not None else max(1, int(round(part_ratio * base_chs)))
             self.main_chs = main_chs if main_chs is not None else max(1, base_chs - self.cross_chs)
             split_fn = partial(ConvBnAct, kernel_size=1, act=canonical_act(split_act)) if split_act else conv_fn
-            self.cross = split_fn(base_chs, self.cross_chs)
-            self.main = split_fn(base_chs, self.main_chs)
+            self.cross = cross if cross is not None else split_fn(base_chs, self.cross_chs)
+            self.main = main if main is not None else split_fn(base_chs, self.main_chs)
 
         self.blocks, blocks_out = make_blocks(self.main_chs)
 

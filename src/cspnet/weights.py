@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 METADATA_KEY = "cspnet"
+_PICKLE_SUFFIXES = (".pth", ".pt", ".bin")  # torch.save files, read with weights_only=True
 
 
 class WeightsError(ValueError):
@@ -64,7 +65,7 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
-    if path.suffix in (".pth", ".pt", ".bin"):
+    if path.suffix in _PICKLE_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses anything but tensors and plain containers
@@ -127,7 +128,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
         raise WeightsError(f"pretrained must be the path of a weights file (nothing is downloaded), got {path!r}")
     path = Path(path)
     state = load_state(path)
-    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    meta = {} if path.suffix in _PICKLE_SUFFIXES else read_metadata(path)
     name = getattr(model, "model_name", None)
     if name is not None and meta.get("model") not in (None, name):
         raise WeightsError(f"{path}: holds weights of model {meta['model']!r} (metadata 'model'), not {name!r}")

@@ -4,10 +4,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import ablation as ablation_cmd
+from . import analyze as analyze_cmd
+from . import bench as bench_cmd
 from . import convert as convert_cmd
+from . import darknet as darknet_cmd
+from . import detect as detect_cmd
+from . import export as export_cmd
 from . import models as models_cmd
+from . import train as train_cmd
 
-COMMANDS = (models_cmd, convert_cmd,)
+COMMANDS = (models_cmd, convert_cmd, train_cmd, darknet_cmd, analyze_cmd, ablation_cmd, export_cmd, bench_cmd, detect_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import Maxout, Shortcut, make_act
-from .cfg import DarknetCfg, DarknetCfgError, Section, parse_cfg
+from .cfg import DarknetCfg, Section, parse_cfg
 
 Shape = tuple[int, int, int]  # (C, H, W) of one image
 
@@ -214,16 +214,17 @@ class MaxPoolLayer(DarknetLayer):
         stride_y = section.get_int("stride_y", stride, min_value=1)
         size = section.get_int("size", stride, min_value=1)
         padding = section.get_int("padding", size - 1, min_value=0)
+        self.size, self.stride_yx = size, (stride_y, stride_x)
         self.pad: tuple[int, int, int, int] | None = None
-        if section.get_int("maxpool_depth", 0):
+        self.depth = bool(section.get_int("maxpool_depth", 0))
+        if self.depth:
             out_channels = section.get_int("out_channels", 1, min_value=1)
-            self.pool = Maxout(out_channels)
-            self.out_shape = (min(out_channels, c), h, w)
-            if out_channels > c:
-                raise section.error(f"out_channels={out_channels} exceeds the {c} input channels", "out_channels")
             if c % out_channels:
-                # Maxout pads the last group; Darknet takes the max over channels g, g+N, ... < C.
+                # Darknet's output channel g is the max over input channels g, g+N, ... < C; only
+                # whole groups are supported (`Maxout` assumes them).
                 raise section.error(f"out_channels={out_channels} must divide the {c} input channels", "out_channels")
+            self.pool = Maxout(out_channels)
+            self.out_shape = (out_channels, h, w)
             return
         before, after = padding // 2, padding - padding // 2
         if before == after and before <= size // 2:
@@ -353,7 +354,7 @@ class YoloLayer(DarknetLayer):
             raise section.error(
                 f"the input has {c} channels but {len(self.mask)} anchors x ({self.num_classes} classes + 5) = {want}; "
                 "fix filters= of the conv before it, or classes=/mask=", "classes")
-        self.stride_hw = (net_hw[0] / h, net_hw[1] / w)
+        self.stride_hw = tuple(int(v) if v == int(v) else v for v in (net_hw[0] / h, net_hw[1] / w))
         self.stride = self.stride_hw[1]
         self.scale_x_y = section.get_float("scale_x_y", 1.0)
         self.ignore_thresh = section.get_float("ignore_thresh", 0.5)
@@ -423,6 +424,8 @@ class DarknetNet(nn.Module):
         self.net_size = (height, width)
         if input_size is not None:
             height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+            if min(height, width) < 1:
+                raise ValueError(f"input_size must be positive, got {input_size!r}")
         self.input_size = (height, width)
         self.layers = nn.ModuleList()
         shapes: list[Shape] = []
@@ -529,4 +532,4 @@ def build_model(cfg: DarknetCfg | str | os.PathLike, input_size: int | tuple[int
     return DarknetNet(cfg, input_size)
 
 
-__all__ = ["DarknetCfgError", "DarknetNet", "WeightRecord", "build_model", "DARKNET_ACTIVATIONS"]
+__all__ = ["DARKNET_ACTIVATIONS", "DarknetNet", "WeightRecord", "YoloLayer", "build_model"]

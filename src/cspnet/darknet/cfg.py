@@ -83,6 +83,8 @@ OPTIONS: dict[str, frozenset[str]] = {
 
 _INT_LIMIT = 2**31 - 1  # Darknet reads ints with atoi into a C int
 _SECTION = re.compile(r"^\[([^\[\]]+)\]$")
+_INT = re.compile(r"^[+-]?\d+$")
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")  # C's atof syntax, no inf/nan
 _REQUIRED = object()
 
 
@@ -160,22 +162,20 @@ def _split_list(section: Section, key: str, raw: str) -> list[str]:
 
 
 def _to_int(section: Section, key: str, raw: str) -> int:
-    try:
-        value = int(raw, 10)
-    except ValueError:
-        raise section.error(f"{key}={raw!r} is not an integer", key) from None
+    if not _INT.match(raw):
+        raise section.error(f"{key}={raw!r} is not an integer", key)
+    value = int(raw)
     if abs(value) > _INT_LIMIT:
         raise section.error(f"{key}={raw} is out of range", key)
     return value
 
 
 def _to_float(section: Section, key: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise section.error(f"{key}={raw!r} is not a number", key) from None
+    if not _FLOAT.match(raw):
+        raise section.error(f"{key}={raw!r} is not a number", key)
+    value = float(raw)
     if not math.isfinite(value):
-        raise section.error(f"{key}={raw!r} is not a finite number", key)
+        raise section.error(f"{key}={raw!r} is out of range", key)
     return value
 
 

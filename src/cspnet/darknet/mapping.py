@@ -67,13 +67,18 @@ def _flat_shape(shape: torch.Size) -> tuple[int, ...]:
     return tuple(shape[:2]) if len(shape) == 4 and tuple(shape[2:]) == (1, 1) else tuple(shape)
 
 
-def copy_records(src: list[WeightRecord], dst: list[WeightRecord]) -> None:
-    """Copy weights, biases and BN state record by record, checking that every pair matches."""
+def check_records(src: list[WeightRecord], dst: list[WeightRecord]) -> None:
+    """Raise `DarknetWeightsError` at the first pair of layers whose weights cannot be copied."""
     if len(src) != len(dst):
         raise DarknetWeightsError(f"{len(src)} weighted layers cannot map onto {len(dst)}")
-    for a, b in zip(src, dst):
+    for k, (a, b) in enumerate(zip(src, dst)):
         if (a.bn is None) != (b.bn is None) or _flat_shape(a.weight.shape) != _flat_shape(b.weight.shape):
-            raise DarknetWeightsError(f"layer {_describe(a)} does not match {_describe(b)}")
+            raise DarknetWeightsError(f"weighted layer {k}: {_describe(a)} does not match {_describe(b)}")
+
+
+def copy_records(src: list[WeightRecord], dst: list[WeightRecord]) -> None:
+    """Copy weights, biases and BN state record by record, after `check_records`."""
+    check_records(src, dst)
     with torch.no_grad():
         for a, b in zip(src, dst):
             for x, y in zip(a.tensors, b.tensors):

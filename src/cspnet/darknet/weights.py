@@ -91,9 +91,15 @@ def _length_hint(records: list[WeightRecord], found: int) -> str:
     total = 0
     for k, record in enumerate(records):
         if total == found and k:
-            last = records[k - 1]
-            layer = f" (up to Darknet layer {last.layer}: pass cutoff={last.layer + 1})" if last.layer is not None else ""
-            return f"; the file ends exactly after the first {k} of {len(records)} weighted layers{layer}, a partial file?"
+            last = records[k - 1].layer
+            # any cutoff after the last layer read and up to the next weighted layer reads the same floats
+            if last is None or record.layer is None:
+                how = "read it with partial=True"
+            elif record.layer == last + 1:
+                how = f"pass cutoff={record.layer}"
+            else:
+                how = f"pass cutoff=N with {last + 1} <= N <= {record.layer}"
+            return f"; the file ends exactly after the first {k} of {len(records)} weighted layers, a partial file? ({how})"
         total += record.num_floats
     if found > total:
         return "; the file holds more weights than this network: is it the cfg these weights belong to?"
@@ -171,12 +177,15 @@ def write_weights(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.pack())
-        for record in records:
-            for t in record.tensors:
-                f.write(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.pack())
+            for record in records:
+                for t in record.tensors:
+                    f.write(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
-from ..registry import create_model
+from ..engine.models import build_model
 from .head import AnchorLayout, YoloHead, decode_level, make_anchor_layout
 from .necks import NECKS, build_neck, neck_inputs
 
@@ -45,6 +45,7 @@ class DetectorCfg:
     act: str = "leaky"
     scale_x_y: float = 1.0
     in_chans: int = 3
+    backbone_width: float = 1.0
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,11 +68,16 @@ class DetectorCfg:
         return cls(**d)
 
 
+def _keep_output(module: nn.Module, inputs, output) -> None:
+    # A plain function (no closure over the detector), so deep copies (EMA) keep working.
+    module.tap_output = output
+
+
 class BackboneTaps(nn.Module):
     """Runs a backbone once and returns the maps the neck reads, finest first.
 
     A tap is a feature level (an int, see ``feature_info``) or the dotted name of a module inside
-    the backbone whose output is captured with a forward hook (`CFG_TAPS`).
+    the backbone whose output is kept by a forward hook (`CFG_TAPS`).
     """
 
     def __init__(self, backbone: nn.Module, taps: list[int | str], chs: list[int], strides: list[int]):
@@ -80,24 +86,23 @@ class BackboneTaps(nn.Module):
         self.taps = list(taps)
         self.out_chs = list(chs)
         self.strides = list(strides)
-        self._captured: dict[str, torch.Tensor] = {}
         modules = dict(backbone.named_modules())
         for tap in self.taps:
             if isinstance(tap, str):
                 if tap not in modules:
                     raise ValueError(f"backbone has no module {tap!r} to tap")
-                modules[tap].register_forward_hook(self._capture(tap))
-
-    def _capture(self, name: str):
-        def hook(module, inputs, output):
-            self._captured[name] = output
-        return hook
+                modules[tap].register_forward_hook(_keep_output)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self._captured = {}
         levels = self.body.forward_levels(x)
-        maps = [self._captured[t] if isinstance(t, str) else levels[t] for t in self.taps]
-        self._captured = {}
+        maps = []
+        for t in self.taps:
+            if isinstance(t, str):
+                module = self.body.get_submodule(t)
+                maps.append(module.tap_output)
+                del module.tap_output  # do not keep activations alive between calls
+            else:
+                maps.append(levels[t])
         return maps
 
 
@@ -137,7 +142,8 @@ class Detector(nn.Module):
         self.layout: AnchorLayout = make_anchor_layout(cfg.anchors, cfg.strides)
         n_in = neck_inputs(cfg.neck, len(cfg.strides))
         tap_strides = tuple(cfg.strides[0] // 2 ** k for k in range(n_in - len(cfg.strides), 0, -1)) + cfg.strides
-        body = create_model(cfg.backbone, features_only=True, in_chans=cfg.in_chans, **cfg.backbone_kwargs)
+        body = build_model(cfg.backbone, num_classes=0, in_chans=cfg.in_chans, width=cfg.backbone_width,
+                           options={**cfg.backbone_kwargs, "features_only": True})
         taps, chs = select_taps(body, cfg.backbone, tap_strides)
         self.backbone = BackboneTaps(body, taps, chs, list(tap_strides))
         top = cfg.neck_width or DEFAULT_WIDTH[cfg.neck]
@@ -206,8 +212,12 @@ class Detector(nn.Module):
         bottom-up step, stride-16 head, …); a Darknet ``.weights`` file stores conv weights in
         this order after the backbone's.
         """
-        convs = lambda prefix, mod: [f"{prefix}.{n}" for n, m in mod.named_modules() if isinstance(m, nn.Conv2d)]  # noqa: E731
-        head = lambda i: convs(f"head.convs.{i}", self.head.convs[i]) + convs(f"head.preds.{i}", self.head.preds[i])  # noqa: E731
+        def convs(prefix: str, mod: nn.Module) -> list[str]:
+            return [f"{prefix}.{n}" if n else prefix for n, m in mod.named_modules() if isinstance(m, nn.Conv2d)]
+
+        def head(i: int) -> list[str]:
+            return convs(f"head.convs.{i}", self.head.convs[i]) + convs(f"head.preds.{i}", self.head.preds[i])
+
         n = len(self.strides)
         if self.cfg.neck == "panet":
             order = convs("neck.topdown", self.neck.topdown) + head(0)
@@ -220,6 +230,23 @@ class Detector(nn.Module):
                 order += convs(f"neck.steps.{i}", step) + head(n - 2 - i)
             return order
         raise ValueError(f"neck {self.cfg.neck!r} has no official Darknet cfg")
+
+    def darknet_records(self) -> list:
+        """The weighted layers in the order of the official cfg's ``.weights`` file: the backbone's
+        (module order, see `cspnet.darknet.mapping`), then neck and head in `cfg_layer_order`."""
+        from ..darknet.mapping import native_records
+
+        records = native_records(self)
+        by_name = {r.name: r for r in records}
+        backbone = [r for r in records if r.name.startswith("backbone.")]
+        return backbone + [by_name[n] for n in self.cfg_layer_order()]
+
+    def load_darknet_weights(self, path, partial: bool = False):
+        """Load an official ``*-panet-spp`` / ``-fpn-spp`` ``.weights`` file (``partial``: only the
+        first layers, e.g. a backbone's ``.conv.N`` file). Returns the file header."""
+        from ..darknet.weights import read_weights
+
+        return read_weights(self.darknet_records(), path, partial=partial)
 
 
 def create_detector(
@@ -234,7 +261,8 @@ def create_detector(
         anchors: ``(w, h)`` pixel sizes, a multiple of the number of levels (default: the cfgs' nine
             COCO anchors); spread over the levels smallest first.
         **kwargs: ``strides`` (default (8, 16, 32)), ``neck_width`` (channels at the coarsest level),
-            ``spp`` (force SPP on/off), ``act``, ``scale_x_y``, ``in_chans``, ``backbone_kwargs``
+            ``spp`` (force SPP on/off), ``act``, ``scale_x_y``, ``in_chans``, ``backbone_width`` (channel
+            multiplier of the backbone, see `cspnet.engine.models.scale_widths`), ``backbone_kwargs``
             (config overrides for `cspnet.create_model`).
     """
     names = {f.name for f in dataclasses.fields(DetectorCfg)} - {"backbone", "neck", "num_classes", "anchors"}

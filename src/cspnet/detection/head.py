@@ -65,14 +65,6 @@ class AnchorLayout:
     def all_anchors(self) -> torch.Tensor:
         return torch.tensor(self.anchors, dtype=torch.float32)
 
-    def level_of(self) -> list[tuple[int, int]]:
-        """For anchor ``k`` (global index): ``(level, index within the level)``."""
-        where = [(0, 0)] * len(self.anchors)
-        for level, mask in enumerate(self.masks):
-            for j, a in enumerate(mask):
-                where[a] = (level, j)
-        return where
-
 
 def make_anchor_layout(
     anchors: tuple[tuple[float, float], ...] | list | None, strides: tuple[int, ...]
@@ -89,6 +81,20 @@ def make_anchor_layout(
     per = len(anchors) // len(strides)
     masks = tuple(tuple(range(i * per, (i + 1) * per)) for i in range(len(strides)))
     return AnchorLayout(anchors, masks, tuple(strides))
+
+
+def fit_anchors(wh, k: int = 9, seed: int = 0) -> tuple[tuple[float, float], ...]:
+    """``k`` anchor sizes from training box sizes ``wh`` (N, 2) pixels by k-means (scikit-learn),
+    sorted by area, as Darknet's ``calc_anchors`` does for a new data set."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+
+    wh = np.asarray(wh, dtype=np.float64).reshape(-1, 2)
+    if len(wh) < k:
+        raise ValueError(f"need at least {k} boxes to fit {k} anchors, got {len(wh)}")
+    centres = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(wh).cluster_centers_
+    centres = sorted(centres.tolist(), key=lambda c: c[0] * c[1])
+    return tuple((round(w, 1), round(h, 1)) for w, h in centres)
 
 
 def encode_boxes(

@@ -84,7 +84,8 @@ class YoloLoss(nn.Module):
         self.scale_x_y = scale_x_y
 
     def assign(self, targets: list[dict], shapes: list[tuple[int, int]], device) -> list[dict[str, torch.Tensor]]:
-        """Per level: image index, anchor index, cell (gx, gy), target box and label of each positive."""
+        """Per level, for each positive: the truth's index in the batch (``gt``), its image, the anchor
+        index within the level, the cell (gx, gy), the target box, label and anchor size."""
         boxes = torch.cat([t["boxes"].to(device, torch.float32) for t in targets])
         labels = torch.cat([t["labels"].to(device, torch.long) for t in targets])
         image = torch.cat([torch.full((len(t["boxes"]),), i, device=device, dtype=torch.long) for i, t in enumerate(targets)])
@@ -107,7 +108,7 @@ class YoloLoss(nn.Module):
             centre = (boxes[gt_idx, :2] + boxes[gt_idx, 2:]) / 2 / stride
             cells = torch.stack([centre[:, 0].floor().clamp(0, w - 1), centre[:, 1].floor().clamp(0, h - 1)], dim=1)
             per_level.append({
-                "image": image[gt_idx], "anchor": anchor_idx, "cells": cells, "boxes": boxes[gt_idx],
+                "gt": gt_idx, "image": image[gt_idx], "anchor": anchor_idx, "cells": cells, "boxes": boxes[gt_idx],
                 "labels": labels[gt_idx],
                 "anchor_wh": self.layout.level_anchors(level).to(device)[anchor_idx],
             })

@@ -314,17 +314,16 @@ def load_checkpoint(
     if want is not None and meta.get("model") != want:
         raise CheckpointError(f"{weights_path}: checkpoint of model {meta.get('model')!r} (key 'model'), cannot load into {want!r}")
     own_classes = getattr(model, "num_classes", None)
-    if own_classes is not None and meta.get("num_classes") not in (None, own_classes):
-        raise CheckpointError(
-            f"{weights_path}: checkpoint has num_classes={meta['num_classes']} (key 'num_classes', head.fc), "
-            f"the model was built with num_classes={own_classes}"
-        )
+    classes_differ = own_classes is not None and meta.get("num_classes") not in (None, own_classes)
     try:
         weights = load_file(str(weights_path))
         load_into(model, weights, source=str(weights_path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({e})") from None
     except WeightsError as e:
+        if classes_differ:
+            raise CheckpointError(f"{weights_path}: checkpoint has num_classes={meta['num_classes']} (key 'num_classes'), "
+                                  f"the model was built with num_classes={own_classes}: {e}") from None
         raise CheckpointError(str(e)) from None
 
     need_state = restore_rng or any(x is not None for x in (optimizer, scheduler, ema))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, default_collate
 
-from ..data.classification import ClassificationData
+from ..data.classification import ClassificationData, with_worker_errors
 from .distributed import DistInfo, all_reduce_sum
 
 
@@ -142,7 +142,7 @@ def evaluate_classifier(model: nn.Module, data: ClassificationData, dist: DistIn
         from tqdm import tqdm
 
         loader = tqdm(loader, desc="eval", unit="batch", leave=False)
-    for images, labels in loader:
+    for images, labels in with_worker_errors(loader):
         labels = labels.to(device)
         logits = model(normalize(images.to(device), data.mean, data.std)).float()
         pred = logits.argmax(1)

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.classification import with_worker_errors
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .ema import ModelEMA
@@ -163,7 +165,7 @@ class _MetricFiles:
 
                 self.writer = SummaryWriter(str(out_dir / "tensorboard"))
             except ImportError:
-                print("cspnet train: tensorboard is not installed; --tensorboard ignored")
+                print("cspnet train: tensorboard is not installed (pip install tensorboard); --tensorboard ignored", file=sys.stderr)
 
     def write(self, history: list[dict[str, Any]]) -> None:
         if not history:
@@ -198,18 +200,22 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, history in runs.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, history) in enumerate(runs.items()):
         epochs = [r["epoch"] for r in history]
+        color = colors[i % len(colors)]
         label = f"{name} " if name else ""
-        for key, style in (("train_loss", "--"), ("val_loss", "-")):
-            if any(key in r for r in history):
-                ax_loss.plot(epochs, [r.get(key, math.nan) for r in history], style, marker="o", label=f"{label}{key}")
-        for key, style in (("train_acc", "--"), ("val_top1", "-")):
-            if any(key in r for r in history):
-                ax_acc.plot(epochs, [100 * r.get(key, math.nan) for r in history], style, marker="o", label=f"{label}{key}")
+        # one colour per run; dashed = training, solid = held-out
+        for ax, keys, scale in ((ax_loss, ("train_loss", "val_loss"), 1.0), (ax_acc, ("train_acc", "val_top1"), 100.0)):
+            for key, style in zip(keys, ("--", "-")):
+                if any(key in r for r in history):
+                    ax.plot(epochs, [scale * r.get(key, math.nan) for r in history], style, color=color, marker="o",
+                            label=f"{label}{key}")
+    ax_loss.set_yscale("log")  # early held-out losses of BN nets can be 100x the final ones
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
@@ -242,6 +248,7 @@ def fit(
     tensorboard: bool = False,
     run_info: dict[str, Any] | None = None,
     desc: str = "",
+    bar_position: int = 0,
 ) -> FitResult:
     """Train ``model`` on ``task`` with recipe ``cfg``, writing checkpoints and metrics to ``out_dir``.
 
@@ -314,9 +321,9 @@ def fit(
                             collate_fn=task.collate, persistent_workers=False, pin_memory=device.type == "cuda")
         train_model.train()
         sums = dict(state["partial"]) or {}
-        bar = _progress(progress and dist.is_main, steps_per_epoch, first, f"{desc}epoch {epoch + 1}/{cfg.epochs}")
+        bar = _progress(progress and dist.is_main, steps_per_epoch, first, f"{desc}epoch {epoch + 1}/{cfg.epochs}", bar_position)
         t_epoch, imgs_epoch = time.perf_counter(), 0
-        batches = iter(loader)
+        batches = iter(with_worker_errors(loader))
         for step_in_epoch in range(first, steps_per_epoch):
             t_step = time.perf_counter()
             step_sums: dict[str, float] = {}
@@ -408,9 +415,9 @@ def _global_sums(sums: dict[str, float], dist: DistInfo) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _progress(enabled: bool, total: int, initial: int, desc: str):
+def _progress(enabled: bool, total: int, initial: int, desc: str, position: int):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False, position=position)

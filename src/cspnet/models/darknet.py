@@ -41,12 +41,12 @@ class DarknetCfg:
     part_ratio: float = 0.5
 
 
-def _dark_stage(cfg: DarknetCfg, s: DarkStageCfg, in_chs: int, act: str) -> CrossStage:
+def _dark_stage(cfg: DarknetCfg, s: DarkStageCfg, in_chs: int, act: str, make_block=DarkBlock) -> CrossStage:
     down = ConvBnAct(in_chs, s.out_chs, 3, 2, act=act)
 
     def make_blocks(width: int):
         mid = int(width * s.mid_ratio)
-        return repeat_blocks(lambda c, i: DarkBlock(c, mid, width, act), width, width, s.depth)
+        return repeat_blocks(lambda c, i: make_block(c, mid, width, act), width, width, s.depth)
 
     if cfg.fusion == "none":
         return CrossStage(s.out_chs, make_blocks, down=down, fusion="none")
@@ -59,7 +59,8 @@ def _dark_stage(cfg: DarknetCfg, s: DarkStageCfg, in_chs: int, act: str) -> Cros
     )
 
 
-def build_darknet(cfg: DarknetCfg, *, in_chans: int = 3, **net_kwargs) -> StagedNet:
+def build_darknet(cfg: DarknetCfg, *, in_chans: int = 3, make_block=DarkBlock, **net_kwargs) -> StagedNet:
+    """Build a (CSP)Darknet; ``make_block(in_chs, mid_chs, out_chs, act)`` builds each block (ELASTIC swaps it)."""
     check_fusion(cfg.fusion)
     check_part_ratio(cfg.part_ratio)
     act = canonical_act(cfg.act)
@@ -67,7 +68,7 @@ def build_darknet(cfg: DarknetCfg, *, in_chans: int = 3, **net_kwargs) -> Staged
     stages, chs = [], []
     in_chs = cfg.stem_chs
     for s in cfg.stages:
-        stage = _dark_stage(cfg, s, in_chs, act)
+        stage = _dark_stage(cfg, s, in_chs, act, make_block)
         stages.append(stage)
         chs.append(stage.out_chs)
         in_chs = stage.out_chs

@@ -56,14 +56,14 @@ def _make_block(cfg: ResNetCfg, stage: ResStageCfg, in_chs: int, stride: int, ac
     return ResidualBlock(in_chs, stage.mid_chs, stage.out_chs, stride, cfg.groups, act)
 
 
-def _plain_stage(cfg: ResNetCfg, s: ResStageCfg, in_chs: int, act: str) -> CrossStage:
+def _plain_stage(cfg: ResNetCfg, s: ResStageCfg, in_chs: int, act: str, make_block=_make_block) -> CrossStage:
     def make_blocks(width: int):
-        return repeat_blocks(lambda c, i: _make_block(cfg, s, c, s.stride if i == 0 else 1, act), width, s.out_chs, s.depth)
+        return repeat_blocks(lambda c, i: make_block(cfg, s, c, s.stride if i == 0 else 1, act), width, s.out_chs, s.depth)
 
     return CrossStage(in_chs, make_blocks, fusion="none")
 
 
-def _csp_stage(cfg: ResNetCfg, s: ResStageCfg, in_chs: int, act: str) -> CrossStage:
+def _csp_stage(cfg: ResNetCfg, s: ResStageCfg, in_chs: int, act: str, make_block=_make_block) -> CrossStage:
     if not (s.cross_chs and s.main_chs):
         raise ValueError("a CSP stage needs cross_chs and main_chs; this config describes a plain model")
     if s.stride == 1:
@@ -75,7 +75,7 @@ def _csp_stage(cfg: ResNetCfg, s: ResStageCfg, in_chs: int, act: str) -> CrossSt
         down, base_chs = ConvBnAct(in_chs, in_chs, 3, s.stride, groups=cfg.groups, act=act), in_chs
 
     def make_blocks(width: int):
-        return repeat_blocks(lambda c, i: _make_block(cfg, s, c, 1, act), width, s.out_chs, s.depth)
+        return repeat_blocks(lambda c, i: make_block(cfg, s, c, 1, act), width, s.out_chs, s.depth)
 
     fused = s.out_chs + s.cross_chs
     transition = {"csp": s.transition_chs or None, "fusion_first": s.transition_chs or fused, "fusion_last": None}[cfg.fusion]
@@ -86,14 +86,16 @@ def _csp_stage(cfg: ResNetCfg, s: ResStageCfg, in_chs: int, act: str) -> CrossSt
     )
 
 
-def build_resnet(cfg: ResNetCfg, *, in_chans: int = 3, **net_kwargs) -> StagedNet:
+def build_resnet(cfg: ResNetCfg, *, in_chans: int = 3, make_block=_make_block, **net_kwargs) -> StagedNet:
+    """Build a (CSP)ResNe(X)t; ``make_block(cfg, stage, in_chs, stride, act)`` builds each block (ELASTIC swaps it)."""
     check_fusion(cfg.fusion)
     act = canonical_act(cfg.act)
     stem = nn.Sequential(ConvBnAct(in_chans, cfg.stem_chs, 7, 2, act=act), nn.MaxPool2d(2, 2, ceil_mode=True))
     stages, chs, strides = [], [], []
     in_chs = cfg.stem_chs
     for s in cfg.stages:
-        stage = _plain_stage(cfg, s, in_chs, act) if cfg.fusion == "none" else _csp_stage(cfg, s, in_chs, act)
+        stage_fn = _plain_stage if cfg.fusion == "none" else _csp_stage
+        stage = stage_fn(cfg, s, in_chs, act, make_block)
         stages.append(stage)
         chs.append(stage.out_chs)
         strides.append(s.stride)

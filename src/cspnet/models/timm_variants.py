@@ -109,6 +109,7 @@ def build_timm_csp(cfg: TimmCspCfg, *, in_chans: int = 3, **net_kwargs) -> Stage
 
 
 def _stages(depths, out_chs, strides, expand, block, bottle, groups=1, down_growth=False) -> tuple[TimmStageCfg, ...]:
+    """Per-stage configs from timm-style arguments: a tuple gives one value per stage, a scalar all."""
     n = len(depths)
 
     def per_stage(v):
@@ -138,9 +139,9 @@ CSPDARKNET53_TIMM = TimmCspCfg(
 DARKNET53_TIMM = dataclasses.replace(DARKNET53, act=TIMM_ACT)
 
 MODELS = (
-    ModelSpec("cspresnet50_timm", "timm", CSPRESNET50_TIMM, build_timm_csp, twin="resnet50",
+    ModelSpec("cspresnet50_timm", "timm", CSPRESNET50_TIMM, build_timm_csp,
               description="CSPResNet-50 laid out as timm's cspresnet50 (takes its weights)"),
-    ModelSpec("cspresnext50_timm", "timm", CSPRESNEXT50_TIMM, build_timm_csp, twin="resnext50",
+    ModelSpec("cspresnext50_timm", "timm", CSPRESNEXT50_TIMM, build_timm_csp,
               description="CSPResNeXt-50 laid out as timm's cspresnext50 (takes its weights)"),
     ModelSpec("cspdarknet53_timm", "timm", CSPDARKNET53_TIMM, build_timm_csp, twin="darknet53_timm",
               description="CSPDarknet-53 laid out as timm's cspdarknet53 (takes its weights)"),

@@ -1,0 +1,254 @@
+"""The γ / fusion ablation of paper Table 1, re-run on your data.
+
+One family (a CSP model whose config has ``part_ratio`` and ``fusion``) is trained with one recipe and
+one seed for every γ in ``gammas`` and every fusion in ``fusions`` (paper Fig. 3: ``fusion_first``,
+``fusion_last``, ``csp``), plus its plain twin. Each run lives in ``OUT/runs/<key>/`` (the trainer's
+checkpoints and metrics) and is finished when ``OUT/runs/<key>/result.json`` exists: a re-run skips
+finished runs and resumes an interrupted one from its last checkpoint. After every run the table
+(``ablation.md``, ``ablation.json``) and the accuracy-vs-BFLOPs scatter (``ablation.png``) are rewritten.
+
+Params and BFLOPs are measured by `cspnet.profile` on the model as trained (classes and channels of
+the data, at the training size); the "BFLOPs @ paper size" column profiles the same architecture as
+an ImageNet model (3 channels, 1000 classes) at 224x224, which is what Table 1's BFLOPs column is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data import ClassificationData
+from ..engine.classify import ClassificationTask, ClassifyRecipe
+from ..engine.models import build_model, model_record
+from ..engine.train import RESUMABLE_CHANGES, TrainConfig, fit
+from ..profile import profile
+from ..registry import get_spec
+from .common import atomic_savefig, atomic_write_text, find_twin
+
+ABLATION_FUSIONS = ("fusion_first", "fusion_last", "csp")
+ABLATION_GAMMAS = (0.25, 0.5, 0.75)
+
+# Paper Table 1 (ImageNet, PeleeNet family): (fusion, γ) -> (top-1 %, BFLOPs). reference/paper.md §3.
+PAPER_TABLE1: dict[tuple[str, float | None], tuple[float, float]] = {
+    ("none", None): (70.7, 1.017),
+    ("fusion_first", 0.75): (68.4, 0.649), ("fusion_first", 0.5): (69.2, 0.755), ("fusion_first", 0.25): (70.0, 0.861),
+    ("fusion_last", 0.75): (69.2, 0.716), ("fusion_last", 0.5): (70.6, 0.804), ("fusion_last", 0.25): (70.8, 0.902),
+    ("csp", 0.75): (70.4, 0.800), ("csp", 0.5): (70.9, 0.888), ("csp", 0.25): (71.5, 0.986),
+}
+PAPER_FAMILY = "peleenet"
+
+
+@dataclass(frozen=True)
+class AblationRun:
+    """One cell of the ablation: a model name and the γ / fusion it is built with (plain: ``fusion="none"``)."""
+
+    model: str
+    fusion: str
+    part_ratio: float | None
+
+    @property
+    def key(self) -> str:
+        return "plain" if self.fusion == "none" else f"{self.fusion}-g{self.part_ratio:g}"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {} if self.fusion == "none" else {"fusion": self.fusion, "part_ratio": self.part_ratio}
+
+
+def ablation_runs(family: str, gammas=ABLATION_GAMMAS, fusions=ABLATION_FUSIONS, include_plain: bool = True) -> list[AblationRun]:
+    """The runs of an ablation of ``family`` (a CSP model, or a plain model that has a CSP twin)."""
+    spec = get_spec(family)
+    csp = family if spec.twin else find_twin(family)
+    if csp is None:
+        raise ValueError(f"model {family!r} has no CSP twin to ablate; pick a CSP model (e.g. csppeleenet)")
+    csp_spec = get_spec(csp)
+    fields = {f.name for f in dataclasses.fields(csp_spec.cfg)}
+    if not {"fusion", "part_ratio"} <= fields:
+        raise ValueError(f"model {csp!r} has no 'fusion' / 'part_ratio' config fields (has {sorted(fields)})")
+    bad = [f for f in fusions if f not in ABLATION_FUSIONS]
+    if bad:
+        raise ValueError(f"unknown fusion(s) {bad}; expected some of {', '.join(ABLATION_FUSIONS)}")
+    for g in gammas:
+        if not 0.0 < float(g) < 1.0:
+            raise ValueError(f"γ (part ratio) must lie in (0, 1), got {g}")
+    runs = [AblationRun(csp_spec.twin, "none", None)] if include_plain and csp_spec.twin else []
+    runs += [AblationRun(csp, f, float(g)) for f in fusions for g in gammas]
+    if not runs:
+        raise ValueError("nothing to run: give at least one γ and one fusion, or keep the plain model")
+    return runs
+
+
+def _signature(record: dict, cfg: TrainConfig, recipe: ClassifyRecipe, data: ClassificationData) -> dict[str, Any]:
+    """What a finished run must share with the current request to be reused."""
+    d = data.describe()
+    train = {k: v for k, v in cfg.as_dict().items() if k not in RESUMABLE_CHANGES}
+    signature = {"model": record, "train": train, "recipe": dataclasses.asdict(recipe) | {"num_workers": None},
+                 "data": {k: d[k] for k in ("name", "img_size", "in_chans", "train_size", "test_size", "classes")}}
+    return json.loads(json.dumps(signature))  # as it reads back from result.json (tuples become lists)
+
+
+def _measure(run: AblationRun, data: ClassificationData, width: float, options: dict, paper_size: int) -> dict[str, Any]:
+    model = build_model(run.model, num_classes=data.num_classes, in_chans=data.in_chans, width=width, options=options)
+    prof = profile(model, data.img_size, data.in_chans)
+    imagenet = build_model(run.model, num_classes=1000, in_chans=3, width=width, options=options)
+    return {"params": prof.params, "conv_params": prof.conv_params, "bflops": prof.bflops, "macs": prof.macs,
+            "paper_size": paper_size, "bflops_paper_size": profile(imagenet, paper_size, 3).bflops}
+
+
+def run_ablation(
+    family: str,
+    data: ClassificationData,
+    train_cfg: TrainConfig,
+    recipe: ClassifyRecipe,
+    out_dir: str | Path,
+    *,
+    width: float = 1.0,
+    options: dict[str, Any] | None = None,
+    gammas=ABLATION_GAMMAS,
+    fusions=ABLATION_FUSIONS,
+    include_plain: bool = True,
+    paper_size: int = 224,
+    progress: bool = True,
+    dist=None,
+) -> list[dict[str, Any]]:
+    """Train every run of the ablation (skipping finished ones) and write the table and plot.
+
+    ``width`` and ``options`` (config overrides such as ``act``) apply to every run, the plain one too.
+
+    Returns one row per run: ``key, model, fusion, part_ratio, params, bflops, bflops_paper_size,
+    top1, top5, wall_s`` and ``status`` (``trained``, ``resumed`` or ``skipped``).
+    """
+    runs = ablation_runs(family, gammas, fusions, include_plain)
+    options = dict(options or {})
+    if {"fusion", "part_ratio"} & set(options):
+        raise ValueError("fusion and part_ratio are what the ablation varies; give them as fusions / gammas, not options")
+    out = Path(out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(runs), desc="ablation", unit="run", position=0, dynamic_ncols=True)
+    try:
+        for i, run in enumerate(runs):
+            rows.append(_one_run(run, i, len(runs), data, train_cfg, recipe, out, width, {**options, **run.options},
+                                 paper_size, progress, dist))
+            write_ablation_report(rows, out, family, data)
+            if bar is not None:
+                bar.set_postfix(last=f"{run.key} top1={100 * rows[-1]['top1']:.2f}%", refresh=False)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+def _one_run(run: AblationRun, i: int, n: int, data, train_cfg, recipe, out: Path, width: float, options: dict,
+             paper_size: int, progress: bool, dist) -> dict[str, Any]:
+    run_dir = out / "runs" / run.key
+    result_path = run_dir / "result.json"
+    record = model_record(run.model, num_classes=data.num_classes, in_chans=data.in_chans, width=width, options=options)
+    signature = _signature(record, train_cfg, recipe, data)
+    if result_path.is_file():
+        try:
+            saved = json.loads(result_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{result_path}: not valid JSON ({e}); delete it to re-run {run.key}") from None
+        if saved.get("signature") != signature:
+            diff = sorted(k for k in signature if saved.get("signature", {}).get(k) != signature[k])
+            raise ValueError(f"{result_path}: finished with a different {', '.join(diff)}; use another --out "
+                             "or delete the run directory to retrain it")
+        return {**saved["row"], "status": "skipped"}
+    resume = (run_dir / "last.json").is_file()
+    measured = _measure(run, data, width, options, paper_size)
+    model = build_model(run.model, num_classes=data.num_classes, in_chans=data.in_chans, width=width, options=options)
+    run_info = {"model": record, "data": data.describe(), "recipe": dataclasses.asdict(recipe), "ablation": run.key}
+    result = fit(ClassificationTask(data, recipe), model, train_cfg, run_dir, resume=resume, progress=progress,
+                 run_info=run_info, desc=f"[{i + 1}/{n}] {run.key} ", dist=dist)
+    row = {"key": run.key, "model": run.model, "fusion": run.fusion, "part_ratio": run.part_ratio, **measured,
+           "top1": result.final.get("top1", math.nan), "top5": result.final.get("top5", math.nan),
+           "epochs": train_cfg.epochs, "wall_s": result.wall_s}
+    if dist is None or dist.is_main:
+        atomic_write_text(result_path, json.dumps({"signature": signature, "row": row}, indent=1) + "\n")
+    return {**row, "status": "resumed" if resume else "trained"}
+
+
+# -- the table and the plot ---------------------------------------------------------------------------
+def _paper(row: dict) -> tuple[float, float] | None:
+    """Paper Table 1's (top-1, BFLOPs) for a row of the PeleeNet family, else None."""
+    if get_spec(row["model"]).family != PAPER_FAMILY:
+        return None
+    return PAPER_TABLE1.get((row["fusion"], row["part_ratio"]))
+
+
+_FUSION_LABEL = {"none": "— (plain)", "fusion_first": "fusion first", "fusion_last": "fusion last", "csp": "CSP (both)"}
+
+
+def format_ablation_table(rows: list[dict], data: ClassificationData | None = None) -> str:
+    """Paper Table 1's layout (γ, fusion, params, BFLOPs, top-1) with ratios to the plain model and,
+    for the PeleeNet family, the paper's own ImageNet figures beside ours."""
+    plain = next((r for r in rows if r["fusion"] == "none"), None)
+    size = f"{data.img_size}x{data.img_size}" if data else "train size"
+    paper_size = rows[0]["paper_size"] if rows else 224
+    lines = [f"| Model | γ | Fusion | Params (M) | BFLOPs @ {size} | Top-1 (%) | Δ top-1 vs plain | BFLOPs / plain | "
+             f"BFLOPs @ {paper_size} (ImageNet arch) | Paper BFLOPs | Paper top-1 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        paper = _paper(r)
+        gamma = "—" if r["part_ratio"] is None else f"{r['part_ratio']:g}"
+        delta = f"{100 * (r['top1'] - plain['top1']):+.2f}" if plain and r is not plain else "—"
+        ratio = f"{r['bflops'] / plain['bflops']:.3f}" if plain else "—"
+        lines.append(
+            f"| {r['model']} | {gamma} | {_FUSION_LABEL[r['fusion']]} | {r['params'] / 1e6:.3f} | {r['bflops']:.4f} | "
+            f"{100 * r['top1']:.2f} | {delta} | {ratio} | {r['bflops_paper_size']:.3f} | "
+            f"{'—' if paper is None else f'{paper[1]:.3f}'} | {'—' if paper is None else f'{paper[0]:.1f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablation(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Top-1 vs BFLOPs: this ablation (left) and, for the PeleeNet family, the paper's Table 1 (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_paper = any(_paper(r) for r in rows)
+    fig, axes = plt.subplots(1, 2 if with_paper else 1, figsize=(12 if with_paper else 6.5, 4.8), squeeze=False)
+    styles = {"none": ("k", "*"), "fusion_first": ("tab:red", "v"), "fusion_last": ("tab:blue", "o"), "csp": ("tab:green", "s")}
+    panels = [(axes[0][0], lambda r: (r["bflops"], 100 * r["top1"]), "this run", "BFLOPs at the training size")]
+    if with_paper:
+        panels.append((axes[0][1], lambda r: tuple(reversed(_paper(r))) if _paper(r) else None,
+                       "paper Table 1 (ImageNet, 224x224)", "BFLOPs (paper)"))
+    for ax, point, name, xlabel in panels:
+        for fusion, (color, marker) in styles.items():
+            pts = [(point(r), r) for r in rows if r["fusion"] == fusion and point(r) is not None]
+            if not pts:
+                continue
+            ax.scatter([p[0] for p, _ in pts], [p[1] for p, _ in pts], c=color, marker=marker, s=90 if marker == "*" else 45,
+                       label=_FUSION_LABEL[fusion])
+            for (x, y), r in pts:
+                if r["part_ratio"] is not None:
+                    ax.annotate(f"γ={r['part_ratio']:g}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        ax.set(xlabel=xlabel, ylabel="top-1 (%)", title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return atomic_savefig(fig, path)
+
+
+def write_ablation_report(rows: list[dict], out_dir: Path, family: str, data: ClassificationData | None = None) -> None:
+    """``ablation.md`` (the table), ``ablation.json`` (the rows) and ``ablation.png`` (the scatter) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    what = f" on {data.name} ({len(data.train)} train / {len(data.test)} test images, {data.img_size}x{data.img_size})" if data else ""
+    epochs = rows[0].get("epochs") if rows else None
+    head = f"# γ / fusion ablation of {family}{what}\n\n" + (f"{epochs} epoch(s), one recipe and seed for every run.\n\n" if epochs else "")
+    atomic_write_text(out_dir / "ablation.md", head + format_ablation_table(rows, data))
+    clean = [{k: v for k, v in r.items() if k != "status"} for r in rows]
+    atomic_write_text(out_dir / "ablation.json", json.dumps(clean, indent=1) + "\n")
+    plot_ablation(rows, out_dir / "ablation.png", f"γ / fusion ablation of {family}{what}")

@@ -1,0 +1,96 @@
+"""Small pieces the analyses share: atomic file writes and finding a model's twin."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..registry import get_spec, specs
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_savefig(fig, path: Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def find_twin(name: str) -> str | None:
+    """The plain model of a CSP model (its spec's ``twin``), or the CSP model whose twin ``name`` is.
+
+    When several CSP models share a plain twin, ``csp<name>`` is preferred, then the first by name.
+    """
+    spec = get_spec(name)
+    if spec.twin:
+        return spec.twin
+    csp = sorted(n for n, s in specs().items() if s.twin == name)
+    if not csp:
+        return None
+    return f"csp{name}" if f"csp{name}" in csp else csp[0]
+
+
+def twin_pair(name: str, twin: str | None, input_size: int | None) -> tuple[list[str], int]:
+    """``[name]`` or ``[name, twin]`` (``twin="auto"``: `find_twin`) and the input size to use."""
+    spec = get_spec(name)
+    if twin == "auto":
+        twin = find_twin(name)
+    elif twin is not None:
+        get_spec(twin)
+    names = [name] if twin is None else [name, twin]
+    return names, input_size or spec.default_input
+
+
+def is_run_dir(path: str) -> bool:
+    """A directory written by ``cspnet train`` / ``cspnet ablation`` (it holds ``last.json``)."""
+    return (Path(path) / "last.json").is_file()
+
+
+def read_run(path: str, checkpoint: str = "best") -> tuple[str, dict]:
+    """``(checkpoint name, run record)`` of a run directory: the model, data and recipe it was trained with.
+
+    Falls back to ``last`` when ``checkpoint`` is absent. Tuples in the record (config overrides
+    such as ``depths``) come back as tuples.
+    """
+    from ..engine.checkpoint import read_checkpoint_record, unflatten_state
+
+    name = checkpoint if (Path(path) / f"{checkpoint}.json").is_file() else "last"
+    json_path = Path(path) / f"{name}.json"
+    run = unflatten_state(read_checkpoint_record(path, name)["state"].get("run", {}), {}, str(json_path))
+    if "model" not in run or "data" not in run:
+        raise ValueError(f"{json_path}: key 'state.run' lacks the model / data description; not a cspnet training run")
+    return name, run
+
+
+def load_subject(model: str, *, num_classes: int, in_chans: int, width: float = 1.0, options: dict | None = None,
+                 checkpoint: str = "best"):
+    """A model to analyse: a registered name (fresh weights, seeded) or a training run directory.
+
+    Returns ``(label, model, run)`` where ``run`` is the run's record (model, data and recipe
+    description) for a run directory and ``None`` for a registered name.
+    """
+    import torch
+
+    from ..engine.checkpoint import load_checkpoint
+    from ..engine.models import build_model, rebuild_model
+
+    if is_run_dir(model):
+        name, run = read_run(model, checkpoint)
+        net = rebuild_model(run["model"])
+        load_checkpoint(model, model=net, name=name, restore_rng=False)
+        return f"{Path(model).name} ({run['model']['name']}, {name})", net, run
+    get_spec(model)
+    torch.manual_seed(0)
+    return model, build_model(model, num_classes=num_classes, in_chans=in_chans, width=width, options=options), None

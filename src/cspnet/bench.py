@@ -1,0 +1,809 @@
+"""The benchmark suite: speed and memory of our models, side by side, in one run.
+
+What one run measures (``run_benchmarks``), per *group* = a model and its plain twin
+(``get_spec(name).twin``):
+
+- inference at each batch size: our eager model (NCHW and channels-last), `cspnet.deploy`,
+  onnxruntime on the ONNX export, and timm's same model (NCHW and channels-last) where timm
+  has one with the same architecture (`TIMM_EQUIVALENTS`);
+- a training step (zero_grad, forward, cross-entropy, backward, SGD step) of ours and timm's;
+- achieved GFLOP/s (2 x conv/linear MACs from `cspnet.profile` / median time) against the
+  machine's measured GEMM and 3x3-conv peak (`measure_peak`);
+- memory of a training step in a fresh subprocess per model (`measure_memory`): peak RSS
+  (``ru_maxrss``), the bytes of activations autograd saves for the backward pass (counted
+  through ``torch.autograd.graph.saved_tensors_hooks``), and on CUDA
+  ``torch.cuda.max_memory_allocated``; CIO (`cspnet.profile`) beside it.
+
+Timing method: every callable of a group is warmed up, then the callables run round-robin
+(A B C … A B C …) ``repeats`` times and each reports its median. On a shared, noisy machine
+only ratios measured this way, side by side, mean anything: load drifts hit every entry alike.
+CPU runs use ``time.perf_counter``; CUDA runs use CUDA events.
+
+Ratios are written "×" with >1 meaning ours is faster (time of the other / time of ours).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .profile import profile
+from .registry import create_model, get_spec, list_models
+
+# Our model -> (timm model, how the two correspond). Only architectures that correspond layer for
+# layer (or nearly, as stated) are mapped; timm's resnet50 / resnext50_32x4d have projection
+# shortcuts and a 3x3 max-pool, unlike the Darknet cfgs' resnet50 / resnext50, so those are not.
+TIMM_EQUIVALENTS: dict[str, tuple[str, str]] = {
+    "cspdarknet53": ("cspdarknet53", "identical layers and parameter count (csdarknet53.cfg)"),
+    "darknet53": ("darknet53", "identical layers and parameter count (timm's LeakyReLU slope is 0.01, ours 0.1)"),
+    "cspresnet50": ("cspresnet50", "same network from csresnet50.cfg; timm's stage 1 widens its split "
+                    "(one 64->256 1x1 instead of 64->128 + 64->64) and uses a 3x3/2 max-pool: +8,320 params"),
+    "cspresnext50": ("cspresnext50", "same network from csresnext50.cfg; timm's stage 1 differs as for "
+                     "cspresnet50 (+12,416 params) and it uses a 3x3/2 max-pool"),
+    "cspdarknet53_timm": ("cspdarknet53", "timm's layout module for module (loads its weights)"),
+    "darknet53_timm": ("darknet53", "timm's layout module for module (loads its weights)"),
+    "cspresnet50_timm": ("cspresnet50", "timm's layout module for module (loads its weights)"),
+    "cspresnext50_timm": ("cspresnext50", "timm's layout module for module (loads its weights)"),
+    "resnet50_tv": ("resnet50", "torchvision's resnet50 layout, which timm's resnet50 shares"),
+    "resnext50_tv": ("resnext50_32x4d", "torchvision's resnext50_32x4d layout, which timm's shares"),
+}
+
+DEFAULT_MODELS = ("cspresnet50", "cspresnext50", "cspdarknet53")
+TARGET_MODELS = ("cspresnet50", "cspresnext50", "cspdarknet53", "darknet53")
+INFER_VARIANTS = ("eager", "eager_cl", "deploy", "onnxruntime")
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure. ``quick`` configs (`quick_config`) exist to test the bookkeeping."""
+
+    models: tuple[str, ...] = DEFAULT_MODELS
+    twins: bool = True
+    input_size: int = 224
+    batch_sizes: tuple[int, ...] = (1, 8)
+    train_batch: int = 8
+    train_formats: tuple[str, ...] = ("contiguous",)
+    threads: int = 2
+    warmup: int = 2
+    repeats: int = 7
+    train_warmup: int = 2
+    train_repeats: int = 5
+    device: str = "cpu"
+    deploy: bool = True
+    onnx: bool = True
+    timm: bool = True
+    memory: bool = True
+    quick: bool = False
+    progress: bool = True
+
+
+def quick_config(models: tuple[str, ...] = ("cspresnet10",), **overrides: Any) -> BenchConfig:
+    """A seconds-long configuration: 64 px, batches 1 and 2, one warm-up and two timed runs."""
+    base = dict(
+        models=tuple(models), input_size=64, batch_sizes=(1, 2), train_batch=2, warmup=1, repeats=2,
+        train_warmup=1, train_repeats=2, quick=True, progress=False,
+    )
+    base.update(overrides)
+    return BenchConfig(**base)
+
+
+@dataclass
+class Timing:
+    """The timed samples of one callable: ``impl`` is ``ours`` or ``timm``."""
+
+    model: str
+    impl: str
+    variant: str
+    batch: int
+    samples_ms: list[float]
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+
+@dataclass
+class BenchReport:
+    config: BenchConfig
+    env: dict[str, Any]
+    peak: dict[str, Any]
+    groups: list[list[str]]
+    timm_names: dict[str, str]
+    profiles: dict[str, dict[str, Any]]
+    timings: list[Timing] = field(default_factory=list)
+    memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    # -- look-ups --------------------------------------------------------------------------
+    def median(self, model: str, impl: str, variant: str, batch: int) -> float | None:
+        for t in self.timings:
+            if (t.model, t.impl, t.variant, t.batch) == (model, impl, variant, batch):
+                return t.median_ms
+        return None
+
+    def best_eager(self, model: str, impl: str, batch: int) -> float | None:
+        times = [self.median(model, impl, v, batch) for v in ("eager", "eager_cl")]
+        times = [t for t in times if t is not None]
+        return min(times) if times else None
+
+    def gflops_per_s(self, model: str, impl: str, variant: str, batch: int) -> float | None:
+        t = self.median(model, impl, variant, batch)
+        prof = self.profiles.get(_key(impl, model))
+        if t is None or prof is None:
+            return None
+        return 2 * prof["macs"] * batch / (t / 1e3) / 1e9
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "env": self.env,
+            "peak": self.peak,
+            "groups": self.groups,
+            "timm_names": self.timm_names,
+            "profiles": self.profiles,
+            "timings": [dataclasses.asdict(t) | {"median_ms": t.median_ms} for t in self.timings],
+            "memory": self.memory,
+            "targets": [dataclasses.asdict(c) for c in check_targets(self)],
+        }
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    target: str
+    subject: str
+    value: float
+    threshold: float
+    passed: bool
+
+
+def _key(impl: str, model: str) -> str:
+    return f"{impl}:{model}"
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+class Clock:
+    """Times one call: ``perf_counter`` on CPU, CUDA events (after a synchronize) on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        start_s = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start_s) * 1e3
+
+
+def run_interleaved(fns: dict[Any, Callable[[], Any]], warmup: int, repeats: int, clock: Clock) -> dict[Any, list[float]]:
+    """Warm every callable up, then time them round-robin ``repeats`` times (ms samples)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[Any, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            samples[k].append(clock(fn))
+    return samples
+
+
+def measure_peak(device: str | torch.device = "cpu", quick: bool = False, repeats: int = 5) -> dict[str, Any]:
+    """The machine's fp32 peak as this PyTorch reaches it: a large GEMM and a large 3x3 conv.
+
+    Returns GFLOP/s for the GEMM (``n x n`` by ``n x n``) and for the convolution in NCHW and
+    channels-last; ``conv_gflops`` is the better of the two layouts.
+    """
+    device = torch.device(device)
+    clock = Clock(device)
+    n = 256 if quick else 2048
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    shape = (1, 32, 16, 16) if quick else (8, 256, 56, 56)
+    x = torch.randn(*shape, device=device)
+    w = torch.randn(shape[1], shape[1], 3, 3, device=device) * 0.01
+    conv_flops = 2 * shape[0] * shape[1] * shape[2] * shape[3] * shape[1] * 9
+    x_cl, w_cl = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        t = run_interleaved(
+            {
+                "gemm": lambda: torch.mm(a, b),
+                "conv": lambda: F.conv2d(x, w, padding=1),
+                "conv_cl": lambda: F.conv2d(x_cl, w_cl, padding=1),
+            },
+            warmup=1 if quick else 2, repeats=2 if quick else repeats, clock=clock,
+        )
+    gflops = lambda flops, ms: flops / (statistics.median(ms) / 1e3) / 1e9  # noqa: E731
+    result = {
+        "gemm_n": n,
+        "gemm_gflops": gflops(2 * n**3, t["gemm"]),
+        "conv_shape": list(shape),
+        "conv_gflops_nchw": gflops(conv_flops, t["conv"]),
+        "conv_gflops_cl": gflops(conv_flops, t["conv_cl"]),
+    }
+    result["conv_gflops"] = max(result["conv_gflops_nchw"], result["conv_gflops_cl"])
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def timm_available() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def timm_name(model: str) -> str | None:
+    """timm's name for the same architecture as our ``model``, or None (see `TIMM_EQUIVALENTS`)."""
+    entry = TIMM_EQUIVALENTS.get(model)
+    return entry[0] if entry else None
+
+
+def build(impl: str, name: str) -> nn.Module:
+    """Our model (``impl="ours"``) or timm's (``impl="timm"``, by timm's name), randomly initialised."""
+    if impl == "ours":
+        return create_model(name)
+    if impl == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+    raise ValueError(f"unknown implementation {impl!r}; expected 'ours' or 'timm'")
+
+
+def make_groups(models: tuple[str, ...], twins: bool) -> list[list[str]]:
+    """Each model with its plain twin (when it has one), every model once."""
+    for name in models:
+        get_spec(name)  # unknown names fail here, with suggestions
+    groups, seen = [], set()
+    for name in models:
+        if name in seen:
+            continue
+        group = [name]
+        twin = get_spec(name).twin if twins else None
+        if twin and twin not in seen and twin != name:
+            group.append(twin)
+        seen.update(group)
+        groups.append(group)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------
+# Memory (fresh process per model)
+
+
+def _status_mib(field_name: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    raise ValueError(f"/proc/self/status has no {field_name}")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak-RSS mark (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib(was_reset: bool) -> float:
+    # VmHWM is the peak RSS since the reset. Without a reset fall back to ru_maxrss, which after
+    # fork + exec can still hold the *parent's* peak, hence the reset.
+    if was_reset:
+        return _status_mib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of ``model(x)`` (no parameters).
+
+    Counted per storage, so a tensor saved by several ops (or an in-place activation's output)
+    counts once.
+    """
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in param_ptrs and ptr not in storages:
+            storages[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return sum(storages.values())
+
+
+def _warm_up_runtime(device: torch.device) -> None:
+    # The first optimizer imports torch's compile machinery (~150 MiB of RSS) and the first conv /
+    # BN / backward initialise kernel libraries; do both before the baseline so that neither is
+    # charged to the model.
+    layer = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.LeakyReLU(0.1)).to(device)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    layer(torch.randn(2, 3, 16, 16, device=device)).sum().backward()
+    opt.step()
+
+
+def measure_memory(impl: str, name: str, batch: int, input_size: int, device: str = "cpu", steps: int = 2) -> dict[str, Any]:
+    """Memory of training ``name`` in this process (call it in a fresh one: see `memory_in_subprocess`).
+
+    Returns MiB: ``rss_base`` (after imports), ``rss_model`` (model + optimizer built),
+    ``rss_peak`` (peak RSS, ``VmHWM`` reset after the imports, over ``steps`` training steps), ``train`` = peak - base
+    (parameters, gradients, optimizer state, activations, workspace), ``step`` = peak - model,
+    and ``activations`` (saved for backward, see `saved_activation_bytes`); on CUDA also
+    ``cuda_peak`` (``max_memory_allocated`` during the steps) and ``cuda_step`` (that minus the
+    memory held before them).
+    """
+    dev = torch.device(device)
+    if impl == "timm":
+        import timm  # noqa: F401
+    list_models()  # import every model family now: module imports are not the model's memory
+    _warm_up_runtime(dev)
+    gc.collect()
+    was_reset = _reset_peak_rss()
+    rss_base = _status_mib("VmRSS")
+    model = build(impl, name).to(dev).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch, 3, input_size, input_size, device=dev)
+    num_classes = model.num_classes if getattr(model, "num_classes", 0) else 1000
+    y = torch.randint(0, num_classes, (batch,), device=dev)
+    rss_model = _status_mib("VmRSS")
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        held = torch.cuda.memory_allocated(dev)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    result: dict[str, Any] = {"impl": impl, "model": name, "batch": batch, "input_size": input_size}
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        result["cuda_peak"] = torch.cuda.max_memory_allocated(dev) / MIB
+        result["cuda_step"] = (torch.cuda.max_memory_allocated(dev) - held) / MIB
+    rss_peak = _peak_rss_mib(was_reset)
+    opt.zero_grad(set_to_none=True)
+    result.update(
+        rss_base=rss_base, rss_model=rss_model, rss_peak=rss_peak,
+        train=rss_peak - rss_base, step=rss_peak - rss_model,
+        activations=saved_activation_bytes(model, x) / MIB,
+    )
+    return result
+
+
+def memory_in_subprocess(impl: str, name: str, batch: int, input_size: int, threads: int, device: str = "cpu", timeout: float = 900) -> dict[str, Any]:
+    """Run `measure_memory` in a fresh Python process (so earlier allocations do not count)."""
+    cmd = [sys.executable, "-m", "cspnet.bench", "--memory-worker", impl, name,
+           "--batch", str(batch), "--input-size", str(input_size), "--threads", str(threads), "--device", device]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"impl": impl, "model": name, "error": f"timed out after {timeout:.0f} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"impl": impl, "model": name, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# The suite
+
+
+def _environment(config: BenchConfig) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": list(os.getloadavg()),
+        "command": " ".join(["cspnet bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
+    }
+    if config.device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(config.device))
+    for module in ("timm", "onnxruntime"):
+        try:
+            env[module] = __import__(module).__version__
+        except ImportError:
+            env[module] = None
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _inference_fns(group: list[str], timm_names: dict[str, str], config: BenchConfig, batch: int,
+                   workdir: Path, device: torch.device) -> dict[tuple[str, str, str], Callable[[], Any]]:
+    from .export import deploy, export_onnx, onnx_session
+
+    x = torch.randn(batch, 3, config.input_size, config.input_size, device=device)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    fns: dict[tuple[str, str, str], Callable[[], Any]] = {}
+
+    def eager(model: nn.Module, inp: torch.Tensor) -> Callable[[], Any]:
+        def run():
+            with torch.inference_mode():
+                return model(inp)
+        return run
+
+    for name in group:
+        model = build("ours", name).to(device).eval()
+        fns[(name, "ours", "eager")] = eager(model, x)
+        fns[(name, "ours", "eager_cl")] = eager(copy.deepcopy(model).to(memory_format=torch.channels_last), x_cl)
+        if config.deploy:
+            deployed = deploy(model)
+            fns[(name, "ours", "deploy")] = lambda d=deployed: d(x)
+        if config.onnx and device.type == "cpu":
+            path = export_onnx(model, workdir / f"{name}.onnx", config.input_size)
+            session = onnx_session(path, config.threads)
+            feed = {session.get_inputs()[0].name: x.numpy()}
+            fns[(name, "ours", "onnxruntime")] = lambda s=session, f=feed: s.run(None, f)
+        if name in timm_names:
+            ref = build("timm", timm_names[name]).to(device).eval()
+            fns[(name, "timm", "eager")] = eager(ref, x)
+            fns[(name, "timm", "eager_cl")] = eager(copy.deepcopy(ref).to(memory_format=torch.channels_last), x_cl)
+    return fns
+
+
+def _train_fns(group: list[str], timm_names: dict[str, str], config: BenchConfig,
+               device: torch.device) -> dict[tuple[str, str, str], Callable[[], Any]]:
+    fns: dict[tuple[str, str, str], Callable[[], Any]] = {}
+    size, batch = config.input_size, config.train_batch
+    for fmt in config.train_formats:
+        memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        variant = "train_cl" if fmt == "channels_last" else "train"
+        x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        for name in group:
+            impls = [("ours", name)] + ([("timm", timm_names[name])] if name in timm_names else [])
+            for impl, build_name in impls:
+                model = build(impl, build_name).to(device).train().to(memory_format=memory_format)
+                opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+                def step(model=model, opt=opt, x=x, y=y):
+                    opt.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(x), y).backward()
+                    opt.step()
+
+                fns[(name, impl, variant)] = step
+    return fns
+
+
+def run_benchmarks(config: BenchConfig) -> BenchReport:
+    """Run the suite described by ``config`` and return every measurement (see module docstring)."""
+    from tqdm import tqdm
+
+    if config.threads < 1:
+        raise ValueError(f"threads must be >= 1, got {config.threads}")
+    if not config.batch_sizes or min(config.batch_sizes) < 1 or config.train_batch < 1:
+        raise ValueError("batch sizes must be >= 1")
+    bad_formats = set(config.train_formats) - {"contiguous", "channels_last"}
+    if bad_formats:
+        raise ValueError(f"unknown train format(s) {sorted(bad_formats)}; expected contiguous or channels_last")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} requested but CUDA is not available")
+    torch.set_num_threads(config.threads)
+    groups = make_groups(config.models, config.twins)
+    use_timm = config.timm and timm_available()
+    members = [n for g in groups for n in g]
+    timm_names = {n: timm_name(n) for n in members if use_timm and timm_name(n)}
+
+    env = _environment(config)
+    peak = measure_peak(device, quick=config.quick)
+    profiles: dict[str, dict[str, Any]] = {}
+    for name in members:
+        impls = [("ours", name)] + ([("timm", timm_names[name])] if name in timm_names else [])
+        for impl, build_name in impls:
+            model = build(impl, build_name)
+            prof = profile(model, config.input_size)
+            profiles[_key(impl, name)] = {"params": prof.params, "macs": prof.macs, "cio": prof.cio, "name": build_name}
+            del model
+    report = BenchReport(config, env, peak, groups, timm_names, profiles)
+
+    clock = Clock(device)
+    steps = [(g, b) for g in groups for b in config.batch_sizes] + [(g, "train") for g in groups]
+    with tempfile.TemporaryDirectory(prefix="cspnet-bench-") as tmp:
+        for group, what in tqdm(steps, desc="bench", disable=not config.progress):
+            if what == "train":
+                fns = _train_fns(group, timm_names, config, device)
+                samples = run_interleaved(fns, config.train_warmup, config.train_repeats, clock)
+                batch = config.train_batch
+            else:
+                fns = _inference_fns(group, timm_names, config, what, Path(tmp), device)
+                samples = run_interleaved(fns, config.warmup, config.repeats, clock)
+                batch = what
+            for (name, impl, variant), ms in samples.items():
+                report.timings.append(Timing(name, impl, variant, batch, ms))
+            del fns
+            gc.collect()
+
+    if config.memory:
+        jobs = [(impl, name) for name in members for impl in (["ours"] + (["timm"] if name in timm_names else []))]
+        for impl, name in tqdm(jobs, desc="memory", disable=not config.progress):
+            build_name = name if impl == "ours" else timm_names[name]
+            mem = memory_in_subprocess(impl, build_name, config.train_batch, config.input_size, config.threads, config.device)
+            mem["model"] = name
+            report.memory[_key(impl, name)] = mem
+    report.env["loadavg_end"] = list(os.getloadavg())
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Targets and the Markdown report
+
+
+def _ratio(other: float | None, ours: float | None) -> float | None:
+    if other is None or ours is None or ours <= 0:
+        return None
+    return other / ours
+
+
+def flops_saving(report: BenchReport, csp: str, twin: str) -> float:
+    """Fraction of the twin's conv/linear MACs the CSP model does not do."""
+    return 1 - report.profiles[_key("ours", csp)]["macs"] / report.profiles[_key("ours", twin)]["macs"]
+
+
+def check_targets(report: BenchReport, large_gmacs: float = 2.0) -> list[TargetCheck]:
+    """The issue's speed and memory targets, evaluated on this run's largest batch.
+
+    - ours eager (best layout) >= 1.0x timm eager (best layout);
+    - deploy >= 1.3x timm eager (best layout);
+    - CSP vs twin, eager (best layout): speedup >= 1 + FLOPs saving / 2;
+    - CSP peak training memory (``train``: peak RSS - RSS after imports) <= the twin's;
+    - deploy GFLOP/s >= 60 % of the measured conv peak, for models of >= ``large_gmacs`` GMACs
+      per image at 224 px (scaled to the run's input size).
+    """
+    checks: list[TargetCheck] = []
+    batch = max(report.config.batch_sizes)
+    for name in (n for g in report.groups for n in g):
+        ours = report.best_eager(name, "ours", batch)
+        if name in report.timm_names:
+            theirs = report.best_eager(name, "timm", batch)
+            r = _ratio(theirs, ours)
+            if r is not None:
+                checks.append(TargetCheck("eager >= 1.0x timm eager", name, r, 1.0, r >= 1.0))
+            r = _ratio(theirs, report.median(name, "ours", "deploy", batch))
+            if r is not None:
+                checks.append(TargetCheck("deploy >= 1.3x timm eager", name, r, 1.3, r >= 1.3))
+        large = report.profiles[_key("ours", name)]["macs"] >= large_gmacs * 1e9 * (report.config.input_size / 224) ** 2
+        g = report.gflops_per_s(name, "ours", "deploy", batch)
+        if large and g is not None:
+            frac = g / report.peak["conv_gflops"]
+            checks.append(TargetCheck("deploy GFLOP/s >= 60% of conv peak", name, frac, 0.6, frac >= 0.6))
+    for group in report.groups:
+        if len(group) < 2:
+            continue
+        csp, twin = group
+        need = 1 + flops_saving(report, csp, twin) / 2
+        r = _ratio(report.best_eager(twin, "ours", batch), report.best_eager(csp, "ours", batch))
+        if r is not None:
+            checks.append(TargetCheck("CSP vs twin eager speedup >= 1 + FLOPs saving/2", f"{csp}/{twin}", r, need, r >= need))
+        m_csp, m_twin = report.memory.get(_key("ours", csp), {}), report.memory.get(_key("ours", twin), {})
+        if "train" in m_csp and "train" in m_twin:
+            checks.append(TargetCheck("CSP peak train memory <= twin's (MiB ratio)", f"{csp}/{twin}",
+                                      m_csp["train"] / m_twin["train"], 1.0, m_csp["train"] <= m_twin["train"]))
+    return checks
+
+
+def _fmt(v: float | None, spec: str = ".1f", suffix: str = "") -> str:
+    return "—" if v is None else f"{v:{spec}}{suffix}"
+
+
+def to_markdown(report: BenchReport) -> str:
+    """The report as Markdown tables (what ``cspnet bench`` prints and writes)."""
+    c, env, peak = report.config, report.env, report.peak
+    lines = [
+        "## Environment",
+        "",
+        f"- command: `{env['command']}`",
+        f"- date {env['date']}; {env['cpu']} ({env['cpu_count']} logical CPUs); torch {env['torch']}, "
+        f"{env['threads']} threads; timm {env.get('timm')}; onnxruntime {env.get('onnxruntime')}"
+        + (f"; GPU {env['gpu']}" if env.get("gpu") else ""),
+        f"- load average (1/5/15 min) at start {_loads(env['loadavg_start'])}, at end {_loads(env.get('loadavg_end'))}",
+        f"- {c.input_size}x{c.input_size}, fp32, device {c.device}; inference batches {list(c.batch_sizes)}, "
+        f"training batch {c.train_batch}; {c.warmup} warm-up + {c.repeats} timed runs (training "
+        f"{c.train_warmup} + {c.train_repeats}), interleaved, medians" + (" (quick mode)" if c.quick else ""),
+        "",
+        "## Measured peak",
+        "",
+        f"- GEMM {peak['gemm_n']}x{peak['gemm_n']}: **{peak['gemm_gflops']:.1f} GFLOP/s**",
+        f"- 3x3 conv {tuple(peak['conv_shape'])}: {peak['conv_gflops_nchw']:.1f} GFLOP/s NCHW, "
+        f"{peak['conv_gflops_cl']:.1f} channels-last → conv peak **{peak['conv_gflops']:.1f} GFLOP/s**",
+        "",
+    ]
+    if report.timm_names:
+        lines += ["## Model mapping to timm", "", "| ours | timm | params ours / timm | GMACs ours / timm | correspondence |",
+                  "|---|---|---:|---:|---|"]
+        for name, tname in report.timm_names.items():
+            po, pt = report.profiles[_key("ours", name)], report.profiles[_key("timm", name)]
+            lines.append(f"| {name} | {tname} | {po['params']:,} / {pt['params']:,} | "
+                         f"{po['macs'] / 1e9:.3f} / {pt['macs'] / 1e9:.3f} | {TIMM_EQUIVALENTS[name][1]} |")
+        lines.append("")
+    for batch in c.batch_sizes:
+        lines += _inference_table(report, batch)
+    lines += _train_table(report)
+    lines += _twin_table(report)
+    lines += _memory_table(report)
+    checks = check_targets(report)
+    if checks:
+        lines += ["## Targets", "", "| target | subject | measured | needed | met |", "|---|---|---:|---:|:---:|"]
+        for t in checks:
+            lines.append(f"| {t.target} | {t.subject} | {t.value:.2f} | {t.threshold:.2f} | {'yes' if t.passed else '**no**'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _loads(loads: list[float] | None) -> str:
+    return "—" if not loads else " / ".join(f"{v:.2f}" for v in loads)
+
+
+def _inference_table(report: BenchReport, batch: int) -> list[str]:
+    lines = [
+        f"## Inference, batch {batch} (median ms; × = speedup of ours over the column named)",
+        "",
+        "| model | GMACs/img | eager NCHW | eager CL | deploy | ORT | timm NCHW | timm CL | eager × timm | deploy × timm "
+        "| deploy × eager | ORT × eager | deploy GFLOP/s | % conv peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in (n for g in report.groups for n in g):
+        med = lambda impl, v: report.median(name, impl, v, batch)  # noqa: E731
+        ours_best, timm_best = report.best_eager(name, "ours", batch), report.best_eager(name, "timm", batch)
+        deploy_ms, ort_ms = med("ours", "deploy"), med("ours", "onnxruntime")
+        g = report.gflops_per_s(name, "ours", "deploy", batch)
+        pct = None if g is None else 100 * g / report.peak["conv_gflops"]
+        lines.append(
+            f"| {name} | {report.profiles[_key('ours', name)]['macs'] / 1e9:.2f} | {_fmt(med('ours', 'eager'))} | "
+            f"{_fmt(med('ours', 'eager_cl'))} | {_fmt(deploy_ms)} | {_fmt(ort_ms)} | {_fmt(med('timm', 'eager'))} | "
+            f"{_fmt(med('timm', 'eager_cl'))} | {_fmt(_ratio(timm_best, ours_best), '.2f', '×')} | "
+            f"{_fmt(_ratio(timm_best, deploy_ms), '.2f', '×')} | {_fmt(_ratio(ours_best, deploy_ms), '.2f', '×')} | "
+            f"{_fmt(_ratio(ours_best, ort_ms), '.2f', '×')} | {_fmt(g)} | {_fmt(pct, '.0f', '%')} |"
+        )
+    lines += ["", "eager × timm and deploy × timm compare with timm's faster layout; deploy × eager with our faster eager layout.", ""]
+    return lines
+
+
+def _train_table(report: BenchReport) -> list[str]:
+    c = report.config
+    lines = [f"## Training step, batch {c.train_batch} (median ms)", "",
+             "| model | layout | ours | timm | ours × timm | ours GFLOP/s (3 x forward) |", "|---|---|---:|---:|---:|---:|"]
+    for name in (n for g in report.groups for n in g):
+        for variant in ("train", "train_cl"):
+            ours = report.median(name, "ours", variant, c.train_batch)
+            if ours is None:
+                continue
+            theirs = report.median(name, "timm", variant, c.train_batch)
+            # A training step costs ~3 forward passes (forward, input grads, weight grads).
+            g = 3 * 2 * report.profiles[_key("ours", name)]["macs"] * c.train_batch / (ours / 1e3) / 1e9
+            layout = "channels-last" if variant == "train_cl" else "NCHW"
+            lines.append(f"| {name} | {layout} | {ours:.1f} | {_fmt(theirs)} | {_fmt(_ratio(theirs, ours), '.2f', '×')} | {g:.1f} |")
+    return lines + [""]
+
+
+def _twin_table(report: BenchReport) -> list[str]:
+    pairs = [g for g in report.groups if len(g) == 2]
+    if not pairs:
+        return []
+    c = report.config
+    lines = ["## CSP model vs its plain twin (ours)", "",
+             "| CSP / twin | FLOPs saving | speedup needed | batch | eager (best) × | deploy × | train step × | train memory × | activations × | CIO × |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for csp, twin in pairs:
+        saving = flops_saving(report, csp, twin)
+        mem_c, mem_t = report.memory.get(_key("ours", csp), {}), report.memory.get(_key("ours", twin), {})
+        mem_ratio = lambda k: _ratio(mem_t.get(k), mem_c.get(k))  # noqa: E731
+        cio = _ratio(report.profiles[_key("ours", twin)]["cio"], report.profiles[_key("ours", csp)]["cio"])
+        train = _ratio(report.median(twin, "ours", "train", c.train_batch), report.median(csp, "ours", "train", c.train_batch))
+        for batch in c.batch_sizes:
+            eager = _ratio(report.best_eager(twin, "ours", batch), report.best_eager(csp, "ours", batch))
+            deploy_r = _ratio(report.median(twin, "ours", "deploy", batch), report.median(csp, "ours", "deploy", batch))
+            lines.append(
+                f"| {csp} / {twin} | {100 * saving:.1f}% | {1 + saving / 2:.2f}× | {batch} | {_fmt(eager, '.2f', '×')} | "
+                f"{_fmt(deploy_r, '.2f', '×')} | {_fmt(train, '.2f', '×')} | {_fmt(mem_ratio('train'), '.2f', '×')} | "
+                f"{_fmt(mem_ratio('activations'), '.2f', '×')} | {_fmt(cio, '.2f', '×')} |"
+            )
+    lines += ["", "× = twin / CSP (above 1: the CSP model is faster or smaller). Memory columns come from the table below.", ""]
+    return lines
+
+
+def _memory_table(report: BenchReport) -> list[str]:
+    if not report.memory:
+        return []
+    c = report.config
+    cuda = any("cuda_peak" in m for m in report.memory.values())
+    lines = [f"## Training memory, batch {c.train_batch}, {c.input_size}x{c.input_size} (MiB; fresh process per model)", "",
+             "| impl | model | params (M) | peak RSS | after imports | train (peak − imports) | step (peak − model & optimizer) "
+             "| saved activations | CIO (M elements) |" + (" CUDA peak | CUDA step |" if cuda else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else "")]
+    for key, m in report.memory.items():
+        prof = report.profiles.get(key, {})
+        impl, name = key.split(":", 1)
+        if "error" in m:
+            lines.append(f"| {impl} | {name} | failed: {m['error']} |")
+            continue
+        row = (f"| {impl} | {name} | {prof.get('params', 0) / 1e6:.2f} | {m['rss_peak']:.0f} | {m['rss_base']:.0f} | "
+               f"{m['train']:.0f} | {m['step']:.0f} | {m['activations']:.0f} | {prof.get('cio', 0) / 1e6:.2f} |")
+        if cuda:
+            row += f" {_fmt(m.get('cuda_peak'), '.0f')} | {_fmt(m.get('cuda_step'), '.0f')} |"
+        lines.append(row)
+    lines += ["", "CIO (the paper's memory-traffic measure): input + output elements of every convolution, per image.", ""]
+    return lines
+
+
+def write_report(report: BenchReport, path: str | os.PathLike, title: str = "Benchmarks", preamble: str = "") -> Path:
+    """Write the Markdown report (and the raw numbers as JSON beside it), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"# {title}\n\n" + (preamble.strip() + "\n\n" if preamble.strip() else "") + to_markdown(report) + "\n"
+    for target, content in ((path, text), (path.with_suffix(".json"), json.dumps(report.as_dict(), indent=1) + "\n")):
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(content)
+        os.replace(tmp, target)
+    return path
+
+
+def _worker_main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m cspnet.bench", description="memory worker (one model, fresh process)")
+    p.add_argument("--memory-worker", nargs=2, metavar=("IMPL", "MODEL"), required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    impl, name = args.memory_worker
+    print(json.dumps(measure_memory(impl, name, args.batch, args.input_size, args.device)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,54 @@
+"""``cspnet bench``: the side-by-side speed and memory suite (see `cspnet.bench`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="speed and memory: eager vs deploy vs onnxruntime vs timm, CSP vs plain twin")
+    p.add_argument("models", nargs="*", help="models (default: cspresnet50 cspresnext50 cspdarknet53); twins are added")
+    p.add_argument("--quick", action="store_true", help="seconds-long run at 64 px (checks the bookkeeping, not speed)")
+    p.add_argument("--out", default=None, help="write the Markdown report here (and the raw numbers as .json beside it)")
+    p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    p.add_argument("--train-batch", type=int, default=None)
+    p.add_argument("--train-cl", action="store_true", help="also time the training step in channels-last")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per inference entry")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: CUDA events, CUDA memory)")
+    p.add_argument("--no-twins", action="store_true")
+    p.add_argument("--no-timm", action="store_true")
+    p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--no-deploy", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args):
+    from ..bench import DEFAULT_MODELS, BenchConfig, quick_config
+
+    models = tuple(args.models) or DEFAULT_MODELS
+    over = {
+        "twins": not args.no_twins, "timm": not args.no_timm, "onnx": not args.no_onnx,
+        "deploy": not args.no_deploy, "memory": not args.no_memory, "threads": args.threads, "device": args.device,
+    }
+    for key in ("input_size", "train_batch", "repeats"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    if args.batch_sizes:
+        over["batch_sizes"] = tuple(args.batch_sizes)
+    if args.train_cl:
+        over["train_formats"] = ("contiguous", "channels_last")
+    if args.quick:
+        return quick_config(models if args.models else ("cspresnet10",), **over)
+    return BenchConfig(models=models, **over)
+
+
+def run(args) -> int:
+    from ..bench import run_benchmarks, to_markdown, write_report
+
+    report = run_benchmarks(config_from_args(args))
+    print(to_markdown(report))
+    if args.out:
+        print(f"wrote {write_report(report, Path(args.out))}")
+    return 0

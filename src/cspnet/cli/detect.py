@@ -1,0 +1,230 @@
+"""``cspnet detect train|eval|predict|bench``: object detection on CSP backbones."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MODULE_HELP = "object detection: train, evaluate (COCO AP), predict, and time detectors"
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required, default=None,
+                   help="scenes (generated), trees (deepforest photos), a COCO instances .json, or a folder of VOC .xml")
+    p.add_argument("--images", default=None, help="image folder of a COCO / VOC --data (default: next to the annotations)")
+    p.add_argument("--num-scenes", type=int, default=None, help="scenes: images per split (train 512, val 128)")
+    p.add_argument("--scene-size", type=int, default=None, help="scenes: generated image size (default: --img-size)")
+
+
+def register(sub) -> None:
+    det = sub.add_parser("detect", help=MODULE_HELP)
+    dsub = det.add_subparsers(dest="detect_command", required=True)
+
+    p = dsub.add_parser("train", help="train a detector (checkpoints, resume, metrics and curves in --out)")
+    p.add_argument("--model", required=True, help="backbone: a registered model name (cspnet models)")
+    p.add_argument("--neck", default="panet", choices=("fpn", "panet", "efm", "efm-sam", "efm-spp", "gfm"))
+    _add_data(p, required=True)
+    p.add_argument("--val-data", default=None, help="validation data (default: the val split of scenes / trees; none for files)")
+    p.add_argument("--val-images", default=None)
+    p.add_argument("--img-size", type=int, default=256, help="square input size, a multiple of 32")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--burn-in", type=int, default=100, help="warm-up optimizer steps")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 = off); evaluation uses the EMA weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--neck-width", type=int, default=None, help="neck channels at the coarsest level (cfg: 512)")
+    p.add_argument("--backbone-width", type=float, default=1.0, help="channel multiplier of the backbone")
+    p.add_argument("--anchors", default="auto",
+                   help="auto (k-means on the training boxes), yolov3 (the cfgs' COCO anchors) or w,h,w,h,...")
+    p.add_argument("--box-loss", choices=("mse", "giou", "diou", "ciou"), default="ciou")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--mosaic", type=float, default=0.5, help="probability of a 4-image mosaic")
+    p.add_argument("--vflip", type=float, default=None, help="vertical flip probability (default: 0.5 for trees, else 0)")
+    p.add_argument("--no-augment", action="store_true", help="no augmentation at all")
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+
+    p = dsub.add_parser("eval", help="COCO AP / AP50 / AP75 / APs / APm / APl of a checkpoint (JSON on stdout)")
+    p.add_argument("--checkpoint", required=True, help="run directory written by cspnet detect train")
+    p.add_argument("--name", default=None, help="best or last (default: best if present)")
+    _add_data(p, required=False)
+    p.add_argument("--split", choices=("train", "val"), default="val", help="scenes / trees split")
+    p.add_argument("--conf", type=float, default=0.001)
+    p.add_argument("--iou", type=float, default=0.6)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=run_eval)
+
+    p = dsub.add_parser("predict", help="detect objects in images; write drawn images and detections.json")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--name", default=None)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--conf", type=float, default=0.25)
+    p.add_argument("--iou", type=float, default=0.45)
+    p.set_defaults(func=run_predict)
+
+    p = dsub.add_parser("bench", help="per-image latency backbone / neck / head / NMS and BFLOPs per neck")
+    p.add_argument("--model", default="cspresnet10", help="backbone")
+    p.add_argument("--necks", default="fpn,panet,efm,efm-sam,efm-spp,gfm")
+    p.add_argument("--img-size", type=int, default=416)
+    p.add_argument("--neck-width", type=int, default=256, help="the same width for every neck, for a fair comparison")
+    p.add_argument("--num-classes", type=int, default=80)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="JSON rows instead of a Markdown table")
+    p.set_defaults(func=run_bench)
+
+
+def _threads(n) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _source(spec, split, images, args, img_size, seed=0, class_names=None):
+    from ..data.detection import load_detection_source
+
+    default_n = 512 if split == "train" else 128
+    return load_detection_source(spec, split, images, num_scenes=args.num_scenes or default_n,
+                                 scene_size=args.scene_size or img_size, seed=seed, class_names=class_names)
+
+
+def _report(source) -> None:
+    r = source.report
+    if r.clipped or r.dropped:
+        where = f" (e.g. {', '.join(r.dropped_where[:3])})" if r.dropped_where else ""
+        print(f"{source.description}: clipped {r.clipped} box(es) to the image, dropped {r.dropped} degenerate box(es){where}",
+              file=sys.stderr)
+
+
+def _anchors(spec: str, records, img_size: int):
+    from ..detection.head import fit_anchors
+
+    if spec == "yolov3":
+        return None
+    if spec == "auto":
+        import numpy as np
+
+        wh = [((r.boxes[:, 2:] - r.boxes[:, :2]) * img_size / max(r.width, r.height)) for r in records if len(r.boxes)]
+        return fit_anchors(np.concatenate(wh), 9)
+    values = [float(v) for v in spec.split(",")]
+    if len(values) % 2:
+        raise ValueError(f"--anchors needs w,h pairs, got {len(values)} numbers")
+    return list(zip(values[::2], values[1::2]))
+
+
+def run_train(args) -> int:
+    from ..data.detection import AugmentCfg, DetectionDataset, coco_ground_truth
+    from ..detection import create_detector
+    from ..detection.train import DetectRecipe, train_detector
+    from ..engine.train import TrainConfig, seed_everything
+
+    _threads(args.threads)
+    train_src = _source(args.data, "train", args.images, args, args.img_size, args.seed)
+    _report(train_src)
+    val_spec = args.val_data or (args.data if args.data in ("scenes", "trees") else None)
+    val_src = None
+    if val_spec is not None:
+        val_src = _source(val_spec, "val", args.val_images or (args.images if args.val_data is None else None), args,
+                          args.img_size, args.seed, class_names=train_src.class_names)
+        _report(val_src)
+        if val_src.class_names != train_src.class_names:
+            raise ValueError(f"validation classes {list(val_src.class_names)} differ from training classes {list(train_src.class_names)}")
+    if args.no_augment:
+        augment = None
+    else:
+        vflip = args.vflip if args.vflip is not None else (0.5 if args.data == "trees" else 0.0)
+        augment = AugmentCfg(mosaic=args.mosaic, vflip=vflip)
+    train_set = DetectionDataset(train_src.records, train_src.class_names, args.img_size, augment, report=train_src.report)
+    val_set = gt = None
+    if val_src is not None:
+        val_set = DetectionDataset(val_src.records, val_src.class_names, args.img_size, None, report=val_src.report)
+        gt = coco_ground_truth(val_src.records, val_src.class_names, train_src.category_ids)
+    seed_everything(args.seed)  # the initial weights are a function of the seed
+    model = create_detector(
+        args.model, args.neck, num_classes=len(train_src.class_names),
+        anchors=_anchors(args.anchors, train_src.records, args.img_size),
+        neck_width=args.neck_width, backbone_width=args.backbone_width,
+    )
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                      weight_decay=args.weight_decay, burn_in=args.burn_in, burn_in_power=1.0, ema_decay=args.ema,
+                      grad_clip=10.0, seed=args.seed, num_workers=args.workers, min_lr_ratio=0.05)
+    recipe = DetectRecipe(box_loss=args.box_loss, label_smoothing=args.label_smoothing, eval_every=args.eval_every)
+    run_info = {"data": {"train": train_src.description, "val": val_src.description if val_src else None,
+                         "spec": args.data, "seed": args.seed, "num_scenes": args.num_scenes,
+                         "scene_size": args.scene_size or args.img_size}}
+    result = train_detector(model, train_set, val_set, gt, args.out, cfg, recipe, category_ids=train_src.category_ids,
+                            resume=args.resume, progress=not args.no_progress, run_info=run_info)
+    final = {k: round(v, 4) for k, v in result.final.items() if isinstance(v, float)}
+    print(json.dumps({"out": str(result.out_dir), **final, "wall_s": round(result.wall_s, 1)}))
+    return 0
+
+
+def run_eval(args) -> int:
+    from ..data.detection import DetectionDataset, coco_ground_truth
+    from ..detection.train import evaluate_detector, load_detector
+
+    model, run = load_detector(args.checkpoint, args.name)
+    trained = run.get("data", {})
+    spec = args.data or trained.get("spec")
+    if spec is None:
+        raise ValueError("--data is needed (the checkpoint does not record its data)")
+    if args.num_scenes is None and spec == trained.get("spec"):
+        args.num_scenes = trained.get("num_scenes")
+    if args.scene_size is None and spec == trained.get("spec"):
+        args.scene_size = trained.get("scene_size")
+    img_size = run["img_size"]
+    src = _source(spec, args.split, args.images, args, img_size, trained.get("seed", 0), tuple(run["class_names"]))
+    _report(src)
+    if list(src.class_names) != list(run["class_names"]):
+        raise ValueError(f"{spec} has classes {list(src.class_names)[:10]}, the checkpoint was trained on {run['class_names'][:10]}")
+    category_ids = src.category_ids
+    dataset = DetectionDataset(src.records, src.class_names, img_size, None)
+    gt = coco_ground_truth(src.records, src.class_names, category_ids)
+    metrics = evaluate_detector(model, dataset, gt, category_ids, args.batch_size, args.conf, args.iou, progress=True)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "model": model.model_name, "data": src.description,
+                      "images": len(src.records), **{k: round(v, 4) for k, v in metrics.items()}}, indent=1))
+    return 0
+
+
+def run_predict(args) -> int:
+    from ..detection.predict import predict_files
+    from ..detection.train import load_detector
+
+    model, run = load_detector(args.checkpoint, args.name)
+    results = predict_files(model, [Path(p) for p in args.images], Path(args.out), run["img_size"],
+                            tuple(run["class_names"]), args.conf, args.iou)
+    print(json.dumps({"out": str(args.out), "images": len(results),
+                      "detections": sum(len(r["detections"]) for r in results)}))
+    return 0
+
+
+def run_bench(args) -> int:
+    from ..detection import create_detector
+    from ..detection.bench import PARTS, time_detector
+
+    _threads(args.threads)
+    rows = []
+    for neck in [n.strip() for n in args.necks.split(",") if n.strip()]:
+        model = create_detector(args.model, neck, num_classes=args.num_classes, neck_width=args.neck_width)
+        rows.append({"detector": model.model_name, **time_detector(model, args.img_size, runs=args.runs)})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    cols = [f"{p}_ms" for p in PARTS] + ["total_ms", "fps", "bflops", "conv_params_m"]
+    print(f"input {args.img_size}x{args.img_size}, batch 1, neck width {args.neck_width}, {args.num_classes} classes; median of {args.runs} runs")
+    print("| detector | " + " | ".join(cols) + " |")
+    print("|" + "---|" * (len(cols) + 1))
+    for r in rows:
+        print(f"| {r['detector']} | " + " | ".join(f"{r[c]:.3f}" if c in ("bflops", "conv_params_m") else f"{r[c]:.1f}" for c in cols) + " |")
+    return 0

@@ -1,0 +1,84 @@
+"""``cspnet export``: a model (or a detector on it) as ONNX, TorchScript or safetensors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".safetensors": "safetensors"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export a model as ONNX (dynamic batch), TorchScript or safetensors")
+    p.add_argument("model", help="registered model name (see `cspnet models`)")
+    p.add_argument("--format", choices=("onnx", "torchscript", "safetensors"), default=None,
+                   help="default: from the --out suffix (.onnx, .pt/.ts, .safetensors)")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--weights", default=None, help="weights to load first (.safetensors, or .pth read with weights_only)")
+    p.add_argument("--detector", metavar="NECK", default=None,
+                   help="export a detector with this neck on MODEL (fpn, panet, efm, …); its eval output, "
+                        "the decoded boxes before NMS, is what gets exported")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier classes (default 1000) or detector classes (80)")
+    p.add_argument("--input-size", type=int, default=None, help="example input size for tracing (default: the model's)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument("--no-fuse", action="store_true", help="keep BatchNorm layers in ONNX / TorchScript graphs")
+    p.add_argument("--no-check", action="store_true", help="skip running the export against PyTorch")
+    p.set_defaults(func=run)
+
+
+def _build(args):
+    from ..registry import create_model, get_spec
+    from ..weights import load_into, load_state
+
+    spec = get_spec(args.model)
+    if args.detector:
+        from ..detection import create_detector
+
+        kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+        model = create_detector(args.model, args.detector, **kwargs)
+        if args.weights:
+            load_into(model, load_state(args.weights), source=args.weights)
+        return model, args.input_size or 416
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    model = create_model(args.model, pretrained=args.weights, **kwargs) if args.weights else create_model(args.model, **kwargs)
+    return model, args.input_size or spec.default_input
+
+
+def _check(fmt: str, path: Path, model, input_size: int) -> float:
+    """Largest |export - PyTorch| over the outputs, relative to the output scale, at batch 2."""
+    from ..export import onnx_session, run_onnx
+
+    model.eval()
+    x = torch.randn(2, getattr(model, "in_chans", 3), input_size, input_size)
+    with torch.no_grad():
+        ref = model(x)
+        refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+        if fmt == "onnx":
+            outs = run_onnx(onnx_session(path), x)
+        else:
+            out = torch.jit.load(str(path))(x)
+            outs = [out] if isinstance(out, torch.Tensor) else list(out)
+    return max(float((o - r).abs().max() / r.abs().max().clamp_min(1e-12)) for o, r in zip(outs, refs))
+
+
+def run(args) -> int:
+    from ..export import export
+
+    out = Path(args.out)
+    fmt = args.format or SUFFIXES.get(out.suffix)
+    if fmt is None:
+        raise ValueError(f"cannot tell the format from {out.name!r}; give --format onnx|torchscript|safetensors")
+    model, input_size = _build(args)
+    model.eval()
+    kwargs = {}
+    if fmt == "onnx":
+        kwargs = {"opset": args.opset, "fused": not args.no_fuse}
+    elif fmt == "torchscript":
+        kwargs = {"fused": not args.no_fuse}
+    path = export(model, out, fmt, input_size, **kwargs)
+    line = f"wrote {path} ({fmt}, {path.stat().st_size / 1e6:.1f} MB)"
+    if fmt != "safetensors" and not args.no_check:
+        err = _check(fmt, path, model, input_size)
+        line += f"; max |export - torch| / output scale at batch 2: {err:.1e}"
+    print(line)
+    return 0

@@ -1,0 +1,222 @@
+"""``cspnet train``, ``cspnet eval`` and ``cspnet compare``: classification training and the main job."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+MODULE_HELP = "train / evaluate classifiers; compare a CSP model with its plain twin"
+
+
+def _json_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _model_opts(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model-opt expects KEY=VALUE, got {pair!r}")
+        out[key] = _json_value(value)
+    return out
+
+
+def add_data_args(p: argparse.ArgumentParser, default: str | None = "fashion-mnist") -> None:
+    p.add_argument("--data", default=default, required=default is None,
+                   help="fashion-mnist, digits, or an ImageFolder directory (root/<class>/<image>, optionally train/ + val/)")
+    p.add_argument("--img-size", type=int, default=None, help="square input size (default 32; eval: the checkpoint's)")
+    p.add_argument("--in-chans", type=int, default=None, help="image folders: 1 (grey) or 3 (RGB, default)")
+    p.add_argument("--train-limit", type=int, default=None, help="use a class-balanced subset of this many training images")
+    p.add_argument("--test-limit", type=int, default=None, help="use a class-balanced subset of this many test images")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="image folders without train/ + val/: held-out share")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave out (and count) unreadable images instead of failing")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (image folders)")
+
+
+def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float) -> None:
+    g = p.add_argument_group("recipe")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=batch_size, help="global batch per optimizer step (all processes)")
+    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation: chunks per process and step")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="on conv/linear weights only, not BN or biases")
+    g.add_argument("--schedule", choices=("cosine", "step", "poly", "constant"), default="cosine")
+    g.add_argument("--burn-in", type=int, default=None, help="warm-up optimizer steps (Darknet burn_in); default: 1/3 epoch")
+    g.add_argument("--poly-power", type=float, default=4.0)
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha); 0 = off")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix Beta(alpha, alpha); 0 = off")
+    g.add_argument("--translate", type=int, default=2, help="random shift of up to this many pixels")
+    g.add_argument("--no-hflip", action="store_true", help="never flip images horizontally")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision (bf16 on CPU)")
+    g.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (e.g. 0.999); 0 = off")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0 = off")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a classifier (torchrun-ready for DDP)")
+    p.add_argument("--model", required=True, help="registered model name (cspnet models)")
+    p.add_argument("--width", type=float, default=1.0, help="scale every channel count of the model by this")
+    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. act=mish")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.csv, curves.png")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N optimizer steps")
+    p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard (if tensorboard is installed)")
+    add_data_args(p)
+    add_recipe_args(p, epochs=10, batch_size=128, lr=0.1)
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: top-1, top-5, per-class accuracy, confusion matrix (JSON)")
+    p.add_argument("--checkpoint", required=True, help="run directory written by cspnet train")
+    p.add_argument("--name", default="last", help="which checkpoint: last or best")
+    p.add_argument("--ema", action="store_true", help="score the EMA weights stored with the checkpoint")
+    p.add_argument("--num-classes", type=int, default=None, help="build the model with this many classes (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json-out", default=None, help="also write the JSON to this file")
+    add_data_args(p, default=None)
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("compare", help="the main job: a CSP model vs its plain twin on Fashion-MNIST (report + plots)")
+    from ..compare import DEFAULTS
+
+    p.add_argument("--models", default=",".join(DEFAULTS.models), help="CSP model and its twin, comma-separated")
+    p.add_argument("--width", type=float, default=DEFAULTS.width, help="channel multiplier for both models")
+    p.add_argument("--out", default="runs/compare", help="report directory")
+    p.add_argument("--jobs", type=int, default=DEFAULTS.jobs, help="models trained at once, each in its own process (default: 2 if 2+ CPUs)")
+    p.add_argument("--bench-batch", type=int, default=DEFAULTS.bench_batch, help="batch for throughput / memory")
+    p.add_argument("--bench-seconds", type=float, default=2.0, help="time each throughput measurement at least this long")
+    add_data_args(p)
+    add_recipe_args(p, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size, lr=DEFAULTS.lr)
+    p.set_defaults(func=run_compare)
+
+
+def _recipe(args, n_train: int):
+    from ..engine.classify import ClassifyRecipe
+    from ..engine.train import TrainConfig
+
+    burn_in = args.burn_in if args.burn_in is not None else max(1, n_train // args.batch_size // 3)
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps, optimizer=args.optimizer,
+        lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov, weight_decay=args.weight_decay,
+        schedule=args.schedule, burn_in=burn_in, poly_power=args.poly_power, amp=args.amp, ema_decay=args.ema,
+        grad_clip=args.grad_clip, seed=args.seed, checkpoint_every=getattr(args, "checkpoint_every", 0),
+        num_workers=args.workers,
+    )
+    recipe = ClassifyRecipe(translate=args.translate, hflip=False if args.no_hflip else None, mixup=args.mixup,
+                            cutmix=args.cutmix, label_smoothing=args.label_smoothing, num_workers=args.workers)
+    return cfg, recipe
+
+
+def _load_data(args, img_size: int):
+    """The dataset; its split and subsets use a fixed seed (0), so every run and eval sees the same images."""
+    from ..data import load_classification
+
+    data = load_classification(args.data, img_size, in_chans=args.in_chans, train_limit=args.train_limit,
+                               test_limit=args.test_limit, val_fraction=args.val_fraction,
+                               skip_corrupt=args.skip_corrupt)
+    if data.skipped:
+        print(f"skipped {len(data.skipped)} corrupt image(s), e.g. {data.skipped[0]}", file=sys.stderr)
+    return data
+
+
+def _set_threads(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def run_train(args) -> int:
+    from ..engine.classify import ClassificationTask
+    from ..engine.distributed import cleanup, init_distributed
+    from ..engine.models import build_model, model_record
+    from ..engine.train import fit, seed_everything
+
+    _set_threads(args)
+    dist = init_distributed(args.device)
+    try:
+        data = _load_data(args, args.img_size or 32)
+        cfg, recipe = _recipe(args, len(data.train))
+        record = model_record(args.model, num_classes=data.num_classes, in_chans=data.in_chans, width=args.width,
+                              options=_model_opts(args.model_opt))
+        seed_everything(args.seed)  # the initial weights are a function of the seed
+        model = build_model(**{k: record[k] for k in ("name", "num_classes", "in_chans", "width", "options")})
+        run_info = {"model": record, "data": data.describe(), "recipe": recipe.__dict__}
+        result = fit(ClassificationTask(data, recipe), model, cfg, args.out, dist=dist, resume=args.resume,
+                     progress=not args.no_progress, tensorboard=args.tensorboard, run_info=run_info)
+        if dist.is_main:
+            final = {k: v for k, v in result.final.items() if k in ("top1", "top5", "loss")}
+            print(json.dumps({"out": str(result.out_dir), **final, "wall_s": round(result.wall_s, 1),
+                              "train_img_per_s": round(result.train_img_per_s, 1)}))
+    finally:
+        cleanup(dist)
+    return 0
+
+
+def run_eval(args) -> int:
+    import torch
+
+    from ..data import load_classification
+    from ..engine.checkpoint import load_checkpoint, read_checkpoint_record
+    from ..engine.classify import evaluate_classifier
+    from ..engine.distributed import DistInfo, resolve_device
+    from ..engine.ema import ModelEMA
+    from ..engine.models import rebuild_model
+
+    record = read_checkpoint_record(args.checkpoint, args.name)
+    run = record["state"].get("run", {})
+    if "model" not in run or "data" not in run:
+        raise ValueError(f"{Path(args.checkpoint) / (args.name + '.json')}: key 'state.run' lacks the model / data description")
+    trained = run["data"]
+    img_size = args.img_size or trained["img_size"]
+    data = load_classification(args.data, img_size, in_chans=args.in_chans, test_limit=args.test_limit,
+                               val_fraction=args.val_fraction, skip_corrupt=args.skip_corrupt)
+    model_rec = dict(run["model"])
+    if args.num_classes is not None:
+        model_rec["num_classes"] = args.num_classes
+    model = rebuild_model(model_rec)
+    ema = ModelEMA(model) if args.ema else None
+    load_checkpoint(args.checkpoint, model=model, ema=ema, name=args.name, restore_rng=False)
+    if data.num_classes != model_rec["num_classes"]:
+        raise ValueError(f"{args.data} has {data.num_classes} classes but the checkpoint's model has "
+                         f"num_classes={model_rec['num_classes']} (trained on {trained['name']})")
+    data.mean, data.std = tuple(trained["mean"]), tuple(trained["std"])  # normalise as in training
+    device = resolve_device(args.device)
+    scored = (ema.module if ema else model).to(device)
+    with torch.inference_mode():
+        result = evaluate_classifier(scored, data, DistInfo(device=device), batch_size=args.batch_size, progress=True)
+    out = {"checkpoint": str(args.checkpoint), "name": args.name, "model": run["model"]["name"], "data": args.data,
+           "img_size": img_size, "ema": bool(args.ema), **result}
+    text = json.dumps(out, indent=1)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def run_compare(args) -> int:
+    from ..compare import run_compare_models
+
+    _set_threads(args)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    data = _load_data(args, args.img_size or 32)
+    cfg, recipe = _recipe(args, len(data.train))
+    report = run_compare_models(models, data, cfg, recipe, args.out, width=args.width, jobs=args.jobs, bench_batch=args.bench_batch,
+                                bench_seconds=args.bench_seconds, device=args.device, progress=not args.no_progress,
+                                command="cspnet " + " ".join(sys.argv[1:]))
+    print(json.dumps({"report": str(Path(args.out) / "report.md"), "wall_s": round(report["wall_s"], 1),
+                      "models": [{k: m[k] for k in ("name", "top1", "bflops")} for m in report["models"]]}))
+    return 0

@@ -1,0 +1,334 @@
+"""The main job (``cspnet compare``, ``make demo``): a CSP model against its plain twin on real data.
+
+Both models are trained with the same recipe and seed on Fashion-MNIST at 32x32, then measured
+side by side: parameters, multiply-adds / BFLOPs (`cspnet.profile`), training and inference
+throughput and peak memory (each in a fresh process, so one model's memory cannot hide in the
+other's), and test top-1 / top-5. The report is ``report.md`` with PNG plots and ``report.json``.
+
+The paper's claim (§1, Table 3) is *less computation at equal or better accuracy*; the report
+prints the ratios CSP / plain so that a reader can check it on this run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import ClassificationData
+from .engine.classify import ClassificationTask, ClassifyRecipe
+from .engine.distributed import DistInfo, resolve_device
+from .engine.models import build_model, model_record, rebuild_model
+from .engine.train import TrainConfig, fit, plot_curves, seed_everything
+from .profile import profile
+from .registry import get_spec
+
+
+@dataclass(frozen=True)
+class CompareDefaults:
+    """The default pair and recipe: chosen so that ``make demo`` fits in 15 minutes on 2 CPU cores
+    and both models pass 88% test top-1 (measured figures in docs/training.md)."""
+
+    models: tuple[str, str] = ("cspresnet10", "resnet10")
+    width: float = 0.5
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 0.2
+    bench_batch: int = 128
+    jobs: int = max(1, min(2, os.cpu_count() or 1))
+
+
+DEFAULTS = CompareDefaults()
+
+
+# -- measurements in a fresh process ------------------------------------------------------------
+def _rss_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux: ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def benchmark(record: dict[str, Any], img_size: int, batch: int, device: str = "cpu", threads: int | None = None,
+              min_time: float = 2.0) -> dict[str, float]:
+    """Training and inference images/s and training peak memory of the model ``record`` describes.
+
+    Meant to run in a fresh process (`benchmark_in_subprocess`). Peak memory is the growth of the
+    process's resident set (CPU; on CUDA the allocator's peak) from just before the model is built
+    to the peak of ``batch``-image SGD steps: weights, gradients, optimizer state and activations.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    x = torch.randn(batch, record["in_chans"], img_size, img_size, device=dev)
+    y = torch.randint(0, record["num_classes"], (batch,), device=dev)
+    # one-off costs that are not the model's: the optimizer's first use imports torch._dynamo
+    # (~100 MB of modules), the first convolution initialises the kernel library
+    probe = torch.nn.Conv2d(record["in_chans"], 8, 3).to(dev)
+    torch.optim.SGD(probe.parameters(), lr=0.1).step()
+    probe(x[:1]).sum().backward()
+    del probe
+    base_kb = _rss_kb("VmRSS")
+    exact_peak = _reset_peak_rss()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_cuda = torch.cuda.memory_allocated(dev)
+    model = rebuild_model(record).to(dev).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def train_step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def timed(fn, warmup: int = 3) -> float:
+        for _ in range(warmup):
+            fn()
+        sync()
+        n, t0 = 0, time.perf_counter()
+        while n < 5 or time.perf_counter() - t0 < min_time:
+            fn()
+            n += 1
+        sync()
+        return n * batch / (time.perf_counter() - t0)
+
+    train_ips = timed(train_step)
+    if dev.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2**20
+    else:
+        peak_kb = _rss_kb("VmHWM") if exact_peak else None
+        if peak_kb is None or base_kb is None:
+            import resource
+
+            peak_kb, base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base_kb or 0
+        peak_mb = (peak_kb - base_kb) / 1024
+    model.eval()
+    with torch.inference_mode():
+        infer_ips = timed(lambda: model(x))
+    return {"train_img_per_s": train_ips, "infer_img_per_s": infer_ips, "peak_mem_mb": peak_mb,
+            "bench_batch": batch, "bench_threads": torch.get_num_threads(), "device": dev.type}
+
+
+def benchmark_in_subprocess(record: dict[str, Any], img_size: int, batch: int, device: str = "cpu",
+                            threads: int | None = None, min_time: float = 2.0) -> dict[str, float]:
+    """`benchmark` in a freshly spawned Python process (clean memory accounting)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(benchmark, record, img_size, batch, device, threads, min_time).result()
+
+
+# -- the job --------------------------------------------------------------------------------------
+def train_one(name: str, width: float, data: ClassificationData, cfg: TrainConfig, recipe: ClassifyRecipe, out: Path,
+              device: str, progress: bool, position: int = 0, threads: int | None = None) -> dict[str, Any]:
+    """Train one model of the comparison (in this process or a worker); its history and test metrics."""
+    if threads:
+        torch.set_num_threads(threads)
+    record = model_record(name, num_classes=data.num_classes, in_chans=data.in_chans, width=width)
+    seed_everything(cfg.seed)  # same seed, same recipe for every model
+    model = build_model(**{k: record[k] for k in ("name", "num_classes", "in_chans", "width", "options")})
+    run_info = {"model": record, "data": data.describe(), "recipe": asdict(recipe)}
+    t0 = time.perf_counter()
+    result = fit(ClassificationTask(data, recipe), model, cfg, out / name, dist=DistInfo(device=resolve_device(device)),
+                 progress=progress, run_info=run_info, desc=f"{name}: ", bar_position=position)
+    return {"record": record, "history": result.history, "final": result.final, "threads": torch.get_num_threads(),
+            "train_img_per_s": result.train_img_per_s, "train_wall_s": time.perf_counter() - t0}
+
+
+def run_compare_models(
+    models: tuple[str, ...] | list[str],
+    data: ClassificationData,
+    cfg: TrainConfig,
+    recipe: ClassifyRecipe,
+    out: str | os.PathLike,
+    *,
+    width: float = DEFAULTS.width,
+    jobs: int = 1,
+    bench_batch: int = DEFAULTS.bench_batch,
+    bench_seconds: float = 2.0,
+    device: str = "cpu",
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Train every model in ``models`` with ``cfg`` / ``recipe`` on ``data``; write the report to ``out``.
+
+    ``jobs > 1`` trains that many models at once, each in its own process with an equal share of
+    the CPU threads: on a small CPU two single-threaded runs side by side finish sooner than two
+    two-threaded runs one after the other (small convolutions scale poorly over threads).
+    Throughput and memory are measured afterwards, one model at a time, with all threads.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(models) < 2:
+        raise ValueError(f"compare needs at least two models, got {list(models)}")
+    for name in models:
+        get_spec(name)  # unknown names fail before any training
+    jobs = max(1, min(jobs, len(models)))
+    threads = torch.get_num_threads()
+    bench_device = resolve_device(device).type
+    if jobs == 1:
+        runs = [train_one(name, width, data, cfg, recipe, out, device, progress) for name in models]
+    else:
+        per_job = max(1, threads // jobs)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(train_one, name, width, data, cfg, recipe, out, device, progress, i, per_job)
+                       for i, name in enumerate(models)]
+            runs = [f.result() for f in futures]
+    rows, histories = [], {}
+    for name, run in zip(models, runs):
+        prof = profile(build_model(**{k: run["record"][k] for k in ("name", "num_classes", "in_chans", "width", "options")}),
+                       data.img_size)
+        bench = benchmark_in_subprocess(run["record"], data.img_size, bench_batch, bench_device, threads, bench_seconds)
+        histories[name] = run["history"]
+        final = run["final"]
+        rows.append({
+            "name": name, "width": width, "params": prof.params, "conv_params": prof.conv_params, "macs": prof.macs,
+            "bflops": prof.bflops, "top1": final["top1"], "top5": final["top5"],
+            "test_loss": final["loss"], "per_class": final["per_class"],
+            "train_img_per_s": bench["train_img_per_s"], "infer_img_per_s": bench["infer_img_per_s"],
+            "peak_mem_mb": bench["peak_mem_mb"], "train_img_per_s_during_run": run["train_img_per_s"],
+            "train_threads": run["threads"], "train_wall_s": run["train_wall_s"], "run_dir": str(out / name),
+        })
+    report = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "data": data.describe(),
+        "recipe": {**cfg.as_dict(), **asdict(recipe)},
+        "bench": {"batch": bench_batch, "threads": threads, "device": bench_device},
+        "jobs": jobs,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+                    "torch": torch.__version__},
+        "models": rows,
+        "ratios": _ratios(rows[0], rows[1]),
+        "wall_s": None,
+    }
+    plot_curves(histories, out / "curves.png", title=f"{' vs '.join(models)} on {data.name} ({data.img_size}x{data.img_size})")
+    plot_bars(rows, out / "bars.png")
+    report["wall_s"] = time.perf_counter() - t0
+    _write(out / "report.json", json.dumps(report, indent=1) + "\n")
+    _write(out / "report.md", format_report(report, histories))
+    return report
+
+
+def _ratios(csp: dict[str, Any], plain: dict[str, Any]) -> dict[str, float]:
+    keys = ("params", "bflops", "train_img_per_s", "infer_img_per_s", "peak_mem_mb")
+    out = {k: csp[k] / plain[k] for k in keys if plain[k]}
+    out["top1_diff_pp"] = 100 * (csp["top1"] - plain["top1"])
+    return out
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_bars(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Side-by-side bars: parameters, BFLOPs, throughput, peak memory and top-1 per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("params", "parameters (M)", 1e-6), ("bflops", "BFLOPs / image", 1.0),
+              ("train_img_per_s", "train images/s", 1.0), ("infer_img_per_s", "inference images/s", 1.0),
+              ("peak_mem_mb", "peak train memory (MB)", 1.0), ("top1", "test top-1 (%)", 100.0)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
+    names = [r["name"] for r in rows]
+    colors = ["tab:green", "tab:gray", "tab:blue", "tab:orange"][: len(rows)]
+    for ax, (key, title, scale) in zip(axes, panels):
+        values = [r[key] * scale for r in rows]
+        ax.bar(names, values, color=colors)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.4g}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+        if key == "top1":
+            ax.set_ylim(max(0.0, min(values) - 10), 100)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def format_report(report: dict[str, Any], histories: dict[str, list[dict[str, Any]]]) -> str:
+    """The Markdown report."""
+    rows, ratios, data = report["models"], report["ratios"], report["data"]
+    csp, plain = rows[0]["name"], rows[1]["name"]
+    lines = [
+        f"# {csp} vs {plain} on {data['name']} ({data['img_size']}x{data['img_size']})",
+        "",
+        f"Run {report['created']}, {report['machine']['cpus']} CPU(s), torch {report['machine']['torch']}; "
+        f"wall time {report['wall_s'] / 60:.1f} min. Command: `{report['command']}`.",
+        f"Both models: width x{rows[0]['width']}, {report['recipe']['epochs']} epochs, batch {report['recipe']['batch_size']}, "
+        f"{report['recipe']['optimizer']} lr {report['recipe']['lr']}, {report['recipe']['schedule']} schedule, "
+        f"seed {report['recipe']['seed']}; {data['train_size']} training / {data['test_size']} test images.",
+        "",
+        "| model | params | BFLOPs | MMACs | train img/s | infer img/s | peak train mem (MB) | top-1 | top-5 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['params']:,} | {r['bflops']:.4f} | {r['macs'] / 1e6:.2f} | {r['train_img_per_s']:.0f} | "
+                     f"{r['infer_img_per_s']:.0f} | {r['peak_mem_mb']:.0f} | {100 * r['top1']:.2f}% | {100 * r['top5']:.2f}% |")
+    lines.append(f"| **{csp} / {plain}** | {ratios.get('params', 0):.2f}x | {ratios.get('bflops', 0):.2f}x | | "
+                 f"{ratios.get('train_img_per_s', 0):.2f}x | {ratios.get('infer_img_per_s', 0):.2f}x | "
+                 f"{ratios.get('peak_mem_mb', 0):.2f}x | {ratios['top1_diff_pp']:+.2f} pp | |")
+    saved = 100 * (1 - ratios.get("bflops", 1))
+    during = ", ".join(f"{r['name']} {r['train_img_per_s_during_run']:.0f}" for r in rows)
+    verdict = "at least as accurate" if ratios["top1_diff_pp"] >= 0 else f"{-ratios['top1_diff_pp']:.2f} pp less accurate"
+    lines += [
+        "",
+        f"{csp} needs {saved:.0f}% {'fewer' if saved >= 0 else 'more'} multiply-adds than {plain} and is {verdict} on this run.",
+        f"Throughput and memory were measured in a fresh process per model (batch {report['bench']['batch']}, "
+        f"{report['bench']['threads']} thread(s), {report['bench']['device']}); the images/s seen during training "
+        f"were {during} ({report['jobs']} model(s) trained at a time, {rows[0]['train_threads']} thread(s) each).",
+        "",
+        "![loss and accuracy per epoch](curves.png)",
+        "",
+        "![side by side](bars.png)",
+        "",
+        "## Per epoch",
+        "",
+        "| model | epoch | lr | train loss | train acc | test loss | test top-1 | img/s | epoch s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, hist in histories.items():
+        for h in hist:
+            lines.append(f"| {name} | {h['epoch']} | {h['lr']:.4f} | {h['train_loss']:.4f} | {100 * h.get('train_acc', 0):.2f}% | "
+                         f"{h.get('val_loss', float('nan')):.4f} | {100 * h.get('val_top1', 0):.2f}% | {h['img_per_s']:.0f} | {h['epoch_s']:.0f} |")
+    lines += ["", "## Per-class test accuracy", "", "| class | " + " | ".join(r["name"] for r in rows) + " |",
+              "|---|" + "---:|" * len(rows)]
+    for cls in rows[0]["per_class"]:
+        lines.append(f"| {cls} | " + " | ".join(f"{100 * r['per_class'][cls]:.1f}%" for r in rows) + " |")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,93 @@
+"""Darknet ``.cfg`` + ``.weights`` -> cspnet safetensors, as the native model or as the cfg-built network."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..weights import save_weights
+from .build import DarknetNet, build_model
+from .mapping import check_records, copy_records, native_records
+from .weights import DarknetWeightsError, WeightsHeader, default_cutoff, read_weights
+
+CHECK_SIZE = 64  # input side of the equivalence check after a native conversion
+
+
+@dataclass(frozen=True)
+class Conversion:
+    path: Path
+    header: WeightsHeader
+    records: int
+    model: str | None  # the registered model written, or None for the cfg-built layout
+
+
+def model_for_cfg(cfg_path: str | os.PathLike) -> str | None:
+    """The registered model whose official cfg has this file name (``csresnext50.cfg`` -> cspresnext50)."""
+    from ..registry import get_spec, list_models
+
+    name = os.path.basename(cfg_path)
+    matches = [m for m in list_models() if get_spec(m).darknet_cfg == name]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _check_same_function(darknet: DarknetNet, native: torch.nn.Module, model: str) -> None:
+    # Equal shapes do not make equal networks (an activation or a pooling may differ, as between
+    # csdarknet53.cfg and csdarknet53-omega.cfg): compare outputs on a random image.
+    darknet.eval()
+    native.eval()
+    x = torch.randn(1, darknet.in_chans, CHECK_SIZE, CHECK_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = darknet(x), native(x)
+    if a.shape != b.shape or (a - b).abs().max() > 1e-3 * max(1.0, a.abs().max().item()):
+        raise DarknetWeightsError(
+            f"{os.path.basename(darknet.cfg_path)} and model {model!r} have the same weight shapes but compute "
+            "different outputs (another activation or layer order?); convert with --raw")
+
+
+def convert_weights(
+    cfg_path: str | os.PathLike,
+    weights_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    model: str | None = None,
+    raw: bool = False,
+    cutoff: int | None = None,
+) -> Conversion:
+    """Read ``weights_path`` for ``cfg_path`` and write ``out_path`` (safetensors, atomically).
+
+    Unless ``raw``, the weights go into the registered ``model`` (default: the one whose
+    ``darknet_cfg`` is this cfg's file name), after checking that the cfg-built network and the
+    native model compute the same function; otherwise the cfg-built network's state is written.
+    With ``cutoff`` (or a ``.conv.N`` file) the layers after it keep their initial values.
+    """
+    from ..engine.checkpoint import model_metadata
+    from ..registry import create_model
+
+    darknet = build_model(cfg_path)
+    if cutoff is None:
+        cutoff = default_cutoff(weights_path)
+    header = read_weights(darknet, weights_path, cutoff=cutoff)
+    records = len(darknet.weight_records(cutoff))
+    source = {
+        "source": "darknet",
+        "darknet_cfg": os.path.basename(cfg_path),
+        "darknet_weights": os.path.basename(weights_path),
+        "darknet_header": dataclasses.asdict(header),
+        "darknet_layers_read": cutoff if cutoff is not None else len(darknet.layers),
+        "input_size": list(darknet.net_size),
+    }
+    name = None if raw else (model or model_for_cfg(cfg_path))
+    if name is None:
+        # Shared convs appear under several names; safetensors stores each tensor once per name.
+        state = {k: v.clone() for k, v in darknet.state_dict().items()}
+        path = save_weights(out_path, state, {**source, "layout": "darknet"})
+        return Conversion(path, header, records, None)
+    native = create_model(name)
+    check_records(darknet.weight_records(), native_records(native))
+    copy_records(darknet.weight_records(), native_records(native))
+    _check_same_function(darknet, native, name)
+    path = save_weights(out_path, native, {**model_metadata(native), **source, "layout": "native"})
+    return Conversion(path, header, records, name)

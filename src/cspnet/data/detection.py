@@ -1,0 +1,596 @@
+"""Detection data: COCO JSON, Pascal-VOC XML, and two built-in sets that need no download.
+
+- ``scenes``: Fashion-MNIST objects (Debian ``dataset-fashion-mnist``; scikit-learn's digits when it
+  is missing) pasted on scikit-image's bundled CC0 textures (grass, gravel, brick), 10 classes,
+  exact boxes, fully determined by a seed. Train scenes use the training images, validation scenes
+  the test images, so held-out scenes show unseen object instances.
+- ``trees``: the aerial photos with hand-drawn tree boxes bundled in the ``deepforest`` wheel
+  (install it with ``pip install --no-deps deepforest==2.1.0``; only its data files are read),
+  tiled 400 x 400. The 2299 x 2472 YELL photo and SOAP_061 train; the 1249 x 1035 YELL photo and
+  OSBS_029 validate.
+
+Every source becomes a list of `DetectionRecord` (boxes xyxy in image pixels). Boxes reaching out
+of the image are clipped and boxes that are degenerate after clipping are dropped and counted
+(`SanitizeReport`); a malformed annotation file raises `AnnotationError` naming the file and the
+entry. `DetectionDataset` letterboxes to a square input and applies the training augmentation
+(mosaic, scale / translate, flips, HSV jitter).
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+import math
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+DIGIT_CLASSES = tuple(str(i) for i in range(10))
+TREE_CLASSES = ("Tree",)
+TREE_TRAIN = ("2019_YELL_2_528000_4978000_image_crop2", "SOAP_061")
+TREE_VAL = ("2019_YELL_2_541000_4977000_image_crop", "OSBS_029")
+PAD_VALUE = 114  # letterbox grey, as the YOLO family pads
+MIN_BOX_SIZE = 1.0  # pixels; narrower boxes after clipping are degenerate
+
+
+class AnnotationError(ValueError):
+    """An annotation file that cannot be read; the message names the file and the entry."""
+
+
+@dataclass
+class DetectionRecord:
+    """One image and its boxes. ``image`` is an RGB uint8 array, or ``None`` with ``path`` to read."""
+
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    boxes: np.ndarray  # (M, 4) float32 xyxy pixels
+    labels: np.ndarray  # (M,) int64, 0-based class index
+    crowd: np.ndarray | None = None  # (M,) bool, COCO iscrowd (kept for evaluation, not trained on)
+    image: np.ndarray | None = None
+    path: str | None = None
+
+    def load(self) -> np.ndarray:
+        if self.image is not None:
+            return self.image
+        try:
+            with Image.open(self.path) as im:
+                return np.asarray(im.convert("RGB"))
+        except OSError as e:
+            raise AnnotationError(f"{self.path}: cannot read image ({e})") from None
+
+
+@dataclass
+class SanitizeReport:
+    """How many boxes were clipped to the image and how many dropped as degenerate."""
+
+    clipped: int = 0
+    dropped: int = 0
+    dropped_where: list[str] = field(default_factory=list)
+
+    def merge(self, other: SanitizeReport) -> None:
+        self.clipped += other.clipped
+        self.dropped += other.dropped
+        self.dropped_where += other.dropped_where
+
+
+def sanitize_boxes(
+    boxes: np.ndarray, width: float, height: float, min_size: float = MIN_BOX_SIZE
+) -> tuple[np.ndarray, np.ndarray, SanitizeReport]:
+    """Clip xyxy ``boxes`` to the image; return ``(clipped boxes, keep mask, report)``.
+
+    A box is degenerate (dropped) when it is narrower or lower than ``min_size`` after clipping,
+    which covers boxes entirely outside the image and boxes with x2 < x1.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    clipped = boxes.copy()
+    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
+    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
+    keep = ((clipped[:, 2] - clipped[:, 0]) >= min_size) & ((clipped[:, 3] - clipped[:, 1]) >= min_size)
+    changed = np.any(clipped != boxes, axis=1) & keep
+    return clipped, keep, SanitizeReport(int(changed.sum()), int((~keep).sum()))
+
+
+def _finite_numbers(values, n: int) -> bool:
+    return (
+        isinstance(values, (list, tuple)) and len(values) == n
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    )
+
+
+# -- COCO JSON ----------------------------------------------------------------------------------------
+def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None = None):
+    """Read a COCO ``instances`` JSON; return ``(records, class_names, category_ids, report)``.
+
+    ``category_ids[k]`` is the JSON category id of class index ``k`` (categories sorted by id).
+    Images without annotations are kept (they are negatives). Raises `AnnotationError` naming the
+    file and the offending entry (``annotations[12]``, ``images[3]`` …).
+    """
+    json_path = Path(json_path)
+    try:
+        data = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AnnotationError(f"{json_path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{json_path}: top level must be an object with images, annotations, categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise AnnotationError(f"{json_path}: key {key!r} must be a list")
+    images_dir = Path(images_dir) if images_dir is not None else json_path.parent
+    cats = {}
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or "name" not in c:
+            raise AnnotationError(f"{json_path}: categories[{i}] needs an integer 'id' and a 'name'")
+        if c["id"] in cats:
+            raise AnnotationError(f"{json_path}: categories[{i}] repeats id {c['id']}")
+        cats[c["id"]] = str(c["name"])
+    category_ids = sorted(cats)
+    index_of = {cid: k for k, cid in enumerate(category_ids)}
+    images = {}
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
+            raise AnnotationError(f"{json_path}: images[{i}] needs an integer 'id' and a 'file_name'")
+        w, h = im.get("width"), im.get("height")
+        if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+            raise AnnotationError(f"{json_path}: images[{i}] (id {im['id']}) needs positive integer 'width' and 'height'")
+        if im["id"] in images:
+            raise AnnotationError(f"{json_path}: images[{i}] repeats id {im['id']}")
+        images[im["id"]] = (im, [], [], [])
+    report = SanitizeReport()
+    for i, a in enumerate(data["annotations"]):
+        where = f"{json_path}: annotations[{i}]"
+        if not isinstance(a, dict):
+            raise AnnotationError(f"{where} is not an object")
+        if a.get("image_id") not in images:
+            raise AnnotationError(f"{where}: image_id {a.get('image_id')!r} is not in 'images'")
+        if a.get("category_id") not in index_of:
+            raise AnnotationError(f"{where}: category_id {a.get('category_id')!r} is not in 'categories'")
+        if not _finite_numbers(a.get("bbox"), 4):
+            raise AnnotationError(f"{where}: 'bbox' must be 4 finite numbers [x, y, width, height], got {a.get('bbox')!r}")
+        im, boxes, labels, crowd = images[a["image_id"]]
+        x, y, w, h = a["bbox"]
+        box, keep, rep = sanitize_boxes(np.array([[x, y, x + w, y + h]]), im["width"], im["height"])
+        if not keep[0]:
+            rep.dropped_where.append(f"annotations[{i}]")
+            report.merge(rep)
+            continue
+        report.merge(rep)
+        boxes.append(box[0])
+        labels.append(index_of[a["category_id"]])
+        crowd.append(bool(a.get("iscrowd", 0)))
+    records = []
+    for image_id, (im, boxes, labels, crowd) in images.items():
+        records.append(DetectionRecord(
+            image_id, im["file_name"], im["width"], im["height"],
+            np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64), np.array(crowd, bool),
+            path=str(images_dir / im["file_name"]),
+        ))
+    return records, tuple(cats[c] for c in category_ids), tuple(category_ids), report
+
+
+# -- Pascal VOC XML -----------------------------------------------------------------------------------
+def _find_image(xml_path: Path, filename: str | None, images_dir: Path | None) -> Path:
+    dirs = [d for d in (images_dir, xml_path.parent, xml_path.parent.parent / "JPEGImages") if d is not None]
+    stems = [filename] if filename else []
+    stem = Path(filename).stem if filename else xml_path.stem
+    stems += [stem + ext for ext in (".jpg", ".png", ".jpeg", ".JPG", ".PNG")]
+    if filename and Path(filename).stem != xml_path.stem:
+        stems += [xml_path.stem + ext for ext in (".jpg", ".png")]
+    for d in dirs:
+        for name in stems:
+            if (d / name).is_file():
+                return d / name
+    raise AnnotationError(f"{xml_path}: image {filename or stem!r} not found in {', '.join(map(str, dirs))}")
+
+
+def load_voc_file(xml_path: str | os.PathLike, images_dir: str | os.PathLike | None = None):
+    """Parse one Pascal-VOC XML; return ``(path, width, height, boxes, names, difficult, report)``.
+
+    Size comes from ``<size>`` or, when absent, from the image. Raises `AnnotationError` naming the
+    file and the object (``object[3]``) at fault.
+    """
+    xml_path = Path(xml_path)
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError) as e:
+        raise AnnotationError(f"{xml_path}: not a readable XML file ({e})") from None
+    if root.tag != "annotation":
+        raise AnnotationError(f"{xml_path}: root element is <{root.tag}>, expected <annotation>")
+    path = _find_image(xml_path, root.findtext("filename"), Path(images_dir) if images_dir else None)
+    try:
+        width, height = int(root.findtext("size/width")), int(root.findtext("size/height"))
+    except (TypeError, ValueError):
+        with Image.open(path) as im:
+            width, height = im.size
+    boxes, names, difficult = [], [], []
+    for i, obj in enumerate(root.findall("object")):
+        name = (obj.findtext("name") or "").strip()
+        if not name:
+            raise AnnotationError(f"{xml_path}: object[{i}] has no <name>")
+        try:
+            box = [float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+        except (TypeError, ValueError):
+            raise AnnotationError(f"{xml_path}: object[{i}] ({name}) needs numeric bndbox xmin, ymin, xmax, ymax") from None
+        if not all(math.isfinite(v) for v in box):
+            raise AnnotationError(f"{xml_path}: object[{i}] ({name}) has a non-finite coordinate {box}")
+        boxes.append(box)
+        names.append(name)
+        difficult.append(obj.findtext("difficult", "0").strip() == "1")
+    boxes = np.array(boxes, np.float32).reshape(-1, 4)
+    clipped, keep, report = sanitize_boxes(boxes, width, height)
+    report.dropped_where = [f"{xml_path}: object[{i}]" for i in np.flatnonzero(~keep)]
+    names = [n for n, k in zip(names, keep) if k]
+    difficult = np.array([d for d, k in zip(difficult, keep) if k], bool)
+    return path, width, height, clipped[keep], names, difficult, report
+
+
+def load_voc(xml_paths, images_dir=None, class_names: tuple[str, ...] | None = None, merge_classes: str | None = None):
+    """Read Pascal-VOC XML files; return ``(records, class_names, report)``.
+
+    Class names are taken from ``class_names`` (an unknown name is an error) or collected, sorted.
+    ``merge_classes`` maps every object to one class of that name (the single-class tree set).
+    ``difficult`` objects are kept as crowd regions (evaluated as ignore areas, as VOC does).
+    """
+    parsed, report = [], SanitizeReport()
+    for p in sorted(Path(x) for x in xml_paths):
+        path, w, h, boxes, names, difficult, rep = load_voc_file(p, images_dir)
+        report.merge(rep)
+        parsed.append((p, path, w, h, boxes, names, difficult))
+    if merge_classes:
+        class_names = (merge_classes,)
+    elif class_names is None:
+        class_names = tuple(sorted({n for *_, names, _ in parsed for n in names}))
+    index = {n: k for k, n in enumerate(class_names)}
+    records = []
+    for i, (xml, path, w, h, boxes, names, difficult) in enumerate(parsed):
+        if not merge_classes:
+            bad = [n for n in names if n not in index]
+            if bad:
+                raise AnnotationError(f"{xml}: class {bad[0]!r} is not one of {list(class_names)}")
+        labels = np.zeros(len(names), np.int64) if merge_classes else np.array([index[n] for n in names], np.int64)
+        records.append(DetectionRecord(i, path.name, w, h, boxes, labels, difficult, path=str(path)))
+    return records, tuple(class_names), report
+
+
+# -- built-in: generated scenes -------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def object_images(split: str = "train") -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Grey object crops ``(N, H, W)`` uint8, labels and class names for the scenes.
+
+    Fashion-MNIST (``train`` / ``t10k`` files) when installed, else scikit-learn's bundled digits
+    (first 1,200 for train, the rest for validation), scaled to 0-255.
+    """
+    prefix = "train" if split == "train" else "t10k"
+    images, labels = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    if images.is_file() and labels.is_file():
+        with gzip.open(labels) as f:
+            y = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+        with gzip.open(images) as f:
+            x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+        return x, y, FASHION_MNIST_CLASSES
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images * (255 / 16)).astype(np.uint8)
+    cut = slice(0, 1200) if split == "train" else slice(1200, None)
+    return x[cut], d.target[cut].astype(np.int64), DIGIT_CLASSES
+
+
+def _textures() -> list[np.ndarray]:
+    from skimage import data
+
+    return [data.grass(), data.gravel(), data.brick()]
+
+
+def make_scenes(
+    n: int,
+    seed: int = 0,
+    size: int = 256,
+    split: str = "train",
+    objects: tuple[int, int] = (2, 5),
+    object_size: tuple[int, int] | None = None,
+) -> tuple[list[DetectionRecord], tuple[str, ...]]:
+    """Generate ``n`` scenes: objects pasted on a random crop of a CC0 texture, with exact boxes.
+
+    Each scene holds ``objects[0]``..``objects[1]`` non-overlapping objects of side ``object_size``
+    (default ``size/8`` to ``3*size/8``), tinted with a random colour; the box is the tight extent of
+    the pasted pixels (object opacity > 0.1; fainter ones are not pasted). The result depends only
+    on the arguments.
+    """
+    if n < 1 or size < 32:
+        raise ValueError(f"need n >= 1 and size >= 32, got n={n}, size={size}")
+    lo, hi = object_size or (size // 8, 3 * size // 8)
+    objs, obj_labels, names = object_images(split)
+    rng = np.random.default_rng(seed)
+    textures = _textures()
+    records = []
+    for k in range(n):
+        tex = textures[rng.integers(len(textures))]
+        crop = min(size, *tex.shape[:2])
+        oy, ox = rng.integers(0, tex.shape[0] - crop + 1), rng.integers(0, tex.shape[1] - crop + 1)
+        bg = np.asarray(Image.fromarray(tex[oy:oy + crop, ox:ox + crop]).resize((size, size)), np.float32)
+        tint_bg = rng.uniform(0.5, 1.0, 3) * rng.uniform(0.4, 0.7)
+        img = bg[..., None] * tint_bg[None, None]
+        boxes, labels = [], []
+        for _ in range(int(rng.integers(objects[0], objects[1] + 1))):
+            for _try in range(20):  # place without overlapping the objects already there
+                s = int(rng.integers(lo, hi + 1))
+                x0, y0 = int(rng.integers(0, size - s + 1)), int(rng.integers(0, size - s + 1))
+                if all(x0 >= b[2] or x0 + s <= b[0] or y0 >= b[3] or y0 + s <= b[1] for b in boxes):
+                    break
+            else:
+                continue
+            i = int(rng.integers(len(objs)))
+            alpha = np.asarray(Image.fromarray(objs[i]).resize((s, s), Image.BILINEAR), np.float32) / 255
+            alpha[alpha <= 0.1] = 0  # faint fringe left out, so no object pixel lies outside its box
+            ys, xs = np.nonzero(alpha)
+            if len(xs) == 0:
+                continue
+            colour = rng.uniform(0.6, 1.0, 3) * 255
+            a = alpha[..., None]
+            img[y0:y0 + s, x0:x0 + s] = img[y0:y0 + s, x0:x0 + s] * (1 - a) + colour[None, None] * a
+            boxes.append([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1])
+            labels.append(int(obj_labels[i]))
+        records.append(DetectionRecord(
+            k, f"scene_{split}_{seed}_{k:05d}.png", size, size,
+            np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64), np.zeros(len(labels), bool),
+            image=img.clip(0, 255).astype(np.uint8),
+        ))
+    return records, names
+
+
+# -- built-in: aerial tree photos (deepforest) ------------------------------------------------------------
+def deepforest_data_dir() -> Path:
+    """The ``data`` folder of the installed deepforest wheel, found without importing deepforest."""
+    spec = importlib.util.find_spec("deepforest")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the 'trees' data set needs the deepforest wheel's data: pip install --no-deps deepforest==2.1.0")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data"
+    if not path.is_dir():
+        raise ValueError(f"{path}: deepforest is installed but has no data folder")
+    return path
+
+
+def tile_starts(length: int, tile: int, overlap: bool = True) -> list[int]:
+    """Tile origins covering ``length`` at a stride of ``tile``. With ``overlap`` the last tile is
+    flush with the edge (overlapping its neighbour), else it is a narrower remainder."""
+    if length <= tile:
+        return [0]
+    if not overlap:
+        return list(range(0, length, tile))
+    return list(range(0, length - tile, tile)) + [length - tile]
+
+
+def tile_record(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, tile: int, name: str, first_id: int,
+                overlap: bool = True):
+    """Cut an image into ``tile`` x ``tile`` crops (see `tile_starts`); a box belongs to every tile
+    holding its centre and is clipped to it."""
+    h, w = image.shape[:2]
+    out = []
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    for ty in tile_starts(h, tile, overlap):
+        for tx in tile_starts(w, tile, overlap):
+            crop = image[ty:ty + tile, tx:tx + tile]
+            inside = (centres[:, 0] >= tx) & (centres[:, 0] < tx + crop.shape[1]) & (centres[:, 1] >= ty) & (centres[:, 1] < ty + crop.shape[0])
+            b = boxes[inside] - np.array([tx, ty, tx, ty], np.float32)
+            b, keep, _ = sanitize_boxes(b, crop.shape[1], crop.shape[0])
+            out.append(DetectionRecord(
+                first_id + len(out), f"{name}_x{tx}_y{ty}.png", crop.shape[1], crop.shape[0],
+                b[keep], labels[inside][keep], np.zeros(int(keep.sum()), bool), image=np.ascontiguousarray(crop),
+            ))
+    return out
+
+
+def tree_tiles(split: str = "train", tile: int = 400) -> tuple[list[DetectionRecord], tuple[str, ...]]:
+    """Tiles of the deepforest photos (see the module docstring for the split), one class ``Tree``.
+
+    Training tiles overlap at the right / bottom edges (every tile full size); validation tiles do
+    not, so that every tree is evaluated exactly once.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"tree split must be 'train' or 'val', got {split!r}")
+    data = deepforest_data_dir()
+    stems = TREE_TRAIN if split == "train" else TREE_VAL
+    records, _, _ = load_voc([data / f"{s}.xml" for s in stems], data, merge_classes=TREE_CLASSES[0])
+    Image.MAX_IMAGE_PIXELS = None  # the YELL photo is 2299 x 2472
+    tiles: list[DetectionRecord] = []
+    for r in records:
+        tiles += tile_record(r.load(), r.boxes, r.labels, tile, Path(r.file_name).stem, len(tiles), overlap=split == "train")
+    return tiles, TREE_CLASSES
+
+
+# -- dataset with letterbox and augmentation -------------------------------------------------------------
+@dataclass(frozen=True)
+class AugmentCfg:
+    """Training augmentation (YOLOv5-like defaults). Probabilities are per image."""
+
+    mosaic: float = 0.5
+    scale: float = 0.3  # random scale in [1 - scale, 1 + scale]
+    translate: float = 0.1  # fraction of the input size
+    hflip: float = 0.5
+    vflip: float = 0.0
+    hue: float = 0.015
+    saturation: float = 0.5
+    brightness: float = 0.3
+
+
+def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Resize the longer side to ``size`` and pad right / bottom to a square; return ``(image, ratio)``."""
+    h, w = image.shape[:2]
+    r = size / max(h, w)
+    nw, nh = max(1, round(w * r)), max(1, round(h * r))
+    out = np.full((size, size, 3), PAD_VALUE, np.uint8)
+    out[:nh, :nw] = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR)) if (nw, nh) != (w, h) else image
+    return out, r
+
+
+class DetectionDataset(Dataset):
+    """Square letterboxed images and targets for the detector.
+
+    Items are ``(image, target)``: a float ``(3, S, S)`` tensor in [0, 1] and a dict with ``boxes``
+    (M, 4) xyxy in input pixels, ``labels`` (M,), ``image_id``, ``ratio`` (input / original pixels)
+    and ``orig_size`` (h, w). Crowd boxes are not trained on. ``augment=None`` gives the evaluation
+    pipeline. ``report`` counts the boxes clipped / dropped by the evaluation pipeline. Random
+    draws use torch's generator, which DataLoader seeds per worker.
+    """
+
+    def __init__(
+        self,
+        records: list[DetectionRecord],
+        class_names: tuple[str, ...],
+        img_size: int = 256,
+        augment: AugmentCfg | None = None,
+        report: SanitizeReport | None = None,
+    ):
+        if img_size % 32:
+            raise ValueError(f"img_size must be a multiple of 32 (the coarsest stride), got {img_size}")
+        self.records = records
+        self.class_names = tuple(class_names)
+        self.img_size = img_size
+        self.augment = augment
+        self.report = report or SanitizeReport()
+        if augment is not None:
+            self.geometric = v2.RandomAffine(
+                degrees=0, translate=(augment.translate, augment.translate),
+                scale=(1 - augment.scale, 1 + augment.scale), fill=PAD_VALUE,
+            )
+            self.colour = v2.ColorJitter(brightness=augment.brightness, saturation=augment.saturation, hue=augment.hue)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _letterboxed(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        r = self.records[i]
+        img, ratio = letterbox(r.load(), self.img_size)
+        keep = ~r.crowd if r.crowd is not None and len(r.crowd) else np.ones(len(r.boxes), bool)
+        return img, r.boxes[keep] * ratio, r.labels[keep], ratio
+
+    def _mosaic(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # Four letterboxed images on a 2S x 2S canvas; an S x S window around a random centre.
+        s = self.img_size
+        canvas = np.full((2 * s, 2 * s, 3), PAD_VALUE, np.uint8)
+        boxes, labels = [], []
+        picks = [i] + torch.randint(len(self.records), (3,)).tolist()
+        for (oy, ox), j in zip(((0, 0), (0, s), (s, 0), (s, s)), picks):
+            img, b, lab, _ = self._letterboxed(j)
+            canvas[oy:oy + s, ox:ox + s] = img
+            boxes.append(b + np.array([ox, oy, ox, oy], np.float32))
+            labels.append(lab)
+        cx, cy = torch.randint(s // 2, 3 * s // 2 + 1, (2,)).tolist()
+        x0, y0 = cx - s // 2, cy - s // 2
+        boxes = np.concatenate(boxes) - np.array([x0, y0, x0, y0], np.float32)
+        return canvas[y0:y0 + s, x0:x0 + s], boxes, np.concatenate(labels)
+
+    def __getitem__(self, i: int):
+        r = self.records[i]
+        aug = self.augment
+        if aug is not None and torch.rand(()) < aug.mosaic:
+            img, boxes, labels = self._mosaic(i)
+            ratio = 1.0
+        else:
+            img, boxes, labels, ratio = self._letterboxed(i)
+        image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
+        boxes_t = tv_tensors.BoundingBoxes(torch.from_numpy(boxes).float().reshape(-1, 4), format="XYXY", canvas_size=(self.img_size,) * 2)
+        if aug is not None:
+            image, boxes_t = self.geometric(image, boxes_t)
+            if torch.rand(()) < aug.hflip:
+                image, boxes_t = v2.functional.horizontal_flip(image), v2.functional.horizontal_flip(boxes_t)
+            if torch.rand(()) < aug.vflip:
+                image, boxes_t = v2.functional.vertical_flip(image), v2.functional.vertical_flip(boxes_t)
+            image = self.colour(image)
+        boxes, keep, rep = sanitize_boxes(boxes_t.numpy(), self.img_size, self.img_size)
+        if aug is None:  # boxes lost to augmentation are expected; only count the data's own
+            self.report.merge(rep)
+        target = {
+            "boxes": torch.from_numpy(boxes[keep]),
+            "labels": torch.from_numpy(np.asarray(labels)[keep]).long(),
+            "image_id": r.image_id,
+            "ratio": ratio,
+            "orig_size": (r.height, r.width),
+        }
+        return image.float().div_(255), target
+
+
+def collate_detection(batch):
+    """Stack images; keep the targets as a list of dicts."""
+    images, targets = zip(*batch)
+    return torch.stack(images), list(targets)
+
+
+def coco_ground_truth(records: list[DetectionRecord], class_names: tuple[str, ...], category_ids=None) -> dict:
+    """A COCO ``instances`` dict of the records' boxes in original image pixels (for COCOeval)."""
+    category_ids = list(category_ids or range(len(class_names)))
+    images, annotations = [], []
+    for r in records:
+        images.append({"id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height})
+        crowd = r.crowd if r.crowd is not None and len(r.crowd) else np.zeros(len(r.boxes), bool)
+        for b, label, c in zip(r.boxes, r.labels, crowd):
+            w, h = float(b[2] - b[0]), float(b[3] - b[1])
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": r.image_id, "category_id": category_ids[int(label)],
+                "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": int(c),
+            })
+    categories = [{"id": cid, "name": n} for cid, n in zip(category_ids, class_names)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+BUILTIN_DETECTION = ("scenes", "trees")
+
+
+@dataclass
+class DetectionSource:
+    """Records of one split of a data source, with their classes and (COCO) category ids."""
+
+    records: list[DetectionRecord]
+    class_names: tuple[str, ...]
+    category_ids: tuple[int, ...] | None
+    report: SanitizeReport
+    description: str
+
+
+def load_detection_source(
+    spec: str, split: str = "train", images_dir: str | None = None, num_scenes: int = 512, scene_size: int = 256,
+    seed: int = 0, class_names: tuple[str, ...] | None = None,
+) -> DetectionSource:
+    """Resolve a ``--data`` argument: ``scenes``, ``trees``, a COCO ``.json`` file, a folder of
+    Pascal-VOC ``.xml`` files, or one ``.xml`` file.
+
+    For ``scenes`` the ``val`` split is generated from another seed and the Fashion-MNIST test
+    images; ``num_scenes`` is the size of the split. User files have no split: the file given is
+    the data. ``class_names`` fixes the class order of VOC files (a trained model's classes).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if spec == "scenes":
+        records, names = make_scenes(num_scenes, seed=seed if split == "train" else seed + 10_000, size=scene_size, split=split)
+        return DetectionSource(records, names, None, SanitizeReport(), f"scenes/{split} ({num_scenes} x {scene_size}px, seed {seed})")
+    if spec == "trees":
+        records, names = tree_tiles(split)
+        return DetectionSource(records, names, None, SanitizeReport(), f"deepforest trees/{split} ({len(records)} tiles)")
+    path = Path(spec)
+    if path.suffix.lower() == ".json":
+        if not path.is_file():
+            raise ValueError(f"{path}: no such COCO annotation file")
+        records, names, cat_ids, report = load_coco(path, images_dir)
+        return DetectionSource(records, names, cat_ids, report, f"COCO {path}")
+    if path.is_dir() or path.suffix.lower() == ".xml":
+        xmls = sorted(path.glob("*.xml")) if path.is_dir() else [path]
+        if not xmls:
+            raise ValueError(f"{path}: no Pascal-VOC .xml files here")
+        records, names, report = load_voc(xmls, images_dir, class_names)
+        return DetectionSource(records, names, None, report, f"VOC {path} ({len(xmls)} files)")
+    raise ValueError(f"--data {spec!r}: expected {' or '.join(BUILTIN_DETECTION)}, a COCO .json file or a folder of VOC .xml files")

@@ -1,0 +1,68 @@
+"""Run a trained detector on image files: drawn images and a ``detections.json``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes
+
+from ..data.detection import letterbox
+from .detector import Detector
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+
+
+@torch.inference_mode()
+def detect_image(model: Detector, image: np.ndarray, img_size: int, conf_thresh: float = 0.25,
+                 iou_thresh: float = 0.45) -> dict[str, torch.Tensor]:
+    """Detections on one RGB uint8 image, boxes in its own pixels."""
+    boxed, ratio = letterbox(image, img_size)
+    x = torch.from_numpy(boxed).permute(2, 0, 1)[None].float().div_(255)
+    model.eval()
+    det = model.postprocess(model(x.to(next(model.parameters()).device)), conf_thresh, iou_thresh)[0]
+    boxes = det["boxes"].cpu() / ratio
+    h, w = image.shape[:2]
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    return {"boxes": boxes, "scores": det["scores"].cpu(), "labels": det["labels"].cpu()}
+
+
+def predict_files(model: Detector, paths: list[Path], out_dir: Path, img_size: int, class_names: tuple[str, ...],
+                  conf_thresh: float = 0.25, iou_thresh: float = 0.45) -> list[dict]:
+    """Detect in every image; write ``<stem>_det.png`` with boxes drawn and ``detections.json``.
+
+    Each entry of the JSON: ``{"image": path, "width", "height", "detections": [{"box": [x1, y1, x2,
+    y2], "score", "label", "class"}]}`` in the image's own pixels.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in paths:
+        image = _read_rgb(path)
+        det = detect_image(model, image, img_size, conf_thresh, iou_thresh)
+        names = [f"{class_names[int(c)]} {s:.2f}" for c, s in zip(det["labels"], det["scores"])]
+        drawn = draw_bounding_boxes(torch.from_numpy(image.copy()).permute(2, 0, 1), det["boxes"], names, colors="red", width=2)
+        target = out_dir / f"{path.stem}_det.png"
+        tmp = target.with_name(target.stem + ".tmp.png")
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp)
+        os.replace(tmp, target)
+        results.append({
+            "image": str(path), "width": image.shape[1], "height": image.shape[0], "drawn": str(target),
+            "detections": [
+                {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(c), "class": class_names[int(c)]}
+                for b, s, c in zip(det["boxes"], det["scores"], det["labels"])
+            ],
+        })
+    tmp = out_dir / "detections.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out_dir / "detections.json")
+    return results

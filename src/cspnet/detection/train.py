@@ -1,0 +1,240 @@
+"""Detection as a task of the shared training loop (`cspnet.engine.train.fit`), and evaluation.
+
+`DetectionTask` tells the loop what a detection batch is: ``prepare`` draws each image's
+augmentation (mosaic, scale / translate, flips, HSV) from torch's generator seeded with the
+chunk seed the loop hands out, so a resumed run repeats the same augmented images; ``loss`` is
+`YoloLoss`; ``evaluate`` runs COCOeval (pycocotools) on the validation set and reports ``AP50`` as
+the metric that picks the ``best`` checkpoint. Checkpoints, resume, EMA, progress bars and the
+metric files are the loop's; this module adds ``detection_curves.png`` (loss parts and AP).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..data.detection import DetectionDataset, collate_detection
+from ..engine.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record
+from ..engine.distributed import DistInfo
+from ..engine.ema import ModelEMA
+from ..engine.train import FitResult, TrainConfig, fit
+from .detector import Detector, DetectorCfg
+from .loss import YoloLoss
+from .metrics import coco_evaluate, to_coco_results
+
+
+@dataclass(frozen=True)
+class DetectRecipe:
+    """Task-side options: the loss and the evaluation."""
+
+    box_loss: str = "ciou"
+    ignore_thresh: float = 0.7
+    iou_thresh: float = 1.0
+    label_smoothing: float = 0.0
+    box_weight: float = 0.05
+    obj_weight: float = 1.0
+    cls_weight: float = 0.5
+    eval_every: int = 1
+    eval_conf: float = 0.001
+    eval_iou: float = 0.6
+    eval_batch_size: int = 16
+    time_limit: float | None = None  # seconds; training stops at the first step after it
+
+
+class TimeBudgetSpent(RuntimeError):
+    """Raised when ``DetectRecipe.time_limit`` has passed; the last epoch's checkpoints are kept."""
+
+
+class _Indices(Dataset):
+    """The loop samples indices; `DetectionTask.prepare` loads and augments them with a seed."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+@torch.no_grad()
+def predict_dataset(model: Detector, dataset: DetectionDataset, batch_size: int = 16, conf_thresh: float = 0.001,
+                    iou_thresh: float = 0.6, category_ids=None, progress: bool = False) -> list[dict]:
+    """COCO result dicts (original image pixels) for every image of ``dataset``."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection)
+    results = []
+    for images, targets in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not progress):
+        dets = model.postprocess(model(images.to(device)), conf_thresh, iou_thresh)
+        for d, t in zip(dets, targets):
+            results += to_coco_results(t["image_id"], d["boxes"].cpu(), d["scores"].cpu(), d["labels"].cpu(), t["ratio"], category_ids)
+    model.train(was)
+    return results
+
+
+def evaluate_detector(model: Detector, dataset: DetectionDataset, gt: dict, category_ids=None, batch_size: int = 16,
+                      conf_thresh: float = 0.001, iou_thresh: float = 0.6, progress: bool = False) -> dict[str, float]:
+    """COCOeval figures (``AP``, ``AP50``, ``AP75``, ``APs`` …) of ``model`` on ``dataset`` against ``gt``."""
+    dets = predict_dataset(model, dataset, batch_size, conf_thresh, iou_thresh, category_ids, progress)
+    return coco_evaluate(gt, dets)
+
+
+def plot_detection_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Training loss parts and validation AP / AP50 per epoch, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    for key in ("train_loss", "train_box", "train_obj", "train_cls"):
+        if any(key in h for h in history):
+            ax1.plot(epochs, [h.get(key, float("nan")) for h in history], label=key)
+    ax1.set(xlabel="epoch", yscale="log", title="training loss")
+    ev = [h for h in history if "val_AP50" in h]
+    for key in ("val_AP", "val_AP50"):
+        ax2.plot([h["epoch"] for h in ev], [h[key] for h in ev], marker="o", label=key)
+    ax2.set(xlabel="epoch", ylim=(0, 1), title="validation (COCOeval)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class DetectionTask:
+    """Training batches, loss and COCO evaluation of a detector, for `cspnet.engine.train.fit`."""
+
+    metric = "AP50"
+
+    def __init__(self, model: Detector, train: DetectionDataset, val: DetectionDataset | None = None,
+                 val_gt: dict | None = None, category_ids=None, recipe: DetectRecipe = DetectRecipe(),
+                 epochs: int | None = None, out_dir: str | os.PathLike | None = None):
+        if (val is None) != (val_gt is None):
+            raise ValueError("give both the validation set and its COCO ground truth, or neither")
+        self.data = train
+        self.train_set = _Indices(len(train))
+        self.val, self.val_gt, self.category_ids = val, val_gt, category_ids
+        self.recipe = recipe
+        self.epochs = epochs
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.loss_fn = YoloLoss(
+            model.layout, model.num_classes, recipe.box_loss, recipe.ignore_thresh, recipe.iou_thresh,
+            recipe.label_smoothing, recipe.box_weight, recipe.obj_weight, recipe.cls_weight, scale_x_y=model.cfg.scale_x_y,
+        )
+        self._evals = 0
+        self._deadline = None if recipe.time_limit is None else time.monotonic() + recipe.time_limit
+
+    def collate(self, samples: list[int]) -> list[int]:
+        return list(samples)
+
+    def prepare(self, batch: list[int], *, device: torch.device, seed: int):
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise TimeBudgetSpent(f"the time limit of {self.recipe.time_limit:.0f} s is spent")
+        items = []
+        with torch.random.fork_rng(devices=[]):
+            for k, i in enumerate(batch):
+                torch.manual_seed((seed + k) % 2**63)  # the sample's augmentation: a function of the chunk seed
+                items.append(self.data[i])
+        images, targets = collate_detection(items)
+        for t in targets:
+            t["boxes"], t["labels"] = t["boxes"].to(device), t["labels"].to(device)
+        return images.to(device), targets
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        images, targets = batch
+        loss, parts = self.loss_fn(model(images), targets)
+        n = len(targets)  # the loop wants per-batch sums
+        return loss, {k: v * n for k, v in parts.items()}
+
+    def evaluate(self, model: nn.Module, dist: DistInfo) -> dict[str, Any]:
+        self._evals += 1
+        if self.val is None:
+            return {}
+        last = self.epochs is not None and self._evals >= self.epochs
+        if self._evals % self.recipe.eval_every and not last:
+            return {}
+        r = self.recipe
+        metrics = evaluate_detector(model, self.val, self.val_gt, self.category_ids, r.eval_batch_size, r.eval_conf, r.eval_iou)
+        if self.out_dir is not None and dist.is_main:
+            self._plot(metrics)
+        return metrics
+
+    def _plot(self, metrics: dict[str, float]) -> None:
+        # The loop writes metrics.jsonl after this call; plot what it holds plus this epoch.
+        path = self.out_dir / "metrics.jsonl"
+        history = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        history.append({"epoch": (history[-1]["epoch"] + 1) if history else 1, **{f"val_{k}": v for k, v in metrics.items()}})
+        plot_detection_curves(history, self.out_dir / "detection_curves.png")
+
+
+def train_detector(
+    model: Detector,
+    train: DetectionDataset,
+    val: DetectionDataset | None,
+    val_gt: dict | None,
+    out_dir: str | os.PathLike,
+    cfg: TrainConfig,
+    recipe: DetectRecipe = DetectRecipe(),
+    *,
+    category_ids=None,
+    resume: bool = False,
+    progress: bool = True,
+    run_info: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train ``model`` with the shared loop. The checkpoints carry the detector config, class
+    names, input size and category ids (``state.run``), so `load_detector` can rebuild it."""
+    out_dir = Path(out_dir)
+    info = {
+        "task": "detection", "detector": model.cfg.to_dict(), "class_names": list(train.class_names),
+        "img_size": train.img_size, "category_ids": list(category_ids) if category_ids is not None else None,
+        "recipe": dataclasses.asdict(recipe), **(run_info or {}),
+    }
+    if resume and (out_dir / "last.json").is_file():
+        saved = read_checkpoint_record(out_dir)["state"].get("run", {})
+        if saved.get("detector") != info["detector"]:
+            raise CheckpointError(f"{out_dir / 'last.json'}: the run was trained with detector {saved.get('detector')}, not {info['detector']}")
+    task = DetectionTask(model, train, val, val_gt, category_ids, recipe, cfg.epochs, out_dir)
+    return fit(task, model, cfg, out_dir, resume=resume, progress=progress, run_info=info, desc=f"{model.model_name} ")
+    # a TimeBudgetSpent from `DetectionTask.prepare` propagates: the checkpoints of the last
+    # finished epoch are in out_dir (`load_detector` reads them; ``resume`` continues the run)
+
+
+def load_detector(out_dir: str | os.PathLike, name: str | None = None) -> tuple[Detector, dict[str, Any]]:
+    """Rebuild the detector of a training run and load its weights; return ``(model, run_info)``.
+
+    ``name=None`` takes ``best`` (best validation AP50) when it exists, else ``last``; the EMA
+    weights are used when the run kept an EMA. The model is returned in eval mode.
+    """
+    out_dir = Path(out_dir)
+    if name is None:
+        name = "best" if (out_dir / "best.json").is_file() else "last"
+    record = read_checkpoint_record(out_dir, name)
+    run = record["state"].get("run") if isinstance(record["state"], dict) else None
+    if not isinstance(run, dict) or "detector" not in run:
+        raise CheckpointError(f"{out_dir / (name + '.json')}: not a detection checkpoint (key 'state.run.detector' is missing)")
+    model = Detector(DetectorCfg.from_dict(run["detector"]))
+    if "ema" in record:
+        ema = ModelEMA(model)
+        load_checkpoint(out_dir, model=model, ema=ema, name=name, restore_rng=False)
+        model = ema.module
+    else:
+        load_checkpoint(out_dir, model=model, name=name, restore_rng=False)
+    return model.eval(), run

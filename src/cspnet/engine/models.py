@@ -1,0 +1,61 @@
+"""Building the model of a run, and rebuilding it from a checkpoint record.
+
+A run's model is described by JSON-able options: ``{"name", "width", "options", "num_classes",
+"in_chans"}``. ``width`` scales every channel count of the registered config (the ``*_chs``
+fields, rounded to a multiple of 8): how the compare job makes small twins for 32x32 images.
+``options`` are other config-field overrides (``act``, ``fusion``, ``part_ratio`` …).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from ..registry import create_model, get_spec
+
+
+def scale_widths(cfg: Any, width: float, divisor: int = 8) -> Any:
+    """A copy of a (frozen, possibly nested) config with every ``*_chs`` field times ``width``."""
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width}")
+
+    def scale(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            changes = {}
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if f.name.endswith("_chs") and isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    changes[f.name] = max(divisor, int(round(v * width / divisor)) * divisor)
+                elif isinstance(v, tuple) and any(dataclasses.is_dataclass(x) for x in v):
+                    changes[f.name] = tuple(scale(x) for x in v)
+            return dataclasses.replace(obj, **changes)
+        return obj
+
+    return cfg if width == 1.0 else scale(cfg)
+
+
+def build_model(name: str, *, num_classes: int, in_chans: int, width: float = 1.0,
+                options: dict[str, Any] | None = None) -> nn.Module:
+    """``create_model`` with a width multiplier and config overrides (see the module docstring)."""
+    options = dict(options or {})
+    spec = get_spec(name)
+    if width != 1.0:
+        cfg = scale_widths(dataclasses.replace(spec.cfg, **{k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(spec.cfg)}}), width)
+        options.update({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.endswith("_chs") or f.name == "stages"})
+    return create_model(name, num_classes=num_classes, in_chans=in_chans, **options)
+
+
+def model_record(name: str, *, num_classes: int, in_chans: int, width: float = 1.0,
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-able description that `rebuild_model` turns back into the same model."""
+    return {"name": name, "width": width, "options": dict(options or {}), "num_classes": num_classes, "in_chans": in_chans}
+
+
+def rebuild_model(record: dict[str, Any]) -> nn.Module:
+    """The model a `model_record` describes (weights not loaded)."""
+    try:
+        return build_model(record["name"], num_classes=record["num_classes"], in_chans=record["in_chans"],
+                           width=record.get("width", 1.0), options=record.get("options"))
+    except KeyError as e:
+        raise ValueError(f"model record lacks key {e}") from None

@@ -1,0 +1,274 @@
+"""The analysis tools: gradient duplication, per-layer bottleneck profile, γ / fusion ablation runner."""
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cspnet import create_model, list_models, profile
+from cspnet.analysis.ablation import PAPER_TABLE1, ablation_runs, format_ablation_table, run_ablation
+from cspnet.analysis.common import find_twin
+from cspnet.analysis.gradients import analyze_gradients, cosine, cosine_matrix, stage_gradients
+from cspnet.analysis.layers import analyze_layers, layer_costs
+from cspnet.blocks import DarkBlock, repeat_blocks
+from cspnet.cli import main
+from cspnet.data import load_classification
+from cspnet.engine.classify import ClassifyRecipe
+from cspnet.engine.models import build_model
+from cspnet.engine.train import TrainConfig
+from cspnet.layers import ConvBnAct
+from cspnet.net import StagedNet
+from cspnet.stage import CrossStage
+
+TINY_DENSE = {"depths": (2, 3), "growth_rate": 8, "stem_chs": 16}
+
+
+# -- the measure ------------------------------------------------------------------------------------
+def test_cosine_is_one_for_identical_minus_one_for_opposite_and_near_zero_for_independent():
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        a = torch.randn(4, 8, 5, 5, generator=gen)
+        assert cosine(a, a.clone()) == 1.0  # exactly, not approximately
+        assert cosine(a, -a) == -1.0
+    a, b = torch.randn(2, 100_000, generator=gen)
+    assert abs(cosine(a, b)) < 0.02  # 1/sqrt(n) ~ 0.003
+    assert math.isnan(cosine(a, torch.zeros_like(a)))
+    with pytest.raises(ValueError, match="different shapes"):
+        cosine(a, b[:10])
+    m = cosine_matrix([a, a * 3, b])
+    assert m[0, 1] == pytest.approx(1.0, abs=1e-12) and np.allclose(np.diag(m), 1) and abs(m[0, 2]) < 0.02 and np.array_equal(m, m.T)
+
+
+class TwoPaths(nn.Module):
+    """Two 3x3 convs reading the same map: summed (``concat=False``) or side by side."""
+
+    def __init__(self, chs: int, concat: bool):
+        super().__init__()
+        self.concat = concat
+        self.a = nn.Conv2d(chs, chs, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(chs, chs, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1) if self.concat else self.a(x) + self.b(x)
+
+
+def _two_path_net(concat: bool, chs: int = 32, classes: int = 100) -> StagedNet:
+    stage = CrossStage(chs, lambda w: (TwoPaths(w, concat), 2 * w if concat else w), fusion="none")
+    return StagedNet(ConvBnAct(1, chs, 3), chs, 1, [stage], [stage.out_chs], [1], num_classes=classes, in_chans=1)
+
+
+def test_two_identical_paths_measure_exactly_one():
+    net = _two_path_net(concat=False)
+    blocks = net.stages[0].blocks
+    blocks.b.weight.data.copy_(blocks.a.weight.data)  # same weights, same output gradient: the same path twice
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 100, (8,))
+    s = stage_gradients(net, x, y).stages[0]
+    assert s.paths == ["blocks.a", "blocks.b"]
+    assert s.path_cos[0, 1] == 1.0
+    assert s.residual < 1e-6  # the two paths are all of dL/dX
+
+
+def test_independent_random_paths_measure_near_zero():
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = _two_path_net(concat=True)  # independent random weights, independent readouts
+        x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 100, (32,))
+        s = stage_gradients(net, x, y).stages[0]
+        # noise floor ~ 1/sqrt(batch x classes) ~ 0.02 here
+        assert abs(s.path_cos[0, 1]) < 0.1, s.path_cos
+        assert s.residual < 1e-6
+
+
+def _dense_maps_gradients(model, x, y, stage_index):
+    """The total gradient of every map of a dense block (x0, x1, ...), computed independently of the tool."""
+    block = model.stages[stage_index].blocks
+    maps = []
+    handles = [block.register_forward_pre_hook(lambda m, a: maps.append(a[0]))]
+    handles += [layer.register_forward_hook(lambda m, a, o: maps.append(o)) for layer in block.layers]
+    model.train()
+    loss = nn.functional.cross_entropy(model(x), y)
+    for h in handles:
+        h.remove()
+    return [g.double() for g in torch.autograd.grad(loss, maps)]
+
+
+@pytest.mark.parametrize("name", ["densenet121", "cspdensenet121"])
+def test_dense_block_paths_add_up_and_update_overlap_follows_the_paper_equation(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_chans=1, **TINY_DENSE)
+    x, y = torch.randn(6, 1, 32, 32), torch.randint(0, 10, (6,))
+    report = stage_gradients(model, x, y)
+    last = "partial_transition" if name.startswith("csp") else "transition"
+    for i, s in enumerate(report.stages):
+        depth = TINY_DENSE["depths"][i]
+        assert s.paths == [f"blocks.layers.{k}" for k in range(depth)] + [last]
+        assert s.residual < 1e-5  # every reader of X found: sum of the paths = dL/dX
+        assert s.overlap is not None and np.allclose(s.overlap, s.overlap.T) and np.allclose(np.diag(s.overlap), 1)
+        # O[layer 0, layer k] = ||(g0)|| / ||(g0, ..., g_{k-1})||, from the maps' own gradients
+        g = [t.pow(2).sum().item() for t in _dense_maps_gradients(model, x, y, i)]
+        for k in range(1, depth):
+            assert s.overlap[0, k] == pytest.approx(math.sqrt(g[0] / sum(g[:k + 1])), rel=1e-5)
+        if name.startswith("csp"):
+            assert s.split == "slice" and s.split_cos == 0.0  # x0' and x0'' are disjoint channels
+    stage0 = model.stages[0]  # X is x0'' (the part-2 slice) for CSP, the whole 16-channel base map otherwise
+    assert report.stages[0].shared_chs == (stage0.main_chs if name.startswith("csp") else 16)
+    assert stage0.main_chs < 16 if name.startswith("csp") else True
+
+
+def test_conv_split_and_residual_blocks_are_complete():
+    # A Darknet-style CSP stage: two 1x1 convs read the base map; the residual add reads X as its second input.
+    stage = CrossStage(16, lambda w: repeat_blocks(lambda c, i: DarkBlock(c, w // 2, w), w, w, 2), fusion="csp",
+                       split="conv", transition_chs=16)
+    net = StagedNet(ConvBnAct(1, 16, 3), 16, 1, [stage], [16], [1], num_classes=10, in_chans=1)
+    s = stage_gradients(net, torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))).stages[0]
+    assert s.split == "conv" and -1 <= s.split_cos <= 1 and s.split_cos != 0.0
+    assert s.paths == ["blocks.0"] and s.residual < 1e-5
+    assert s.overlap is None  # residual blocks do not read prefixes of one concat
+
+
+def test_stage_gradients_leaves_the_model_unchanged_and_rejects_models_without_stages():
+    torch.manual_seed(0)
+    model = create_model("cspdensenet121", num_classes=10, in_chans=1, **TINY_DENSE).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 1, 32, 32)
+    out_before = model(x)
+    stage_gradients(model, torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,)))
+    assert not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model(x), out_before)  # no hook left behind
+    with pytest.raises(ValueError, match="no CrossStage"):
+        stage_gradients(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), torch.randn(2, 4), torch.tensor([0, 1]))
+
+
+def test_analyze_gradients_writes_heatmaps_and_tables(tmp_path):
+    torch.manual_seed(0)
+    models = {n: create_model(n, num_classes=10, in_chans=1, **TINY_DENSE) for n in ("cspdensenet121", "densenet121")}
+    reports = analyze_gradients(models, torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,)), tmp_path)
+    assert [r.model for r in reports] == list(models)
+    for i in range(2):
+        assert (tmp_path / f"gradients_stage{i}.png").stat().st_size > 10_000
+    rows = json.loads((tmp_path / "gradients.json").read_text())
+    assert rows[0]["stages"][0]["paths"][-1] == "partial_transition" and rows[1]["stages"][0]["split"] is None
+    table = (tmp_path / "gradients.md").read_text()
+    assert table.count("| cspdensenet121 | stages.") == 2 and table.count("| densenet121 | stages.") == 2
+
+
+# -- the per-layer bottleneck profile ---------------------------------------------------------------
+@pytest.mark.parametrize("name", ["cspresnet50", "cspdarknet53"])
+def test_per_layer_flops_and_cio_sum_to_the_profiler_totals(name):
+    model = create_model(name)
+    summary = layer_costs(model, 32)
+    prof = profile(model, 32)
+    assert sum(layer.macs for layer in summary.layers) == prof.macs
+    assert sum(layer.bflops for layer in summary.layers) == pytest.approx(prof.bflops, rel=1e-12)
+    assert sum(layer.cio for layer in summary.layers) == prof.cio
+    assert summary.peak_bflops.bflops == max(layer.bflops for layer in summary.layers)
+    assert [layer.index for layer in summary.layers] == list(range(len(summary.layers)))
+
+
+def test_analyze_layers_cli_names_the_peaks_of_model_and_twin(tmp_path, capsys):
+    assert main(["analyze", "layers", "csppeleenet", "--out", str(tmp_path), "--input-size", "32"]) == 0
+    data = json.loads((tmp_path / "layers.json").read_text())
+    assert [d["model"] for d in data] == ["csppeleenet", "peleenet"]
+    for d in data:
+        assert d["bflops"] == pytest.approx(profile(create_model(d["model"]), 32).bflops, rel=1e-12)
+        assert f"`{d['peak_bflops']['name']}`" in (tmp_path / "layers.md").read_text()
+    assert (tmp_path / "layers.png").stat().st_size > 10_000
+    assert main(["analyze", "layers", "peleenet", "--out", str(tmp_path / "x"), "--twin", "nosuchmodel"]) == 2
+    assert "unknown model 'nosuchmodel'" in capsys.readouterr().err
+
+
+# -- the ablation runner ----------------------------------------------------------------------------
+def test_ablation_runs_cover_the_grid_and_reject_bad_requests():
+    runs = ablation_runs("csppeleenet")
+    assert [r.key for r in runs][:2] == ["plain", "fusion_first-g0.25"] and len(runs) == 10
+    assert runs[0].model == "peleenet" and runs[0].options == {}
+    assert {(r.fusion, r.part_ratio) for r in runs} == set(PAPER_TABLE1)
+    assert ablation_runs("peleenet")[1].model == "csppeleenet"  # a plain name finds its CSP twin
+    with pytest.raises(ValueError, match="unknown fusion"):
+        ablation_runs("csppeleenet", fusions=("fusion_middle",))
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
+        ablation_runs("csppeleenet", gammas=(1.0,))
+    lonely = next(n for n in list_models() if find_twin(n) is None)
+    with pytest.raises(ValueError, match="no CSP twin"):
+        ablation_runs(lonely)
+
+
+@pytest.fixture(scope="module")
+def tiny_ablation(tmp_path_factory):
+    """A 7-run ablation of a tiny CSPDenseNet: 64 digits at 16x16, one epoch of two steps."""
+    out = tmp_path_factory.mktemp("ablation")
+    data = load_classification("digits", 16, train_limit=64, test_limit=20)
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, seed=0)
+    kwargs = dict(options=TINY_DENSE, gammas=(0.25, 0.75), fusions=("fusion_first", "fusion_last", "csp"), paper_size=32,
+                  progress=False)
+    rows = run_ablation("cspdensenet121", data, cfg, ClassifyRecipe(), out, **kwargs)
+    return out, data, cfg, kwargs, rows
+
+
+def test_ablation_completes_on_a_tiny_subset_with_profiler_bflops(tiny_ablation):
+    out, data, _, _, rows = tiny_ablation
+    assert [r["status"] for r in rows] == ["trained"] * 7
+    assert [r["key"] for r in rows] == ["plain", "fusion_first-g0.25", "fusion_first-g0.75", "fusion_last-g0.25",
+                                        "fusion_last-g0.75", "csp-g0.25", "csp-g0.75"]
+    table = (out / "ablation.md").read_text()
+    lines = [line for line in table.splitlines() if re.match(r"\| (csp)?densenet121 ", line)]
+    assert len(lines) == 7
+    saved = json.loads((out / "ablation.json").read_text())
+    for line, row in zip(lines, saved):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        ablated = {} if row["fusion"] == "none" else {"fusion": row["fusion"], "part_ratio": row["part_ratio"]}
+        model = build_model(row["model"], num_classes=10, in_chans=1, options={**TINY_DENSE, **ablated})
+        prof = profile(model, 16)
+        assert row["bflops"] == prof.bflops and row["params"] == prof.params
+        assert float(cells[4]) == round(prof.bflops, 4)  # the BFLOPs column of the Markdown table
+        assert float(cells[3]) == round(prof.params / 1e6, 3)
+        assert 0.0 <= row["top1"] <= 1.0 and float(cells[5]) == round(100 * row["top1"], 2)
+        imagenet = build_model(row["model"], num_classes=1000, in_chans=3, options={**TINY_DENSE, **ablated})
+        assert row["bflops_paper_size"] == profile(imagenet, 32).bflops
+    assert len({r["bflops"] for r in rows}) == 7  # γ and fusion really change the models
+    assert (out / "ablation.png").stat().st_size > 10_000
+    assert (out / "runs" / "plain" / "metrics.csv").is_file()
+
+
+def test_ablation_table_puts_the_papers_figures_beside_the_peleenet_family(tiny_ablation):
+    rows = [dict(r) for r in tiny_ablation[4]]
+    assert "| 70.7 |" not in format_ablation_table(rows)  # no paper figures for DenseNet
+    for r in rows:
+        r["model"] = "peleenet" if r["fusion"] == "none" else "csppeleenet"
+    table = format_ablation_table(rows)
+    for r in rows:
+        top1, bflops = PAPER_TABLE1[(r["fusion"], r["part_ratio"])]
+        assert re.search(rf"\| {100 * r['top1']:.2f} \|.*\| {bflops:.3f} \| {top1:.1f} \|$", table, re.M)
+
+
+def test_ablation_resumes_skipping_finished_runs(tiny_ablation):
+    out, data, cfg, kwargs, rows = tiny_ablation
+    table = (out / "ablation.md").read_text()
+    (out / "runs" / "csp-g0.25" / "result.json").unlink()  # as if killed after training, before the result
+    again = run_ablation("cspdensenet121", data, cfg, ClassifyRecipe(), out, **kwargs)
+    assert [r["status"] for r in again] == ["skipped"] * 5 + ["resumed", "skipped"]
+    assert [r["top1"] for r in again] == [r["top1"] for r in rows]
+    assert (out / "ablation.md").read_text() == table
+    with pytest.raises(ValueError, match="finished with a different train"):
+        run_ablation("cspdensenet121", data, TrainConfig(epochs=2, batch_size=32, lr=0.05), ClassifyRecipe(), out, **kwargs)
+    with pytest.raises(ValueError, match="what the ablation varies"):
+        run_ablation("cspdensenet121", data, cfg, ClassifyRecipe(), out, **{**kwargs, "options": {"part_ratio": 0.5}})
+
+
+def test_gradients_cli_on_trained_runs_and_registered_models(tiny_ablation, tmp_path):
+    out = tiny_ablation[0]
+    assert main(["analyze", "gradients", str(out / "runs" / "plain"), "--twin", str(out / "runs" / "csp-g0.75"),
+                 "--out", str(tmp_path / "trained"), "--batch", "8"]) == 0
+    reports = json.loads((tmp_path / "trained" / "gradients.json").read_text())
+    assert [r["model"].split(" ")[0] for r in reports] == ["plain", "csp-g0.75"]
+    assert all(s["residual"] < 1e-5 for r in reports for s in r["stages"])
+    assert [s["shared_chs"] for s in reports[1]["stages"]] == [4, 4]  # γ = 0.75 of the 16 base channels bypass
+    assert len(list((tmp_path / "trained").glob("gradients_stage*.png"))) == 2
+    opts = [a for k, v in TINY_DENSE.items() for a in ("--model-opt", f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}")]
+    assert main(["analyze", "gradients", "densenet121", "--out", str(tmp_path / "fresh"), "--data", "digits",
+                 "--img-size", "32", "--batch", "8", *opts]) == 0
+    assert [r["model"] for r in json.loads((tmp_path / "fresh" / "gradients.json").read_text())] == ["densenet121", "cspdensenet121"]

@@ -1,0 +1,124 @@
+"""The backbone contract, the same on every registered model (as detection frameworks use it)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cspnet
+
+SIZE = 64
+
+
+def _bns(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@pytest.mark.parametrize("name", cspnet.list_models())
+def test_backbone_contract(name):
+    """features_only maps match feature_info; frozen_stages=1 freezes exactly stem + stage 1; the head API."""
+    model = cspnet.create_model(name, features_only=True, frozen_stages=1)
+    info = model.feature_info
+    assert [f.module for f in info] == ["stem"] + [f"stages.{i}" for i in range(len(model.stages))]
+    model.eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        feats = model(x)
+        assert len(feats) == len(info)
+        for f, level in zip(feats, info):
+            assert tuple(f.shape) == (1, level.num_chs, SIZE // level.reduction, SIZE // level.reduction), (name, level)
+
+        # Frozen: the stem and stages[0] only, and their BN stays in eval through .train().
+        model.train()
+        frozen = {id(p) for m in (model.stem, model.stages[0]) for p in m.parameters()}
+        for pname, p in model.named_parameters():
+            assert p.requires_grad == (id(p) not in frozen), pname
+        frozen_bns = _bns(model.stem) + _bns(model.stages[0])
+        assert all(not bn.training for bn in frozen_bns)
+        assert all(bn.training for m in model.stages[1:] for bn in _bns(m))
+
+        # The head API on the same backbone: a head appears with reset_classifier.
+        model.eval()
+        model.reset_classifier(7)
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert pooled.shape == (1, info[-1].num_chs) == (1, model.num_features)
+        assert model(x).shape == (1, 7)
+        model.reset_classifier(0)
+        assert torch.equal(model(x), pooled)
+
+
+def test_out_indices_select_and_order_levels():
+    model = cspnet.create_model("cspresnet10", features_only=True, out_indices=(1, -1)).eval()
+    every = cspnet.create_model("cspresnet10", features_only=True).eval()
+    every.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        two, levels = model(x), every(x)
+    assert len(two) == 2 and torch.equal(two[0], levels[1]) and torch.equal(two[1], levels[-1])
+    with pytest.raises(ValueError, match="out_indices"):
+        cspnet.create_model("cspresnet10", features_only=True, out_indices=(9,))
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    model.train()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("k", [-1, 0, 1, 2, 4])
+def test_frozen_stages_train_step_leaves_frozen_part_untouched(k):
+    model = cspnet.create_model("cspresnet10", num_classes=3, frozen_stages=k)
+    before = copy.deepcopy(model.state_dict())
+    _train_step(model, torch.randn(2, 3, SIZE, SIZE), torch.tensor([0, 2]))
+    frozen_prefixes = () if k < 0 else ("stem.",) + tuple(f"stages.{i}." for i in range(k))
+    for key, value in model.state_dict().items():
+        if not key.endswith(("running_mean", "running_var")):
+            continue
+        changed = not torch.equal(value, before[key])
+        assert changed != key.startswith(frozen_prefixes), f"k={k}: running stat {key} changed={changed}"
+    for pname, p in model.named_parameters():
+        assert (p.grad is None) == pname.startswith(frozen_prefixes), pname
+
+
+def test_frozen_stages_out_of_range():
+    with pytest.raises(ValueError, match="frozen_stages"):
+        cspnet.create_model("cspresnet10", frozen_stages=5)
+
+
+def test_norm_eval_keeps_every_batchnorm_in_eval():
+    model = cspnet.create_model("cspresnet10", num_classes=3, norm_eval=True)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    _train_step(model, torch.randn(2, 3, SIZE, SIZE), torch.tensor([0, 2]))
+    assert all(not bn.training for bn in _bns(model))
+    assert all(p.grad is not None for p in model.parameters())  # trainable, only the statistics are fixed
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", ["cspresnet10", "cspdarknet53_timm"])
+def test_grad_checkpointing_gives_the_same_step(name):
+    """Same loss, gradients and BN statistics with and without checkpointing.
+
+    Recomputation re-runs each stage's forward in the backward pass; in train mode that would
+    update BN running stats a second time. StagedNet restores them around the recomputation,
+    so the two steps agree exactly; the forward-call count shows that recomputation happened.
+    """
+    plain = cspnet.create_model(name, num_classes=4, drop_rate=0.2)
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    calls = []
+    ckpt.stages[1].register_forward_pre_hook(lambda *_: calls.append(1))
+    x, y = torch.randn(2, 3, SIZE, SIZE), torch.tensor([1, 3])
+
+    torch.manual_seed(5)
+    loss_plain = _train_step(plain, x, y)
+    torch.manual_seed(5)
+    loss_ckpt = _train_step(ckpt, x, y)
+
+    assert len(calls) == 2  # forward + recomputation
+    assert torch.equal(loss_plain, loss_ckpt)
+    for (pname, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), pname
+    for (bname, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        assert torch.equal(a, b), bname

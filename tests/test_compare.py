@@ -1,0 +1,56 @@
+"""``cspnet compare`` end to end on a tiny subset: report.md, report.json and the plots."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from cspnet.cli import main
+from cspnet.compare import DEFAULTS, benchmark
+from cspnet.data.classification import FASHION_MNIST_ROOT
+from cspnet.engine.models import build_model, model_record
+from cspnet.profile import profile
+
+DATA = "fashion-mnist" if FASHION_MNIST_ROOT.is_dir() else "digits"
+
+
+@pytest.mark.slow
+def test_compare_writes_report_and_plots(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--data", DATA, "--train-limit", "320", "--test-limit", "100", "--width", "0.25",
+               "--epochs", "1", "--batch-size", "32", "--bench-batch", "16", "--bench-seconds", "0.2",
+               "--threads", "1", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == list(DEFAULTS.models)
+    for m in report["models"]:
+        for key in ("name", "params", "bflops", "top1", "train_img_per_s", "infer_img_per_s", "peak_mem_mb"):
+            assert key in m, key
+        assert m["train_img_per_s"] > 0 and m["infer_img_per_s"] > m["train_img_per_s"] / 2
+        assert 0 < m["peak_mem_mb"] < 4096 and 0.0 <= m["top1"] <= 1.0
+        # the figures are the profiler's for the model that was trained
+        model = build_model(m["name"], num_classes=10, in_chans=1, width=0.25)
+        prof = profile(model, 32)
+        assert m["params"] == prof.params == sum(p.numel() for p in model.parameters())
+        assert m["bflops"] == pytest.approx(prof.bflops)
+        assert (out / m["name"] / "last.safetensors").is_file() and (out / m["name"] / "metrics.csv").is_file()
+    assert report["wall_s"] > 0 and report["ratios"]["bflops"] == pytest.approx(report["models"][0]["bflops"] / report["models"][1]["bflops"])
+    # at width 0.25 the CSP model is the cheaper one, as at full width (paper Table 3)
+    assert report["ratios"]["params"] < 1 and report["ratios"]["bflops"] < 1
+    md = (out / "report.md").read_text()
+    assert all(n in md for n in names) and "curves.png" in md and "bars.png" in md and "top-1" in md
+    for png in ("curves.png", "bars.png"):
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and im.size[0] >= 600
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["report"].endswith("report.md")
+
+
+def test_benchmark_measures_memory_growth_with_batch():
+    record = model_record("resnet10", num_classes=10, in_chans=1, width=0.25)
+    small = benchmark(record, 32, 8, min_time=0.05)
+    large = benchmark(record, 32, 256, min_time=0.05)
+    assert small["train_img_per_s"] > 0 and small["infer_img_per_s"] > 0
+    assert large["peak_mem_mb"] > small["peak_mem_mb"]  # activations grow with the batch

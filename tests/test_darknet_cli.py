@@ -1,0 +1,101 @@
+"""``cspnet darknet info`` and ``cspnet darknet convert``."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import cspnet
+from cspnet.cli import main
+from cspnet.darknet import build_model, load_model, write_weights
+from cspnet.weights import read_metadata
+
+from test_darknet_weights import SIZE, official, randomize
+
+CFG_ROOT = Path(__file__).resolve().parents[2] / "shared" / "darknet-cfg"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small CPU ops: intra-op threads only add spin-waiting on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_info_prints_darknets_table_with_params_and_bflops(capsys):
+    assert main(["darknet", "info", str(CFG_ROOT / "cfg" / "csdarknet53.cfg")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "csdarknet53.cfg: input 256 x 256 x 3"
+    rows = [line for line in out if line[:5].strip().isdigit()]
+    assert len(rows) == 108
+    assert rows[0].split()[:3] == ["0", "conv", "32"] and "256 x 256 x    3 ->  256 x 256 x   32" in rows[0]
+    assert rows[1].split()[:2] == ["1", "conv"] and "->  128 x 128 x   64" in rows[1]
+    assert rows[105].split()[:2] == ["105", "avg"] and "->    1 x   1 x 1024" in rows[105]
+    assert out[-1].startswith("conv weights: 27.606 M") and out[-1].endswith("BFLOPs: 13.067")
+
+
+def test_info_json_at_another_size_sums_per_layer_bflops(capsys):
+    cfg = CFG_ROOT / "pytorch-branch" / "cfg" / "csresnext50-panet-spp.cfg"
+    assert main(["darknet", "info", str(cfg), "--size", "608", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["input_size"] == [608, 608] and round(info["bflops"], 2) == 100.53
+    assert round(info["conv_params"] / 1e6, 3) == 56.853
+    assert abs(sum(r["bflops"] for r in info["layers"]) - info["bflops"]) < 1e-9
+    yolo = [r for r in info["layers"] if r["kind"] == "yolo"]
+    assert [r["out_shape"] for r in yolo] == [[255, 76, 76], [255, 38, 38], [255, 19, 19]]
+
+
+def test_info_errors_are_clean(capsys):
+    assert main(["darknet", "info", str(CFG_ROOT / "in-progress" / "yolov3-spp-matrix.cfg")]) == 2
+    assert "yolov3-spp-matrix.cfg:927: layer 127 [convolutional]: share_index" in capsys.readouterr().err
+    assert main(["darknet", "info", "missing.cfg"]) == 2
+    assert "missing.cfg:0: cannot read cfg" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def darknet_ref_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomize(build_model(official("darknet_ref"), SIZE), seed=5)
+    path = write_weights(model, tmp_path_factory.mktemp("w") / "darknet.weights")
+    return model, path
+
+
+def test_convert_to_the_native_model(darknet_ref_weights, tmp_path, capsys):
+    darknet, weights = darknet_ref_weights
+    out = tmp_path / "darknet_ref.safetensors"
+    assert main(["darknet", "convert", str(official("darknet_ref")), str(weights), str(out)]) == 0
+    assert "cspnet.create_model('darknet_ref'" in capsys.readouterr().out
+    meta = read_metadata(out)
+    assert (meta["model"], meta["layout"], meta["darknet_cfg"], meta["darknet_header"]["minor"]) == (
+        "darknet_ref", "native", "darknet.cfg", 2)
+    native = cspnet.create_model("darknet_ref", pretrained=out).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert (native(x) - darknet(x)).abs().max() <= 1e-4
+
+
+def test_convert_raw_keeps_the_cfg_layout(darknet_ref_weights, tmp_path):
+    darknet, weights = darknet_ref_weights
+    out = tmp_path / "raw.safetensors"
+    assert main(["darknet", "convert", str(official("darknet_ref")), str(weights), str(out), "--raw"]) == 0
+    assert read_metadata(out)["layout"] == "darknet"
+    model = load_model(official("darknet_ref"), out, input_size=SIZE)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(model(x), darknet(x))
+
+
+def test_convert_refuses_a_cfg_that_computes_something_else(darknet_ref_weights, tmp_path, capsys):
+    _, weights = darknet_ref_weights
+    # same shapes as darknet.cfg, another activation: the weights fit, the function does not
+    relu = tmp_path / "darknet-relu.cfg"
+    relu.write_text(official("darknet_ref").read_text().replace("activation=leaky", "activation=relu"))
+    out = tmp_path / "x.safetensors"
+    assert main(["darknet", "convert", str(relu), str(weights), str(out), "--model", "darknet_ref"]) == 2
+    assert "compute different outputs" in capsys.readouterr().err and not out.exists()
+    assert main(["darknet", "convert", str(relu), str(weights), str(out), "--model", "resnet10"]) == 2
+    assert "weighted layers cannot map onto" in capsys.readouterr().err
+    assert main(["darknet", "convert", str(relu), str(weights), str(tmp_path / "x.pt")]) == 2
+    assert "must be a .safetensors file" in capsys.readouterr().err

@@ -1,0 +1,146 @@
+"""Classification data: Fashion-MNIST IDX files, scikit-learn digits, image folders and their errors."""
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cspnet.cli import main
+from cspnet.data import CorruptImageError, DataError, load_classification, load_digits_data, load_fashion_mnist
+from cspnet.data.classification import FASHION_MNIST_ROOT
+
+
+def _raw_idx(path, offset):
+    with gzip.open(path) as f:
+        return np.frombuffer(f.read(), np.uint8, offset=offset)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_matches_the_raw_idx_files():
+    data = load_fashion_mnist(img_size=28)
+    # independent read, as the research note's snippet does it
+    x = _raw_idx(FASHION_MNIST_ROOT / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    y = _raw_idx(FASHION_MNIST_ROOT / "t10k-labels-idx1-ubyte.gz", 8)
+    assert len(data.train) == 60000 and len(data.test) == 10000
+    assert torch.equal(data.test.images[:, 0], torch.from_numpy(x.copy()))
+    assert torch.equal(data.test.labels, torch.from_numpy(y.astype(np.int64)))
+    assert torch.bincount(data.train.labels).tolist() == [6000] * 10
+    assert data.classes[0] == "T-shirt/top" and data.num_classes == 10 and data.in_chans == 1 and data.hflip
+
+
+@pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_at_32_pixels_and_balanced_subsets():
+    data = load_classification("fashion-mnist", 32, train_limit=500, test_limit=100)
+    assert tuple(data.train.images.shape) == (500, 1, 32, 32) and data.train.images.dtype == torch.uint8
+    assert torch.bincount(data.train.labels).tolist() == [50] * 10
+    assert torch.bincount(data.test.labels).tolist() == [10] * 10
+    # the same subset at 28 pixels: upsampling keeps each picture's mean brightness
+    same28 = load_fashion_mnist(28, train_limit=500, test_limit=100)
+    assert torch.equal(same28.train.labels, data.train.labels)
+    diff = data.train.images.float().mean((1, 2, 3)) - same28.train.images.float().mean((1, 2, 3))
+    assert diff.abs().max() < 2.0
+
+
+def test_fashion_mnist_missing_gives_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        load_fashion_mnist(32, root=tmp_path / "nowhere")
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 12))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: not an IDX file"):
+        load_fashion_mnist(32, root=tmp_path)
+
+
+def test_digits_split_is_stratified_and_exact():
+    from sklearn.datasets import load_digits
+
+    data = load_digits_data(img_size=8)
+    assert len(data.train) + len(data.test) == 1797 and len(data.test) == 360
+    per_class = np.bincount(load_digits().target)
+    test_counts = torch.bincount(data.test.labels).numpy()
+    assert np.all(np.abs(test_counts - 0.2 * per_class) <= 1)  # stratified: 20% of every class
+    raw = np.round(load_digits().images * 255 / 16).astype(np.uint8)
+    # every test image is one of the originals, unchanged at 8x8
+    originals = {r.tobytes() for r in raw}
+    assert all(img[0].numpy().tobytes() in originals for img in data.test.images[:50])
+    assert not data.hflip  # a mirrored digit is another symbol
+
+
+def _folder(root, spec):
+    """spec: {class: number of images}; images are small PNGs with class-dependent brightness."""
+    rng = np.random.default_rng(0)
+    for ci, (cls, n) in enumerate(spec.items()):
+        d = root / cls
+        d.mkdir(parents=True)
+        for i in range(n):
+            arr = (rng.random((12, 10, 3)) * 60 + 80 * ci).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"{i}.png")
+    return root
+
+
+def test_image_folder_loads_and_splits(tmp_path):
+    root = _folder(tmp_path / "ds", {"cat": 10, "dog": 10})
+    data = load_classification(str(root), 16, val_fraction=0.2)
+    assert data.classes == ["cat", "dog"] and data.in_chans == 3
+    assert len(data.train) == 16 and len(data.test) == 4
+    img, label = data.train[0]
+    assert img.dtype == torch.uint8 and tuple(img.shape) == (3, 16, 16) and label in (0, 1)
+    train_paths = {p for p, _ in data.train.samples}
+    assert not train_paths & {p for p, _ in data.test.samples}
+    grey = load_classification(str(root), 16, in_chans=1)
+    assert tuple(grey.train[0][0].shape) == (1, 16, 16)
+
+
+def test_image_folder_with_train_val_dirs(tmp_path):
+    _folder(tmp_path / "ds" / "train", {"a": 4, "b": 4})
+    _folder(tmp_path / "ds" / "val", {"a": 2, "b": 2})
+    data = load_classification(str(tmp_path / "ds"), 8)
+    assert (len(data.train), len(data.test)) == (8, 4)
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
+    root = _folder(tmp_path / "ds", {"a": 6, "b": 6})
+    bad = root / "b" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
+    data = load_classification(str(root), 8, val_fraction=0.25)
+    ds, index = next((ds, i) for ds in (data.train, data.test) for i, (p, _) in enumerate(ds.samples) if p == str(bad))
+    with pytest.raises(CorruptImageError, match="broken.png"):
+        ds[index]
+    skipped = load_classification(str(root), 8, val_fraction=0.25, skip_corrupt=True)
+    assert skipped.skipped == [str(bad)]
+    assert len(skipped.train) + len(skipped.test) == 12
+
+
+def test_empty_class_folder_and_too_few_classes(tmp_path):
+    root = _folder(tmp_path / "ds", {"a": 3, "b": 3})
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="empty class folder.*empty"):
+        load_classification(str(root), 8)
+    one = _folder(tmp_path / "one", {"only": 3})
+    with pytest.raises(DataError, match="at least two class folders.*'only'"):
+        load_classification(str(one), 8)
+    with pytest.raises(DataError, match="not one of fashion-mnist, digits"):
+        load_classification(str(tmp_path / "missing"), 8)
+
+
+def test_cli_reports_data_errors_cleanly(tmp_path, capsys):
+    root = _folder(tmp_path / "ds", {"a": 3, "b": 3})
+    (root / "c").mkdir()
+    rc = main(["train", "--model", "resnet10", "--data", str(root), "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "empty class folder" in err and str(root / "c") in err and "Traceback" not in err
+
+
+def test_cli_names_a_corrupt_image_read_by_a_worker_or_skips_it(tmp_path, capsys):
+    root = _folder(tmp_path / "ds", {"a": 8, "b": 8})
+    (root / "a" / "zz_broken.png").write_bytes(b"not an image at all")
+    args = ["train", "--model", "resnet10", "--width", "0.25", "--data", str(root), "--img-size", "16", "--epochs", "1",
+            "--batch-size", "8", "--val-fraction", "0.1", "--workers", "1", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "r1")]) == 2
+    err = capsys.readouterr().err
+    assert "zz_broken.png: corrupt or unreadable image" in err and "Traceback" not in err
+    assert main([*args, "--skip-corrupt", "--out", str(tmp_path / "r2")]) == 0
+    assert "skipped 1 corrupt image(s)" in capsys.readouterr().err

@@ -1,0 +1,243 @@
+"""Detector pieces: neck shapes and anchor bookkeeping, box coding, loss assignment, NMS, COCO mAP."""
+import math
+import random
+
+import pytest
+import torch
+from torchvision.ops import box_iou, complete_box_iou_loss, nms
+
+from cspnet.detection import NECKS, YOLOV3_ANCHORS, create_detector, decode_boxes, encode_boxes, make_anchor_layout
+from cspnet.detection.head import decode_level, fit_anchors
+from cspnet.detection.loss import YoloLoss
+from cspnet.detection.metrics import coco_evaluate
+
+TINY = {"backbone_width": 0.25, "neck_width": 64}  # cspresnet10 at a quarter width: fast
+
+
+@pytest.mark.parametrize("neck", NECKS)
+def test_neck_shapes_and_anchor_bookkeeping(neck):
+    det = create_detector("cspresnet10", neck, num_classes=7, **TINY)
+    layout = det.layout
+    assert layout.strides == (8, 16, 32)
+    # the cfgs' masks 0,1,2 / 3,4,5 / 6,7,8 with the COCO anchors sorted by area
+    assert layout.masks == ((0, 1, 2), (3, 4, 5), (6, 7, 8))
+    assert layout.anchors == tuple(sorted(YOLOV3_ANCHORS, key=lambda a: a[0] * a[1]))
+    x = torch.rand(2, 3, 64, 96)  # not square: H and W must not be mixed up
+    det.train()
+    raw = det(x)
+    assert [tuple(r.shape) for r in raw] == [(2, 3 * (5 + 7), 64 // s, 96 // s) for s in (8, 16, 32)]
+    maps = det.neck(det.backbone(x))
+    assert [m.shape[1] for m in maps] == det.neck.out_chs == [16, 32, 64]
+    det.eval()
+    with torch.no_grad():
+        out = det(x)
+    assert out.shape == (2, sum(3 * (64 // s) * (96 // s) for s in (8, 16, 32)), 5 + 7)
+    assert torch.all((out[..., 4:] >= 0) & (out[..., 4:] <= 1))  # probabilities
+    assert torch.all(out[..., 2] > out[..., 0]) and torch.all(out[..., 3] > out[..., 1])
+
+
+def test_efm_reads_one_more_scale_and_gfm_fuses_all():
+    efm = create_detector("cspresnet10", "efm", num_classes=3, **TINY)
+    assert efm.backbone.strides == [4, 8, 16, 32]  # scale s-1 of the stride-8 output
+    gfm = create_detector("cspresnet10", "gfm", num_classes=3, **TINY)
+    assert gfm.backbone.strides == [8, 16, 32]
+    # EFM compresses with Maxout (no weights) before concatenating (paper §3.2)
+    from cspnet.layers import Maxout
+
+    assert any(isinstance(m, Maxout) for m in efm.neck.modules())
+    sam = create_detector("cspresnet10", "efm-sam", num_classes=3, **TINY)
+    assert sam.neck.attention is not None and len(sam.neck.attention) == 3
+    spp = create_detector("cspresnet10", "efm-spp", num_classes=3, **TINY)
+    from cspnet.layers import SPP
+
+    assert sum(isinstance(m, SPP) for m in spp.neck.modules()) == 1
+    assert not any(isinstance(m, SPP) for m in efm.neck.modules())
+
+
+def test_custom_anchors_and_two_levels():
+    anchors = [(5, 6), (50, 60), (10, 12), (30, 20)]
+    det = create_detector("cspresnet10", "panet", num_classes=2, anchors=anchors, strides=(16, 32), **TINY)
+    assert det.layout.masks == ((0, 1), (2, 3))
+    assert det.layout.anchors == ((5, 6), (10, 12), (30, 20), (50, 60))
+    det.train()
+    raw = det(torch.rand(1, 3, 64, 64))
+    assert [tuple(r.shape) for r in raw] == [(1, 2 * 7, 4, 4), (1, 2 * 7, 2, 2)]
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        create_detector("cspresnet10", "panet", anchors=anchors[:2], **TINY)
+    with pytest.raises(ValueError, match="unknown neck"):
+        create_detector("cspresnet10", "bifpn")
+    with pytest.raises(ValueError, match="no feature map at stride 64"):
+        create_detector("cspresnet10", "fpn", strides=(16, 32, 64))
+
+
+def test_cspresnet50_taps_follow_its_cfg():
+    # csresnet50-panet-spp.cfg routes layers 38 and 65: 256 ch at stride 8, 512 at stride 16
+    det = create_detector("cspresnet50", "fpn", num_classes=1, neck_width=64)
+    assert det.backbone.out_chs == [256, 512, 1024]
+    x = torch.rand(1, 3, 64, 64)
+    feats = det.backbone(x)
+    assert [tuple(f.shape[1:]) for f in feats] == [(256, 8, 8), (512, 4, 4), (1024, 2, 2)]
+
+
+@pytest.mark.parametrize("scale_x_y", [1.0, 1.2])
+def test_decode_inverts_encode(scale_x_y):
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(500, 2, generator=g) * 600
+    wh = torch.rand(500, 2, generator=g) * 300 + 1
+    boxes = torch.cat([xy, xy + wh], 1)
+    stride = 16
+    cells = ((boxes[:, :2] + boxes[:, 2:]) / 2 / stride).floor()
+    anchors = torch.tensor(YOLOV3_ANCHORS, dtype=torch.float32)[torch.randint(9, (500,), generator=g)]
+    t = encode_boxes(boxes, cells, anchors, stride, scale_x_y)
+    torch.testing.assert_close(decode_boxes(t, cells, anchors, stride, scale_x_y), boxes, rtol=1e-4, atol=1e-2)
+
+
+def test_decode_level_uses_darknet_channel_order():
+    # One raw map holding encoded boxes at chosen (anchor, cell) places: decode_level must return
+    # them at row anchor * H * W + gy * W + gx, with objectness and class probabilities after.
+    num_classes, h, w, stride = 4, 5, 6, 8
+    anchors = torch.tensor([[10.0, 14.0], [24.0, 20.0], [40.0, 44.0]])
+    raw = torch.zeros(1, 3 * (5 + num_classes), h, w)
+    places = [(0, 1, 2), (2, 4, 5), (1, 0, 0)]
+    boxes = torch.tensor([[12.0, 9.0, 20.0, 22.0], [35.0, 30.0, 60.0, 50.0], [1.0, 2.0, 6.0, 5.0]])
+    for (a, gy, gx), box in zip(places, boxes):
+        t = encode_boxes(box[None], torch.tensor([[gx, gy]], dtype=torch.float32), anchors[a][None], stride)[0]
+        base = a * (5 + num_classes)
+        raw[0, base:base + 4, gy, gx] = t
+        raw[0, base + 4, gy, gx] = 3.0
+        raw[0, base + 5 + a, gy, gx] = 2.0
+    rows = decode_level(raw, anchors, stride)[0]
+    for (a, gy, gx), box in zip(places, boxes):
+        row = rows[a * h * w + gy * w + gx]
+        torch.testing.assert_close(row[:4], box, atol=1e-3, rtol=1e-4)
+        assert row[4] == pytest.approx(1 / (1 + math.exp(-3)))
+        assert row[5 + a] == pytest.approx(1 / (1 + math.exp(-2)))
+
+
+def _random_outputs(n=3, rows=400, num_classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, rows, 2, generator=g) * 200
+    wh = torch.rand(n, rows, 2, generator=g) * 60 + 2
+    return torch.cat([xy, xy + wh, torch.rand(n, rows, 1 + num_classes, generator=g)], dim=-1)
+
+
+@pytest.mark.parametrize("multi_label", [True, False])
+def test_postprocess_equals_torchvision_nms_per_class(multi_label):
+    out = _random_outputs()
+    conf, iou = 0.3, 0.5
+    mine = create_detector("cspresnet10", "fpn", num_classes=5, **TINY).postprocess(out, conf, iou, max_det=10_000, multi_label=multi_label)
+    for rows, got in zip(out, mine):
+        scores = rows[:, 4:5] * rows[:, 5:]
+        expect = []
+        for c in range(scores.shape[1]):
+            if multi_label:
+                idx = (scores[:, c] > conf).nonzero().flatten()
+            else:
+                idx = ((scores.argmax(1) == c) & (scores.max(1).values > conf)).nonzero().flatten()
+            keep = nms(rows[idx, :4], scores[idx, c], iou)  # plain per-class NMS, independent of batched_nms
+            expect += [(c, float(scores[i, c])) + tuple(rows[i, :4].tolist()) for i in idx[keep].tolist()]
+        have = [(int(c), float(s)) + tuple(b.tolist()) for b, s, c in zip(got["boxes"], got["scores"], got["labels"])]
+        assert len(have) > 10
+        assert sorted(have) == sorted(expect)
+        assert torch.all(got["scores"][:-1] >= got["scores"][1:])  # best first
+
+
+def _gt(num_images=6, per_image=5, seed=0):
+    rng = random.Random(seed)
+    images, anns = [], []
+    for i in range(num_images):
+        images.append({"id": i, "width": 256, "height": 256, "file_name": f"{i}.png"})
+        for _ in range(per_image):
+            x, y, w, h = rng.uniform(0, 180), rng.uniform(0, 180), rng.uniform(20, 70), rng.uniform(20, 70)
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": rng.randrange(1, 4), "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": 0})
+    cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def test_coco_map_of_perfect_predictions_is_one_and_of_shuffled_ones_low():
+    gt = _gt()
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]), "score": 1.0}
+               for a in gt["annotations"]]
+    m = coco_evaluate(gt, perfect)
+    assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0) and m["AP75"] == pytest.approx(1.0)
+    # the same boxes given to the wrong images
+    rng = random.Random(1)
+    ids = [d["image_id"] for d in perfect]
+    rng.shuffle(ids)
+    shuffled = [{**d, "image_id": i, "score": rng.random()} for d, i in zip(perfect, ids)]
+    assert coco_evaluate(gt, shuffled)["AP50"] < 0.25
+    assert coco_evaluate(gt, [])["AP"] == 0.0
+    with pytest.raises(ValueError, match="not in the ground truth"):
+        coco_evaluate(gt, [{**perfect[0], "image_id": 999}])
+
+
+def test_loss_assigns_best_anchor_at_centre_cell():
+    layout = make_anchor_layout(None, (8, 16, 32))
+    loss_fn = YoloLoss(layout, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(40, 2, generator=g) * 300
+    wh = torch.rand(40, 2, generator=g) * 250 + 4
+    boxes = torch.cat([xy, xy + wh], 1)
+    targets = [{"boxes": boxes[:25], "labels": torch.zeros(25, dtype=torch.long)},
+               {"boxes": boxes[25:], "labels": torch.ones(15, dtype=torch.long)}]
+    shapes = [(416 // s, 416 // s) for s in layout.strides]
+    assigned = loss_fn.assign(targets, shapes, "cpu")
+    # independent: IoU of each box with each anchor, both centred at the origin (torchvision box_iou)
+    anchors = layout.all_anchors()
+    centred = lambda s: torch.cat([-s / 2, s / 2], 1)  # noqa: E731
+    best = box_iou(centred(wh), centred(anchors)).argmax(1)
+    seen = []
+    for level, pos in enumerate(assigned):
+        for i, a, cell in zip(pos["gt"].tolist(), pos["anchor"].tolist(), pos["cells"]):
+            assert layout.masks[level][a] == int(best[i])
+            centre = (boxes[i, :2] + boxes[i, 2:]) / 2 / layout.strides[level]
+            assert torch.equal(cell, centre.floor().clamp(max=shapes[level][0] - 1))
+            seen.append(i)
+    assert sorted(seen) == list(range(40))  # every box exactly once (iou_thresh=1: best anchor only)
+    extra = YoloLoss(layout, 3, iou_thresh=0.2).assign(targets, shapes, "cpu")
+    assert sum(len(p["image"]) for p in extra) > 40  # the "optimal" cfg's extra anchors above iou_thresh
+
+
+@pytest.mark.parametrize("box_loss", ["mse", "giou", "diou", "ciou"])
+def test_loss_parts_and_gradients(box_loss):
+    det = create_detector("cspresnet10", "efm", num_classes=3, **TINY)
+    det.train()
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 20.0, 60.0, 62.0]]), "labels": torch.tensor([0, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    loss_fn = YoloLoss(det.layout, 3, box_loss=box_loss, label_smoothing=0.1)
+    loss, parts = loss_fn(det(torch.rand(2, 3, 64, 64)), targets)
+    assert torch.isfinite(loss) and loss > 0
+    assert set(parts) == {"box", "obj", "cls"} and all(v > 0 for v in parts.values())
+    loss.backward()
+    assert det.head.preds[0].weight.grad is not None and det.head.preds[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="targets\\[1\\]"):
+        loss_fn(det(torch.rand(2, 3, 64, 64)), [targets[0], {"boxes": torch.zeros(2, 4)}])
+
+
+def test_ciou_box_loss_is_torchvisions_on_decoded_positives():
+    layout = make_anchor_layout(None, (8, 16, 32))
+    loss_fn = YoloLoss(layout, 2, box_loss="ciou")
+    raw = [torch.randn(1, 3 * 7, 52 // (s // 8), 52 // (s // 8)) * 0.5 for s in (8, 16, 32)]
+    box = torch.tensor([[100.0, 120.0, 180.0, 170.0]])
+    targets = [{"boxes": box, "labels": torch.tensor([1])}]
+    pos = loss_fn.assign(targets, [r.shape[-2:] for r in raw], "cpu")
+    level = next(i for i, p in enumerate(pos) if len(p["image"]))
+    p = pos[level]
+    stride = layout.strides[level]
+    a, (gx, gy) = int(p["anchor"][0]), p["cells"][0].long().tolist()
+    t = raw[level].view(1, 3, 7, *raw[level].shape[-2:])[0, a, :4, gy, gx]
+    pred = decode_boxes(t[None], p["cells"], p["anchor_wh"], stride)
+    expect = complete_box_iou_loss(pred, box, reduction="mean")
+    _, parts = loss_fn(raw, targets)
+    assert parts["box"] == pytest.approx(float(expect), rel=1e-5)
+
+
+def test_fit_anchors_recovers_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[10.0, 10.0], [40.0, 20.0], [90.0, 100.0]])
+    wh = torch.cat([c + torch.randn(50, 2, generator=g) for c in centres])
+    got = torch.tensor(fit_anchors(wh.numpy(), 3))
+    torch.testing.assert_close(got, centres, atol=1.0, rtol=0)
+    with pytest.raises(ValueError, match="at least 9 boxes"):
+        fit_anchors(wh[:5].numpy(), 9)

@@ -1,0 +1,211 @@
+"""Detection data: built-in scenes and trees, COCO / VOC loaders, sanitising, letterbox and augmentation."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cspnet.data import detection as D
+from cspnet.data.detection import (
+    AnnotationError,
+    AugmentCfg,
+    DetectionDataset,
+    coco_ground_truth,
+    load_coco,
+    load_voc,
+    make_scenes,
+    sanitize_boxes,
+    tree_tiles,
+)
+
+
+def test_scenes_are_seeded_exact_and_non_overlapping():
+    a, names = make_scenes(4, seed=5, size=96)
+    b, _ = make_scenes(4, seed=5, size=96)
+    c, _ = make_scenes(4, seed=6, size=96)
+    assert len(names) == 10
+    for ra, rb in zip(a, b):
+        assert np.array_equal(ra.image, rb.image) and np.array_equal(ra.boxes, rb.boxes)
+    assert not all(np.array_equal(ra.image, rc.image) for ra, rc in zip(a, c))
+    for r in a:
+        assert r.image.shape == (96, 96, 3) and r.image.dtype == np.uint8
+        assert 2 <= len(r.boxes) <= 5 and set(r.labels.tolist()) <= set(range(10))
+        assert np.all(r.boxes[:, :2] >= 0) and np.all(r.boxes[:, 2:] <= 96) and np.all(r.boxes[:, 2:] > r.boxes[:, :2])
+        for i in range(len(r.boxes)):
+            for j in range(i):
+                p, q = r.boxes[i], r.boxes[j]
+                assert p[0] >= q[2] or p[2] <= q[0] or p[1] >= q[3] or p[3] <= q[1]
+
+
+def test_scene_boxes_are_the_pasted_objects_extent(monkeypatch):
+    # On a black background the pasted pixels are exactly the non-black ones: none outside the
+    # boxes, and every box edge touches one (the box is tight).
+    monkeypatch.setattr(D, "_textures", lambda: [np.zeros((512, 512), np.uint8)])
+    recs, _ = make_scenes(4, seed=2, size=64)
+    for rec in recs:
+        img = rec.image.max(-1).astype(float)
+        inside = np.zeros(img.shape, bool)
+        for x0, y0, x1, y1 in rec.boxes.astype(int):
+            inside[y0:y1, x0:x1] = True
+            for edge in (img[y0, x0:x1], img[y1 - 1, x0:x1], img[y0:y1, x0], img[y0:y1, x1 - 1]):
+                assert edge.max() > 0
+        assert img[~inside].max() == 0
+
+
+def test_scenes_fall_back_to_sklearn_digits(monkeypatch, tmp_path):
+    monkeypatch.setattr(D, "FASHION_MNIST_DIR", tmp_path / "missing")
+    D.object_images.cache_clear()
+    try:
+        recs, names = make_scenes(2, seed=0, size=64)
+        assert names == tuple(str(i) for i in range(10)) and len(recs) == 2
+    finally:
+        D.object_images.cache_clear()
+
+
+def test_tree_tiles_from_the_deepforest_wheel():
+    train, names = tree_tiles("train")
+    val, _ = tree_tiles("val")
+    assert names == ("Tree",)
+    # 2299x2472 -> 6 x 7 full tiles (last ones flush with the edge), SOAP_061 -> 1
+    assert len(train) == 43 and all(r.image.shape == (400, 400, 3) for r in train)
+    # validation tiles do not overlap: the 279 + 61 hand-drawn trees are each counted once
+    assert len(val) == 13 and sum(len(r.boxes) for r in val) == 279 + 61
+    for r in train + val:
+        assert np.all(r.boxes[:, 2] <= r.width) and np.all(r.boxes[:, 3] <= r.height) and np.all(r.boxes >= 0)
+        assert np.all(r.labels == 0)
+
+
+def test_sanitize_clips_and_counts_degenerate_boxes():
+    boxes = np.array([[-5, 10, 20, 30], [10, 10, 50, 50], [90, 90, 120, 95], [40, 40, 40.5, 60], [30, 30, 10, 10]], np.float32)
+    clipped, keep, rep = sanitize_boxes(boxes, 100, 100)
+    assert keep.tolist() == [True, True, True, False, False]
+    assert rep.clipped == 2 and rep.dropped == 2
+    assert clipped[0].tolist() == [0, 10, 20, 30] and clipped[2].tolist() == [90, 90, 100, 95]
+
+
+def _coco(tmp_path, annotations, images=None):
+    images = images or [{"id": 1, "file_name": "a.png", "width": 100, "height": 80},
+                        {"id": 2, "file_name": "b.png", "width": 50, "height": 50}]
+    data = {"images": images, "annotations": annotations,
+            "categories": [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_coco_loader_maps_categories_clips_and_drops(tmp_path):
+    path = _coco(tmp_path, [
+        {"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 20, 30]},
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [90, 70, 30, 30]},  # reaches out: clipped
+        {"id": 3, "image_id": 2, "category_id": 3, "bbox": [10, 10, 0, 5]},  # zero width: dropped
+        {"id": 4, "image_id": 2, "category_id": 7, "bbox": [5, 5, 10, 10], "iscrowd": 1},
+    ])
+    records, names, cat_ids, report = load_coco(path, tmp_path)
+    assert names == ("dog", "cat") and cat_ids == (3, 7)  # sorted by id
+    assert report.clipped == 1 and report.dropped == 1 and report.dropped_where == ["annotations[2]"]
+    r1, r2 = sorted(records, key=lambda r: r.image_id)
+    assert r1.boxes.tolist() == [[10, 10, 30, 40], [90, 70, 100, 80]] and r1.labels.tolist() == [1, 0]
+    assert r2.crowd.tolist() == [True]
+    gt = coco_ground_truth(records, names, cat_ids)
+    assert sorted(a["category_id"] for a in gt["annotations"]) == [3, 7, 7]
+    assert [a["iscrowd"] for a in gt["annotations"] if a["image_id"] == 2] == [1]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"id": 9, "image_id": 1, "category_id": 7, "bbox": [1, 2, 3]}, "annotations\\[1\\]: 'bbox' must be 4 finite numbers"),
+    ({"id": 9, "image_id": 5, "category_id": 7, "bbox": [1, 2, 3, 4]}, "annotations\\[1\\]: image_id 5 is not in 'images'"),
+    ({"id": 9, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}, "annotations\\[1\\]: category_id 1"),
+    ({"id": 9, "image_id": 1, "category_id": 7, "bbox": [1, 2, "x", 4]}, "annotations\\[1\\]"),
+])
+def test_coco_loader_names_file_and_bad_entry(tmp_path, bad, message):
+    path = _coco(tmp_path, [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 5, 5]}, bad])
+    with pytest.raises(AnnotationError, match=message) as e:
+        load_coco(path)
+    assert str(path) in str(e.value)
+
+
+def test_coco_loader_rejects_broken_files(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("{not json")
+    with pytest.raises(AnnotationError, match="not a readable JSON"):
+        load_coco(path)
+    path = _coco(tmp_path, [], images=[{"id": 1, "file_name": "a.png", "width": 0, "height": 5}])
+    with pytest.raises(AnnotationError, match="images\\[0\\]"):
+        load_coco(path)
+
+
+def _voc(path: Path, objects: str, filename="img.png", size=(60, 40)):
+    path.write_text(f"<annotation><filename>{filename}</filename><size><width>{size[0]}</width>"
+                    f"<height>{size[1]}</height></size>{objects}</annotation>")
+
+
+def _obj(name, box):
+    return f"<object><name>{name}</name><bndbox><xmin>{box[0]}</xmin><ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
+
+
+def test_voc_loader(tmp_path):
+    Image.new("RGB", (60, 40)).save(tmp_path / "img.png")
+    Image.new("RGB", (60, 40)).save(tmp_path / "two.jpg")
+    _voc(tmp_path / "img.xml", _obj("b", (1, 2, 30, 20)) + _obj("a", (50, 30, 70, 45)))
+    _voc(tmp_path / "two.xml", _obj("a", (5, 5, 6, 6.5)) + _obj("a", (5, 5, 25, 25)), filename="two.tif")
+    records, names, report = load_voc(sorted(tmp_path.glob("*.xml")))
+    assert names == ("a", "b")
+    assert records[0].boxes.tolist() == [[1, 2, 30, 20], [50, 30, 60, 40]] and records[0].labels.tolist() == [1, 0]
+    assert records[1].path.endswith("two.jpg")  # the .tif named in the XML is found under another suffix
+    assert report.clipped == 1 and report.dropped == 0  # 1 x 1.5 px is still a box
+    with pytest.raises(AnnotationError, match="class 'b' is not one of"):
+        load_voc(sorted(tmp_path.glob("*.xml")), class_names=("a",))
+
+
+@pytest.mark.parametrize("objects, message", [
+    (_obj("a", (1, 2, 3, 4)) + _obj("a", (1, "two", 3, 4)), "object\\[1\\] \\(a\\) needs numeric bndbox"),
+    (_obj("", (1, 2, 3, 4)), "object\\[0\\] has no <name>"),
+])
+def test_voc_loader_names_file_and_object(tmp_path, objects, message):
+    Image.new("RGB", (60, 40)).save(tmp_path / "img.png")
+    _voc(tmp_path / "img.xml", objects)
+    with pytest.raises(AnnotationError, match=message) as e:
+        load_voc([tmp_path / "img.xml"])
+    assert "img.xml" in str(e.value)
+    (tmp_path / "bad.xml").write_text("<annotation><object>")
+    with pytest.raises(AnnotationError, match="bad.xml: not a readable XML"):
+        load_voc([tmp_path / "bad.xml"])
+
+
+def _record(w=100, h=50, box=(60, 10, 90, 20)):
+    img = np.zeros((h, w, 3), np.uint8)
+    img[box[1]:box[3], box[0]:box[2]] = 255
+    return D.DetectionRecord(0, "r.png", w, h, np.array([box], np.float32), np.array([3]), image=img)
+
+
+def test_letterbox_scales_boxes_and_keeps_ratio():
+    ds = DetectionDataset([_record()], tuple("abcd"), img_size=64)
+    image, target = ds[0]
+    assert image.shape == (3, 64, 64) and target["ratio"] == pytest.approx(0.64)
+    torch.testing.assert_close(target["boxes"], torch.tensor([[38.4, 6.4, 57.6, 12.8]]))
+    assert image[:, 40:, :].max() == pytest.approx(114 / 255)  # padding at the bottom
+    assert image[:, 8:12, 40:56].min() > 0.9  # the white object is under its box
+
+
+def test_augmentation_flip_is_exact_and_boxes_stay_valid():
+    flip_only = AugmentCfg(mosaic=0, scale=0, translate=0, hflip=1.0, vflip=1.0, hue=0, saturation=0, brightness=0)
+    ds = DetectionDataset([_record(64, 64, (30, 10, 50, 20))], tuple("abcd"), img_size=64, augment=flip_only)
+    image, target = ds[0]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[64 - 50.0, 64 - 20.0, 64 - 30.0, 64 - 10.0]]))
+    assert image[:, 44:54, 14:34].min() == 1.0 and image.sum() == 3 * 10 * 20  # the pixels moved with the box
+    torch.manual_seed(0)
+    recs, names = make_scenes(6, seed=1, size=64)
+    ds = DetectionDataset(recs, names, img_size=64, augment=AugmentCfg(mosaic=0.5))
+    for i in range(12):
+        image, target = ds[i % 6]
+        b = target["boxes"]
+        assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
+        assert len(b) == len(target["labels"])
+        assert torch.all(b >= 0) and torch.all(b <= 64) and torch.all(b[:, 2:] - b[:, :2] >= 1)
+
+
+def test_dataset_rejects_sizes_the_strides_cannot_divide():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        DetectionDataset([_record()], ("a",), img_size=100)

@@ -1,0 +1,107 @@
+"""Detection training end to end: a tiny detector overfits scenes; the CLI trains, resumes, evaluates, predicts."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cspnet.cli import main
+from cspnet.data.detection import DetectionDataset, coco_ground_truth, make_scenes
+from cspnet.detection import create_detector
+from cspnet.detection.train import DetectRecipe, evaluate_detector, load_detector, train_detector
+from cspnet.engine.train import TrainConfig
+
+
+def test_tiny_detector_overfits_a_handful_of_scenes(tmp_path):
+    size = 64
+    records, names = make_scenes(4, seed=3, size=size, objects=(1, 3))
+    train = DetectionDataset(records * 16, names, size)  # 64 images: 8 steps of 8 per epoch
+    val = DetectionDataset(records, names, size)
+    gt = coco_ground_truth(records, names)
+    anchors = [(s * size / 256, s * size / 256) for s in (24, 32, 40, 48, 56, 64, 72, 80, 96)]
+    det = create_detector("cspresnet10", "efm", num_classes=10, anchors=anchors, backbone_width=0.25, neck_width=64)
+    cfg = TrainConfig(epochs=8, batch_size=8, optimizer="adamw", lr=3e-3, weight_decay=0.0, burn_in=5, grad_clip=10.0)
+    result = train_detector(det, train, val, gt, tmp_path, cfg, DetectRecipe(eval_every=100), progress=False)
+    assert result.final["AP50"] >= 0.9, result.history
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert (tmp_path / "detection_curves.png").is_file() and (tmp_path / "best.json").is_file()
+    # the checkpoint rebuilds the same detector with the same weights
+    loaded, run = load_detector(tmp_path)
+    assert run["class_names"] == list(names) and run["img_size"] == size
+    assert evaluate_detector(loaded, val, gt)["AP50"] == pytest.approx(result.final["AP50"])
+
+
+def _cli_train(out, *extra):
+    return main(["detect", "train", "--model", "cspresnet10", "--backbone-width", "0.25", "--neck-width", "32",
+                 "--neck", "efm-sam", "--data", "scenes", "--num-scenes", "8", "--img-size", "64", "--batch-size", "4",
+                 "--anchors", "auto", "--out", str(out), "--no-progress", "--burn-in", "1", *extra])
+
+
+@pytest.mark.slow
+def test_cli_train_resume_eval_predict(tmp_path, capsys, monkeypatch):
+    from cspnet.detection import train as train_mod
+    from cspnet.weights import load_state
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert _cli_train(straight, "--epochs", "2") == 0
+    # a run killed during epoch 2 (after epoch 1 was checkpointed) and resumed ends with the same weights
+    evaluate = train_mod.DetectionTask.evaluate
+    calls = []
+
+    def dying(self, model, dist):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return evaluate(self, model, dist)
+
+    monkeypatch.setattr(train_mod.DetectionTask, "evaluate", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        _cli_train(broken, "--epochs", "2")
+    monkeypatch.setattr(train_mod.DetectionTask, "evaluate", evaluate)
+    assert [json.loads(x)["epoch"] for x in (broken / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert _cli_train(broken, "--epochs", "3", "--resume") == 2  # another recipe: refused, not silently mixed
+    assert "different recipe" in capsys.readouterr().err
+    assert _cli_train(broken, "--epochs", "2", "--resume") == 0
+    a, b = load_state(straight / "last.safetensors"), load_state(broken / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+
+    assert main(["detect", "eval", "--checkpoint", str(straight)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(metrics) and metrics["images"] == 8
+    assert all(0 <= metrics[k] <= 1 for k in ("AP", "AP50", "AP75"))
+    img = tmp_path / "scene.png"
+    Image.fromarray(make_scenes(1, seed=9, size=80)[0][0].image).save(img)
+    out = tmp_path / "pred"
+    assert main(["detect", "predict", "--checkpoint", str(straight), str(img), "--out", str(out), "--conf", "0.0001"]) == 0
+    dets = json.loads((out / "detections.json").read_text())
+    classes = load_detector(straight)[1]["class_names"]
+    assert dets[0]["width"] == 80 and dets[0]["detections"]
+    for d in dets[0]["detections"]:
+        x1, y1, x2, y2 = d["box"]
+        assert 0 <= x1 <= x2 <= 80 and 0 <= y1 <= y2 <= 80 and classes[d["label"]] == d["class"]
+    assert np.asarray(Image.open(out / "scene_det.png")).shape == (80, 80, 3)
+
+
+def test_cli_reports_bad_data_cleanly(tmp_path, capsys):
+    bad = tmp_path / "broken.json"
+    bad.write_text(json.dumps({"images": [], "annotations": [{"image_id": 1}], "categories": []}))
+    assert main(["detect", "train", "--model", "cspresnet10", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "broken.json" in err and "annotations[0]" in err
+    assert main(["detect", "train", "--model", "cspresnet10", "--data", "nosuchset", "--out", str(tmp_path / "o")]) == 2
+    assert "expected scenes or trees" in capsys.readouterr().err
+
+
+def test_cli_bench_splits_latency(capsys):
+    assert main(["detect", "bench", "--model", "cspresnet10", "--necks", "efm,gfm", "--img-size", "64", "--runs", "1",
+                 "--neck-width", "32", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["detector"] for r in rows] == ["cspresnet10-efm", "cspresnet10-gfm"]
+    for r in rows:
+        assert all(r[f"{p}_ms"] > 0 for p in ("backbone", "neck", "head", "nms"))
+        assert r["total_ms"] == pytest.approx(sum(r[f"{p}_ms"] for p in ("backbone", "neck", "head", "nms")))
+        assert r["bflops"] > 0
+    assert rows[0]["bflops"] != rows[1]["bflops"]

@@ -1,0 +1,288 @@
+"""Deploy mode and exports give the eager model's outputs: every model, every detector neck.
+
+Tolerance: max |out - eager| <= 1e-4 x max |eager| (TOL), on BN-calibrated models (random-init
+BatchNorm statistics make logits huge and the comparison meaningless). For scale: fp32 eager
+itself differs from a float64 run of the same model by up to ~4e-5 of the output scale, and
+the fused model is as close to float64 as eager is.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import cspnet
+from cspnet.cli import main as cli_main
+from cspnet.detection import NECKS, create_detector
+from cspnet.export import (
+    ConvAct, DeployedModel, OneDnnConvAct, OneDnnResidualBlock, deploy, export_onnx, export_safetensors,
+    export_torchscript, fuse, onednn_available, onnx_session, run_onnx, unfolded_batchnorms, use_onednn,
+)
+from cspnet.layers import ConvBnAct
+from cspnet.weights import load_into, load_state, read_metadata
+
+TOL = 1e-4
+SIZE = 64
+TINY_DET = {"backbone_width": 0.25, "neck_width": 64}
+
+
+def calibrate(model: nn.Module, batches: int = 3) -> nn.Module:
+    """Give every BatchNorm realistic statistics: the average over a few train-mode batches."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(4, 3, SIZE, SIZE))
+    return model.eval()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def det_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    # Boxes are pixels and scores probabilities: compare each against its own scale.
+    return max(rel_err(out[..., :4], ref[..., :4]), rel_err(out[..., 4:], ref[..., 4:]))
+
+
+_CACHE: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}
+
+
+def calibrated(name: str):
+    """(BN-calibrated eval model, input batch of 2, its eager output), built once per model."""
+    if name not in _CACHE:
+        torch.manual_seed(0)
+        if name.startswith("det:"):
+            model = calibrate(create_detector("cspresnet10", name[4:], num_classes=3, **TINY_DET))
+        else:
+            model = calibrate(cspnet.create_model(name))
+        x = torch.randn(2, 3, SIZE, SIZE)
+        with torch.no_grad():
+            ref = model(x)
+        _CACHE.clear()  # keep one model alive at a time: the list grows with every family
+        _CACHE[name] = (model, x, ref)
+    return _CACHE[name]
+
+
+MODELS = cspnet.list_models()
+DETECTORS = [f"det:{n}" for n in NECKS]
+
+
+def err_fn(name):
+    return det_err if name.startswith("det:") else rel_err
+
+
+@pytest.mark.parametrize("name", MODELS + DETECTORS)
+def test_fuse_deploy_and_onnx_match_eager(name, tmp_path):
+    model, x, ref = calibrated(name)
+    err = err_fn(name)
+    n_bn = len(unfolded_batchnorms(model))
+
+    fused = fuse(copy.deepcopy(model))
+    assert not any(isinstance(m, ConvBnAct) for m in fused.modules())
+    assert len(unfolded_batchnorms(fused)) < n_bn
+    with torch.no_grad():
+        assert err(fused(x), ref) <= TOL
+
+    deployed = deploy(model)
+    out = deployed(x)
+    assert out.shape == ref.shape
+    assert err(out, ref) <= TOL
+    assert any(isinstance(m, ConvBnAct) for m in model.modules())  # deploy worked on a copy
+
+    path = export_onnx(model, tmp_path / "m.onnx", SIZE)
+    session = onnx_session(path)
+    for batch in (2, 3):  # two batch sizes through one file: the batch axis is dynamic
+        xb = x if batch == 2 else torch.randn(batch, 3, SIZE, SIZE)
+        with torch.no_grad():
+            refb = ref if batch == 2 else model(xb)
+        (outb,) = run_onnx(session, xb)
+        assert outb.shape == refb.shape
+        assert err(outb, refb) <= TOL
+
+
+def test_fused_models_have_no_bn_after_a_conv():
+    # Families built from ConvBnAct lose every BN; DenseNet keeps its pre-activation BNs
+    # (they follow a concat, not a conv), which fuse must leave alone.
+    for name, expect_none in (("cspresnet50", True), ("cspdarknet53", True), ("densenet121", False)):
+        model = cspnet.create_model(name)
+        remaining = unfolded_batchnorms(fuse(model))
+        assert (remaining == []) is expect_none, (name, remaining[:3])
+
+
+def test_fuse_folds_plain_sequential_pairs_and_leaves_the_rest():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(4, 3, 8, 8))
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+        fuse(net)
+        out = net(x)
+    assert isinstance(net[2], nn.Identity) and net[1].bias is not None
+    assert unfolded_batchnorms(net) == ["0"]  # the leading BN has no conv before it
+    assert rel_err(out, ref) <= 1e-6
+
+
+def test_fuse_keeps_forward_hooks_of_replaced_layers():
+    model = cspnet.create_model("cspresnet10").eval()
+    seen = []
+    model.stages[1].down[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    fuse(model)
+    assert isinstance(model.stages[1].down[0], ConvAct)
+    with torch.no_grad():
+        model(torch.randn(1, 3, SIZE, SIZE))
+    assert len(seen) == 1
+
+
+def test_detector_with_cfg_taps_deploys():
+    # cspresnet50's detector reads two maps through forward hooks on layers that deploy replaces.
+    torch.manual_seed(0)
+    det = calibrate(create_detector("cspresnet50", "panet", num_classes=2, backbone_width=0.25, neck_width=64))
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref = det(x)
+    assert det_err(deploy(det)(x), ref) <= TOL
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN fused kernels")
+@pytest.mark.parametrize("act", ["leaky", "relu", "swish", "relu6", "logistic", "linear"])
+def test_onednn_conv_act_matches_conv_then_act(act):
+    torch.manual_seed(0)
+    seq = nn.Sequential(ConvBnAct(8, 16, 3, stride=2, act=act)).train()
+    with torch.no_grad():
+        seq(torch.randn(4, 8, 12, 12))
+    fused = use_onednn(fuse(seq))
+    assert isinstance(fused[0], OneDnnConvAct)
+    x = torch.randn(2, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fast = fused(x)
+    with torch.no_grad():
+        slow = fused[0].layer(x)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_onednn_paths_fall_back_outside_inference():
+    model, x, ref = calibrated("cspresnet50")
+    net = deploy(model).model
+    assert any(isinstance(m, OneDnnResidualBlock) for m in net.modules()) == onednn_available()
+    with torch.no_grad():  # grad mode off but not inference mode: the fused path; on: the fallback
+        fast = net(x)
+    with torch.enable_grad():
+        slow = net(x).detach()
+    assert rel_err(fast, ref) <= TOL and rel_err(slow, ref) <= TOL
+
+
+def test_deploy_memory_format_choice():
+    model = calibrate(cspnet.create_model("cspresnet10"))
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref = model(x)
+    def spatial_weights(d):
+        return [m.weight for m in d.model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+
+    nchw = deploy(model, channels_last=False)
+    assert not nchw.channels_last and all(w.is_contiguous() for w in spatial_weights(nchw))
+    default = deploy(model)  # the documented rule without an example input: channels-last
+    assert default.channels_last
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in spatial_weights(default))
+    measured = deploy(model, example_input=x)
+    assert isinstance(measured.channels_last, bool)
+    for d in (nchw, default, measured):
+        assert rel_err(d(x), ref) <= TOL
+
+
+def test_deploy_compile_and_inference_only():
+    model = calibrate(cspnet.create_model("cspresnet10"))
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref = model(x)
+    # The "eager" backend exercises the torch.compile plumbing without minutes of inductor codegen.
+    compiled = deploy(model, compile="eager")
+    assert rel_err(compiled(x), ref) <= TOL
+    d = deploy(model)
+    assert isinstance(d, DeployedModel) and not d.training
+    out = d(x)
+    assert out.is_inference()
+    with pytest.raises(ValueError, match="inference-only"):
+        d.train()
+
+
+def test_torchscript_round_trip(tmp_path):
+    model, x, ref = calibrated("cspdarknet53")
+    path = export_torchscript(model, tmp_path / "m.pt", SIZE)
+    loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        assert rel_err(loaded(x), ref) <= TOL
+        x3 = torch.randn(3, 3, SIZE, SIZE)
+        assert rel_err(loaded(x3), model(x3)) <= TOL  # traced at batch 1, runs at any batch
+
+
+def test_safetensors_round_trip(tmp_path):
+    model, x, ref = calibrated("cspresnext50")
+    path = export_safetensors(model, tmp_path / "m.safetensors")
+    assert read_metadata(path)["model"] == "cspresnext50"
+    again = cspnet.create_model("cspresnext50", pretrained=str(path)).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), ref)
+
+
+def test_onnx_refuses_old_opsets_and_unknown_exporters(tmp_path):
+    model = cspnet.create_model("resnet10")
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(model, tmp_path / "m.onnx", SIZE, opset=13)
+    with pytest.raises(ValueError, match="exporter"):
+        export_onnx(model, tmp_path / "m.onnx", SIZE, exporter="magic")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_cli(tmp_path, capsys):
+    weights = tmp_path / "w.safetensors"
+    assert cli_main(["export", "cspresnet10", "--out", str(weights), "--num-classes", "5"]) == 0
+    onnx_path = tmp_path / "m.onnx"
+    rc = cli_main(["export", "cspresnet10", "--format", "onnx", "--out", str(onnx_path), "--weights", str(weights),
+                   "--num-classes", "5", "--input-size", str(SIZE)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    err = float(out.rsplit(":", 1)[1])
+    assert err <= TOL
+    # the ONNX file holds the weights we gave it, not a fresh random init
+    model = cspnet.create_model("cspresnet10", num_classes=5, pretrained=str(weights)).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    (onnx_out,) = run_onnx(onnx_session(onnx_path), x)
+    with torch.no_grad():
+        ref = model(x)
+    assert onnx_out.shape == (2, 5) and rel_err(onnx_out, ref) <= TOL
+
+    ts_path = tmp_path / "m.pt"
+    assert cli_main(["export", "cspresnet10", "--out", str(ts_path), "--input-size", str(SIZE)]) == 0
+    assert torch.jit.load(str(ts_path))(x).shape == (2, 1000)
+
+    assert cli_main(["export", "cspresnet10", "--out", str(tmp_path / "m.bin")]) == 2
+    assert "cannot tell the format" in capsys.readouterr().err
+    assert cli_main(["export", "cspresnet1O", "--out", str(onnx_path)]) == 2
+    assert "did you mean" in capsys.readouterr().err
+
+
+def test_export_cli_detector(tmp_path, capsys):
+    path = tmp_path / "det.onnx"
+    rc = cli_main(["export", "cspresnet10", "--detector", "fpn", "--num-classes", "3", "--input-size", str(SIZE),
+                   "--out", str(path)])
+    assert rc == 0
+    assert float(capsys.readouterr().out.rsplit(":", 1)[1]) <= TOL
+    (out,) = run_onnx(onnx_session(path), torch.randn(1, 3, SIZE, SIZE))
+    assert out.shape == (1, sum(3 * (SIZE // s) ** 2 for s in (8, 16, 32)), 5 + 3)
+
+
+def test_weights_file_loads_into_a_detector_export(tmp_path):
+    det = create_detector("cspresnet10", "fpn", num_classes=3, **TINY_DET)
+    path = export_safetensors(det, tmp_path / "det.safetensors")
+    again = create_detector("cspresnet10", "fpn", num_classes=3, **TINY_DET)
+    load_into(again, load_state(path))
+    assert all(torch.equal(a, b) for a, b in zip(det.state_dict().values(), again.state_dict().values()))

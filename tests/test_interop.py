@@ -1,0 +1,187 @@
+"""Converters from timm / torchvision: our model computes exactly what the source model computes.
+
+The source models are built with random weights by the source libraries themselves (nothing is
+downloaded); their BatchNorm layers get random affine parameters and running statistics
+measured on random images, so that every layer matters and activations keep a sane scale.
+"""
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import cspnet
+from cspnet.cli import main as cli_main
+from cspnet.interop import convert_state, get_conversion, rename_keys
+from cspnet.weights import WeightsError, load_into, read_metadata
+
+timm = pytest.importorskip("timm")  # the optional extra cspnet[interop]; part of the test extra
+torchvision = pytest.importorskip("torchvision")
+
+SIZE = 64
+
+
+def calibrate(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Random BN affine parameters, running stats measured on random batches; returns it in eval."""
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the calibration batches
+        model.train()
+        for _ in range(2):
+            model(torch.randn(2, 3, SIZE, SIZE, generator=g))
+        for bn in bns:
+            bn.momentum = 0.1
+    return model.eval()
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def assert_same_function(source: nn.Module, ours: nn.Module) -> None:
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        want, got = source(x), ours(x)
+    assert got.shape == want.shape
+    assert want.std() > 0.05, "outputs too small for the comparison to mean anything"
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def _torchvision_densenets():
+    names = ("densenet121", "densenet169", "densenet201")
+    return [n for n in names if ("torchvision", n) in cspnet.interop.conversions()]
+
+
+TIMM_CASES = ["cspresnet50", "cspresnext50", "cspdarknet53", "darknet53"]
+TORCHVISION_CASES = ["resnet50", "resnext50_32x4d", *_torchvision_densenets()]
+
+
+@pytest.mark.parametrize("name", TIMM_CASES)
+def test_timm_weights_give_timm_outputs(name):
+    source = calibrate(timm.create_model(name, pretrained=False))
+    conv = get_conversion("timm", name)
+    ours = cspnet.create_model(conv.model).eval()
+    assert n_params(ours) == n_params(source)
+    load_into(ours, convert_state("timm", name, source.state_dict()))
+    assert_same_function(source, ours)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_CASES)
+def test_torchvision_weights_give_torchvision_outputs(name):
+    source = calibrate(getattr(torchvision.models, name)(weights=None))
+    conv = get_conversion("torchvision", name)
+    ours = cspnet.create_model(conv.model).eval()
+    assert n_params(ours) == n_params(source)
+    load_into(ours, convert_state("torchvision", name, source.state_dict()))
+    assert_same_function(source, ours)
+
+
+def test_every_densenet_has_a_torchvision_converter():
+    # densenet121/169/201 are registered by the DenseNet family; each must take torchvision weights.
+    registered = {n for n in ("densenet121", "densenet169", "densenet201") if n in cspnet.list_models()}
+    assert registered == set(_torchvision_densenets())
+
+
+def test_features_only_timm_variant_matches_timm_stage_maps():
+    source = calibrate(timm.create_model("cspresnext50", pretrained=False))
+    ours = cspnet.create_model("cspresnext50_timm", features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    state = {k: v for k, v in convert_state("timm", "cspresnext50", source.state_dict()).items() if not k.startswith("head.")}
+    load_into(ours, state)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        feats = ours(x)
+        y = source.stem(x)
+        for i, stage in enumerate(source.stages):
+            y = stage(y)
+            assert (feats[i] - y).abs().max().item() <= 1e-4
+
+
+def test_shared_expansion_then_slice_equals_two_split_convs():
+    """timm's one 1x1 conv + slice computes what the cfgs' two 1x1 convs compute (BN is per channel)."""
+    from cspnet.blocks import DarkBlock, repeat_blocks
+    from cspnet.layers import ConvBnAct
+    from cspnet.stage import CrossStage
+
+    def blocks(width):
+        return repeat_blocks(lambda c, i: DarkBlock(c, c // 2, c), width, width, 2)
+
+    sliced = CrossStage(32, blocks, base=ConvBnAct(16, 32, 1), split="slice", transition_chs=24)
+    two_convs = CrossStage(16, blocks, split="conv", cross_chs=16, main_chs=16, transition_chs=24)
+    stage = calibrate(nn.Sequential(nn.Conv2d(3, 16, 1), sliced))[1]
+    state = {k: v for k, v in stage.state_dict().items() if not k.startswith("base.")}
+    for key, value in stage.base.state_dict().items():
+        state[f"cross.{key}"] = value[:16] if value.dim() else value
+        state[f"main.{key}"] = value[16:] if value.dim() else value
+    two_convs.load_state_dict(state)
+    two_convs.eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(two_convs(x), stage(x), atol=1e-5)
+
+
+def test_unknown_source_key_is_named():
+    state = timm.create_model("darknet53", pretrained=False, num_classes=3).state_dict()
+    state["stages.0.extra.weight"] = torch.zeros(1)
+    with pytest.raises(WeightsError, match=r"stages\.0\.extra\.weight"):
+        convert_state("timm", "darknet53", state)
+    with pytest.raises(WeightsError, match="no counterpart"):
+        rename_keys({"a.b": torch.zeros(1)}, [(r"^c\.", "d.")], "test state")
+
+
+def test_unknown_converter_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known: cspdarknet53, cspresnet50, cspresnext50, darknet53"):
+        get_conversion("timm", "resnet18")
+    with pytest.raises(ValueError, match="unknown source library 'keras'"):
+        get_conversion("keras", "cspresnet50")
+
+
+def test_convert_cli_writes_loadable_weights_with_metadata(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    source = calibrate(timm.create_model("cspdarknet53", pretrained=False, num_classes=5))
+    src = tmp_path / "timm_cspdarknet53.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(src))
+    out = tmp_path / "ours.safetensors"
+    assert cli_main(["convert", "--from", "timm", "cspdarknet53", str(src), str(out)]) == 0
+    assert "cspdarknet53_timm" in capsys.readouterr().out
+
+    meta = read_metadata(out)
+    assert meta["model"] == "cspdarknet53_timm" and meta["source"] == "timm:cspdarknet53"
+    assert meta["num_classes"] == 5 and meta["input_size"] == 256
+    assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
+    ours = cspnet.create_model("cspdarknet53_timm", num_classes=5, pretrained=str(out)).eval()
+    assert_same_function(source, ours)
+
+
+def test_convert_cli_reads_pth_and_rejects_the_wrong_model(tmp_path, capsys):
+    source = torchvision.models.resnet50(weights=None, num_classes=4)
+    src = tmp_path / "resnet50.pth"
+    torch.save(source.state_dict(), src)
+    out = tmp_path / "r50.safetensors"
+    assert cli_main(["convert", "--from", "torchvision", "resnext50_32x4d", str(src), str(out)]) == 2
+    err = capsys.readouterr().err
+    # ResNet-50's 3x3 convs are dense: the names and both shapes of the mis-fit tensor are given.
+    assert "stages.0.blocks.0.conv2.conv.weight: file (64, 64, 3, 3) vs model (128, 4, 3, 3)" in err
+    assert not out.exists()
+    assert cli_main(["convert", "--from", "torchvision", "resnet50", str(src), str(out)]) == 0
+    assert read_metadata(out)["model"] == "resnet50_tv"
+
+
+def test_interop_does_not_need_timm_at_import():
+    code = "import sys, cspnet, cspnet.interop, cspnet.cli; cspnet.interop.conversions(); assert 'timm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_densenet_converter_accepts_torchvision_legacy_key_names():
+    # torchvision's published DenseNet files name layers 'norm.1', 'conv.2' (its loader renames them).
+    state = torchvision.models.densenet121(weights=None).state_dict()
+    legacy = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    assert convert_state("torchvision", "densenet121", legacy).keys() == convert_state("torchvision", "densenet121", state).keys()

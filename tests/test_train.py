@@ -1,0 +1,369 @@
+"""The training engine in-process: learning on digits, schedules, optimizer groups, augmentation,
+EMA, checkpoints (round trip, crash at every write step, errors, no unpickling), NaN stop, eval."""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+import cspnet
+from cspnet.cli import main
+from cspnet.data import load_digits_data
+from cspnet.engine import checkpoint as ckpt_mod
+from cspnet.engine.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record, save_checkpoint
+from cspnet.engine.classify import ClassificationTask, ClassifyRecipe
+from cspnet.engine.ema import ModelEMA
+from cspnet.engine.optim import LrSchedule, build_optimizer, param_groups
+from cspnet.engine.train import TrainConfig, TrainingDiverged, fit
+from cspnet.weights import load_state, read_metadata
+
+TINY = ["--data", "digits", "--width", "0.25", "--batch-size", "32", "--threads", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("model", ["cspresnet10", "resnet10"])
+def test_short_digits_run_learns(model, tmp_path, capsys):
+    out = tmp_path / model
+    rc = main(["train", "--model", model, *TINY, "--img-size", "24", "--epochs", "3", "--lr", "0.1", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["top1"] > 0.8  # chance is 0.1
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("epoch,step,lr,train_loss,train_acc,val_top1,val_top5") and len(rows) == 4
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert Image.open(out / "curves.png").size[0] > 100
+    state = load_state(out / "last.safetensors")
+    meta = read_metadata(out / "last.safetensors")
+    assert meta["model"] == model and meta["num_classes"] == 10 and meta["epoch"] == 3
+    assert state["head.fc.weight"].shape[0] == 10
+
+
+def test_progress_bar_shows_loss_accuracy_speed_and_eta_and_tensorboard_is_optional(tmp_path, capsys):
+    import importlib.util
+
+    rc = main(["train", "--model", "resnet10", "--data", "digits", "--width", "0.25", "--batch-size", "32", "--img-size", "16",
+               "--epochs", "1", "--train-limit", "256", "--tensorboard", "--out", str(tmp_path / "r")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    for piece in ("loss=", "acc=", "img_s=", "run_eta=", "<"):  # tqdm prints "elapsed<remaining"
+        assert piece in err
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "tensorboard is not installed" in err
+    else:
+        assert any((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    data = load_digits_data(16, train_limit=256, test_limit=100)
+    model = cspnet.create_model("cspresnet10", num_classes=10, in_chans=1, **_narrow("cspresnet10"))
+    result = fit(ClassificationTask(data), model, TrainConfig(epochs=2, batch_size=32, lr=0.05, amp="bf16"), tmp_path, progress=False)
+    assert all(math.isfinite(r["train_loss"]) for r in result.history)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def _narrow(name):
+    from cspnet.engine.models import scale_widths
+
+    cfg = scale_widths(cspnet.get_spec(name).cfg, 0.25)
+    return {"stages": cfg.stages, "stem_chs": cfg.stem_chs}
+
+
+# -- schedules and optimizer ------------------------------------------------------------------------
+def _torch_lrs(scheduler_cls, steps, **kw):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = scheduler_cls(opt, **kw)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules_match_torch_and_darknet():
+    total = 40
+    cos = LrSchedule(total, "cosine")
+    assert [cos(s) for s in range(total)] == pytest.approx(_torch_lrs(torch.optim.lr_scheduler.CosineAnnealingLR, total, T_max=total))
+    poly = LrSchedule(total, "poly", power=4.0)
+    assert [poly(s) for s in range(total)] == pytest.approx(_torch_lrs(torch.optim.lr_scheduler.PolynomialLR, total, total_iters=total, power=4.0))
+    step = LrSchedule(total, "step", milestones=(0.5, 0.75), gamma=0.1)
+    assert [step(s) for s in range(total)] == pytest.approx(_torch_lrs(torch.optim.lr_scheduler.MultiStepLR, total, milestones=[20, 30], gamma=0.1))
+    # Darknet burn_in: lr * (batch / burn_in) ** power, power 4
+    warm = LrSchedule(total, "cosine", burn_in=8)
+    assert warm(4) == pytest.approx(0.5**4) and warm(0) == 0.0 and warm(8) == pytest.approx(1.0)
+    assert warm(total) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        LrSchedule(10, "linear")
+
+
+def test_no_weight_decay_on_batchnorm_and_biases():
+    model = cspnet.create_model("cspresnet10", num_classes=10, in_chans=1)
+    decay, no_decay = param_groups(model, 5e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(names[id(p)].endswith(("conv.weight", "fc.weight")) for p in decay["params"])
+    assert all(names[id(p)].endswith(("bn.weight", "bn.bias", "fc.bias")) for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    opt = build_optimizer(model, "sgd", 0.1, 5e-4, nesterov=True)
+    assert opt.param_groups[0]["nesterov"] and isinstance(build_optimizer(model, "adamw", 1e-3, 0.05), torch.optim.AdamW)
+
+
+# -- augmentation, loss, EMA ---------------------------------------------------------------------------
+def _batch(n=8, size=16):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8), torch.arange(n) % 10
+
+
+def test_augmentation_is_a_function_of_the_seed():
+    data = load_digits_data(16, train_limit=100, test_limit=20)
+    task = ClassificationTask(data, ClassifyRecipe(translate=3, hflip=True))
+    a = task.prepare(_batch(), device=torch.device("cpu"), seed=7)
+    b = task.prepare(_batch(), device=torch.device("cpu"), seed=7)
+    c = task.prepare(_batch(), device=torch.device("cpu"), seed=8)
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+    plain = ClassificationTask(data, ClassifyRecipe(translate=0, hflip=False)).prepare(_batch(), device=torch.device("cpu"), seed=7)
+    x = _batch()[0].float() / 255
+    assert torch.allclose(plain.images, (x - data.mean[0]) / data.std[0])
+
+
+def test_mixup_and_cutmix_labels():
+    data = load_digits_data(16, train_limit=100, test_limit=20)
+    cpu = torch.device("cpu")
+    plain = ClassificationTask(data, ClassifyRecipe(translate=0, hflip=False)).prepare(_batch(), device=cpu, seed=1).images
+    mix = ClassificationTask(data, ClassifyRecipe(translate=0, hflip=False, mixup=0.4)).prepare(_batch(), device=cpu, seed=1)
+    assert 0 < mix.lam < 1 and torch.equal(mix.mixed_labels, _batch()[1].flip(0))
+    assert torch.allclose(mix.images, mix.lam * plain + (1 - mix.lam) * plain.flip(0), atol=1e-6)
+    cut = ClassificationTask(data, ClassifyRecipe(translate=0, hflip=False, cutmix=1.0)).prepare(_batch(), device=cpu, seed=3)
+    pasted = (cut.images != plain).any(1)  # pixels that came from the partner image
+    assert cut.lam == pytest.approx(1 - pasted[0].float().mean().item(), abs=0.02)
+    # the mixed loss is the lam-weighted sum of the two cross-entropies (with label smoothing)
+    task = ClassificationTask(data, ClassifyRecipe(label_smoothing=0.1))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))
+    loss, stats = task.loss(model, mix)
+    logits = model(mix.images)
+    ce = torch.nn.functional.cross_entropy
+    expected = mix.lam * ce(logits, mix.labels, label_smoothing=0.1) + (1 - mix.lam) * ce(logits, mix.mixed_labels, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and 0 <= stats["acc"] <= 8
+
+
+def test_ema_follows_the_polyak_formula():
+    model = torch.nn.Linear(3, 2)
+    ema = ModelEMA(model, decay=0.9)
+    w0 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    d = min(0.9, 2 / 11)  # warm-up of the decay after one update
+    assert torch.allclose(ema.module.weight, d * w0 + (1 - d) * model.weight)
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def _trained_objects(steps=3, seed=0):
+    torch.manual_seed(seed)
+    model = cspnet.create_model("resnet10", num_classes=10, in_chans=1, **_narrow("resnet10"))
+    opt = build_optimizer(model, "adamw", 1e-3, 0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, LrSchedule(100, "cosine", burn_in=5))
+    ema = ModelEMA(model, 0.99)
+    for _ in range(steps):
+        torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 16, 16)), torch.arange(4)).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        ema.update(model)
+    return model, opt, sched, ema
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    model, opt, sched, ema = _trained_objects()
+    save_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, ema=ema, state={"epoch": 1, "step": 3, "note": "x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.json", "last.safetensors", "last.state.safetensors"]
+    expected_rng = torch.get_rng_state()
+    torch.manual_seed(123)
+    m2, o2, s2, e2 = _trained_objects(steps=1, seed=1)
+    state = load_checkpoint(tmp_path, model=m2, optimizer=o2, scheduler=s2, ema=e2)
+    assert state == {"epoch": 1, "step": 3, "note": "x"}
+    assert _same(model.state_dict(), m2.state_dict()) and _same(ema.module.state_dict(), e2.module.state_dict())
+    assert e2.updates == 3 and s2.last_epoch == sched.last_epoch and o2.param_groups[0]["betas"] == (0.9, 0.999)
+    for k, v in opt.state_dict()["state"].items():
+        assert _same(v, o2.state_dict()["state"][k])
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+
+
+# Crash points of a write: before each of the five renames (model, state, JSON = the commit, then
+# the two renames to plain names), or while a temp file is half written.
+CRASHES = [("rename", i) for i in range(5)] + [("torn", "model"), ("torn", "state"), ("torn", "json")]
+
+
+@pytest.mark.parametrize("crash", CRASHES, ids=[f"{a}-{b}" for a, b in CRASHES])
+def test_checkpoint_killed_mid_write_keeps_the_last_good_one(tmp_path, monkeypatch, crash):
+    """A process dying at any point of a write leaves a complete checkpoint: the old one or the new one.
+
+    An exception escaping the writer leaves the same files as SIGKILL at that point (nothing is
+    cleaned up on the way out); the real SIGKILL case is in test_train_resume.py.
+    """
+    import cspnet.weights as weights_mod
+
+    old, opt_old, _, _ = _trained_objects(steps=1)
+    save_checkpoint(tmp_path, model=old, optimizer=opt_old, state={"step": 1})
+    new, opt_new, _, _ = _trained_objects(steps=2, seed=5)
+
+    class Killed(BaseException):
+        pass
+
+    kind, where = crash
+    renames = {"n": 0}
+    real_replace = ckpt_mod.os.replace
+
+    def replace(src, dst):
+        if kind == "rename" and renames["n"] == where:
+            raise Killed
+        renames["n"] += 1
+        real_replace(src, dst)
+
+    def torn(real):
+        def write(tensors, path, metadata=None):
+            real(tensors, path, metadata=metadata)
+            with open(path, "r+b") as f:
+                f.truncate(100)
+            raise Killed
+        return write
+
+    def torn_json(obj, f):
+        f.write(json.dumps(obj)[:50])
+        raise Killed
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", replace)  # the os module is shared with cspnet.weights
+    if crash == ("torn", "model"):
+        monkeypatch.setattr(weights_mod, "save_file", torn(weights_mod.save_file))
+    if crash == ("torn", "state"):
+        monkeypatch.setattr(ckpt_mod, "save_file", torn(ckpt_mod.save_file))
+    if crash == ("torn", "json"):
+        monkeypatch.setattr(ckpt_mod.json, "dump", torn_json)
+    with pytest.raises(Killed):
+        save_checkpoint(tmp_path, model=new, optimizer=opt_new, state={"step": 2})
+    monkeypatch.undo()
+
+    probe, opt_probe, _, _ = _trained_objects(steps=1, seed=9)
+    state = load_checkpoint(tmp_path, model=probe, optimizer=opt_probe)
+    committed = kind == "rename" and where >= 3  # the JSON was renamed into place before these points
+    assert state["step"] == (2 if committed else 1)
+    assert _same(probe.state_dict(), (new if committed else old).state_dict())
+    # the next write works and leaves no debris
+    save_checkpoint(tmp_path, model=new, optimizer=opt_new, state={"step": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.json", "last.safetensors", "last.state.safetensors"]
+
+
+def test_checkpoint_errors_name_the_file_and_key(tmp_path):
+    model, opt, _, _ = _trained_objects(steps=1)
+    save_checkpoint(tmp_path / "a", model=model, optimizer=opt, state={"step": 1})
+    with pytest.raises(CheckpointError, match=r"last.safetensors: checkpoint of model 'resnet10'.*'cspresnet10'"):
+        load_checkpoint(tmp_path / "a", model=cspnet.create_model("cspresnet10", num_classes=10, in_chans=1))
+    with pytest.raises(CheckpointError, match=r"num_classes=10 .*num_classes=5.*head.fc.weight: file \(10, \d+\) vs model \(5, \d+\)"):
+        load_checkpoint(tmp_path / "a", model=cspnet.create_model("resnet10", num_classes=5, in_chans=1, **_narrow("resnet10")))
+    with pytest.raises(CheckpointError, match="no checkpoint here"):
+        load_checkpoint(tmp_path / "none", model=model)
+    with pytest.raises(CheckpointError, match="key 'scheduler' is missing"):
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, LrSchedule(10))
+        load_checkpoint(tmp_path / "a", model=model, scheduler=sched)
+    # files of two different writes are not mixed
+    save_checkpoint(tmp_path / "b", model=model, state={"step": 2})
+    (tmp_path / "a" / "last.safetensors").write_bytes((tmp_path / "b" / "last.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="belongs to another write"):
+        load_checkpoint(tmp_path / "a", model=model)
+    (tmp_path / "b" / "last.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"last.json: corrupt checkpoint record"):
+        load_checkpoint(tmp_path / "b", model=model)
+
+
+def test_checkpoints_never_unpickle(tmp_path, monkeypatch):
+    model, opt, sched, ema = _trained_objects()
+    save_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, ema=ema, state={"step": 3})
+
+    def forbidden(*a, **k):
+        raise AssertionError("unpickling attempted")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    m2, o2, s2, e2 = _trained_objects(steps=1, seed=2)
+    assert load_checkpoint(tmp_path, model=m2, optimizer=o2, scheduler=s2, ema=e2)["step"] == 3
+    # and nothing in the files is a pickle
+    for f in tmp_path.iterdir():
+        assert not f.read_bytes().startswith(b"\x80")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = load_digits_data(16, train_limit=320, test_limit=50)
+
+    class BreaksAtStep7(ClassificationTask):
+        calls = 0
+
+        def loss(self, model, batch):
+            loss, stats = super().loss(model, batch)
+            BreaksAtStep7.calls += 1
+            return (loss * math.nan if BreaksAtStep7.calls == 7 else loss), stats
+
+    model = cspnet.create_model("resnet10", num_classes=10, in_chans=1, **_narrow("resnet10"))
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, checkpoint_every=3)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 1, step 7.*last.json \(step 6\) is kept"):
+        fit(BreaksAtStep7(data), model, cfg, tmp_path, progress=False)
+    assert read_checkpoint_record(tmp_path)["state"]["step"] == 6
+    assert all(torch.isfinite(t).all() for t in load_state(tmp_path / "last.safetensors").values())
+
+
+# -- eval ---------------------------------------------------------------------------------------
+def test_eval_prints_top1_top5_per_class_and_catches_wrong_heads(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "320", "--out", str(out)]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "--checkpoint", str(out), "--data", "digits", "--json-out", str(tmp_path / "e.json")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(trained["top1"]) and result["top5"] >= result["top1"]
+    assert len(result["per_class"]) == 10 and sum(map(sum, result["confusion"])) == result["images"] == 360
+    assert json.loads((tmp_path / "e.json").read_text())["top1"] == result["top1"]
+    assert main(["eval", "--checkpoint", str(out), "--data", "digits", "--num-classes", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "num_classes=10" in err and "num_classes=7" in err and "head.fc.weight" in err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--data", "digits"]) == 2
+    assert "no checkpoint here" in capsys.readouterr().err
+    # resuming with another recipe is refused instead of silently changing the run
+    assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "320",
+                 "--out", str(out), "--resume", "--lr", "0.5"]) == 2
+    assert "lr: checkpoint 0.1 vs now 0.5" in capsys.readouterr().err
+
+
+def test_gradient_clipping_bounds_every_update(tmp_path):
+    data = load_digits_data(16, train_limit=320, test_limit=50)
+
+    def moved(clip):
+        torch.manual_seed(0)
+        model = cspnet.create_model("resnet10", num_classes=10, in_chans=1, **_narrow("resnet10"))
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        cfg = TrainConfig(epochs=1, batch_size=32, lr=0.1, weight_decay=0.0, grad_clip=clip, schedule="constant")
+        fit(ClassificationTask(data), model, cfg, tmp_path / str(clip), progress=False)
+        return (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm().item()
+
+    # Nesterov SGD moves by lr * (g + m * buf) with |buf| <= |g| / (1 - m): at most 10 * lr * clip per step
+    steps, clip = 10, 1e-6
+    assert moved(clip) <= steps * 10 * 0.1 * clip * 1.001
+    assert moved(0.0) > 0.01
+
+
+def test_ema_weights_are_evaluated_and_kept(tmp_path, capsys):
+    out = tmp_path / "ema"
+    assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "320",
+                 "--ema", "0.9", "--out", str(out)]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "--checkpoint", str(out), "--data", "digits", "--ema"]) == 0
+    with_ema = json.loads(capsys.readouterr().out)
+    assert with_ema["ema"] and with_ema["top1"] == pytest.approx(trained["top1"])  # fit scores the EMA weights
+    raw, ema = load_state(out / "last.safetensors"), load_state(out / "last.state.safetensors")
+    assert not torch.equal(raw["head.fc.weight"], ema["ema.weights.head.fc.weight"])

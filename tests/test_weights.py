@@ -1,0 +1,132 @@
+"""Weights on disk: safetensors round trip with metadata, strict loading, never unpickling."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import cspnet
+from cspnet.engine.checkpoint import model_metadata
+from cspnet.weights import WeightsError, load_into, load_pretrained, load_state, read_metadata, save_weights
+
+SIZE = 64
+EXPLOITED = []
+
+
+def _record_exploit():
+    EXPLOITED.append(True)
+    return "pwned"
+
+
+class Payload:
+    """Unpickling this would call ``_record_exploit``: what a malicious checkpoint does."""
+
+    def __reduce__(self):
+        return (_record_exploit, ())
+
+
+def _perturbed(name: str, **kwargs):
+    """A model whose weights differ from a fresh one (so a load that did nothing is noticed)."""
+    model = cspnet.create_model(name, **kwargs)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.rand_like(t) * 0.1)
+    return model.eval()
+
+
+def test_save_load_round_trip_with_metadata(tmp_path):
+    model = _perturbed("cspresnet10", num_classes=10)
+    meta = {**model_metadata(model), "input_size": 224, "mean": [0.5, 0.5, 0.5]}
+    path = save_weights(tmp_path / "w" / "cspresnet10.safetensors", model, meta)
+    assert [p.name for p in path.parent.iterdir()] == ["cspresnet10.safetensors"]  # no temp file left
+
+    got = read_metadata(path)
+    assert got["model"] == "cspresnet10" and got["num_classes"] == 10 and got["input_size"] == 224
+    assert got["config"] == json.loads(json.dumps(dataclasses.asdict(model.model_cfg)))
+    state = load_state(path)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+    again = cspnet.create_model("cspresnet10", num_classes=10, pretrained=str(path)).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_features_only_backbone_takes_a_classifier_checkpoint(tmp_path):
+    model = _perturbed("cspresnet10")
+    path = save_weights(tmp_path / "c.safetensors", model, model_metadata(model))
+    backbone = cspnet.create_model("cspresnet10", features_only=True, out_indices=(4,), pretrained=path).eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(backbone(x)[0], model.forward_features(x))
+
+
+def test_weights_of_another_model_are_refused_by_name(tmp_path):
+    path = save_weights(tmp_path / "r.safetensors", cspnet.create_model("resnet10"), model_metadata(cspnet.create_model("resnet10")))
+    with pytest.raises(WeightsError, match=r"holds weights of model 'resnet10'.*not 'cspresnet10'"):
+        cspnet.create_model("cspresnet10", pretrained=path)
+
+
+def test_wrong_model_without_metadata_names_keys_and_shapes(tmp_path):
+    torch.save(cspnet.create_model("resnet10").state_dict(), tmp_path / "r.pth")
+    with pytest.raises(WeightsError) as err:
+        cspnet.create_model("cspresnet10", pretrained=tmp_path / "r.pth")
+    msg = str(err.value)
+    assert "r.pth" in msg and "'cspresnet10'" in msg
+    assert "missing: stages.0.cross.bn.bias" in msg  # a CSP split layer that resnet10 does not have
+    assert "stages.1.blocks.0.conv1.conv.weight: file (128, 64, 3, 3) vs model (64, 64, 3, 3)" in msg
+    # the other way round, the CSP layers are named as unexpected
+    with pytest.raises(WeightsError, match=r"unexpected: stages\.0\.cross\.bn\.bias"):
+        load_into(cspnet.create_model("resnet10"), cspnet.create_model("cspresnet10").state_dict())
+
+
+def test_wrong_class_count_names_the_classifier_shapes(tmp_path):
+    model = cspnet.create_model("cspresnet10", num_classes=1000)
+    path = save_weights(tmp_path / "k.safetensors", model, {})  # no metadata: only shapes can tell
+    c = model.num_features
+    with pytest.raises(WeightsError, match=rf"head\.fc\.weight: file \(1000, {c}\) vs model \(10, {c}\)") as err:
+        cspnet.create_model("cspresnet10", num_classes=10, pretrained=path)
+    assert "head.fc.bias: file (1000,) vs model (10,)" in str(err.value)
+    # load_into names the same problem for a model built by hand
+    with pytest.raises(WeightsError, match=r"head\.fc\.bias: file \(1000,\) vs model \(10,\)"):
+        load_into(cspnet.create_model("cspresnet10", num_classes=10), load_state(path))
+
+
+def test_weights_for_another_config_are_refused(tmp_path):
+    # Same shapes, different function: only the recorded config can tell them apart.
+    mish = cspnet.create_model("cspresnet10", act="mish")
+    path = save_weights(tmp_path / "m.safetensors", mish, model_metadata(mish))
+    with pytest.raises(WeightsError, match=r"act: file 'mish' vs model 'leaky'"):
+        cspnet.create_model("cspresnet10", pretrained=path)
+    assert cspnet.create_model("cspresnet10", act="mish", pretrained=path).model_cfg.act == "mish"
+
+
+def test_pretrained_must_be_a_path():
+    with pytest.raises(WeightsError, match="nothing is downloaded"):
+        cspnet.create_model("cspresnet10", pretrained=True)
+    with pytest.raises(WeightsError, match="no such weights file"):
+        cspnet.create_model("cspresnet10", pretrained="/nonexistent/w.safetensors")
+
+
+def test_pth_is_read_with_weights_only_and_a_pickle_payload_is_refused(tmp_path):
+    state = {"w": torch.arange(4.0)}
+    torch.save({"state_dict": state}, tmp_path / "ok.pth")
+    assert torch.equal(load_state(tmp_path / "ok.pth")["w"], state["w"])
+
+    torch.save({"w": torch.zeros(1), "extra": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match=r"evil\.pth: cannot be read safely with weights_only=True"):
+        load_state(tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match="weights_only"):
+        load_pretrained(cspnet.create_model("cspresnet10"), tmp_path / "evil.pth")
+    assert EXPLOITED == []
+
+
+def test_corrupt_safetensors_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(WeightsError, match=r"bad\.safetensors: not a readable safetensors file"):
+        load_state(bad)
+    with pytest.raises(WeightsError, match=r"bad\.safetensors"):
+        cspnet.create_model("cspresnet10", pretrained=bad)
