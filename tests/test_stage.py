@@ -97,3 +97,14 @@ def test_bad_fusion_split_and_missing_transition():
         CrossStage(32, dark_blocks(), fusion="fusion_first")
     with pytest.raises(ValueError, match="no transition"):
         CrossStage(32, dark_blocks(), fusion="fusion_last", transition_chs=32)
+
+
+def test_maxout_groups_channels_like_darknet_maxpool_depth():
+    from cspnet.layers import Maxout
+
+    # output channel g = max over input channels g, g+N, g+2N, ... (darknet forward_maxpool_layer)
+    x = torch.tensor([0.0, 0.0, 0.0, 0.0, 9.0]).view(1, 5, 1, 1)
+    assert Maxout(3)(x).flatten().tolist() == [0.0, 9.0, 0.0]
+    x = torch.randn(2, 12, 4, 4)
+    expected = torch.stack([x[:, g::4] for g in range(4)], 1).amax(2)
+    torch.testing.assert_close(Maxout(4)(x), expected)

@@ -517,8 +517,16 @@ def _train_fns(group: list[str], timm_names: dict[str, str], config: BenchConfig
 
 def run_benchmarks(config: BenchConfig) -> BenchReport:
     """Run the suite described by ``config`` and return every measurement (see module docstring)."""
-    from tqdm import tqdm
+    _check_config(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run(config)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _check_config(config: BenchConfig) -> None:
     if config.threads < 1:
         raise ValueError(f"threads must be >= 1, got {config.threads}")
     if not config.batch_sizes or min(config.batch_sizes) < 1 or config.train_batch < 1:
@@ -526,10 +534,15 @@ def run_benchmarks(config: BenchConfig) -> BenchReport:
     bad_formats = set(config.train_formats) - {"contiguous", "channels_last"}
     if bad_formats:
         raise ValueError(f"unknown train format(s) {sorted(bad_formats)}; expected contiguous or channels_last")
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {config.device!r} requested but CUDA is not available")
-    torch.set_num_threads(config.threads)
+    make_groups(config.models, config.twins)  # unknown model names fail before any work
+
+
+def _run(config: BenchConfig) -> BenchReport:
+    from tqdm import tqdm
+
+    device = torch.device(config.device)
     groups = make_groups(config.models, config.twins)
     use_timm = config.timm and timm_available()
     members = [n for g in groups for n in g]

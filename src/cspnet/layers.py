@@ -116,9 +116,9 @@ class Maxout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         if c % self.out_chs:
-            # Darknet takes the max over whatever input channels map to each output channel.
+            # Channels past the last full group take part only in their own group's max: pad with -inf.
             pad = self.out_chs - c % self.out_chs
-            x = torch.cat([x, x[:, -1:].expand(n, pad, h, w)], dim=1)
+            x = torch.cat([x, x.new_full((n, pad, h, w), float("-inf"))], dim=1)
             c = x.shape[1]
         return x.view(n, c // self.out_chs, self.out_chs, h, w).amax(dim=1)
 

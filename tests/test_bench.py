@@ -1,0 +1,135 @@
+"""The benchmark suite's bookkeeping (quick mode): what it measures, pairs and reports. No timing asserts."""
+import json
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+import cspnet
+from cspnet.bench import (
+    TIMM_EQUIVALENTS, BenchConfig, Clock, build, check_targets, flops_saving, make_groups, measure_peak,
+    quick_config, run_benchmarks, run_interleaved, saved_activation_bytes, to_markdown,
+)
+from cspnet.cli import main as cli_main
+
+
+def test_quick_suite_via_cli_records_every_measurement(tmp_path, capsys):
+    out = tmp_path / "bench.md"
+    assert cli_main(["bench", "--quick", "cspresnet10", "--no-timm", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.with_suffix(".json").read_text())
+    text = out.read_text()
+    assert "## Inference, batch 2" in printed and "## Targets" in text
+
+    assert data["groups"] == [["cspresnet10", "resnet10"]]  # the plain twin joins its CSP model
+    cfg = data["config"]
+    timings = {(t["model"], t["impl"], t["variant"], t["batch"]): t for t in data["timings"]}
+    for name in ("cspresnet10", "resnet10"):
+        for batch in cfg["batch_sizes"]:
+            for variant in ("eager", "eager_cl", "deploy", "onnxruntime"):
+                t = timings[(name, "ours", variant, batch)]
+                assert len(t["samples_ms"]) == cfg["repeats"]
+                assert t["median_ms"] == statistics.median(t["samples_ms"]) > 0
+        assert len(timings[(name, "ours", "train", cfg["train_batch"])]["samples_ms"]) == cfg["train_repeats"]
+    assert not any(impl == "timm" for _, impl, _, _ in timings)
+
+    # FLOPs and CIO come from cspnet.profile at the run's input size.
+    for name in ("cspresnet10", "resnet10"):
+        prof = cspnet.profile(cspnet.create_model(name), cfg["input_size"])
+        assert data["profiles"][f"ours:{name}"]["macs"] == prof.macs
+        assert data["profiles"][f"ours:{name}"]["cio"] == prof.cio
+
+    # Memory was measured in fresh processes; the saved-activation count is a pure function of the
+    # model and input shape, so this process must count the same bytes.
+    for name in ("cspresnet10", "resnet10"):
+        mem = data["memory"][f"ours:{name}"]
+        assert "error" not in mem, mem
+        assert mem["rss_peak"] >= mem["rss_model"] > 0
+        assert mem["train"] == pytest.approx(mem["rss_peak"] - mem["rss_base"])
+        torch.manual_seed(0)
+        model = cspnet.create_model(name).train()
+        x = torch.randn(cfg["train_batch"], 3, cfg["input_size"], cfg["input_size"])
+        assert mem["activations"] == pytest.approx(saved_activation_bytes(model, x) / 2**20)
+
+    targets = {(t["target"], t["subject"]): t for t in data["targets"]}
+    twin = targets[("CSP vs twin eager speedup >= 1 + FLOPs saving/2", "cspresnet10/resnet10")]
+    saving = 1 - data["profiles"]["ours:cspresnet10"]["macs"] / data["profiles"]["ours:resnet10"]["macs"]
+    assert twin["threshold"] == pytest.approx(1 + saving / 2)
+    best = lambda n: min(timings[(n, "ours", v, 2)]["median_ms"] for v in ("eager", "eager_cl"))  # noqa: E731
+    assert twin["value"] == pytest.approx(best("resnet10") / best("cspresnet10"))
+    assert ("CSP peak train memory <= twin's (MiB ratio)", "cspresnet10/resnet10") in targets
+    assert f"{100 * saving:.1f}%" in text
+
+
+def test_timm_models_run_side_by_side():
+    config = quick_config(("darknet53",), onnx=False, memory=False, batch_sizes=(1,), train_batch=1)
+    report = run_benchmarks(config)
+    assert report.timm_names == {"darknet53": "darknet53"}
+    for variant in ("eager", "eager_cl"):
+        assert report.median("darknet53", "timm", variant, 1) > 0
+    assert report.median("darknet53", "timm", "train", 1) > 0
+    # timm's model was profiled on its own, and it is the same network as ours
+    assert report.profiles["timm:darknet53"]["macs"] == report.profiles["ours:darknet53"]["macs"]
+    checks = {c.target: c for c in check_targets(report)}
+    eager = checks["eager >= 1.0x timm eager"]
+    assert eager.value == pytest.approx(report.best_eager("darknet53", "timm", 1) / report.best_eager("darknet53", "ours", 1))
+    deploy = checks["deploy >= 1.3x timm eager"]
+    assert deploy.passed == (deploy.value >= 1.3)
+    g = report.gflops_per_s("darknet53", "ours", "deploy", 1)
+    assert g == pytest.approx(2 * report.profiles["ours:darknet53"]["macs"] / (report.median("darknet53", "ours", "deploy", 1) / 1e3) / 1e9)
+    md = to_markdown(report)
+    assert "| darknet53 | darknet53 |" in md  # the mapping table
+
+
+# The correspondence claims of TIMM_EQUIVALENTS, checked against timm's own parameter counts.
+PARAM_DIFFERENCE = {"cspresnet50": 8_320, "cspresnext50": 12_416}
+
+
+@pytest.mark.parametrize("ours", sorted(n for n in TIMM_EQUIVALENTS if n in cspnet.list_models()))
+def test_timm_mapping_matches_parameter_counts(ours):
+    pytest.importorskip("timm")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    theirs = TIMM_EQUIVALENTS[ours][0]
+    assert count(build("timm", theirs)) - count(build("ours", ours)) == PARAM_DIFFERENCE.get(ours, 0)
+
+
+def test_saved_activation_bytes_counts_what_backward_keeps():
+    # Conv saves its input (3x8x8 floats), ReLU its output (8x8x8 floats); weights do not count,
+    # and an in-place ReLU's output is the same storage counted once.
+    for inplace in (False, True):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=inplace))
+        assert saved_activation_bytes(model, torch.randn(1, 3, 8, 8)) == 4 * (3 * 64 + 8 * 64)
+
+
+def test_interleaving_runs_round_robin():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    samples = run_interleaved(fns, warmup=1, repeats=2, clock=Clock(torch.device("cpu")))
+    assert calls == list("abc") + list("abcabc")
+    assert {k: len(v) for k, v in samples.items()} == {"a": 2, "b": 2, "c": 2}
+
+
+def test_measure_peak_reports_gemm_and_conv():
+    peak = measure_peak("cpu", quick=True)
+    assert peak["gemm_gflops"] > 0 and peak["conv_gflops"] == max(peak["conv_gflops_nchw"], peak["conv_gflops_cl"])
+
+
+def test_groups_pair_each_model_with_its_twin_once():
+    assert make_groups(("cspresnet50", "resnet50", "cspdarknet53"), twins=True) == [
+        ["cspresnet50", "resnet50"], ["cspdarknet53", "darknet53"]]
+    assert make_groups(("cspresnet50",), twins=False) == [["cspresnet50"]]
+    with pytest.raises(ValueError, match="did you mean"):
+        make_groups(("cspresnet5O",), twins=True)
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="threads"):
+        run_benchmarks(BenchConfig(models=("resnet10",), threads=0))
+    with pytest.raises(ValueError, match="train format"):
+        run_benchmarks(quick_config(("resnet10",), train_formats=("nhwc",)))
+
+
+def test_flops_saving_uses_conv_macs():
+    report = type("R", (), {"profiles": {"ours:a": {"macs": 78}, "ours:b": {"macs": 100}}})()
+    assert flops_saving(report, "a", "b") == pytest.approx(0.22)
