@@ -1,7 +1,8 @@
 """DenseNet / PeleeNet / MobileNet-v2 / ELASTIC families against numbers we did not choose.
 
 - torchvision's DenseNets (parameter counts, and outputs once their weights are copied across);
-- the official Darknet cfgs (layer-for-layer conv sequence, README params / BFLOPs);
+- the official cfgs' README params / BFLOPs (that the cfg models compute what their cfgs compute, layer for
+  layer, is tested for every model with a ``darknet_cfg`` in test_darknet_weights.py);
 - the paper's Tables 1 and 3 (CSPPeleeNet, the fusion ablation, the ELASTIC DenseNets).
 
 Counting conventions (docs/models_design.md): the README and the PeleeNet rows count conv + classifier
@@ -9,7 +10,6 @@ weights only (``Profile.conv_params``); the ELASTIC DenseNet rows are ELASTIC's 
 parameter including BN (``Profile.params``). BFLOPs = 2 x conv/linear multiply-adds.
 """
 import functools
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,14 +17,10 @@ import torchvision
 from torch import nn
 
 import cspnet
-from cspnet.darknet import build_model
-from cspnet.darknet.mapping import native_to_darknet
 from cspnet.layers import ConvBnAct
 from cspnet.models.densenet import DenseLayer, ElasticDenseLayer
 from cspnet.models.elastic import ElasticBlock, elastic_dark_block
 from cspnet.stage import CrossStage
-
-CFG_DIR = Path(__file__).resolve().parents[2] / "shared" / "darknet-cfg" / "cfg"
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,27 +112,6 @@ def test_elastic_densenets_match_the_paper():
 
 
 # -- Official cfgs: layer for layer ---------------------------------------------------------------
-
-@pytest.mark.parametrize(
-    "name", ["mobilenet_v2", "cspmobilenet_v2", "cspdarknet53_elastic", "cspresnet50_elastic", "cspresnext50_elastic"]
-)
-def test_cfg_model_computes_what_the_cfg_computes(name):
-    # The cfg built layer by layer (cspnet.darknet), given the native model's weights by walking its convs in
-    # order, must produce the native model's logits: same layers, same order, same routes and shortcuts.
-    native = cspnet.create_model(name).eval()
-    for m in native.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    darknet = build_model(CFG_DIR / cspnet.get_spec(name).darknet_cfg, 64).eval()
-    native_to_darknet(native, darknet)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ours, theirs = native(x), darknet(x).reshape(2, -1)
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * ours.abs().max().item())
-
 
 @pytest.mark.parametrize("name,params_m,bflops", [("mobilenet_v2", 3.47, 0.858), ("cspmobilenet_v2", 2.51, 0.764)])
 def test_mobilenet_readme_figures(name, params_m, bflops):

@@ -277,6 +277,8 @@ def test_checkpoint_errors_name_the_file_and_key(tmp_path):
     (tmp_path / "a" / "last.safetensors").write_bytes((tmp_path / "b" / "last.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="belongs to another write"):
         load_checkpoint(tmp_path / "a", model=model)
+    with pytest.raises(CheckpointError, match=r"state must be JSON-able.*state.x"):
+        save_checkpoint(tmp_path / "c", model=model, state={"x": torch.zeros(1)})
     (tmp_path / "b" / "last.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"last.json: corrupt checkpoint record"):
         load_checkpoint(tmp_path / "b", model=model)

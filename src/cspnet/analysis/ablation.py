@@ -112,14 +112,14 @@ def run_ablation(
     include_plain: bool = True,
     paper_size: int = 224,
     progress: bool = True,
-    dist=None,
 ) -> list[dict[str, Any]]:
     """Train every run of the ablation (skipping finished ones) and write the table and plot.
 
     ``width`` and ``options`` (config overrides such as ``act``) apply to every run, the plain one too.
 
     Returns one row per run: ``key, model, fusion, part_ratio, params, bflops, bflops_paper_size,
-    top1, top5, wall_s`` and ``status`` (``trained``, ``resumed`` or ``skipped``).
+    top1, top5`` (test accuracy after the last epoch), ``wall_s`` and ``status`` (``trained``,
+    ``resumed`` or ``skipped``).
     """
     runs = ablation_runs(family, gammas, fusions, include_plain)
     options = dict(options or {})
@@ -136,7 +136,7 @@ def run_ablation(
     try:
         for i, run in enumerate(runs):
             rows.append(_one_run(run, i, len(runs), data, train_cfg, recipe, out, width, {**options, **run.options},
-                                 paper_size, progress, dist))
+                                 paper_size, progress))
             write_ablation_report(rows, out, family, data)
             if bar is not None:
                 bar.set_postfix(last=f"{run.key} top1={100 * rows[-1]['top1']:.2f}%", refresh=False)
@@ -148,7 +148,7 @@ def run_ablation(
 
 
 def _one_run(run: AblationRun, i: int, n: int, data, train_cfg, recipe, out: Path, width: float, options: dict,
-             paper_size: int, progress: bool, dist) -> dict[str, Any]:
+             paper_size: int, progress: bool) -> dict[str, Any]:
     run_dir = out / "runs" / run.key
     result_path = run_dir / "result.json"
     record = model_record(run.model, num_classes=data.num_classes, in_chans=data.in_chans, width=width, options=options)
@@ -168,12 +168,11 @@ def _one_run(run: AblationRun, i: int, n: int, data, train_cfg, recipe, out: Pat
     model = build_model(run.model, num_classes=data.num_classes, in_chans=data.in_chans, width=width, options=options)
     run_info = {"model": record, "data": data.describe(), "recipe": dataclasses.asdict(recipe), "ablation": run.key}
     result = fit(ClassificationTask(data, recipe), model, train_cfg, run_dir, resume=resume, progress=progress,
-                 run_info=run_info, desc=f"[{i + 1}/{n}] {run.key} ", dist=dist)
+                 run_info=run_info, desc=f"[{i + 1}/{n}] {run.key} ")
     row = {"key": run.key, "model": run.model, "fusion": run.fusion, "part_ratio": run.part_ratio, **measured,
            "top1": result.final.get("top1", math.nan), "top5": result.final.get("top5", math.nan),
            "epochs": train_cfg.epochs, "wall_s": result.wall_s}
-    if dist is None or dist.is_main:
-        atomic_write_text(result_path, json.dumps({"signature": signature, "row": row}, indent=1) + "\n")
+    atomic_write_text(result_path, json.dumps({"signature": signature, "row": row}, indent=1) + "\n")
     return {**row, "status": "resumed" if resume else "trained"}
 
 

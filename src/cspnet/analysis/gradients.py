@@ -9,8 +9,7 @@ identical gradient signals and near 0 for unrelated ones (docs/analysis.md state
 
 **Path duplication** ``D``. Let ``X`` be the input of a stage's block (``x0`` for a plain stage, ``x0''``
 for a CSP stage). Every *path* ``p`` that reads ``X`` -- each dense layer, and the (partial) transition
-that reads the block's concatenated output -- sends back its own share of the gradient,
-``g_p = (∂y_p/∂X)^T ∂L/∂y_p`` (a vector-Jacobian product through that path's first layers only), and
+that reads the block's concatenated output -- sends back its own share of the gradient ``g_p``, and
 ``∂L/∂X = Σ_p g_p``. ``D[p, q] = cos(g_p, g_q)`` over the whole batch. The *split* cosine of a CSP stage
 is the same quantity for its two paths out of the base map, part 1 (cross) and part 2 (main).
 
@@ -19,9 +18,12 @@ and ``u_p`` = ``G`` restricted to the channels path ``p`` reads (zero elsewhere)
 in the paper's update equation -- ``O[p, q] = cos(u_p, u_q)``: the share of gradient information the two
 updates have in common.
 
-A path's first layers are found by running the model once with hooks: every module of the stage's
-blocks or transitions whose input begins (channel-wise) with ``X`` reads ``X``; modules that merely pass
-their input through (identity, in-place activations) are skipped so that nothing is counted twice.
+How ``g_p`` is measured: one training-mode forward pass with hooks. Every module of the stage's blocks
+or transitions whose input begins (channel-wise) with ``X`` reads ``X``; in front of each such read by a
+leaf module the hook inserts an identity node (a *tap*), so ``∂L/∂tap`` is the gradient sent back through
+that read alone. A path is the outermost reading module (a dense layer, the transition) and ``g_p`` sums
+its leaves' taps. Modules that hand their input on unchanged (identity, dropout, in-place activations)
+are not tapped, so nothing is counted twice; that the taps add up to ``∂L/∂X`` is checked on every stage.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ from .necks import NECKS, build_neck, neck_inputs
 # Feature taps the official detector cfgs read where they differ from our stage outputs:
 # csresnet50-panet-spp.cfg routes layers 38 and 65, the 1x1 convs that open the next stage's
 # downsampling (256 ch at stride 8, 512 at 16), not the 512 / 1024-ch concats before them.
-# csresnext50 (layers 38, 65) and csdarknet53 (54, 85) tap the stage outputs themselves.
+# csresnext50 (layers 38, 65) and csdarknet53 (54, 85) tap the stage outputs themselves. The
+# stride-4 tap, which only EFM reads, follows the same rule for cspresnet50.
 CFG_TAPS: dict[str, dict[int, str]] = {
     "cspresnet50": {4: "stages.1.down.0", 8: "stages.2.down.0", 16: "stages.3.down.0"},
 }

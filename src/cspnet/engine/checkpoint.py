@@ -207,6 +207,11 @@ def save_checkpoint(
     model_final, state_final = _files(out_dir, name)
 
     meta = {**model_metadata(model), "token": token, "epoch": state.get("epoch"), "step": state.get("step")}
+    state_tensors: dict[str, torch.Tensor] = {}
+    flat_state = flatten_state(state, "state", state_tensors)
+    if state_tensors:
+        raise CheckpointError(f"state must be JSON-able (numbers, strings, lists, dicts), found tensors at {sorted(state_tensors)[:3]}; "
+                              "put tensors in the model, optimizer, scheduler or EMA")
     tensors: dict[str, torch.Tensor] = {}
     record = {
         "format": FORMAT,
@@ -214,11 +219,9 @@ def save_checkpoint(
         "model": meta["model"],
         "num_classes": meta["num_classes"],
         "in_chans": meta["in_chans"],
-        "state": flatten_state(state, "state", tensors),
+        "state": flat_state,
         "rng": rng_state(tensors),
     }
-    if tensors.keys() - {"rng.torch"}:
-        raise CheckpointError("state must be JSON-able (numbers, strings, lists, dicts); put tensors in the model, optimizer, scheduler or EMA")
     if optimizer is not None:
         record["optimizer"] = flatten_state(optimizer.state_dict(), "optimizer", tensors)
     if scheduler is not None:

@@ -378,6 +378,7 @@ def fit(
                 state["partial"] = _global_sums(sums, dist)
                 save()
         if bar is not None:
+            bar.refresh()  # the epoch's final figures, however fast its steps went by
             bar.close()
         totals = _global_sums(sums, dist)
         metrics = task.evaluate(ema.module if ema is not None else model, dist)
