@@ -23,7 +23,8 @@ test: setup
 	$(PY) -m pytest -q -n 2
 
 demo: setup
-	$(PY) -m cspnet models
+	$(PY) -m cspnet compare --out runs/demo
+	@echo "report: runs/demo/report.md"
 
 models: setup
 	$(PY) -m cspnet models > docs/models.md

@@ -14,6 +14,7 @@ hard stop at the budget keeps the promise if the machine slows down (the result 
 
     python benchmarks/detection_scenes.py --out runs/detection_bench          # everything
     python benchmarks/detection_scenes.py --only timing                       # one part
+    python benchmarks/detection_scenes.py --only scenes --backbone cspresnet10 --backbone-width 0.5
 
 Results go to ``OUT/results.json`` (and a Markdown summary on stdout); docs/detection.md quotes them.
 """
@@ -44,8 +45,8 @@ from cspnet.detection.train import (
 )
 from cspnet.engine.train import TrainConfig
 
-RECIPE = {"backbone": "csppeleenet", "neck": "efm-sam", "neck_width": 128, "batch_size": 16, "lr": 2e-3,
-          "weight_decay": 5e-4, "ema": 0.999, "box_loss": "ciou"}
+RECIPE = {"backbone": "csppeleenet", "backbone_width": 1.0, "neck": "efm-sam", "neck_width": 128, "batch_size": 16,
+          "lr": 2e-3, "weight_decay": 5e-4, "ema": 0.999, "box_loss": "ciou"}
 SETS = {
     # name: (img_size, train images, val images, augmentation)
     "scenes": (128, 3000, 300, AugmentCfg(mosaic=0.3, scale=0.2, translate=0.1)),
@@ -79,6 +80,7 @@ def _steps_per_second(model, task, batch_size, steps=6) -> float:
 
 def train_set_run(name: str, out: Path, minutes: float, seed: int = 0) -> dict:
     img_size, n_train, n_val, augment = SETS[name]
+    run_name = f"{name}-{RECIPE['backbone']}-w{RECIPE['backbone_width']:g}-{RECIPE['neck']}"
     train_src = load_detection_source(name, "train", num_scenes=n_train or 0, scene_size=img_size, seed=seed)
     val_src = load_detection_source(name, "val", num_scenes=n_val or 0, scene_size=img_size, seed=seed,
                                     class_names=train_src.class_names)
@@ -88,7 +90,7 @@ def train_set_run(name: str, out: Path, minutes: float, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     anchors = _anchors(train_src.records, img_size)
     model = create_detector(RECIPE["backbone"], RECIPE["neck"], num_classes=len(train_src.class_names),
-                            anchors=anchors, neck_width=RECIPE["neck_width"])
+                            anchors=anchors, neck_width=RECIPE["neck_width"], backbone_width=RECIPE["backbone_width"])
     bs = RECIPE["batch_size"]
     recipe = DetectRecipe(box_loss=RECIPE["box_loss"], eval_every=1)
     probe = DetectionTask(model, train, val, gt, recipe=recipe)
@@ -110,16 +112,16 @@ def train_set_run(name: str, out: Path, minutes: float, seed: int = 0) -> dict:
     started = time.perf_counter()
     stopped_early = False
     try:
-        train_detector(model, train, val, gt, out / name, cfg, recipe, progress=False,
+        train_detector(model, train, val, gt, out / run_name, cfg, recipe, progress=False,
                        run_info={"data": {"spec": name, "seed": seed, "num_scenes": n_val, "scene_size": img_size}})
     except TimeBudgetSpent:
         stopped_early = True
     wall = time.perf_counter() - started
-    best, _ = load_detector(out / name)
+    best, _ = load_detector(out / run_name)
     metrics = evaluate_detector(best, val, gt, batch_size=bs)
-    history = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(x) for x in (out / run_name / "metrics.jsonl").read_text().splitlines()]
     return {
-        "set": name, "detector": best.model_name, "img_size": img_size, "train_images": len(train),
+        "set": name, "detector": best.model_name, "recipe": dict(RECIPE), "img_size": img_size, "train_images": len(train),
         "val_images": len(val), "val_boxes": len(gt["annotations"]), "classes": len(train_src.class_names),
         "anchors": [list(a) for a in anchors], "epochs_planned": epochs, "eval_every": eval_every, "epochs_done": len(history),
         "steps_per_s_probe": round(rate, 3), "train_wall_min": round(wall / 60, 2), "stopped_early": stopped_early,
@@ -145,8 +147,13 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget per training run")
     p.add_argument("--only", choices=("scenes", "trees", "timing"), action="append")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    p.add_argument("--backbone", default=RECIPE["backbone"])
+    p.add_argument("--backbone-width", type=float, default=RECIPE["backbone_width"])
+    p.add_argument("--neck", default=RECIPE["neck"])
+    p.add_argument("--neck-width", type=int, default=RECIPE["neck_width"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    RECIPE.update(backbone=args.backbone, backbone_width=args.backbone_width, neck=args.neck, neck_width=args.neck_width)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
@@ -157,11 +164,13 @@ def main() -> None:
         if part == "timing":
             results["timing"] = timing_run()
         else:
-            results[part] = train_set_run(part, out, args.minutes)
+            result = train_set_run(part, out, args.minutes)
+            results.setdefault(part, {})[result["detector"] + f"@w{RECIPE['backbone_width']:g}"] = result
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(results, indent=1))
         os.replace(tmp, path)
-        print(json.dumps({part: results[part] if part == "timing" else {k: v for k, v in results[part].items() if k != "history"}}, indent=1), flush=True)
+        shown = results[part] if part == "timing" else {k: v for k, v in result.items() if k not in ("history", "anchors")}
+        print(json.dumps({part: shown}, indent=1), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cspnet.cli import main
-from cspnet.compare import DEFAULTS, benchmark
+from cspnet.compare import DEFAULTS, peak_train_memory, throughput
 from cspnet.data.classification import FASHION_MNIST_ROOT
 from cspnet.engine.models import build_model, model_record
 from cspnet.profile import profile
@@ -48,9 +48,10 @@ def test_compare_writes_report_and_plots(tmp_path, capsys):
     assert summary["report"].endswith("report.md")
 
 
-def test_benchmark_measures_memory_growth_with_batch():
-    record = model_record("resnet10", num_classes=10, in_chans=1, width=0.25)
-    small = benchmark(record, 32, 8, min_time=0.05)
-    large = benchmark(record, 32, 256, min_time=0.05)
-    assert small["train_img_per_s"] > 0 and small["infer_img_per_s"] > 0
-    assert large["peak_mem_mb"] > small["peak_mem_mb"]  # activations grow with the batch
+def test_benchmarks_measure_speed_and_memory_growth_with_batch():
+    small = model_record("resnet10", num_classes=10, in_chans=1, width=0.25)
+    large = model_record("resnet10", num_classes=10, in_chans=1, width=1.0)
+    speeds = throughput([small, large], 32, 32, seconds=0.2, rounds=2)
+    assert all(s["train_img_per_s"] > 0 and s["infer_img_per_s"] > s["train_img_per_s"] for s in speeds)
+    assert speeds[0]["train_img_per_s"] > speeds[1]["train_img_per_s"]  # 14x fewer multiply-adds
+    assert peak_train_memory(small, 32, 256) > peak_train_memory(small, 32, 8)  # activations grow with the batch

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .data import ClassificationData
 from .engine.classify import ClassificationTask, ClassifyRecipe
@@ -72,25 +73,33 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def benchmark(record: dict[str, Any], img_size: int, batch: int, device: str = "cpu", threads: int | None = None,
-              min_time: float = 2.0) -> dict[str, float]:
-    """Training and inference images/s and training peak memory of the model ``record`` describes.
+def _batch(record: dict[str, Any], img_size: int, batch: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, record["in_chans"], img_size, img_size, generator=g).to(dev)
+    return x, torch.randint(0, record["num_classes"], (batch,), generator=g).to(dev)
 
-    Meant to run in a fresh process (`benchmark_in_subprocess`). Peak memory is the growth of the
-    process's resident set (CPU; on CUDA the allocator's peak) from just before the model is built
-    to the peak of ``batch``-image SGD steps: weights, gradients, optimizer state and activations.
+
+def _sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def peak_train_memory(record: dict[str, Any], img_size: int, batch: int, device: str = "cpu", steps: int = 3) -> float:
+    """MB a process needs to train the model ``record`` describes with ``batch``-image SGD steps.
+
+    Meant for a fresh process (`run_benchmarks`): the growth of the resident set (CPU; on CUDA the
+    allocator's peak) from just before the model is built to the peak of the steps, i.e. weights,
+    gradients, optimizer state and activations.
     """
-    if threads:
-        torch.set_num_threads(threads)
     dev = torch.device(device)
-    torch.manual_seed(0)
-    x = torch.randn(batch, record["in_chans"], img_size, img_size, device=dev)
-    y = torch.randint(0, record["num_classes"], (batch,), device=dev)
+    x, y = _batch(record, img_size, batch, dev)
     # one-off costs that are not the model's: the optimizer's first use imports torch._dynamo
     # (~100 MB of modules), the first convolution initialises the kernel library
-    probe = torch.nn.Conv2d(record["in_chans"], 8, 3).to(dev)
-    torch.optim.SGD(probe.parameters(), lr=0.1).step()
+    probe = nn.Conv2d(record["in_chans"], 8, 3).to(dev)
     probe(x[:1]).sum().backward()
+    torch.optim.SGD(probe.parameters(), lr=0.1).step()
     del probe
     base_kb = _rss_kb("VmRSS")
     exact_peak = _reset_peak_rss()
@@ -99,50 +108,84 @@ def benchmark(record: dict[str, Any], img_size: int, batch: int, device: str = "
         base_cuda = torch.cuda.memory_allocated(dev)
     model = rebuild_model(record).to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    for _ in range(steps):
+        _sgd_step(model, opt, x, y)
+    if dev.type == "cuda":
+        return (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2**20
+    peak_kb = _rss_kb("VmHWM") if exact_peak else None
+    if peak_kb is None or base_kb is None:  # no /proc: the process's lifetime peak, an upper bound
+        import resource
+
+        peak_kb, base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base_kb or 0
+    return (peak_kb - base_kb) / 1024
+
+
+def throughput(records: list[dict[str, Any]], img_size: int, batch: int, device: str = "cpu", seconds: float = 2.0,
+               rounds: int = 5) -> list[dict[str, float]]:
+    """Training (SGD step) and inference images/s of each model, measured in interleaved rounds.
+
+    The models take turns, ``rounds`` times, each turn timing about ``seconds / rounds``; the best
+    turn of each model counts. On a machine shared with other work, turns of the same model vary
+    by a factor of two or more, and turns taken in the same time window treat the models alike.
+    """
+    dev = torch.device(device)
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    def train_step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def timed(fn, warmup: int = 3) -> float:
-        for _ in range(warmup):
-            fn()
+    def rate(fn, turn_time: float) -> float:
         sync()
         n, t0 = 0, time.perf_counter()
-        while n < 5 or time.perf_counter() - t0 < min_time:
+        while n < 2 or time.perf_counter() - t0 < turn_time:
             fn()
             n += 1
         sync()
         return n * batch / (time.perf_counter() - t0)
 
-    train_ips = timed(train_step)
-    if dev.type == "cuda":
-        peak_mb = (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2**20
-    else:
-        peak_kb = _rss_kb("VmHWM") if exact_peak else None
-        if peak_kb is None or base_kb is None:
-            import resource
+    jobs = []
+    for record in records:
+        model = rebuild_model(record).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        x, y = _batch(record, img_size, batch, dev)
 
-            peak_kb, base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base_kb or 0
-        peak_mb = (peak_kb - base_kb) / 1024
-    model.eval()
-    with torch.inference_mode():
-        infer_ips = timed(lambda: model(x))
-    return {"train_img_per_s": train_ips, "infer_img_per_s": infer_ips, "peak_mem_mb": peak_mb,
-            "bench_batch": batch, "bench_threads": torch.get_num_threads(), "device": dev.type}
+        def train(model=model, opt=opt, x=x, y=y):
+            model.train()
+            _sgd_step(model, opt, x, y)
+
+        def infer(model=model, x=x):
+            model.eval()
+            with torch.inference_mode():
+                model(x)
+
+        train(), train(), infer()  # warm-up
+        jobs.append((train, infer))
+    best = [{"train_img_per_s": 0.0, "infer_img_per_s": 0.0} for _ in records]
+    for _ in range(rounds):
+        for b, (train, infer) in zip(best, jobs):
+            b["train_img_per_s"] = max(b["train_img_per_s"], rate(train, seconds / rounds))
+            b["infer_img_per_s"] = max(b["infer_img_per_s"], rate(infer, seconds / rounds))
+    return best
 
 
-def benchmark_in_subprocess(record: dict[str, Any], img_size: int, batch: int, device: str = "cpu",
-                            threads: int | None = None, min_time: float = 2.0) -> dict[str, float]:
-    """`benchmark` in a freshly spawned Python process (clean memory accounting)."""
+def _in_fresh_process(fn, *args):
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(benchmark, record, img_size, batch, device, threads, min_time).result()
+        return pool.submit(fn, *args).result()
+
+
+def _with_threads(threads: int | None, fn, *args):
+    if threads:
+        torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def run_benchmarks(records: list[dict[str, Any]], img_size: int, batch: int, device: str = "cpu",
+                   threads: int | None = None, seconds: float = 2.0) -> list[dict[str, float]]:
+    """Peak training memory (one fresh process per model) and throughput (one process, interleaved)."""
+    speeds = _in_fresh_process(_with_threads, threads, throughput, records, img_size, batch, device, seconds)
+    for record, speed in zip(records, speeds):
+        speed["peak_mem_mb"] = _in_fresh_process(_with_threads, threads, peak_train_memory, record, img_size, batch, device)
+    return speeds
 
 
 # -- the job --------------------------------------------------------------------------------------
@@ -182,7 +225,7 @@ def run_compare_models(
     ``jobs > 1`` trains that many models at once, each in its own process with an equal share of
     the CPU threads: on a small CPU two single-threaded runs side by side finish sooner than two
     two-threaded runs one after the other (small convolutions scale poorly over threads).
-    Throughput and memory are measured afterwards, one model at a time, with all threads.
+    Throughput (interleaved rounds, see `throughput`) and memory are measured afterwards, with all threads.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -202,11 +245,11 @@ def run_compare_models(
             futures = [pool.submit(train_one, name, width, data, cfg, recipe, out, device, progress, i, per_job)
                        for i, name in enumerate(models)]
             runs = [f.result() for f in futures]
+    benches = run_benchmarks([run["record"] for run in runs], data.img_size, bench_batch, bench_device, threads, bench_seconds)
     rows, histories = [], {}
-    for name, run in zip(models, runs):
+    for name, run, bench in zip(models, runs, benches):
         prof = profile(build_model(**{k: run["record"][k] for k in ("name", "num_classes", "in_chans", "width", "options")}),
                        data.img_size)
-        bench = benchmark_in_subprocess(run["record"], data.img_size, bench_batch, bench_device, threads, bench_seconds)
         histories[name] = run["history"]
         final = run["final"]
         rows.append({
@@ -309,8 +352,9 @@ def format_report(report: dict[str, Any], histories: dict[str, list[dict[str, An
     lines += [
         "",
         f"{csp} needs {saved:.0f}% {'fewer' if saved >= 0 else 'more'} multiply-adds than {plain} and is {verdict} on this run.",
-        f"Throughput and memory were measured in a fresh process per model (batch {report['bench']['batch']}, "
-        f"{report['bench']['threads']} thread(s), {report['bench']['device']}); the images/s seen during training "
+        f"Throughput is the best of 5 turns the models took alternately in one fresh process, peak memory the growth "
+        f"of a fresh process per model (batch {report['bench']['batch']}, {report['bench']['threads']} thread(s), "
+        f"{report['bench']['device']}); the images/s seen during training "
         f"were {during} ({report['jobs']} model(s) trained at a time, {rows[0]['train_threads']} thread(s) each).",
         "",
         "![loss and accuracy per epoch](curves.png)",

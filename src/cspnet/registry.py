@@ -10,7 +10,7 @@ import difflib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -19,7 +19,8 @@ from torch import nn
 class PaperFigures:
     """Figures published for a model, with the precision they were printed at.
 
-    ``params_m`` counts convolution weights only (no BN, no bias), as the official README does;
+    ``params_m`` counts convolution weights only (no BN, no bias), as the official README does,
+    unless ``params_kind == "all"`` (every parameter, as the ELASTIC paper counts);
     ``bflops`` is Darknet's BFLOPs, 2 x multiply-adds of the conv layers, at ``input_size``.
     """
 
@@ -30,6 +31,7 @@ class PaperFigures:
     top1: float | None = None
     params_decimals: int = 2
     bflops_decimals: int = 2
+    params_kind: Literal["conv", "all"] = "conv"
 
 
 @dataclass(frozen=True)

@@ -124,9 +124,9 @@ MODELS = (
               PaperFigures(None, 5.45, 256, "repo README", 77.2), twin="cspresnext50",
               darknet_cfg="csresnext50-elastic.cfg", description="CSPResNeXt-50-Elastic (csresnext50-elastic.cfg)"),
     ModelSpec("densenet201_elastic", "elastic", DENSENET201_ELASTIC, build_densenet,
-              PaperFigures(19.48, 8.77, 224, "paper Table 3 (params incl. BN, as ELASTIC counts)", 77.9),
+              PaperFigures(19.48, 8.77, 224, "paper Table 3", 77.9, params_kind="all"),
               default_input=224, description="DenseNet-201-Elastic (allenai/elastic densenet201_elastic, blocks 10-20-40-30)"),
     ModelSpec("cspdensenet201_elastic", "elastic", CSPDENSENET201_ELASTIC, build_densenet,
-              PaperFigures(20.17, 7.13, 224, "paper Table 3 (params incl. BN)", 77.9), twin="densenet201_elastic",
+              PaperFigures(20.17, 7.13, 224, "paper Table 3", 77.9, params_kind="all"), twin="densenet201_elastic",
               default_input=224, description="CSPDenseNet-201-Elastic, designed here: CSPDenseNet-201, ELASTIC layers, γ=0.75"),
 )
