@@ -201,33 +201,39 @@ class OneDnnConvAct(nn.Module):
 class OneDnnResidualBlock(nn.Module):
     """A fused `ResidualBlock` whose last conv absorbs the residual add (oneDNN binary post-op).
 
-    ``act(conv3(y) + x)``: the kernel computes ``conv3(y) + x`` (and a ReLU if that is the
-    block's activation) in one pass; a LeakyReLU is then applied in place. Partial or
-    subsampled shortcuts (`darknet_add`) take the unfused path.
+    ``act(conv3(y) + shortcut)``: the kernel computes ``conv3(y) + shortcut`` (and a ReLU if
+    that is the block's activation) in one pass; a LeakyReLU is then applied in place. Partial
+    or subsampled shortcuts (`darknet_add`) take the unfused path.
     """
+
+    CHILDREN = {"conv1", "conv2", "conv3", "shortcut", "add", "act"}  # ResidualBlock's, as fused here
 
     def __init__(self, block: ResidualBlock):
         super().__init__()
         if not isinstance(block.conv3, OneDnnConvAct) or block.conv3.attr != "none":
             raise ValueError("OneDnnResidualBlock needs a block whose linear conv3 runs on oneDNN")
-        self.conv1, self.conv2, self.conv3, self.act = block.conv1, block.conv2, block.conv3, block.act
+        self.conv1, self.conv2, self.conv3 = block.conv1, block.conv2, block.conv3
+        self.shortcut, self.act = getattr(block, "shortcut", None), block.act
         self.relu_in_kernel = type(self.act) is nn.ReLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv2(self.conv1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(x)
         conv3 = self.conv3
         out_shape = (y.shape[0], conv3.layer.conv.out_channels, *y.shape[2:])
-        if conv3.fast_path(y) and conv3.stride == [1, 1] and x.shape == out_shape:
+        if conv3.fast_path(y) and conv3.stride == [1, 1] and shortcut.shape == out_shape:
             out = torch.ops.mkldnn._convolution_pointwise.binary(
-                y, x, conv3.packed_weight(y), conv3.layer.conv.bias, conv3.padding, conv3.stride, conv3.dilation,
-                conv3.groups, "add", None, "relu" if self.relu_in_kernel else None, [], "",
+                y, shortcut, conv3.packed_weight(y), conv3.layer.conv.bias, conv3.padding, conv3.stride,
+                conv3.dilation, conv3.groups, "add", None, "relu" if self.relu_in_kernel else None, [], "",
             )
             return out if self.relu_in_kernel else self.act(out)
-        return self.act(darknet_add(self.conv3(y), x))
+        return self.act(darknet_add(self.conv3(y), shortcut))
 
 
 class InplaceDarkBlock(nn.Module):
     """A fused `DarkBlock` adding its shortcut in place (inference: the conv output is fresh)."""
+
+    CHILDREN = {"conv1", "conv2", "add"}  # DarkBlock's
 
     def __init__(self, block: DarkBlock):
         super().__init__()
@@ -238,6 +244,12 @@ class InplaceDarkBlock(nn.Module):
         if y.shape == x.shape and not torch.is_grad_enabled():
             return y.add_(x)
         return darknet_add(y, x)
+
+
+def _known_layout(block: nn.Module, children: set[str]) -> bool:
+    # Fuse a block only while its children are the ones the fused forward reproduces; a block
+    # that gains a submodule keeps its own forward (and stays correct) until this file learns it.
+    return set(block._modules) <= children
 
 
 def use_onednn(model: nn.Module) -> nn.Module:
@@ -252,9 +264,12 @@ def use_onednn(model: nn.Module) -> nn.Module:
                     _replace(parent, name, OneDnnConvAct(child, post_op))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, ResidualBlock) and isinstance(child.conv3, OneDnnConvAct) and child.conv3.attr == "none":
+            if (
+                isinstance(child, ResidualBlock) and _known_layout(child, OneDnnResidualBlock.CHILDREN)
+                and isinstance(child.conv3, OneDnnConvAct) and child.conv3.attr == "none"
+            ):
                 _replace(parent, name, OneDnnResidualBlock(child))
-            elif isinstance(child, DarkBlock):
+            elif isinstance(child, DarkBlock) and _known_layout(child, InplaceDarkBlock.CHILDREN):
                 _replace(parent, name, InplaceDarkBlock(child))
     return model
 
