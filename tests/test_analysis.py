@@ -12,7 +12,7 @@ from cspnet import create_model, list_models, profile
 from cspnet.analysis.ablation import PAPER_TABLE1, ablation_runs, format_ablation_table, run_ablation
 from cspnet.analysis.common import find_twin
 from cspnet.analysis.gradients import analyze_gradients, cosine, cosine_matrix, stage_gradients
-from cspnet.analysis.layers import analyze_layers, layer_costs
+from cspnet.analysis.layers import layer_costs
 from cspnet.blocks import DarkBlock, repeat_blocks
 from cspnet.cli import main
 from cspnet.data import load_classification

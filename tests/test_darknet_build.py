@@ -14,13 +14,6 @@ BROKEN = {"yolov3-spp-matrix.cfg"}
 ALL_CFGS = sorted(p for p in CFG_ROOT.rglob("*.cfg") if p.name not in BROKEN)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small CPU ops: intra-op threads only add spin-waiting on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_all_official_cfgs_are_here():

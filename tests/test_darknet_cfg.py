@@ -13,13 +13,6 @@ CFG_ROOT = Path(__file__).resolve().parents[2] / "shared" / "darknet-cfg"
 NET = "[net]\nwidth=32\nheight=32\nchannels=3\n"  # 4 lines: layer sections start at line 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small CPU ops: intra-op threads only add spin-waiting on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(text: str, size=None) -> DarknetNet:

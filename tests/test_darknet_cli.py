@@ -15,13 +15,6 @@ from test_darknet_weights import SIZE, official, randomize
 CFG_ROOT = Path(__file__).resolve().parents[2] / "shared" / "darknet-cfg"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small CPU ops: intra-op threads only add spin-waiting on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_info_prints_darknets_table_with_params_and_bflops(capsys):

@@ -18,13 +18,6 @@ CFG_ROOT = Path(__file__).resolve().parents[2] / "shared" / "darknet-cfg"
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small CPU ops: intra-op threads only add spin-waiting on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize(model: DarknetNet, seed: int = 0) -> DarknetNet:

@@ -32,6 +32,7 @@ from .engine.models import build_model, model_record, rebuild_model
 from .engine.train import TrainConfig, fit, plot_curves, seed_everything
 from .profile import profile
 from .registry import get_spec
+from .files import atomic_savefig
 
 
 @dataclass(frozen=True)
@@ -317,10 +318,7 @@ def plot_bars(rows: list[dict[str, Any]], path: Path) -> Path:
         if key == "top1":
             ax.set_ylim(max(0.0, min(values) - 10), 100)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=100)
     return path
 
 

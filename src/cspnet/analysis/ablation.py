@@ -26,7 +26,8 @@ from ..engine.models import build_model, model_record
 from ..engine.train import RESUMABLE_CHANGES, TrainConfig, fit
 from ..profile import profile
 from ..registry import get_spec
-from .common import atomic_savefig, atomic_write_text, find_twin
+from ..files import atomic_savefig, atomic_write_text
+from .common import find_twin
 
 ABLATION_FUSIONS = ("fusion_first", "fusion_last", "csp")
 ABLATION_GAMMAS = (0.25, 0.5, 0.75)

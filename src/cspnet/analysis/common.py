@@ -1,31 +1,9 @@
-"""Small pieces the analyses share: atomic file writes and finding a model's twin."""
+"""Small pieces the analyses share: finding a model's twin and loading training runs."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..registry import get_spec, specs
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def atomic_savefig(fig, path: Path, dpi: int = 110) -> Path:
-    """Save a matplotlib figure atomically as PNG and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 def find_twin(name: str) -> str | None:

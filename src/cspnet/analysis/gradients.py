@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..stage import CrossStage
-from .common import atomic_savefig, atomic_write_text
+from ..files import atomic_savefig, atomic_write_text
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..profile import profile
 from ..registry import create_model
-from .common import atomic_savefig, atomic_write_text, twin_pair
+from ..files import atomic_savefig, atomic_write_text
+from .common import twin_pair
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from ..engine.train import FitResult, TrainConfig, fit
 from .detector import Detector, DetectorCfg
 from .loss import YoloLoss
 from .metrics import coco_evaluate, to_coco_results
+from ..files import atomic_savefig
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,7 @@ def plot_detection_curves(history: list[dict[str, Any]], path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=80)
 
 
 class DetectionTask:

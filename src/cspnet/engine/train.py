@@ -40,6 +40,7 @@ from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .ema import ModelEMA
 from .optim import LrSchedule, build_optimizer
+from ..files import atomic_savefig
 
 AMP_MODES = ("none", "bf16", "fp16")
 
@@ -221,10 +222,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=100)
     return path
 
 
