@@ -13,7 +13,7 @@ def register(sub) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--train-batch", type=int, default=None)
     p.add_argument("--train-cl", action="store_true", help="also time the training step in channels-last")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default 2; --quick: 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per inference entry")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: CUDA events, CUDA memory)")
     p.add_argument("--no-twins", action="store_true")
@@ -30,9 +30,9 @@ def config_from_args(args):
     models = tuple(args.models) or DEFAULT_MODELS
     over = {
         "twins": not args.no_twins, "timm": not args.no_timm, "onnx": not args.no_onnx,
-        "deploy": not args.no_deploy, "memory": not args.no_memory, "threads": args.threads, "device": args.device,
+        "deploy": not args.no_deploy, "memory": not args.no_memory, "device": args.device,
     }
-    for key in ("input_size", "train_batch", "repeats"):
+    for key in ("input_size", "train_batch", "repeats", "threads"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     if args.batch_sizes:
