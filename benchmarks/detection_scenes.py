@@ -44,6 +44,7 @@ from cspnet.detection.train import (
     train_detector,
 )
 from cspnet.engine.train import TrainConfig
+from cspnet.files import atomic_write_text
 
 RECIPE = {"backbone": "csppeleenet", "backbone_width": 1.0, "neck": "efm-sam", "neck_width": 128, "batch_size": 16,
           "lr": 2e-3, "weight_decay": 5e-4, "ema": 0.999, "box_loss": "ciou"}
@@ -166,9 +167,7 @@ def main() -> None:
         else:
             result = train_set_run(part, out, args.minutes)
             results.setdefault(part, {})[result["detector"] + f"@w{RECIPE['backbone_width']:g}"] = result
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(results, indent=1))
         shown = results[part] if part == "timing" else {k: v for k, v in result.items() if k not in ("history", "anchors")}
         print(json.dumps({part: shown}, indent=1), flush=True)
 

@@ -6,9 +6,12 @@ convolution's weights and bias (``torch.nn.utils.fuse_conv_bn_eval``); a `ConvBn
 
 ``deploy(model)`` builds the fastest eager inference form: ``eval()``, ``fuse``, channels-last
 memory format, and on CPU each conv+activation runs as one oneDNN kernel with the activation
-applied in the kernel's epilogue (`OneDnnConvAct`, the kernel ``torch.compile`` emits for the
-same pattern on CPU), and a ResNet block's last conv absorbs its residual add. The result runs
-under ``torch.inference_mode``. ``compile=True`` adds ``torch.compile`` on top.
+applied in the kernel's epilogue and the weights reordered once into oneDNN's layout
+(`OneDnnConvAct`); a ResNet block's last conv also absorbs its residual add. The kernel is
+``torch.ops.mkldnn._convolution_pointwise``, the one ``torch.compile``'s CPU backend emits
+for the same pattern. It is a private op of the pinned torch, so deploy checks it exists
+(`onednn_available`) and every model's deployed output is tested against eager. The result
+runs under ``torch.inference_mode``. ``compile=True`` adds ``torch.compile`` on top.
 
 Why channels-last by default: oneDNN convolutions work on NHWC/blocked layouts, so an NCHW
 model pays a layout reorder around every convolution. On the project's CPU this makes every
@@ -289,13 +292,13 @@ class DeployedModel(nn.Module):
         super().__init__()
         self.model = model
         self.channels_last = channels_last
-        self._run = compiled if compiled is not None else model
+        self.compiled = compiled  # torch.compile's wrapper around ``model`` (shares its weights)
 
     def forward(self, x: torch.Tensor):
         with torch.inference_mode():
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return self._run(x)
+            return (self.compiled or self.model)(x)
 
     def train(self, mode: bool = True):
         if mode:

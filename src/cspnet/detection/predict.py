@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
 from ..data.detection import letterbox
+from ..files import atomic_write_text
 from .detector import Detector
 
 
@@ -62,7 +63,5 @@ def predict_files(model: Detector, paths: list[Path], out_dir: Path, img_size: i
                 for b, s, c in zip(det["boxes"], det["scores"], det["labels"])
             ],
         })
-    tmp = out_dir / "detections.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out_dir / "detections.json")
+    atomic_write_text(out_dir / "detections.json", json.dumps(results, indent=1))
     return results
