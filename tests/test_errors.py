@@ -51,3 +51,11 @@ def test_out_indices_and_frozen_stages_ranges():
         cspnet.create_model("resnet10", features_only=True, out_indices=(9,))
     with pytest.raises(ValueError, match="frozen_stages"):
         cspnet.create_model("resnet10", frozen_stages=7)
+
+
+def test_create_detector_is_part_of_the_public_api():
+    from cspnet.detection import create_detector
+
+    assert cspnet.create_detector is create_detector
+    with pytest.raises(ValueError, match="unknown model"):
+        cspnet.create_detector("nosuchnet")
