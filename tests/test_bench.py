@@ -1,6 +1,8 @@
 """The benchmark suite's bookkeeping (quick mode): what it measures, pairs and reports. No timing asserts."""
 import json
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,6 +35,12 @@ def test_quick_suite_via_cli_records_every_measurement(tmp_path, capsys):
                 assert t["median_ms"] == statistics.median(t["samples_ms"]) > 0
         assert len(timings[(name, "ours", "train", cfg["train_batch"])]["samples_ms"]) == cfg["train_repeats"]
     assert not any(impl == "timm" for _, impl, _, _ in timings)
+    # the conv-peak probe ran inside the group, and "% conv peak" divides by it
+    for batch in cfg["batch_sizes"]:
+        probe = timings[("conv-peak[cspresnet10]", "peak", "conv_cl", batch)]
+        assert len(probe["samples_ms"]) == cfg["repeats"]
+        peak = data["peak"]["conv_flops"] / (probe["median_ms"] / 1e3) / 1e9
+        assert f"| {peak:.1f} |" in text
 
     # FLOPs and CIO come from cspnet.profile at the run's input size.
     for name in ("cspresnet10", "resnet10"):
@@ -133,3 +141,12 @@ def test_bad_configs_are_refused():
 def test_flops_saving_uses_conv_macs():
     report = type("R", (), {"profiles": {"ours:a": {"macs": 78}, "ours:b": {"macs": 100}}})()
     assert flops_saving(report, "a", "b") == pytest.approx(0.22)
+
+
+def test_keep_freed_memory_flag_is_applied_and_reported():
+    # It changes malloc for the whole process, so run the suite in a fresh one.
+    cmd = [sys.executable, "-m", "cspnet", "bench", "resnet10", "--quick", "--no-twins", "--no-timm", "--no-onnx",
+           "--no-memory", "--no-deploy", "--keep-freed-memory"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "keep freed memory" in proc.stdout and "| resnet10 |" in proc.stdout

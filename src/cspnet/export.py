@@ -379,6 +379,31 @@ def deploy(
     return DeployedModel(net, channels_last, compiled).eval()
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back (process-wide).
+
+    PyTorch allocates CPU tensors with malloc, and glibc serves blocks above 32 MiB (and, until
+    its threshold adapts, above 128 KiB) with ``mmap``. Every activation map of a batch-8
+    224-px forward is then mapped, page-faulted in and zeroed by the kernel, and unmapped again
+    on every call: ~54,000 page faults per cspdarknet53 forward. With mmap off and trimming off,
+    freed blocks are reused: on this CPU deploy at batch 8 went from 464 to 402 ms
+    (cspdarknet53) and from 281 to 266 ms (cspresnet50). The cost: the process keeps its peak
+    RSS. It is the same as starting Python with ``MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=2147483647``. Returns False where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 # --------------------------------------------------------------------------------------------
 # Export
 
@@ -512,6 +537,13 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: in
         torch.jit.save(traced, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
+    """Load a TorchScript export (CPU); ``torch.jit`` is deprecated in torch 2.14 but still works."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu")
 
 
 def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:

@@ -46,7 +46,7 @@ def _build(args):
 
 def _check(fmt: str, path: Path, model, input_size: int) -> float:
     """Largest |export - PyTorch| over the outputs, relative to the output scale, at batch 2."""
-    from ..export import onnx_session, run_onnx
+    from ..export import load_torchscript, onnx_session, run_onnx
 
     model.eval()
     x = torch.randn(2, getattr(model, "in_chans", 3), input_size, input_size)
@@ -56,7 +56,7 @@ def _check(fmt: str, path: Path, model, input_size: int) -> float:
         if fmt == "onnx":
             outs = run_onnx(onnx_session(path), x)
         else:
-            out = torch.jit.load(str(path))(x)
+            out = load_torchscript(path)(x)
             outs = [out] if isinstance(out, torch.Tensor) else list(out)
     return max(float((o - r).abs().max() / r.abs().max().clamp_min(1e-12)) for o, r in zip(outs, refs))
 
