@@ -108,3 +108,52 @@ def test_maxout_groups_channels_like_darknet_maxpool_depth():
     x = torch.randn(2, 12, 4, 4)
     expected = torch.stack([x[:, g::4] for g in range(4)], 1).amax(2)
     torch.testing.assert_close(Maxout(4)(x), expected)
+
+
+@pytest.mark.parametrize("shortcut_shape", [(2, 8, 6, 6), (2, 12, 6, 6), (2, 8, 12, 12)])
+def test_inplace_shortcut_adds_into_x_unless_backward_needs_it(shortcut_shape):
+    from cspnet.layers import Shortcut, darknet_add
+
+    x, s = torch.randn(2, 8, 6, 6), torch.randn(*shortcut_shape)
+    expected = darknet_add(x.clone(), s)
+    for add in (Shortcut(inplace=True), Shortcut(inplace=True, x_saved_for_backward=True)):
+        with torch.no_grad():
+            x_copy = x.clone()
+            out = add(x_copy, s)
+        assert out.data_ptr() == x_copy.data_ptr() and torch.equal(out, expected)  # full-width add: x itself
+
+    # While autograd records, x saved by its own layer's backward (a leaky ReLU output) is left alone ...
+    xg = torch.randn(2, 8, 6, 6, requires_grad=True)
+    y = nn.functional.leaky_relu(xg, 0.1)
+    before = y.detach().clone()
+    out = Shortcut(inplace=True, x_saved_for_backward=True)(y, s)
+    assert out.data_ptr() != y.data_ptr() and torch.equal(y.detach(), before)
+    out.square().sum().backward()
+    reference = xg.grad.clone()
+    # ... and a temporary (a BN output, which no backward keeps) is added into, with the same gradients.
+    xg.grad = None
+    bn = nn.BatchNorm2d(8)
+    for inplace in (False, True):
+        xg.grad = None
+        y = bn(nn.functional.leaky_relu(xg, 0.1))
+        out = Shortcut(inplace=inplace)(y, s)
+        assert (out.data_ptr() == y.data_ptr()) == inplace
+        out.square().sum().backward()
+        if not inplace:
+            reference = xg.grad.clone()
+    assert torch.allclose(xg.grad, reference)
+
+    # A partial residual (fewer shortcut channels) still concatenates, leaving x untouched.
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        out = Shortcut(inplace=True)(x, torch.ones(2, 4, 6, 6))
+    assert torch.equal(out[:, 4:], x[:, 4:]) and torch.equal(out[:, :4], x[:, :4] + 1)
+
+
+def test_blocks_give_the_same_output_with_and_without_autograd():
+    torch.manual_seed(0)
+    block = DarkBlock(8, 4, 8).eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        fast = block(x)
+    assert torch.equal(fast, block(x).detach())

@@ -34,7 +34,7 @@ class ResidualBlock(nn.Module):
         self.conv3 = ConvBnAct(mid_chs, out_chs, 1, act="linear")
         needs_projection = projection and (in_chs != out_chs or stride != 1)
         self.shortcut = ConvBnAct(in_chs, out_chs, 1, stride, act="linear") if needs_projection else None
-        self.add = Shortcut()
+        self.add = Shortcut(inplace=True)  # conv's BN output: a temporary
         self.act = make_act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = ConvBnAct(in_chs, out_chs, 3, stride, act=act)
         self.conv2 = ConvBnAct(out_chs, out_chs, 3, act="linear")
-        self.add = Shortcut()
+        self.add = Shortcut(inplace=True)  # conv's BN output: a temporary
         self.act = make_act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class DarkBlock(nn.Module):
         super().__init__()
         self.conv1 = ConvBnAct(in_chs, mid_chs, 1, act=act)
         self.conv2 = ConvBnAct(mid_chs, out_chs, 3, act=act)
-        self.add = Shortcut()
+        self.add = Shortcut(inplace=True, x_saved_for_backward=True)  # conv2's activation output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add(self.conv2(self.conv1(x)), x)

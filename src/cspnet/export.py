@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
-from .blocks import DarkBlock, ResidualBlock
+from .blocks import ResidualBlock
 from .layers import ConvBnAct, darknet_add
 from .weights import save_weights
 
@@ -233,22 +233,6 @@ class OneDnnResidualBlock(nn.Module):
         return self.act(darknet_add(self.conv3(y), shortcut))
 
 
-class InplaceDarkBlock(nn.Module):
-    """A fused `DarkBlock` adding its shortcut in place (inference: the conv output is fresh)."""
-
-    CHILDREN = {"conv1", "conv2", "add"}  # DarkBlock's
-
-    def __init__(self, block: DarkBlock):
-        super().__init__()
-        self.conv1, self.conv2 = block.conv1, block.conv2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv2(self.conv1(x))
-        if y.shape == x.shape and not torch.is_grad_enabled():
-            return y.add_(x)
-        return darknet_add(y, x)
-
-
 def _known_layout(block: nn.Module, children: set[str]) -> bool:
     # Fuse a block only while its children are the ones the fused forward reproduces; a block
     # that gains a submodule keeps its own forward (and stays correct) until this file learns it.
@@ -272,8 +256,6 @@ def use_onednn(model: nn.Module) -> nn.Module:
                 and isinstance(child.conv3, OneDnnConvAct) and child.conv3.attr == "none"
             ):
                 _replace(parent, name, OneDnnResidualBlock(child))
-            elif isinstance(child, DarkBlock) and _known_layout(child, InplaceDarkBlock.CHILDREN):
-                _replace(parent, name, InplaceDarkBlock(child))
     return model
 
 

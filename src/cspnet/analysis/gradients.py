@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import Shortcut
 from ..stage import CrossStage
 from ..files import atomic_savefig, atomic_write_text
 
@@ -160,7 +161,8 @@ def _begins_with(x, shared: torch.Tensor | None) -> bool:
 
 def _passes_through(m: nn.Module) -> bool:
     # Identity, dropout and in-place activations hand their input on; their readers are tapped instead.
-    return isinstance(m, _PASS_THROUGH) or bool(getattr(m, "inplace", False))
+    # A `Shortcut` is a reader: its add is in place only without autograd, never while this records.
+    return isinstance(m, _PASS_THROUGH) or (bool(getattr(m, "inplace", False)) and not isinstance(m, Shortcut))
 
 
 class _StageRecorder:

@@ -42,7 +42,7 @@ class ElasticBlock(nn.Module):
         self.full = full
         self.pool = nn.MaxPool2d(2, 2, ceil_mode=True)
         self.low = low
-        self.add = Shortcut()
+        self.add = Shortcut(inplace=True)
         self.act = make_act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ class InvertedResidual(nn.Module):
         self.conv_exp = ConvBnAct(in_chs, mid, 1, act=act) if mid_chs is not None else None
         self.conv_dw = ConvBnAct(mid, dw_chs, 3, stride, groups=mid, act=act)
         self.conv_pwl = ConvBnAct(dw_chs, out_chs, 1, act="linear")
-        self.add = Shortcut() if stride == 1 and in_chs == out_chs else None
+        self.add = Shortcut(inplace=True) if stride == 1 and in_chs == out_chs else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv_exp(x) if self.conv_exp is not None else x
