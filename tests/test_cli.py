@@ -1,9 +1,14 @@
 """The command line calls the library and reports bad input cleanly."""
+import argparse
 import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from cspnet.cli import main
+from cspnet.cli.train import add_data_args, add_recipe_args, build_recipe, model_opts, set_threads
 
 
 def test_models_table_lists_pairs_and_paper_figures(capsys):
@@ -27,3 +32,17 @@ def test_bad_pattern_is_a_clean_error(capsys):
 def test_python_dash_m_works_the_same():
     r = subprocess.run([sys.executable, "-m", "cspnet", "models", "resnet10", "--json"], capture_output=True, text=True, check=True)
     assert json.loads(r.stdout)[0]["name"] == "resnet10"
+
+
+def test_shared_cli_helpers_are_public():
+    # cspnet train's option helpers serve the analysis and detection CLIs too (cli/ablation, analyze, detect)
+    assert model_opts(["act=mish", "depths=[2, 3]", "part_ratio=0.5"]) == {"act": "mish", "depths": [2, 3], "part_ratio": 0.5}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        model_opts(["act"])
+    p = argparse.ArgumentParser()
+    add_data_args(p)
+    add_recipe_args(p, epochs=3, batch_size=32, lr=0.1)
+    args = p.parse_args(["--threads", str(torch.get_num_threads())])
+    cfg, recipe = build_recipe(args, n_train=960)
+    assert (cfg.epochs, cfg.batch_size, cfg.burn_in) == (3, 32, 10) and recipe.translate == 2
+    set_threads(args)

@@ -115,3 +115,16 @@ def test_cli_bench_splits_latency(capsys):
         assert r["total_ms"] == pytest.approx(sum(r[f"{p}_ms"] for p in ("backbone", "neck", "head", "nms")))
         assert r["bflops"] > 0
     assert rows[0]["bflops"] != rows[1]["bflops"]
+
+
+def test_load_detector_gives_tuple_backbone_options_back(tmp_path):
+    # backbone_kwargs such as DenseNet's ``depths`` are tuples: stored as {"__tuple__": …} in the
+    # checkpoint record, they must come back as tuples to rebuild the same detector.
+    from cspnet.engine.checkpoint import save_checkpoint
+
+    det = create_detector("densenet121", "fpn", num_classes=2, neck_width=32,
+                          backbone_kwargs={"depths": (2, 3, 2, 2), "growth_rate": 8, "stem_chs": 16})
+    save_checkpoint(tmp_path, model=det, state={"epoch": 0, "step": 0, "run": {"detector": det.cfg.to_dict()}})
+    model, run = load_detector(tmp_path)
+    assert model.cfg == det.cfg and run["detector"] == det.cfg.to_dict()
+    assert all(torch.equal(a, b) for a, b in zip(det.state_dict().values(), model.state_dict().values()))

@@ -78,6 +78,18 @@ def err_fn(name):
     return det_err if name.startswith("det:") else rel_err
 
 
+def check_onnx(path, model: nn.Module, x: torch.Tensor, ref: torch.Tensor, err) -> None:
+    """onnxruntime on ``path`` gives ``model``'s outputs, at two batch sizes: the batch axis is dynamic."""
+    session = onnx_session(path)
+    for batch in (2, 3):
+        xb = x if batch == 2 else torch.randn(batch, 3, SIZE, SIZE)
+        with torch.no_grad():
+            refb = ref if batch == 2 else model(xb)
+        (outb,) = run_onnx(session, xb)
+        assert outb.shape == refb.shape
+        assert err(outb, refb) <= TOL
+
+
 @pytest.mark.parametrize("name", MODELS + DETECTORS)
 def test_fuse_deploy_and_onnx_match_eager(name, tmp_path):
     model, x, ref = calibrated(name)
@@ -96,15 +108,7 @@ def test_fuse_deploy_and_onnx_match_eager(name, tmp_path):
     assert err(out, ref) <= TOL
     assert any(isinstance(m, ConvBnAct) for m in model.modules())  # deploy worked on a copy
 
-    path = export_onnx(model, tmp_path / "m.onnx", SIZE)
-    session = onnx_session(path)
-    for batch in (2, 3):  # two batch sizes through one file: the batch axis is dynamic
-        xb = x if batch == 2 else torch.randn(batch, 3, SIZE, SIZE)
-        with torch.no_grad():
-            refb = ref if batch == 2 else model(xb)
-        (outb,) = run_onnx(session, xb)
-        assert outb.shape == refb.shape
-        assert err(outb, refb) <= TOL
+    check_onnx(export_onnx(model, tmp_path / "m.onnx", SIZE), model, x, ref, err)
 
 
 def test_fused_models_have_no_bn_after_a_conv():
@@ -152,6 +156,13 @@ def test_detector_with_cfg_taps_deploys():
     with torch.no_grad():
         ref = det(x)
     assert det_err(deploy(det)(x), ref) <= TOL
+
+
+def test_gfm_detector_exports_with_the_legacy_exporter(tmp_path):
+    # GFM resizes every level to every other one (adaptive max-pool / nearest upsample); the
+    # TorchScript-based exporter needs those sizes as constants, not read from a tensor's shape.
+    model, x, ref = calibrated("det:gfm")
+    check_onnx(export_onnx(model, tmp_path / "gfm.onnx", SIZE, exporter="legacy"), model, x, ref, det_err)
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN fused kernels")

@@ -196,6 +196,30 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert torch.equal(torch.get_rng_state(), expected_rng)
 
 
+def test_checkpoint_record_gives_back_tuples_and_rebuilds_the_model(tmp_path):
+    # Model options such as DenseNet's ``depths`` are tuples; the JSON record stores them as
+    # {"__tuple__": [...]}. The record read back holds the tuples again, ready for rebuild_model.
+    from cspnet.engine.models import build_model, model_record, rebuild_model
+
+    options = {"depths": (2, 3), "growth_rate": 8, "stem_chs": 16}
+    rec = model_record("densenet121", num_classes=10, in_chans=1, options=options)
+    torch.manual_seed(0)
+    model = build_model(**{k: rec[k] for k in ("name", "num_classes", "in_chans", "width", "options")})
+    save_checkpoint(tmp_path, model=model, state={"epoch": 1, "step": 2, "run": {"model": rec}})
+    assert '"__tuple__"' in (tmp_path / "last.json").read_text()
+
+    record = read_checkpoint_record(tmp_path)
+    saved = record["state"]["run"]["model"]
+    assert saved == rec and type(saved["options"]["depths"]) is tuple
+    again = rebuild_model(saved)
+    state = load_checkpoint(tmp_path, model=again, restore_rng=False)
+    assert state == record["state"]
+    assert _same(model.state_dict(), again.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), again.eval()(x))
+
+
 # Crash points of a write: before each of the five renames (model, state, JSON = the commit, then
 # the two renames to plain names), or while a temp file is half written.
 CRASHES = [("rename", i) for i in range(5)] + [("torn", "model"), ("torn", "state"), ("torn", "json")]
@@ -369,3 +393,15 @@ def test_ema_weights_are_evaluated_and_kept(tmp_path, capsys):
     assert with_ema["ema"] and with_ema["top1"] == pytest.approx(trained["top1"])  # fit scores the EMA weights
     raw, ema = load_state(out / "last.safetensors"), load_state(out / "last.state.safetensors")
     assert not torch.equal(raw["head.fc.weight"], ema["ema.weights.head.fc.weight"])
+
+
+# -- curves -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("history", [[], [{"epoch": 0, "train_loss": 2.3}], [{"epoch": 0, "val_top1": 0.1}]],
+                         ids=["empty", "loss-only", "accuracy-only"])
+def test_plot_curves_warns_not_about_empty_legends(history, tmp_path, recwarn):
+    # an axis with nothing to plot gets no legend, so matplotlib has no "No artists with labels" to say
+    from cspnet.engine.train import plot_curves
+
+    path = plot_curves({"": history}, tmp_path / "curves.png")
+    assert path.is_file()
+    assert not [w for w in recwarn if "No artists with labels" in str(w.message)]

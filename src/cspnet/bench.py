@@ -47,6 +47,7 @@ from torch import nn
 
 from .profile import profile
 from .registry import create_model, get_spec, list_models
+from .rss import reset_peak_rss as _reset_peak_rss
 
 # Our model -> (timm model, how the two correspond). Only architectures that correspond layer for
 # layer (or nearly, as stated) are mapped; timm's resnet50 / resnext50_32x4d have projection
@@ -340,16 +341,6 @@ def _status_mib(field_name: str) -> float:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1]) / 1024
     raise ValueError(f"/proc/self/status has no {field_name}")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's peak-RSS mark (Linux: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _peak_rss_mib(was_reset: bool) -> float:

@@ -33,6 +33,7 @@ from .engine.train import TrainConfig, fit, plot_curves, seed_everything
 from .profile import profile
 from .registry import get_spec
 from .files import atomic_savefig
+from .rss import reset_peak_rss, status_kib
 
 
 @dataclass(frozen=True)
@@ -53,27 +54,6 @@ DEFAULTS = CompareDefaults()
 
 
 # -- measurements in a fresh process ------------------------------------------------------------
-def _rss_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux: ``echo 5 > /proc/self/clear_refs``)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _batch(record: dict[str, Any], img_size: int, batch: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, record["in_chans"], img_size, img_size, generator=g).to(dev)
@@ -102,8 +82,8 @@ def peak_train_memory(record: dict[str, Any], img_size: int, batch: int, device:
     probe(x[:1]).sum().backward()
     torch.optim.SGD(probe.parameters(), lr=0.1).step()
     del probe
-    base_kb = _rss_kb("VmRSS")
-    exact_peak = _reset_peak_rss()
+    base_kb = status_kib("VmRSS")
+    exact_peak = reset_peak_rss()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base_cuda = torch.cuda.memory_allocated(dev)
@@ -113,7 +93,7 @@ def peak_train_memory(record: dict[str, Any], img_size: int, batch: int, device:
         _sgd_step(model, opt, x, y)
     if dev.type == "cuda":
         return (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2**20
-    peak_kb = _rss_kb("VmHWM") if exact_peak else None
+    peak_kb = status_kib("VmHWM") if exact_peak else None
     if peak_kb is None or base_kb is None:  # no /proc: the process's lifetime peak, an upper bound
         import resource
 

@@ -434,7 +434,7 @@ def export_onnx(
     Outputs are named ``output`` (one tensor) or ``output0``, ``output1`` … (a list, e.g.
     ``features_only`` models). ``exporter``: ``legacy`` (TorchScript-based, fast), ``dynamo``
     (``torch.export``-based, opset >= 18), or ``auto``: legacy, and dynamo for the graphs the
-    legacy tracer cannot express (e.g. a pooling size read from another tensor's shape).
+    legacy tracer rejects (it needs sizes it can treat as constants).
     ``model`` is not modified.
     """
     if opset < 17:

@@ -42,11 +42,11 @@ def read_run(path: str, checkpoint: str = "best") -> tuple[str, dict]:
     Falls back to ``last`` when ``checkpoint`` is absent. Tuples in the record (config overrides
     such as ``depths``) come back as tuples.
     """
-    from ..engine.checkpoint import read_checkpoint_record, unflatten_state
+    from ..engine.checkpoint import read_checkpoint_record
 
     name = checkpoint if (Path(path) / f"{checkpoint}.json").is_file() else "last"
     json_path = Path(path) / f"{name}.json"
-    run = unflatten_state(read_checkpoint_record(path, name)["state"].get("run", {}), {}, str(json_path))
+    run = read_checkpoint_record(path, name)["state"].get("run", {})
     if "model" not in run or "data" not in run:
         raise ValueError(f"{json_path}: key 'state.run' lacks the model / data description; not a cspnet training run")
     return name, run

@@ -35,15 +35,15 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..analysis.ablation import run_ablation
     from ..data import load_classification
-    from .train import _model_opts, _recipe, _set_threads
+    from .train import build_recipe, model_opts, set_threads
 
-    _set_threads(args)
+    set_threads(args)
     fusions = tuple(f.strip() for f in args.fusions.split(",") if f.strip())
     # The split and subsets use a fixed seed, so every run of the ablation sees the same images.
     data = load_classification(args.data, args.img_size or 32, in_chans=args.in_chans, train_limit=args.train_limit,
                                test_limit=args.test_limit, val_fraction=args.val_fraction, skip_corrupt=args.skip_corrupt)
-    cfg, recipe = _recipe(args, len(data.train))
-    rows = run_ablation(args.family, data, cfg, recipe, args.out, width=args.width, options=_model_opts(args.model_opt), gammas=_floats(args.gammas),
+    cfg, recipe = build_recipe(args, len(data.train))
+    rows = run_ablation(args.family, data, cfg, recipe, args.out, width=args.width, options=model_opts(args.model_opt), gammas=_floats(args.gammas),
                         fusions=fusions, include_plain=not args.no_plain, paper_size=args.paper_size,
                         progress=not args.no_progress)
     print((Path(args.out) / "ablation.md").read_text())

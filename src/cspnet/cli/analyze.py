@@ -34,11 +34,11 @@ def register(sub) -> None:
 
 def run_gradients(args) -> int:
     from ..analysis.gradients import analyze_gradients, format_gradient_table, gradient_subjects
-    from .train import _model_opts
+    from .train import model_opts
 
     models, batches, labels = gradient_subjects(
         args.model, args.twin, data=args.data, img_size=args.img_size, in_chans=args.in_chans, batch=args.batch,
-        width=args.width, options=_model_opts(args.model_opt), checkpoint=args.checkpoint, seed=args.seed)
+        width=args.width, options=model_opts(args.model_opt), checkpoint=args.checkpoint, seed=args.seed)
     reports = analyze_gradients(models, batches, labels, args.out)
     print(format_gradient_table(reports))
     print(f"wrote {args.out}/gradients.md, gradients.json and {max(len(r.stages) for r in reports)} heat maps")

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .train import set_threads
+
 MODULE_HELP = "object detection: train, evaluate (COCO AP), predict, and time detectors"
 
 
@@ -84,13 +86,6 @@ def register(sub) -> None:
     p.set_defaults(func=run_bench)
 
 
-def _threads(n) -> None:
-    if n:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 def _source(spec, split, images, args, img_size, seed=0, class_names=None):
     from ..data.detection import load_detection_source
 
@@ -129,7 +124,7 @@ def run_train(args) -> int:
     from ..detection.train import DetectRecipe, train_detector
     from ..engine.train import TrainConfig, seed_everything
 
-    _threads(args.threads)
+    set_threads(args)
     train_src = _source(args.data, "train", args.images, args, args.img_size, args.seed)
     _report(train_src)
     val_spec = args.val_data or (args.data if args.data in ("scenes", "trees") else None)
@@ -213,7 +208,7 @@ def run_bench(args) -> int:
     from ..detection import create_detector
     from ..detection.bench import PARTS, time_detector
 
-    _threads(args.threads)
+    set_threads(args)
     rows = []
     for neck in [n.strip() for n in args.necks.split(",") if n.strip()]:
         model = create_detector(args.model, neck, num_classes=args.num_classes, neck_width=args.neck_width)

@@ -16,7 +16,8 @@ def _json_value(text: str):
         return text
 
 
-def _model_opts(pairs: list[str]) -> dict:
+def model_opts(pairs: list[str]) -> dict:
+    """``--model-opt KEY=VALUE`` pairs as config overrides; values are parsed as JSON where they can be."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -103,7 +104,8 @@ def register(sub) -> None:
     p.set_defaults(func=run_compare)
 
 
-def _recipe(args, n_train: int):
+def build_recipe(args, n_train: int):
+    """``(TrainConfig, ClassifyRecipe)`` from the `add_recipe_args` / `add_data_args` options."""
     from ..engine.classify import ClassifyRecipe
     from ..engine.train import TrainConfig
 
@@ -132,7 +134,8 @@ def _load_data(args, img_size: int):
     return data
 
 
-def _set_threads(args) -> None:
+def set_threads(args) -> None:
+    """Apply ``--threads`` (torch CPU threads), if given."""
     import torch
 
     if args.threads:
@@ -145,13 +148,13 @@ def run_train(args) -> int:
     from ..engine.models import build_model, model_record
     from ..engine.train import fit, seed_everything
 
-    _set_threads(args)
+    set_threads(args)
     dist = init_distributed(args.device)
     try:
         data = _load_data(args, args.img_size or 32)
-        cfg, recipe = _recipe(args, len(data.train))
+        cfg, recipe = build_recipe(args, len(data.train))
         record = model_record(args.model, num_classes=data.num_classes, in_chans=data.in_chans, width=args.width,
-                              options=_model_opts(args.model_opt))
+                              options=model_opts(args.model_opt))
         seed_everything(args.seed)  # the initial weights are a function of the seed
         model = build_model(**{k: record[k] for k in ("name", "num_classes", "in_chans", "width", "options")})
         run_info = {"model": record, "data": data.describe(), "recipe": recipe.__dict__}
@@ -210,10 +213,10 @@ def run_eval(args) -> int:
 def run_compare(args) -> int:
     from ..compare import run_compare_models
 
-    _set_threads(args)
+    set_threads(args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     data = _load_data(args, args.img_size or 32)
-    cfg, recipe = _recipe(args, len(data.train))
+    cfg, recipe = build_recipe(args, len(data.train))
     report = run_compare_models(models, data, cfg, recipe, args.out, width=args.width, jobs=args.jobs, bench_batch=args.bench_batch,
                                 bench_seconds=args.bench_seconds, device=args.device, progress=not args.no_progress,
                                 command="cspnet " + " ".join(sys.argv[1:]))

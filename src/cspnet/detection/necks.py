@@ -59,11 +59,16 @@ def upsample2(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Max-pool down or nearest-upsample ``x`` to the spatial size of ``like``."""
-    if x.shape[-1] > like.shape[-1]:
-        return F.adaptive_max_pool2d(x, like.shape[-2:])
-    if x.shape[-1] < like.shape[-1]:
-        return F.interpolate(x, size=like.shape[-2:], mode="nearest")
+    """Max-pool down or nearest-upsample ``x`` to the spatial size of ``like``.
+
+    The size is taken as Python ints so that the legacy (TorchScript) ONNX exporter sees a
+    constant pooling size; it refuses ``adaptive_max_pool2d`` with a size read from a tensor.
+    """
+    size = [int(s) for s in like.shape[-2:]]
+    if x.shape[-1] > size[-1]:
+        return F.adaptive_max_pool2d(x, size)
+    if x.shape[-1] < size[-1]:
+        return F.interpolate(x, size=size, mode="nearest")
     return x
 
 

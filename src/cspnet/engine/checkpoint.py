@@ -246,7 +246,13 @@ def save_checkpoint(
 
 
 def read_checkpoint_record(out_dir: str | os.PathLike, name: str = "last") -> dict[str, Any]:
-    """The JSON commit record of a checkpoint, validated (no tensors loaded)."""
+    """The JSON commit record of a checkpoint, validated (no tensors loaded).
+
+    Its ``state`` (the training state `save_checkpoint` was given, e.g. ``state.run.model``) is
+    decoded as `load_checkpoint` returns it: tuples come back as tuples, not ``{"__tuple__": …}``.
+    The other keys (optimizer, scheduler, EMA, RNG) stay in stored form: they refer to tensors of
+    the state file.
+    """
     path = Path(out_dir) / f"{name}.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint here (expected {name}.json written by cspnet train)")
@@ -259,6 +265,7 @@ def read_checkpoint_record(out_dir: str | os.PathLike, name: str = "last") -> di
     for key in ("token", "model", "state", "rng"):
         if key not in record:
             raise CheckpointError(f"{path}: key {key!r} is missing")
+    record["state"] = unflatten_state(record["state"], {}, str(path))  # holds no tensors (save_checkpoint refuses them)
     return record
 
 
@@ -354,4 +361,4 @@ def load_checkpoint(
                 raise CheckpointError(f"{json_path}: key {key!r} does not fit ({e})") from None
         if restore_rng:
             set_rng_state(record["rng"], tensors, str(json_path))
-    return unflatten_state(record["state"], {}, str(json_path))
+    return record["state"]

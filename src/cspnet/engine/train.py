@@ -218,7 +218,8 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
     for ax in (ax_loss, ax_acc):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a run without e.g. accuracies leaves an axis empty
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -49,9 +49,11 @@ class BnActConv(nn.Sequential):
 class DenseLayer(nn.Module):
     """BN-act-1x1 conv (``bn_size * growth``) -> BN-act-3x3 conv (``growth``); returns the new features."""
 
+    branches = 1  # the bottleneck width ``bn_size * growth`` is split over this many branches
+
     def __init__(self, in_chs: int, growth_rate: int, bn_size: int = 4, act: str = "relu"):
         super().__init__()
-        mid = bn_size * growth_rate
+        mid = bn_size * growth_rate // self.branches
         self.norm1 = nn.BatchNorm2d(in_chs)
         self.act1 = make_act(act)
         self.conv1 = nn.Conv2d(in_chs, mid, 1, bias=False)
@@ -64,23 +66,20 @@ class DenseLayer(nn.Module):
         return self.conv2(self.act2(self.norm2(x)))
 
 
-class ElasticDenseLayer(nn.Module):
+class ElasticDenseLayer(DenseLayer):
     """The ELASTIC dense layer (Wang et al., CVPR 2019; allenai/elastic ``_DenseLayerElastic``).
 
     After the shared BN-act, two branches of half the bottleneck width each make ``growth`` features:
-    one at full resolution, one on a 2x2 average-pooled map, upsampled back (bilinear); they are
-    summed. It holds exactly a `DenseLayer`'s number of parameters; multiply-adds are 5/8 of it.
+    one at full resolution (`DenseLayer`'s layers), one on a 2x2 average-pooled map (the ``_d``
+    layers), upsampled back (bilinear); they are summed. It holds exactly a `DenseLayer`'s number of
+    parameters; multiply-adds are 5/8 of it.
     """
 
+    branches = 2
+
     def __init__(self, in_chs: int, growth_rate: int, bn_size: int = 4, act: str = "relu"):
-        super().__init__()
-        mid = bn_size * growth_rate // 2
-        self.norm1 = nn.BatchNorm2d(in_chs)
-        self.act1 = make_act(act)
-        self.conv1 = nn.Conv2d(in_chs, mid, 1, bias=False)
-        self.norm2 = nn.BatchNorm2d(mid)
-        self.act2 = make_act(act)
-        self.conv2 = nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False)
+        super().__init__(in_chs, growth_rate, bn_size, act)
+        mid = self.conv1.out_channels
         self.pool = nn.AvgPool2d(2, 2, ceil_mode=True)
         self.conv1_d = nn.Conv2d(in_chs, mid, 1, bias=False)
         self.norm2_d = nn.BatchNorm2d(mid)
