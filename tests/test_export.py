@@ -231,6 +231,13 @@ def test_deploy_compile_and_inference_only():
         d.train()
 
 
+def test_deploy_compile_on_a_model_with_stages():
+    # A StagedNet has no len(): the compiled wrapper must not be tested for truth.
+    model, x, ref = calibrated("cspresnet10")
+    compiled = deploy(model, compile="eager")
+    assert rel_err(compiled(x), ref) <= TOL
+
+
 def test_torchscript_round_trip(tmp_path):
     model, x, ref = calibrated("cspdarknet53")
     path = export_torchscript(model, tmp_path / "m.pt", SIZE)

@@ -280,7 +280,7 @@ class DeployedModel(nn.Module):
         with torch.inference_mode():
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return (self.compiled or self.model)(x)
+            return (self.model if self.compiled is None else self.compiled)(x)
 
     def train(self, mode: bool = True):
         if mode:
