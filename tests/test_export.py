@@ -238,6 +238,14 @@ def test_deploy_compile_on_a_model_with_stages():
     assert rel_err(compiled(x), ref) <= TOL
 
 
+def test_deploy_compile_true_uses_inductor_freezing():
+    model, x, ref = calibrated("cspresnet10")
+    compiled = deploy(model, compile=True)
+    assert not any(type(m).__name__.startswith("OneDnn") for m in compiled.modules())  # inductor packs weights
+    assert rel_err(compiled(x), ref) <= TOL
+    assert rel_err(compiled(x[:1]), ref[:1]) <= TOL  # another batch size: recompiled or dynamic, still right
+
+
 def test_torchscript_round_trip(tmp_path):
     model, x, ref = calibrated("cspdarknet53")
     path = export_torchscript(model, tmp_path / "m.pt", SIZE)

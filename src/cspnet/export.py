@@ -330,9 +330,12 @@ def deploy(
         channels_last: memory format. ``None``: time both on ``example_input`` if given,
             else channels-last (the documented rule, see the module docstring).
         compile: ``True`` (or a backend name, or a dict of ``torch.compile`` kwargs) to run the
-            deployed network through ``torch.compile``.
+            deployed network through ``torch.compile``. ``True`` on the CPU compiles with
+            inductor's ``freezing``, which pre-packs the folded weights into the same fused
+            oneDNN kernels itself.
         onednn: run conv+activation as fused oneDNN kernels (CPU float32). ``None``: when
-            available and the model is on the CPU.
+            available, the model is on the CPU and ``compile`` is off (the oneDNN modules'
+            shape checks would make ``torch.compile`` recompile per layer).
         example_input: an input batch to choose the memory format on.
         copy_model: deploy a deep copy, leaving ``model`` untouched (default).
     Outputs equal ``model.eval()(x)`` up to float rounding (tests/test_export.py).
@@ -344,7 +347,7 @@ def deploy(
     param = next(net.parameters(), None)
     on_cpu = param is None or param.device.type == "cpu"
     if onednn is None:
-        onednn = on_cpu and onednn_available()
+        onednn = on_cpu and onednn_available() and not compile
     if onednn:
         use_onednn(net)
     if channels_last is None:
@@ -357,7 +360,7 @@ def deploy(
         elif isinstance(compile, str):
             compiled = torch.compile(net, backend=compile)
         else:
-            compiled = torch.compile(net)
+            compiled = torch.compile(net, options={"freezing": True} if on_cpu else None)
     return DeployedModel(net, channels_last, compiled).eval()
 
 
