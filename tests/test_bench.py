@@ -110,12 +110,12 @@ def test_saved_activation_bytes_counts_what_backward_keeps():
         assert saved_activation_bytes(model, torch.randn(1, 3, 8, 8)) == 4 * (3 * 64 + 8 * 64)
 
 
-def test_interleaving_runs_round_robin():
+def test_interleaving_runs_round_robin_with_a_rotating_start():
     calls = []
     fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
-    samples = run_interleaved(fns, warmup=1, repeats=2, clock=Clock(torch.device("cpu")))
-    assert calls == list("abc") + list("abcabc")
-    assert {k: len(v) for k, v in samples.items()} == {"a": 2, "b": 2, "c": 2}
+    samples = run_interleaved(fns, warmup=1, repeats=4, clock=Clock(torch.device("cpu")))
+    assert calls == list("abc") + list("abc" "bca" "cab" "abc")
+    assert {k: len(v) for k, v in samples.items()} == {"a": 4, "b": 4, "c": 4}
 
 
 def test_measure_peak_reports_gemm_and_conv():

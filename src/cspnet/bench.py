@@ -221,14 +221,21 @@ class Clock:
 
 
 def run_interleaved(fns: dict[Any, Callable[[], Any]], warmup: int, repeats: int, clock: Clock) -> dict[Any, list[float]]:
-    """Warm every callable up, then time them round-robin ``repeats`` times (ms samples)."""
+    """Warm every callable up, then time them round-robin ``repeats`` times (ms samples).
+
+    Each round starts one entry later than the last, so no entry always runs first: the first
+    call after a round's big frees pays for the memory the C library handed back to the kernel,
+    which with a fixed order would always be billed to the same model.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    samples: dict[Any, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            samples[k].append(clock(fn))
+    keys = list(fns)
+    samples: dict[Any, list[float]] = {k: [] for k in keys}
+    for r in range(repeats):
+        start = r % len(keys)
+        for k in keys[start:] + keys[:start]:
+            samples[k].append(clock(fns[k]))
     return samples
 
 
