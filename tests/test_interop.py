@@ -100,7 +100,8 @@ def test_features_only_timm_variant_matches_timm_stage_maps():
         y = source.stem(x)
         for i, stage in enumerate(source.stages):
             y = stage(y)
-            assert (feats[i] - y).abs().max().item() <= 1e-4
+            # float rounding: 1e-4 of the map's scale (deep stage maps reach |x| ~ 5-10)
+            assert (feats[i] - y).abs().max().item() <= 1e-4 * max(1.0, y.abs().max().item())
 
 
 def test_shared_expansion_then_slice_equals_two_split_convs():
