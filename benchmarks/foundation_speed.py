@@ -5,7 +5,7 @@ Forward at batch 1 and 8 and a training step at batch 8, 224x224, fp32, 2 thread
 channels-last, medians of interleaved repeated runs, ratios ours/timm (as speedups: timm time /
 our time). No deploy, ONNX or memory measurements (see benchmarks/run_all.py for those).
 
-    .venv/bin/python benchmarks/foundation_speed.py [--out docs/foundation_speed.md] [--repeats 7]
+    .venv/bin/python benchmarks/foundation_speed.py [--out docs/foundation_speed.md] [--repeats 7] [--train-repeats 9]
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="also write the Markdown (and JSON) report here")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--train-repeats", type=int, default=9, help="timed training steps per model (medians)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(
         models=DEFAULT_MODELS, input_size=224, batch_sizes=(1, 8), train_batch=8,
         train_formats=("contiguous", "channels_last"), threads=args.threads, repeats=args.repeats,
-        deploy=False, onnx=False, memory=False,
+        train_repeats=args.train_repeats, deploy=False, onnx=False, memory=False,
     )
     report = run_benchmarks(config)
     report.env["command"] = " ".join([".venv/bin/python benchmarks/foundation_speed.py", *(argv if argv is not None else sys.argv[1:])])
