@@ -30,7 +30,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from torch import nn
 
 from .profile import profile
 from .registry import create_model, get_spec, list_models
+from .rss import peak_kib, status_kib
 from .rss import reset_peak_rss as _reset_peak_rss
 
 # Our model -> (timm model, how the two correspond). Only architectures that correspond layer for
@@ -343,19 +343,10 @@ def make_groups(models: tuple[str, ...], twins: bool) -> list[list[str]]:
 
 
 def _status_mib(field_name: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) / 1024
-    raise ValueError(f"/proc/self/status has no {field_name}")
-
-
-def _peak_rss_mib(was_reset: bool) -> float:
-    # VmHWM is the peak RSS since the reset. Without a reset fall back to ru_maxrss, which after
-    # fork + exec can still hold the *parent's* peak, hence the reset.
-    if was_reset:
-        return _status_mib("VmHWM")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    kib = status_kib(field_name)
+    if kib is None:
+        raise ValueError(f"/proc/self/status has no {field_name}")
+    return kib / 1024
 
 
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -427,7 +418,7 @@ def measure_memory(impl: str, name: str, batch: int, input_size: int, device: st
         torch.cuda.synchronize()
         result["cuda_peak"] = torch.cuda.max_memory_allocated(dev) / MIB
         result["cuda_step"] = (torch.cuda.max_memory_allocated(dev) - held) / MIB
-    rss_peak = _peak_rss_mib(was_reset)
+    rss_peak = peak_kib(was_reset) / 1024
     opt.zero_grad(set_to_none=True)
     result.update(
         rss_base=rss_base, rss_model=rss_model, rss_peak=rss_peak,

@@ -33,7 +33,7 @@ from .engine.train import TrainConfig, fit, plot_curves, seed_everything
 from .profile import profile
 from .registry import get_spec
 from .files import atomic_savefig
-from .rss import reset_peak_rss, status_kib
+from .rss import peak_kib, reset_peak_rss, status_kib
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,8 @@ def peak_train_memory(record: dict[str, Any], img_size: int, batch: int, device:
         _sgd_step(model, opt, x, y)
     if dev.type == "cuda":
         return (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2**20
-    peak_kb = status_kib("VmHWM") if exact_peak else None
-    if peak_kb is None or base_kb is None:  # no /proc: the process's lifetime peak, an upper bound
-        import resource
-
-        peak_kb, base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base_kb or 0
-    return (peak_kb - base_kb) / 1024
+    # without /proc (no base either): the process's lifetime peak, an upper bound
+    return (peak_kib(exact_peak) - (base_kb or 0)) / 1024
 
 
 def throughput(records: list[dict[str, Any]], img_size: int, batch: int, device: str = "cpu", seconds: float = 2.0,

@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
 from .blocks import ResidualBlock
-from .layers import ConvBnAct, darknet_add
+from .layers import ConvBnAct
 from .weights import save_weights
 
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
@@ -216,7 +216,7 @@ class OneDnnResidualBlock(nn.Module):
         if not isinstance(block.conv3, OneDnnConvAct) or block.conv3.attr != "none":
             raise ValueError("OneDnnResidualBlock needs a block whose linear conv3 runs on oneDNN")
         self.conv1, self.conv2, self.conv3 = block.conv1, block.conv2, block.conv3
-        self.shortcut, self.act = getattr(block, "shortcut", None), block.act
+        self.shortcut, self.add, self.act = getattr(block, "shortcut", None), block.add, block.act
         self.relu_in_kernel = type(self.act) is nn.ReLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +230,7 @@ class OneDnnResidualBlock(nn.Module):
                 conv3.dilation, conv3.groups, "add", None, "relu" if self.relu_in_kernel else None, [], "",
             )
             return out if self.relu_in_kernel else self.act(out)
-        return self.act(darknet_add(self.conv3(y), shortcut))
+        return self.act(self.add(self.conv3(y), shortcut))
 
 
 def _known_layout(block: nn.Module, children: set[str]) -> bool:

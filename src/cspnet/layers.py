@@ -58,9 +58,9 @@ class ConvOutputBatchNorm2d(nn.BatchNorm2d):
     ``x * scale + shift`` with per-channel factors (equal to ``nn.BatchNorm2d`` up to float
     rounding, ~3e-7 relative), so each conv+BN pair allocates one map, not two: about 4 %
     faster on CPU at batch 8. The conv output is fresh and nothing else reads it, so
-    overwriting it is safe. Otherwise
-    (training, or autograd recording) it is exactly ``nn.BatchNorm2d``; its parameters and
-    buffers are the same, so state dicts, converters and BN folding see a plain BatchNorm2d.
+    overwriting it is safe. Otherwise (training, or autograd recording) it is exactly
+    ``nn.BatchNorm2d``; its parameters and buffers are the same, so state dicts, converters
+    and BN folding see a plain BatchNorm2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

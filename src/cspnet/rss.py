@@ -23,3 +23,14 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def peak_kib(was_reset: bool) -> int:
+    """Peak RSS in KiB: ``VmHWM`` since the `reset_peak_rss` that returned ``was_reset``; without
+    a reset (or ``/proc``), ``ru_maxrss``, which after fork + exec can still hold the parent's peak."""
+    peak = status_kib("VmHWM") if was_reset else None
+    if peak is None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return peak
