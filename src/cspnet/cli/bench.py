@@ -20,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--no-timm", action="store_true")
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--no-deploy", action="store_true")
+    p.add_argument("--no-winograd", action="store_true", help="skip deploy(winograd=True), which compiles on first use")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="set glibc malloc to reuse freed memory in this process (all entries alike; see cspnet.export)")
@@ -32,7 +33,7 @@ def config_from_args(args):
     models = tuple(args.models) or DEFAULT_MODELS
     over = {
         "twins": not args.no_twins, "timm": not args.no_timm, "onnx": not args.no_onnx,
-        "deploy": not args.no_deploy, "memory": not args.no_memory, "device": args.device,
+        "deploy": not args.no_deploy, "winograd": not args.no_winograd, "memory": not args.no_memory, "device": args.device,
         "keep_freed_memory": args.keep_freed_memory,
     }
     for key in ("input_size", "train_batch", "repeats", "threads"):
