@@ -242,7 +242,13 @@ class WinogradConvAct(nn.Module):
         algorithm = choose_algorithm(x.shape[0], x.shape[2], x.shape[3])
         if algorithm is None or not self.layer.fast_path(x):
             return self.layer(x)
+        return self.run(x, algorithm)
+
+    def run(self, x: torch.Tensor, algorithm: WinogradAlgorithm) -> torch.Tensor:
+        """The layer by ``algorithm``, whatever the rules say: CPU float32 inference, sides divisible by m."""
         n, _, h, w = x.shape
+        if h % algorithm.step or w % algorithm.step:
+            raise ValueError(f"{algorithm.name} needs map sides divisible by {algorithm.step}, got {h}x{w}")
         conv = self.layer.layer.conv
         rows = n * (h // algorithm.step) * (w // algorithm.step)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, accumulated_recompile_limit=4 * RECOMPILE_LIMIT):
