@@ -15,8 +15,8 @@ GEMMs run at ~180-205 GFLOP/s (oneDNN matmul, weights pre-packed) against the di
 and enough tiles per GEMM (`choose_algorithm`; benchmarks/winograd_layers.py measures it).
 
 The transforms are sums over strided views. They are compiled by ``torch.compile`` (inductor),
-which fuses each into one or two passes; eagerly they are ~40 small strided kernels that cost more than
-they save. Each layer shape compiles once (seconds; inductor caches the code on disk), which
+which fuses each into one or two passes; eagerly they are ~40 small strided kernels that cost
+more than they save. Each layer shape compiles once (seconds; inductor caches the code on disk), which
 is why this is opt-in: ``deploy(model, winograd=True)``.
 
 Numerics, measured against a float64 convolution, relative to the output's scale: the direct
@@ -79,9 +79,10 @@ F4x4 = WinogradAlgorithm(
 
 # When a layer gains (batch 8 and 1, 224 px, benchmarks/winograd_layers.py):
 # - widths: the transforms cost ∝ C + K per pixel and the saved multiplications ∝ C·K, so
-#   C·K / (C + K) must reach MIN_WIDTH: 128→128 gains, 64→128 loses;
-# - GEMM rows (batch × tiles) must reach MIN_ROWS: at batch 1 every layer loses, the GEMMs
-#   being too short for their (m+2)² weight matrices;
+#   C·K / (C + K) must reach MIN_WIDTH: 64→128 (43) gains 1.1×, 64→64 (32) 1.04× at best,
+#   32→64 loses;
+# - GEMM rows (batch × tiles) must reach MIN_ROWS: at batch 1 no layer gains more than 4 %,
+#   the GEMMs being too short for their (m+2)² weight matrices;
 # - the map must divide into whole tiles: a 7×7 map in 2×2 blocks wastes 31 % on padding and
 #   lost at batch 8. F(4×4) where the side divides by 4 (28, 56), else F(2×2) (14).
 MIN_WIDTH = 40
