@@ -76,13 +76,17 @@ def test_conv_output_batchnorm_normalizes_in_place_only_in_eval_without_autograd
     assert isinstance(layer.bn, ConvOutputBatchNorm2d) and isinstance(layer.bn, nn.BatchNorm2d)
     reference = nn.BatchNorm2d(8).eval()
     reference.load_state_dict(layer.bn.state_dict())  # same parameters and buffers, same keys
-    y = torch.randn(2, 8, 5, 5) * 4 + 2
+    side = int((ConvOutputBatchNorm2d.IN_PLACE_MIN_NUMEL / 8) ** 0.5) + 1  # one 8-channel map just above it
+    y = torch.randn(1, 8, side, side) * 4 + 2
     expected = reference(y)
     with torch.no_grad():
         y_copy = y.clone()
         out = layer.bn(y_copy)
-    assert out.data_ptr() == y_copy.data_ptr()  # normalized in place
-    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+        assert out.data_ptr() == y_copy.data_ptr()  # normalized in place
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+        small = y[:, :, :5, :5].clone()  # below the threshold: a new map, exactly nn.BatchNorm2d
+        out = layer.bn(small)
+        assert out.data_ptr() != small.data_ptr() and torch.equal(out, reference(small))
     # Recording autograd, or training: exactly nn.BatchNorm2d, input untouched, statistics updated.
     y_copy = y.clone()
     assert torch.equal(layer.bn(y_copy), expected) and torch.equal(y_copy, y)
