@@ -11,7 +11,8 @@ applied in the kernel's epilogue and the weights reordered once into oneDNN's la
 ``torch.ops.mkldnn._convolution_pointwise``, the one ``torch.compile``'s CPU backend emits
 for the same pattern. It is a private op of the pinned torch, so deploy checks it exists
 (`onednn_available`) and every model's deployed output is tested against eager. The result
-runs under ``torch.inference_mode``. ``compile=True`` adds ``torch.compile`` on top.
+runs under ``torch.inference_mode``. ``compile=True`` adds ``torch.compile`` on top;
+``winograd=True`` computes the wide 3×3 convs by Winograd (`cspnet.winograd`).
 
 Why channels-last by default: oneDNN convolutions work on NHWC/blocked layouts, so an NCHW
 model pays a layout reorder around every convolution. On the project's CPU this makes every
@@ -353,9 +354,10 @@ def deploy(
         onednn: run conv+activation as fused oneDNN kernels (CPU float32). ``None``: when
             available, the model is on the CPU and ``compile`` is off (the oneDNN modules'
             shape checks would make ``torch.compile`` recompile per layer).
-        winograd: compute the wide 3×3 stride-1 convs by Winograd F(2×2, 3×3)
-            (`cspnet.winograd`): fewer multiplications, faster on the CPU at batch 8, but each
-            layer shape is compiled by inductor on its first call. Needs ``onednn``.
+        winograd: compute the wide 3×3 stride-1 convs by Winograd, F(4×4, 3×3) or F(2×2, 3×3)
+            by map size (`cspnet.winograd`): fewer multiplications, faster on the CPU from
+            batch ~8, but each layer shape is compiled by inductor on its first call. Inputs
+            where it measured slower (batch 1, 7×7 maps) keep the direct kernel. Needs ``onednn``.
         example_input: an input batch to choose the memory format on.
         copy_model: deploy a deep copy, leaving ``model`` untouched (default).
     Outputs equal ``model.eval()(x)`` up to float rounding (tests/test_export.py).
