@@ -148,15 +148,16 @@ class BenchReport:
                 return t.median_ms
         return None
 
-    def best_eager(self, model: str, impl: str, batch: int) -> float | None:
-        times = [self.median(model, impl, v, batch) for v in ("eager", "eager_cl")]
-        times = [t for t in times if t is not None]
+    def fastest(self, model: str, impl: str, variants: tuple[str, ...], batch: int) -> float | None:
+        """The lowest median among ``variants`` that were measured (None if none was)."""
+        times = [t for t in (self.median(model, impl, v, batch) for v in variants) if t is not None]
         return min(times) if times else None
 
+    def best_eager(self, model: str, impl: str, batch: int) -> float | None:
+        return self.fastest(model, impl, ("eager", "eager_cl"), batch)
+
     def best_deploy(self, model: str, batch: int) -> float | None:
-        times = [self.median(model, "ours", v, batch) for v in ("deploy", "deploy_winograd")]
-        times = [t for t in times if t is not None]
-        return min(times) if times else None
+        return self.fastest(model, "ours", ("deploy", "deploy_winograd"), batch)
 
     def conv_peak(self, model: str, batch: int) -> float:
         """Conv-peak GFLOP/s measured inside ``model``'s group at ``batch`` (else the start-of-run probe)."""

@@ -265,5 +265,5 @@ class WinogradConvAct(nn.Module):
             post_op = (self.layer.attr, self.layer.scalars)
             if algorithm.one_pass_transforms:
                 return _compiled(_output_transform)(products, conv.bias, shape, algorithm, *post_op)
-            rows = _compiled(_output_rows)(products, algorithm)
-            return _compiled(_output)(rows, conv.bias, shape, algorithm, *post_op)
+            row_sums = _compiled(_output_rows)(products, algorithm)
+            return _compiled(_output)(row_sums, conv.bias, shape, algorithm, *post_op)
