@@ -10,7 +10,7 @@ from torch import nn
 
 import cspnet
 from cspnet.bench import (
-    TIMM_EQUIVALENTS, BenchConfig, Clock, build, check_targets, flops_saving, make_groups, measure_peak,
+    OURS_MEMORY_EFFICIENT, TIMM_EQUIVALENTS, BenchConfig, Clock, build, check_targets, flops_saving, make_groups, measure_peak,
     quick_config, run_benchmarks, run_interleaved, saved_activation_bytes, to_markdown,
 )
 from cspnet.cli import main as cli_main
@@ -33,7 +33,8 @@ def test_quick_suite_via_cli_records_every_measurement(tmp_path, capsys):
                 t = timings[(name, "ours", variant, batch)]
                 assert len(t["samples_ms"]) == cfg["repeats"]
                 assert t["median_ms"] == statistics.median(t["samples_ms"]) > 0
-        assert len(timings[(name, "ours", "train", cfg["train_batch"])]["samples_ms"]) == cfg["train_repeats"]
+        for variant in ("train", "train_memory_efficient"):
+            assert len(timings[(name, "ours", variant, cfg["train_batch"])]["samples_ms"]) == cfg["train_repeats"]
     assert not any(impl == "timm" for _, impl, _, _ in timings)
     # the conv-peak probe ran inside the group, and "% conv peak" divides by it
     for batch in cfg["batch_sizes"]:
@@ -51,14 +52,22 @@ def test_quick_suite_via_cli_records_every_measurement(tmp_path, capsys):
     # Memory was measured in fresh processes; the saved-activation count is a pure function of the
     # model and input shape, so this process must count the same bytes.
     for name in ("cspresnet10", "resnet10"):
-        mem = data["memory"][f"ours:{name}"]
-        assert "error" not in mem, mem
-        assert mem["rss_peak"] >= mem["rss_model"] > 0
-        assert mem["train"] == pytest.approx(mem["rss_peak"] - mem["rss_base"])
+        mem, lean = data["memory"][f"ours:{name}"], data["memory"][f"{OURS_MEMORY_EFFICIENT}:{name}"]
+        for m in (mem, lean):
+            assert "error" not in m, m
+            assert m["rss_peak"] >= m["rss_model"] > 0
+            assert m["train"] == pytest.approx(m["rss_peak"] - m["rss_base"])
+            # live tensors at the peak: at least parameters, gradients and momentum, plus what backward keeps
+            params_mib = data["profiles"][f"ours:{name}"]["params"] * 4 / 2**20
+            assert m["tensor_peak"] > 3 * params_mib + m["activations"] * 0.5
+        assert (mem["memory_efficient"], lean["memory_efficient"]) == (False, True)
+        assert lean["activations"] < mem["activations"]
         torch.manual_seed(0)
         model = cspnet.create_model(name).train()
         x = torch.randn(cfg["train_batch"], 3, cfg["input_size"], cfg["input_size"])
-        assert mem["activations"] == pytest.approx(saved_activation_bytes(model, x) / 2**20)
+        assert mem["activations"] == pytest.approx(saved_activation_bytes(model, x) / 2**20, abs=1e-3)
+        cspnet.memory_efficient(model)
+        assert lean["activations"] == pytest.approx(saved_activation_bytes(model, x) / 2**20, abs=1e-3)
 
     targets = {(t["target"], t["subject"]): t for t in data["targets"]}
     twin = targets[("CSP vs twin eager speedup >= 1 + FLOPs saving/2", "cspresnet10/resnet10")]
@@ -66,7 +75,11 @@ def test_quick_suite_via_cli_records_every_measurement(tmp_path, capsys):
     assert twin["threshold"] == pytest.approx(1 + saving / 2)
     best = lambda n: min(timings[(n, "ours", v, 2)]["median_ms"] for v in ("eager", "eager_cl"))  # noqa: E731
     assert twin["value"] == pytest.approx(best("resnet10") / best("cspresnet10"))
-    assert ("CSP peak train memory <= twin's (MiB ratio)", "cspresnet10/resnet10") in targets
+    for what in ("peak RSS", "live tensors", "peak RSS, memory-efficient", "live tensors, memory-efficient"):
+        assert (f"CSP peak train memory <= twin's ({what}; ratio)", "cspresnet10/resnet10") in targets
+    rss = targets[("CSP peak train memory <= twin's (live tensors, memory-efficient; ratio)", "cspresnet10/resnet10")]
+    lean = lambda n: data["memory"][f"{OURS_MEMORY_EFFICIENT}:{n}"]["tensor_peak"]  # noqa: E731
+    assert rss["value"] == pytest.approx(lean("cspresnet10") / lean("resnet10"))
     assert f"{100 * saving:.1f}%" in text
 
 
@@ -104,12 +117,15 @@ def test_timm_mapping_matches_parameter_counts(ours):
     assert count(build("timm", theirs)) - count(build("ours", ours)) == PARAM_DIFFERENCE.get(ours, 0)
 
 
-def test_saved_activation_bytes_counts_what_backward_keeps():
-    # Conv saves its input (3x8x8 floats), ReLU its output (8x8x8 floats); weights do not count,
-    # and an in-place ReLU's output is the same storage counted once.
+def test_saved_activation_bytes_counts_what_the_forward_pass_holds():
+    # The conv output (8x8x8 floats) is the in-place ReLU's output; the out-of-place ReLU frees it
+    # and keeps its own output. The input and the weights were allocated before: they do not count.
     for inplace in (False, True):
         model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=inplace))
-        assert saved_activation_bytes(model, torch.randn(1, 3, 8, 8)) == 4 * (3 * 64 + 8 * 64)
+        assert saved_activation_bytes(model, torch.randn(1, 3, 8, 8)) == 4 * 8 * 64
+    # A second conv keeps its input (the first ReLU's output) and returns its own output.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    assert saved_activation_bytes(model, torch.randn(1, 3, 8, 8)) == 4 * (8 * 64 + 4 * 64)
 
 
 def test_interleaving_runs_round_robin_with_a_rotating_start():

@@ -405,3 +405,28 @@ def test_plot_curves_warns_not_about_empty_legends(history, tmp_path, recwarn):
     path = plot_curves({"": history}, tmp_path / "curves.png")
     assert path.is_file()
     assert not [w for w in recwarn if "No artists with labels" in str(w.message)]
+
+
+def test_memory_efficient_run_trains_the_same_weights_and_may_resume_a_plain_run(tmp_path, monkeypatch):
+    from cspnet.engine import train as train_mod
+    from cspnet.engine.train import _check_resume_config
+
+    switched = []
+    real_switch = train_mod.memory_efficient
+    monkeypatch.setattr(train_mod, "memory_efficient", lambda m, on: switched.append((on, real_switch(m, on))))
+
+    args = ["train", "--model", "cspresnet10", "--data", "digits", "--width", "0.25", "--batch-size", "32",
+            "--img-size", "16", "--epochs", "1", "--train-limit", "128", "--threads", "1", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--memory-efficient", "--out", str(tmp_path / "lean")]) == 0
+    assert [on for on, _ in switched] == [False, True] and switched[1][1] > 0  # layers switched in the second run
+    plain, lean = load_state(tmp_path / "plain" / "last.safetensors"), load_state(tmp_path / "lean" / "last.safetensors")
+    assert plain.keys() == lean.keys()
+    for key in plain:
+        torch.testing.assert_close(lean[key], plain[key], rtol=1e-4, atol=1e-5, msg=key)
+    saved = read_checkpoint_record(tmp_path / "plain")["state"]["train_config"]
+    assert saved["memory_efficient"] is False
+    _check_resume_config(saved, TrainConfig(**{**saved, "step_milestones": tuple(saved["step_milestones"]),
+                                               "memory_efficient": True}), "plain")
+    with pytest.raises(CheckpointError, match="lr"):
+        _check_resume_config(saved, TrainConfig(**{**saved, "step_milestones": tuple(saved["step_milestones"]), "lr": 1.0}), "plain")

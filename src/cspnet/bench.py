@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import memory_efficient as set_memory_efficient
 from .profile import profile
 from .registry import create_model, get_spec, list_models
 from .rss import peak_kib, status_kib
@@ -72,6 +74,10 @@ DEFAULT_MODELS = ("cspresnet50", "cspresnext50", "cspdarknet53")
 TARGET_MODELS = ("cspresnet50", "cspresnext50", "cspdarknet53", "darknet53")
 INFER_VARIANTS = ("eager", "eager_cl", "deploy", "deploy_winograd", "onnxruntime")
 MIB = 1024 * 1024
+# Our models trained memory-efficiently (`cspnet.layers.memory_efficient`): the ``impl`` of their
+# memory rows and the ``variant`` of their (NCHW) training-step timings.
+OURS_MEMORY_EFFICIENT = "ours, memory-efficient"
+TRAIN_MEMORY_EFFICIENT = "train_memory_efficient"
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class BenchConfig:
     onnx: bool = True
     timm: bool = True
     memory: bool = True
+    memory_efficient: bool = True  # also measure our models trained with `cspnet.layers.memory_efficient`
     keep_freed_memory: bool = False  # `cspnet.export.keep_freed_memory` for this whole process
     quick: bool = False
     progress: bool = True
@@ -357,26 +364,41 @@ def _status_mib(field_name: str) -> float:
     return kib / 1024
 
 
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the tensors autograd keeps for the backward pass of ``model(x)`` (no parameters).
+def _profile_memory(device: torch.device, **kwargs: Any):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    Counted per storage, so a tensor saved by several ops (or an in-place activation's output)
-    counts once.
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return torch_profile(activities=activities, profile_memory=True, **kwargs)
+
+
+def saved_activation_bytes(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
+    """Bytes that ``model(x)`` allocates and still holds when it returns (from torch.profiler).
+
+    That is what autograd keeps for the backward pass, plus the output; tensors made before the
+    call (the input, parameters) do not count. Unlike counting through saved-tensor hooks, this
+    also sees memory-efficient layers (`cspnet.layers.memory_efficient`), whose own hooks would
+    hide their saved tensors from an outer hook.
     """
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in param_ptrs and ptr not in storages:
-            storages[ptr] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _profile_memory(x.device) as prof:
         out = model(x)
     del out
-    return sum(storages.values())
+    field_name = "self_device_memory_usage" if x.device.type == "cuda" else "self_cpu_memory_usage"
+    return sum(getattr(e, field_name) for e in prof.key_averages())
+
+
+def tensor_peak_bytes(step: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes of live tensors on ``device`` during ``step()`` (torch.profiler's memory timeline).
+
+    The counterpart of ``torch.cuda.max_memory_allocated`` for any device: what the tensors
+    need, whatever the C library's allocator keeps besides (peak RSS includes that).
+    """
+    with _profile_memory(device, record_shapes=True, with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory(prefix="cspnet-memory-") as tmp:
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device=str(device))
+        _times, sizes = json.loads(path.read_text())
+    return max((sum(row) for row in sizes), default=0)
 
 
 def _warm_up_runtime(device: torch.device) -> None:
@@ -389,18 +411,23 @@ def _warm_up_runtime(device: torch.device) -> None:
     opt.step()
 
 
-def measure_memory(impl: str, name: str, batch: int, input_size: int, device: str = "cpu", steps: int = 2) -> dict[str, Any]:
+def measure_memory(impl: str, name: str, batch: int, input_size: int, device: str = "cpu", steps: int = 2,
+                   memory_efficient: bool = False) -> dict[str, Any]:
     """Memory of training ``name`` in this process (call it in a fresh one: see `memory_in_subprocess`).
 
     Returns MiB: ``rss_base`` (after imports), ``rss_model`` (model + optimizer built),
     ``rss_peak`` (peak RSS, ``VmHWM`` reset after the imports, over ``steps`` training steps), ``train`` = peak - base
     (parameters, gradients, optimizer state, activations, workspace), ``step`` = peak - model,
-    and ``activations`` (saved for backward, see `saved_activation_bytes`); on CUDA also
-    ``cuda_peak`` (``max_memory_allocated`` during the steps) and ``cuda_step`` (that minus the
-    memory held before them).
+    ``tensor_peak`` (live tensors at the peak of one more step, see `tensor_peak_bytes`: the
+    same as ``train`` without the allocator's cached free memory) and ``activations`` (held
+    for backward, see `saved_activation_bytes`); on CUDA also ``cuda_peak``
+    (``max_memory_allocated`` during the steps) and ``cuda_step`` (that minus the memory held
+    before them). ``memory_efficient`` trains our model with `cspnet.layers.memory_efficient`.
     """
     dev = torch.device(device)
     if impl == "timm":
+        if memory_efficient:
+            raise ValueError("memory_efficient applies to our models only, not timm's")
         import timm  # noqa: F401
     list_models()  # import every model family now: module imports are not the model's memory
     _warm_up_runtime(dev)
@@ -408,6 +435,8 @@ def measure_memory(impl: str, name: str, batch: int, input_size: int, device: st
     was_reset = _reset_peak_rss()
     rss_base = _status_mib("VmRSS")
     model = build(impl, name).to(dev).train()
+    if memory_efficient:
+        set_memory_efficient(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(batch, 3, input_size, input_size, device=dev)
     num_classes = model.num_classes if getattr(model, "num_classes", 0) else 1000
@@ -417,29 +446,37 @@ def measure_memory(impl: str, name: str, batch: int, input_size: int, device: st
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
         held = torch.cuda.memory_allocated(dev)
-    for _ in range(steps):
+    def train_step() -> None:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    result: dict[str, Any] = {"impl": impl, "model": name, "batch": batch, "input_size": input_size}
+
+    for _ in range(steps):
+        train_step()
+    result: dict[str, Any] = {"impl": impl, "model": name, "batch": batch, "input_size": input_size,
+                              "memory_efficient": memory_efficient}
     if dev.type == "cuda":
         torch.cuda.synchronize()
         result["cuda_peak"] = torch.cuda.max_memory_allocated(dev) / MIB
         result["cuda_step"] = (torch.cuda.max_memory_allocated(dev) - held) / MIB
     rss_peak = peak_kib(was_reset) / 1024
+    tensor_peak = tensor_peak_bytes(train_step, dev) / MIB
     opt.zero_grad(set_to_none=True)
     result.update(
         rss_base=rss_base, rss_model=rss_model, rss_peak=rss_peak,
-        train=rss_peak - rss_base, step=rss_peak - rss_model,
+        train=rss_peak - rss_base, step=rss_peak - rss_model, tensor_peak=tensor_peak,
         activations=saved_activation_bytes(model, x) / MIB,
     )
     return result
 
 
-def memory_in_subprocess(impl: str, name: str, batch: int, input_size: int, threads: int, device: str = "cpu", timeout: float = 900) -> dict[str, Any]:
+def memory_in_subprocess(impl: str, name: str, batch: int, input_size: int, threads: int, device: str = "cpu",
+                         timeout: float = 900, memory_efficient: bool = False) -> dict[str, Any]:
     """Run `measure_memory` in a fresh Python process (so earlier allocations do not count)."""
     cmd = [sys.executable, "-m", "cspnet.bench", "--memory-worker", impl, name,
            "--batch", str(batch), "--input-size", str(input_size), "--threads", str(threads), "--device", device]
+    if memory_efficient:
+        cmd.append("--memory-efficient")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -535,9 +572,15 @@ def _train_fns(group: list[str], timm_names: dict[str, str], config: BenchConfig
         x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
         y = torch.randint(0, 1000, (batch,), device=device)
         for name in group:
-            impls = [("ours", name)] + ([("timm", timm_names[name])] if name in timm_names else [])
-            for impl, build_name in impls:
+            entries = [("ours", name, variant, False)]
+            if config.memory_efficient and fmt == "contiguous":
+                entries.append(("ours", name, TRAIN_MEMORY_EFFICIENT, True))
+            if name in timm_names:
+                entries.append(("timm", timm_names[name], variant, False))
+            for impl, build_name, entry_variant, lean in entries:
                 model = build(impl, build_name).to(device).train().to(memory_format=memory_format)
+                if lean:
+                    set_memory_efficient(model)
                 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
 
                 def step(model=model, opt=opt, x=x, y=y):
@@ -545,7 +588,7 @@ def _train_fns(group: list[str], timm_names: dict[str, str], config: BenchConfig
                     F.cross_entropy(model(x), y).backward()
                     opt.step()
 
-                fns[(name, impl, variant)] = step
+                fns[(name, impl, entry_variant)] = step
     return fns
 
 
@@ -617,10 +660,12 @@ def _run(config: BenchConfig) -> BenchReport:
             gc.collect()
 
     if config.memory:
-        jobs = [(impl, name) for name in members for impl in (["ours"] + (["timm"] if name in timm_names else []))]
+        jobs = [(impl, name) for name in members for impl in (
+            ["ours"] + ([OURS_MEMORY_EFFICIENT] if config.memory_efficient else []) + (["timm"] if name in timm_names else []))]
         for impl, name in tqdm(jobs, desc="memory", disable=not config.progress):
-            build_name = name if impl == "ours" else timm_names[name]
-            mem = memory_in_subprocess(impl, build_name, config.train_batch, config.input_size, config.threads, config.device)
+            build_impl, build_name = ("timm", timm_names[name]) if impl == "timm" else ("ours", name)
+            mem = memory_in_subprocess(build_impl, build_name, config.train_batch, config.input_size, config.threads,
+                                       config.device, memory_efficient=impl == OURS_MEMORY_EFFICIENT)
             mem["model"] = name
             report.memory[_key(impl, name)] = mem
     report.env["loadavg_end"] = list(os.getloadavg())
@@ -648,7 +693,8 @@ def check_targets(report: BenchReport, large_gmacs: float = 2.0) -> list[TargetC
     - ours eager (best layout) >= 1.0x timm eager (best layout);
     - deploy (the faster of plain and Winograd) >= 1.3x timm eager (best layout);
     - CSP vs twin, eager (best layout): speedup >= 1 + FLOPs saving / 2;
-    - CSP peak training memory (``train``: peak RSS - RSS after imports) <= the twin's;
+    - CSP peak training memory <= the twin's, as ``train`` (peak RSS - RSS after imports) and as
+      ``tensor_peak`` (live tensors), with plain and with memory-efficient training;
     - deploy GFLOP/s >= 60 % of the measured conv peak, for models of >= ``large_gmacs`` GMACs
       per image at 224 px (scaled to the run's input size).
     """
@@ -677,10 +723,13 @@ def check_targets(report: BenchReport, large_gmacs: float = 2.0) -> list[TargetC
         r = _ratio(report.best_eager(twin, "ours", batch), report.best_eager(csp, "ours", batch))
         if r is not None:
             checks.append(TargetCheck("CSP vs twin eager speedup >= 1 + FLOPs saving/2", f"{csp}/{twin}", r, need, r >= need))
-        m_csp, m_twin = report.memory.get(_key("ours", csp), {}), report.memory.get(_key("ours", twin), {})
-        if "train" in m_csp and "train" in m_twin:
-            checks.append(TargetCheck("CSP peak train memory <= twin's (MiB ratio)", f"{csp}/{twin}",
-                                      m_csp["train"] / m_twin["train"], 1.0, m_csp["train"] <= m_twin["train"]))
+        for impl, how in (("ours", ""), (OURS_MEMORY_EFFICIENT, ", memory-efficient")):
+            m_csp, m_twin = report.memory.get(_key(impl, csp), {}), report.memory.get(_key(impl, twin), {})
+            for measure, what in (("train", "peak RSS"), ("tensor_peak", "live tensors")):
+                if measure in m_csp and measure in m_twin:
+                    r = m_csp[measure] / m_twin[measure]
+                    checks.append(TargetCheck(f"CSP peak train memory <= twin's ({what}{how}; ratio)", f"{csp}/{twin}",
+                                              r, 1.0, r <= 1.0))
     return checks
 
 
@@ -771,18 +820,26 @@ def _inference_table(report: BenchReport, batch: int) -> list[str]:
 def _train_table(report: BenchReport) -> list[str]:
     c = report.config
     lines = [f"## Training step, batch {c.train_batch} (median ms)", "",
-             "| model | layout | ours | timm | ours × timm | ours GFLOP/s (3 x forward) |", "|---|---|---:|---:|---:|---:|"]
+             "| model | layout | ours | timm | ours × timm | ours GFLOP/s (3 x forward) | ours, memory-efficient | × ours |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name in (n for g in report.groups for n in g):
         for variant in ("train", "train_cl"):
             ours = report.median(name, "ours", variant, c.train_batch)
             if ours is None:
                 continue
             theirs = report.median(name, "timm", variant, c.train_batch)
+            lean = report.median(name, "ours", TRAIN_MEMORY_EFFICIENT, c.train_batch) if variant == "train" else None
             # A training step costs ~3 forward passes (forward, input grads, weight grads).
             g = 3 * 2 * report.profiles[_key("ours", name)]["macs"] * c.train_batch / (ours / 1e3) / 1e9
             layout = "channels-last" if variant == "train_cl" else "NCHW"
-            lines.append(f"| {name} | {layout} | {ours:.1f} | {_fmt(theirs)} | {_fmt(_ratio(theirs, ours), '.2f', '×')} | {g:.1f} |")
-    return lines + [""]
+            lines.append(f"| {name} | {layout} | {ours:.1f} | {_fmt(theirs)} | {_fmt(_ratio(theirs, ours), '.2f', '×')} | {g:.1f} | "
+                         f"{_fmt(lean)} | {_fmt(_ratio(ours, lean), '.2f', '×')} |")
+    return lines + ["", "× ours: the plain step's time / the memory-efficient step's (below 1: memory-efficient is slower).", ""]
+
+
+def _memory_ratio(report: BenchReport, csp: str, twin: str, measure: str, impl: str = "ours") -> float | None:
+    """Twin / CSP for one memory measure (above 1: the CSP model needs less)."""
+    return _ratio(report.memory.get(_key(impl, twin), {}).get(measure), report.memory.get(_key(impl, csp), {}).get(measure))
 
 
 def _twin_table(report: BenchReport) -> list[str]:
@@ -791,12 +848,12 @@ def _twin_table(report: BenchReport) -> list[str]:
         return []
     c = report.config
     lines = ["## CSP model vs its plain twin (ours)", "",
-             "| CSP / twin | FLOPs saving | speedup needed | batch | eager (best) × | deploy × | train step × | train memory × | activations × | CIO × |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| CSP / twin | FLOPs saving | speedup needed | batch | eager (best) × | deploy × | train step × | train memory × "
+             "| live tensors × | live tensors, memory-efficient × | held for backward × | CIO × |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for csp, twin in pairs:
         saving = flops_saving(report, csp, twin)
-        mem_c, mem_t = report.memory.get(_key("ours", csp), {}), report.memory.get(_key("ours", twin), {})
-        mem_ratio = lambda k: _ratio(mem_t.get(k), mem_c.get(k))  # noqa: E731
+        mem_ratio = partial(_memory_ratio, report, csp, twin)
         cio = _ratio(report.profiles[_key("ours", twin)]["cio"], report.profiles[_key("ours", csp)]["cio"])
         train = _ratio(report.median(twin, "ours", "train", c.train_batch), report.median(csp, "ours", "train", c.train_batch))
         for batch in c.batch_sizes:
@@ -805,6 +862,7 @@ def _twin_table(report: BenchReport) -> list[str]:
             lines.append(
                 f"| {csp} / {twin} | {100 * saving:.1f}% | {1 + saving / 2:.2f}× | {batch} | {_fmt(eager, '.2f', '×')} | "
                 f"{_fmt(deploy_r, '.2f', '×')} | {_fmt(train, '.2f', '×')} | {_fmt(mem_ratio('train'), '.2f', '×')} | "
+                f"{_fmt(mem_ratio('tensor_peak'), '.2f', '×')} | {_fmt(mem_ratio('tensor_peak', OURS_MEMORY_EFFICIENT), '.2f', '×')} | "
                 f"{_fmt(mem_ratio('activations'), '.2f', '×')} | {_fmt(cio, '.2f', '×')} |"
             )
     lines += ["", "× = twin / CSP (above 1: the CSP model is faster or smaller). Memory columns come from the table below.", ""]
@@ -818,20 +876,25 @@ def _memory_table(report: BenchReport) -> list[str]:
     cuda = any("cuda_peak" in m for m in report.memory.values())
     lines = [f"## Training memory, batch {c.train_batch}, {c.input_size}x{c.input_size} (MiB; fresh process per model)", "",
              "| impl | model | params (M) | peak RSS | after imports | train (peak − imports) | step (peak − model & optimizer) "
-             "| saved activations | CIO (M elements) |" + (" CUDA peak | CUDA step |" if cuda else ""),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else "")]
+             "| live tensors at peak | held for backward | CIO (M elements) |" + (" CUDA peak | CUDA step |" if cuda else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else "")]
     for key, m in report.memory.items():
-        prof = report.profiles.get(key, {})
         impl, name = key.split(":", 1)
+        prof = report.profiles.get(_key("ours", name) if impl == OURS_MEMORY_EFFICIENT else key, {})
         if "error" in m:
             lines.append(f"| {impl} | {name} | failed: {m['error']} |")
             continue
         row = (f"| {impl} | {name} | {prof.get('params', 0) / 1e6:.2f} | {m['rss_peak']:.0f} | {m['rss_base']:.0f} | "
-               f"{m['train']:.0f} | {m['step']:.0f} | {m['activations']:.0f} | {prof.get('cio', 0) / 1e6:.2f} |")
+               f"{m['train']:.0f} | {m['step']:.0f} | {m['tensor_peak']:.0f} | {m['activations']:.0f} | "
+               f"{prof.get('cio', 0) / 1e6:.2f} |")
         if cuda:
             row += f" {_fmt(m.get('cuda_peak'), '.0f')} | {_fmt(m.get('cuda_step'), '.0f')} |"
         lines.append(row)
-    lines += ["", "CIO (the paper's memory-traffic measure): input + output elements of every convolution, per image.", ""]
+    lines += ["", "Live tensors: torch.profiler's memory timeline over one more step (parameters, gradients, "
+              "optimizer state, activations); peak RSS adds what glibc's malloc keeps of freed blocks. Held for "
+              "backward: bytes the forward pass allocates and still holds when it returns. "
+              f"{OURS_MEMORY_EFFICIENT}: `cspnet.layers.memory_efficient` (activation outputs recomputed in backward). "
+              "CIO (the paper's memory-traffic measure): input + output elements of every convolution, per image.", ""]
     return lines
 
 
@@ -856,11 +919,13 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--memory-efficient", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     impl, name = args.memory_worker
-    print(json.dumps(measure_memory(impl, name, args.batch, args.input_size, args.device)))
+    print(json.dumps(measure_memory(impl, name, args.batch, args.input_size, args.device,
+                                    memory_efficient=args.memory_efficient)))
     return 0
 
 

@@ -8,10 +8,12 @@ PyTorch's default slope, which timm's ``leaky_relu`` models were trained with).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 ACTIVATIONS = ("leaky", "leaky_0.01", "mish", "swish", "relu", "relu6", "logistic", "linear")
 # Aliases users reach for; each maps onto one of ACTIVATIONS.
@@ -82,8 +84,101 @@ class ConvOutputBatchNorm2d(nn.BatchNorm2d):
         return x.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
 
 
+# Memory-efficient training (`memory_efficient`). Autograd normally keeps two maps per Conv-BN-act
+# layer: the conv output (BatchNorm's backward reads it) and the activation output (read by the
+# activation's backward and by the next conv's weight gradient). In memory-efficient mode a layer
+# keeps only the conv output; its activation output is handed to autograd as a `Recompute`, one
+# per-channel multiply-add and the activation away from that kept map, and rebuilt when a backward
+# step needs it. Concatenations of such maps (the CSP stage's fusion) are recomputed the same way.
+# The cost is a few elementwise passes per layer in the backward pass; convolutions never rerun.
+
+
+class Recompute:
+    """How to rebuild a tensor for the backward pass from tensors autograd keeps anyway."""
+
+    def __init__(self, version: int, fn: Callable[..., torch.Tensor], *args: object):
+        self.version, self.fn, self.args = version, fn, args
+
+    def __call__(self) -> torch.Tensor:
+        return self.fn(*self.args)
+
+
+# Tensors produced in memory-efficient mode -> how to rebuild them. Weak keys: an entry goes when
+# its tensor does, which is right after the forward pass unless someone else holds it.
+_RECOMPUTABLE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _pack_recomputable(t: torch.Tensor) -> torch.Tensor | Recompute:
+    recipe = _RECOMPUTABLE.get(t)
+    # A tensor changed in place since it was made is no longer what its recipe rebuilds.
+    return recipe if recipe is not None and recipe.version == t._version else t
+
+
+def _unpack_recomputable(saved: torch.Tensor | Recompute) -> torch.Tensor:
+    return saved() if isinstance(saved, Recompute) else saved
+
+
+def recomputable_cat(tensors: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:
+    """``torch.cat``; when every input is recomputable (memory-efficient mode), so is the result."""
+    out = torch.cat(list(tensors), dim=dim)
+    recipes = [_RECOMPUTABLE.get(t) for t in tensors]
+    if all(r is not None and r.version == t._version for r, t in zip(recipes, tensors)):
+        _RECOMPUTABLE[out] = Recompute(out._version, lambda: torch.cat([r() for r in recipes], dim=dim))
+    return out
+
+
+def _bn_scale_shift(weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = weight * invstd
+    return scale.view(1, -1, 1, 1), (bias - mean * scale).view(1, -1, 1, 1)
+
+
+def _affine_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    # The activation modules work in place: the multiply-add's output is fresh.
+    return act(torch.addcmul(shift, x, scale))
+
+
+# The derivative of each activation at its input z, as the aten backward kernels autograd uses.
+_ACT_BACKWARD: dict[type[nn.Module], Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    nn.Identity: lambda act, grad, z: grad,
+    nn.LeakyReLU: lambda act, grad, z: torch.ops.aten.leaky_relu_backward(grad, z, act.negative_slope, False),
+    nn.ReLU: lambda act, grad, z: torch.ops.aten.threshold_backward(grad, z, 0),
+    nn.ReLU6: lambda act, grad, z: torch.ops.aten.hardtanh_backward(grad, z, 0.0, 6.0),
+    nn.Mish: lambda act, grad, z: torch.ops.aten.mish_backward(grad, z),
+    nn.SiLU: lambda act, grad, z: torch.ops.aten.silu_backward(grad, z),
+    nn.Sigmoid: lambda act, grad, z: torch.ops.aten.sigmoid_backward(grad, torch.sigmoid(z)),
+}
+
+
+class _BatchNormActKeepingInput(torch.autograd.Function):
+    """Training-mode BatchNorm then activation, saving only the BatchNorm input for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, act: nn.Module):
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps, ctx.act = eps, act
+        ctx.mark_non_differentiable(mean, invstd)
+        return act(out), mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_invstd):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        scale, shift = _bn_scale_shift(weight, bias, mean, invstd)
+        z = torch.addcmul(shift, x, scale)
+        grad_z = _ACT_BACKWARD[type(ctx.act)](ctx.act, grad, z)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_z, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
 class ConvBnAct(nn.Sequential):
-    """Conv2d (no bias) -> BatchNorm2d -> activation, with Darknet's 'same' padding (k // 2)."""
+    """Conv2d (no bias) -> BatchNorm2d -> activation, with Darknet's 'same' padding (k // 2).
+
+    With ``memory_efficient`` set (see `memory_efficient`), a training forward pass that records
+    autograd keeps only the conv output for backward and recomputes the activation output.
+    """
+
+    memory_efficient = False
 
     def __init__(
         self,
@@ -101,6 +196,39 @@ class ConvBnAct(nn.Sequential):
         self.bn = ConvOutputBatchNorm2d(out_chs)
         self.act = make_act(act)
         self.in_chs, self.out_chs = in_chs, out_chs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.memory_efficient and self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        with torch.autograd.graph.saved_tensors_hooks(_pack_recomputable, _unpack_recomputable):
+            x = self.conv(x)
+        bn = self.bn
+        if x.dtype != bn.weight.dtype:  # autocast: keep the plain path's dtype handling
+            return self.act(bn(x))
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        y, mean, invstd = _BatchNormActKeepingInput.apply(
+            x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, self.act)
+        scale, shift = _bn_scale_shift(bn.weight.detach(), bn.bias.detach(), mean, invstd)
+        _RECOMPUTABLE[y] = Recompute(y._version, _affine_act, x.detach(), scale, shift, self.act)
+        return y
+
+
+def memory_efficient(model: nn.Module, enabled: bool = True) -> int:
+    """Switch memory-efficient training on (or off) for every `ConvBnAct` in ``model``.
+
+    Each layer then keeps one map for backward instead of two (see the comment above `Recompute`);
+    gradients equal the plain path's to float rounding. Returns the number of layers switched.
+    Layers whose BatchNorm keeps no running statistics or has no affine parameters stay plain.
+    """
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, ConvBnAct) and type(module.act) in _ACT_BACKWARD:
+            bn = module.bn
+            if bn.affine and bn.track_running_stats:
+                module.memory_efficient = enabled
+                switched += 1
+    return switched
 
 
 def darknet_add(x: torch.Tensor, shortcut: torch.Tensor, inplace: bool = False) -> torch.Tensor:

@@ -36,7 +36,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from .layers import ConvBnAct, canonical_act
+from .layers import ConvBnAct, canonical_act, recomputable_cat
 
 Fusion = Literal["csp", "fusion_first", "fusion_last", "none"]
 Split = Literal["conv", "slice"]
@@ -188,5 +188,5 @@ class CrossStage(nn.Module):
         main = self.blocks(main)
         if self.partial_transition is not None:
             main = self.partial_transition(main)
-        x = torch.cat([main, cross], dim=1)
+        x = recomputable_cat([main, cross], dim=1)
         return self.transition(x) if self.transition is not None else x

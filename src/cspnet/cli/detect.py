@@ -51,6 +51,8 @@ def register(sub) -> None:
     p.add_argument("--no-augment", action="store_true", help="no augmentation at all")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--memory-efficient", action="store_true",
+                   help="keep one map per conv layer for backward and recompute the activation (cspnet.memory_efficient)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
@@ -153,7 +155,8 @@ def run_train(args) -> int:
     )
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                       weight_decay=args.weight_decay, burn_in=args.burn_in, burn_in_power=1.0, ema_decay=args.ema,
-                      grad_clip=10.0, seed=args.seed, num_workers=args.workers, min_lr_ratio=0.05)
+                      grad_clip=10.0, seed=args.seed, num_workers=args.workers, min_lr_ratio=0.05,
+                      memory_efficient=args.memory_efficient)
     recipe = DetectRecipe(box_loss=args.box_loss, label_smoothing=args.label_smoothing, eval_every=args.eval_every)
     run_info = {"data": {"train": train_src.description, "val": val_src.description if val_src else None,
                          "spec": args.data, "seed": args.seed, "num_scenes": args.num_scenes,

@@ -61,6 +61,8 @@ def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int,
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision (bf16 on CPU)")
     g.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (e.g. 0.999); 0 = off")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0 = off")
+    g.add_argument("--memory-efficient", action="store_true",
+                   help="keep one map per conv layer for backward and recompute the activation (about half the activation memory)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -115,7 +117,7 @@ def build_recipe(args, n_train: int):
         lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov, weight_decay=args.weight_decay,
         schedule=args.schedule, burn_in=burn_in, poly_power=args.poly_power, amp=args.amp, ema_decay=args.ema,
         grad_clip=args.grad_clip, seed=args.seed, checkpoint_every=getattr(args, "checkpoint_every", 0),
-        num_workers=args.workers,
+        num_workers=args.workers, memory_efficient=args.memory_efficient,
     )
     recipe = ClassifyRecipe(translate=args.translate, hflip=False if args.no_hflip else None, mixup=args.mixup,
                             cutmix=args.cutmix, label_smoothing=args.label_smoothing, num_workers=args.workers)

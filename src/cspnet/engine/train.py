@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.classification import with_worker_errors
+from ..layers import memory_efficient
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .ema import ModelEMA
@@ -101,6 +102,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     num_workers: int = 0
     deterministic: bool = True
+    memory_efficient: bool = False  # `cspnet.layers.memory_efficient`: recompute activations in backward
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.accum_steps < 1:
@@ -116,8 +118,9 @@ class TrainConfig:
         return d
 
 
-# Fields that may change between a run and its --resume without changing the numbers it computes.
-RESUMABLE_CHANGES = ("checkpoint_every", "num_workers")
+# Fields that may change between a run and its --resume without changing the numbers it computes
+# (memory-efficient layers compute the plain layers' gradients; they only keep less for backward).
+RESUMABLE_CHANGES = ("checkpoint_every", "num_workers", "memory_efficient")
 
 
 def chunk_seed(seed: int, epoch: int, step: int, chunk: int) -> int:
@@ -293,6 +296,7 @@ def fit(
         if not dist.is_main:  # the saved partial-epoch sums are global; count them once
             state["partial"] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
+    memory_efficient(model, cfg.memory_efficient)
     train_model = model
     if dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
