@@ -54,6 +54,14 @@ def test_every_activation_has_its_derivative(act):
     _assert_same_training(plain, lean, outs)
 
 
+def test_channels_last_model_trains_the_same():
+    torch.manual_seed(0)
+    model = cspnet.create_model("cspdarknet53", num_classes=10).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    plain, lean, outs = _train_both(model, x)
+    _assert_same_training(plain, lean, outs)
+
+
 def test_a_layer_keeps_one_map_instead_of_two():
     # Two chained layers: plain keeps conv1-out, act1-out, conv2-out and act2-out (the output);
     # memory-efficient keeps conv1-out, conv2-out and the output, and rebuilds act1-out.

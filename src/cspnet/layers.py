@@ -137,9 +137,9 @@ def _affine_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: 
     return act(torch.addcmul(shift, x, scale))
 
 
-# The derivative of each activation at its input z, as the aten backward kernels autograd uses.
+# The derivative of each activation at its input z, as the aten backward kernels autograd uses
+# (``linear`` layers, `nn.Identity`, pass the gradient through and need no z).
 _ACT_BACKWARD: dict[type[nn.Module], Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    nn.Identity: lambda act, grad, z: grad,
     nn.LeakyReLU: lambda act, grad, z: torch.ops.aten.leaky_relu_backward(grad, z, act.negative_slope, False),
     nn.ReLU: lambda act, grad, z: torch.ops.aten.threshold_backward(grad, z, 0),
     nn.ReLU6: lambda act, grad, z: torch.ops.aten.hardtanh_backward(grad, z, 0.0, 6.0),
@@ -163,11 +163,11 @@ class _BatchNormActKeepingInput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_mean, _grad_invstd):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        scale, shift = _bn_scale_shift(weight, bias, mean, invstd)
-        z = torch.addcmul(shift, x, scale)
-        grad_z = _ACT_BACKWARD[type(ctx.act)](ctx.act, grad, z)
+        if type(ctx.act) is not nn.Identity:
+            scale, shift = _bn_scale_shift(weight, bias, mean, invstd)
+            grad = _ACT_BACKWARD[type(ctx.act)](ctx.act, grad, torch.addcmul(shift, x, scale))
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_z, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
@@ -199,7 +199,7 @@ class ConvBnAct(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.memory_efficient and self.training and torch.is_grad_enabled()):
-            return super().forward(x)
+            return self.act(self.bn(self.conv(x)))
         with torch.autograd.graph.saved_tensors_hooks(_pack_recomputable, _unpack_recomputable):
             x = self.conv(x)
         bn = self.bn
@@ -223,7 +223,7 @@ def memory_efficient(model: nn.Module, enabled: bool = True) -> int:
     """
     switched = 0
     for module in model.modules():
-        if isinstance(module, ConvBnAct) and type(module.act) in _ACT_BACKWARD:
+        if isinstance(module, ConvBnAct) and (type(module.act) is nn.Identity or type(module.act) in _ACT_BACKWARD):
             bn = module.bn
             if bn.affine and bn.track_running_stats:
                 module.memory_efficient = enabled
