@@ -396,7 +396,8 @@ def tensor_peak_bytes(step: Callable[[], Any], device: torch.device) -> int:
         step()
     with tempfile.TemporaryDirectory(prefix="cspnet-memory-") as tmp:
         path = Path(tmp) / "timeline.json"
-        prof.export_memory_timeline(str(path), device=str(device))
+        index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else None)
+        prof.export_memory_timeline(str(path), device=device.type if index is None else f"{device.type}:{index}")
         _times, sizes = json.loads(path.read_text())
     return max((sum(row) for row in sizes), default=0)
 
