@@ -168,3 +168,37 @@ def test_layers_without_running_statistics_stay_plain():
     layer.bn = nn.BatchNorm2d(4, track_running_stats=False)
     assert cspnet.memory_efficient(layer) == 0 and not layer.memory_efficient
     F.relu(layer(torch.randn(2, 3, 4, 4))).sum().backward()
+
+
+@pytest.mark.parametrize("neck", ["panet", "efm"])
+def test_detectors_train_to_the_same_weights(neck):
+    from cspnet.detection import create_detector
+
+    torch.manual_seed(0)
+    det = create_detector("cspresnet10", neck, num_classes=3, backbone_width=0.25, neck_width=64)
+
+    class Flat(nn.Module):  # the detector's raw training output is one map per scale
+        def __init__(self, det):
+            super().__init__()
+            self.det = det
+
+        def forward(self, x):
+            return torch.cat([r.flatten(1) for r in self.det(x)], dim=1)
+
+    plain, lean, outs = _train_both(Flat(det), torch.rand(2, 3, 64, 64))
+    _assert_same_training(plain, lean, outs)
+
+
+def test_combines_with_gradient_checkpointing():
+    torch.manual_seed(0)
+    model = cspnet.create_model("cspdarknet53", num_classes=10)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    cspnet.memory_efficient(checkpointed)
+    x = torch.randn(2, 3, 64, 64)
+    for m in (model.train(), checkpointed.train()):
+        m(x).square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, b), c in zip(model.named_buffers(), checkpointed.buffers()):
+        torch.testing.assert_close(c, b, msg=name)  # recomputation does not count a batch twice

@@ -10,10 +10,10 @@ What one run measures (``run_benchmarks``), per *group* = a model and its plain 
 - a training step (zero_grad, forward, cross-entropy, backward, SGD step) of ours and timm's;
 - achieved GFLOP/s (2 x conv/linear MACs from `cspnet.profile` / median time) against the
   machine's measured GEMM and 3x3-conv peak (`measure_peak`);
-- memory of a training step in a fresh subprocess per model (`measure_memory`): peak RSS
-  (``ru_maxrss``), the bytes of activations autograd saves for the backward pass (counted
-  through ``torch.autograd.graph.saved_tensors_hooks``), and on CUDA
-  ``torch.cuda.max_memory_allocated``; CIO (`cspnet.profile`) beside it.
+- memory of a training step in a fresh subprocess per model (`measure_memory`), of ours plain
+  and memory-efficient (`cspnet.layers.memory_efficient`) and of timm's: peak RSS, the peak of
+  live tensors and the bytes the forward pass holds for backward (both from torch.profiler), and
+  on CUDA ``torch.cuda.max_memory_allocated``; CIO (`cspnet.profile`) beside it.
 
 Timing method: every callable of a group is warmed up, then the callables run round-robin
 (A B C … A B C …) ``repeats`` times and each reports its median. On a shared, noisy machine
@@ -447,6 +447,7 @@ def measure_memory(impl: str, name: str, batch: int, input_size: int, device: st
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
         held = torch.cuda.memory_allocated(dev)
+
     def train_step() -> None:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
