@@ -202,3 +202,16 @@ def test_combines_with_gradient_checkpointing():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
     for (name, b), c in zip(model.named_buffers(), checkpointed.buffers()):
         torch.testing.assert_close(c, b, msg=name)  # recomputation does not count a batch twice
+
+
+def test_batchnorm_in_eval_mode_takes_the_plain_path():
+    # norm_eval: the model trains while its BatchNorms use (and keep) their running statistics.
+    torch.manual_seed(0)
+    model = cspnet.create_model("cspresnet10", num_classes=5, norm_eval=True)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    plain, lean, outs = _train_both(model, torch.randn(2, 3, 64, 64))
+    _assert_same_training(plain, lean, outs)
+    assert all(torch.equal(b, c) for b, c in zip(model.buffers(), lean.buffers()))

@@ -174,8 +174,9 @@ class _BatchNormActKeepingInput(torch.autograd.Function):
 class ConvBnAct(nn.Sequential):
     """Conv2d (no bias) -> BatchNorm2d -> activation, with Darknet's 'same' padding (k // 2).
 
-    With ``memory_efficient`` set (see `memory_efficient`), a training forward pass that records
-    autograd keeps only the conv output for backward and recomputes the activation output.
+    With ``memory_efficient`` set (see `memory_efficient`), a forward pass that records autograd
+    with the BatchNorm in training mode keeps only the conv output for backward and recomputes the
+    activation output.
     """
 
     memory_efficient = False
@@ -198,7 +199,8 @@ class ConvBnAct(nn.Sequential):
         self.in_chs, self.out_chs = in_chs, out_chs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.memory_efficient and self.training and torch.is_grad_enabled()):
+        # The BatchNorm's own mode decides: ``norm_eval`` backbones train with BatchNorm in eval mode.
+        if not (self.memory_efficient and self.bn.training and torch.is_grad_enabled()):
             return self.act(self.bn(self.conv(x)))
         with torch.autograd.graph.saved_tensors_hooks(_pack_recomputable, _unpack_recomputable):
             x = self.conv(x)
