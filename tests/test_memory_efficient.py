@@ -215,3 +215,14 @@ def test_batchnorm_in_eval_mode_takes_the_plain_path():
     plain, lean, outs = _train_both(model, torch.randn(2, 3, 64, 64))
     _assert_same_training(plain, lean, outs)
     assert all(torch.equal(b, c) for b, c in zip(model.buffers(), lean.buffers()))
+
+
+def test_a_swapped_in_sync_batchnorm_runs_as_is():
+    # Local batch statistics must not silently replace synchronised ones: SyncBatchNorm itself runs.
+    layer = ConvBnAct(3, 4, 3).train()
+    cspnet.memory_efficient(layer)
+    layer.bn = nn.SyncBatchNorm(4)
+    calls = []
+    layer.bn.register_forward_hook(lambda *args: calls.append(True))
+    layer(torch.randn(2, 3, 6, 6)).sum().backward()
+    assert calls and layer.bn.weight.grad is not None

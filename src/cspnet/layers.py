@@ -200,7 +200,8 @@ class ConvBnAct(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The BatchNorm's own mode decides: ``norm_eval`` backbones train with BatchNorm in eval mode.
-        if not (self.memory_efficient and self.bn.training and torch.is_grad_enabled()):
+        # A BatchNorm swapped for another kind (SyncBatchNorm: statistics over all processes) runs as is.
+        if not (self.memory_efficient and self.bn.training and torch.is_grad_enabled() and isinstance(self.bn, nn.BatchNorm2d)):
             return self.act(self.bn(self.conv(x)))
         with torch.autograd.graph.saved_tensors_hooks(_pack_recomputable, _unpack_recomputable):
             x = self.conv(x)
