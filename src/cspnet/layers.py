@@ -7,6 +7,7 @@ PyTorch's default slope, which timm's ``leaky_relu`` models were trained with).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Callable, Sequence
 
@@ -89,18 +90,23 @@ class ConvOutputBatchNorm2d(nn.BatchNorm2d):
 # activation's backward and by the next conv's weight gradient). In memory-efficient mode a layer
 # keeps only the conv output; its activation output is handed to autograd as a `Recompute`, one
 # per-channel multiply-add and the activation away from that kept map, and rebuilt when a backward
-# step needs it. Concatenations of such maps (the CSP stage's fusion) are recomputed the same way.
-# The cost is a few elementwise passes per layer in the backward pass; convolutions never rerun.
+# step needs it. Concatenations (the CSP stage's fusion, a dense block's running concat) are
+# recomputed the same way from their parts, so a DenseNet keeps its layers' outputs once instead
+# of every concat of them. The cost is a few elementwise passes (and concats) per layer in the
+# backward pass; convolutions never rerun.
 
 
 class Recompute:
-    """How to rebuild a tensor for the backward pass from tensors autograd keeps anyway."""
+    """How to rebuild a tensor for the backward pass from tensors autograd keeps anyway.
+
+    An argument that is itself a `Recompute` is rebuilt first (a BN-act output over a concat).
+    """
 
     def __init__(self, version: int, fn: Callable[..., torch.Tensor], *args: object):
         self.version, self.fn, self.args = version, fn, args
 
     def __call__(self) -> torch.Tensor:
-        return self.fn(*self.args)
+        return self.fn(*(a() if isinstance(a, Recompute) else a for a in self.args))
 
 
 # Tensors produced in memory-efficient mode -> how to rebuild them. Weak keys: an entry goes when
@@ -108,22 +114,44 @@ class Recompute:
 _RECOMPUTABLE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _pack_recomputable(t: torch.Tensor) -> torch.Tensor | Recompute:
+def _recipe(t: torch.Tensor) -> Recompute | None:
     recipe = _RECOMPUTABLE.get(t)
     # A tensor changed in place since it was made is no longer what its recipe rebuilds.
-    return recipe if recipe is not None and recipe.version == t._version else t
+    return recipe if recipe is not None and recipe.version == t._version else None
+
+
+def _recipe_or_tensor(t: torch.Tensor) -> Recompute | torch.Tensor:
+    return _recipe(t) or t.detach()
+
+
+def _pack_recomputable(t: torch.Tensor) -> torch.Tensor | Recompute:
+    return _recipe(t) or t
 
 
 def _unpack_recomputable(saved: torch.Tensor | Recompute) -> torch.Tensor:
     return saved() if isinstance(saved, Recompute) else saved
 
 
-def recomputable_cat(tensors: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:
-    """``torch.cat``; when every input is recomputable (memory-efficient mode), so is the result."""
+def saving_recipes(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Context in which autograd saves a recomputable tensor as its recipe (a null context if not ``enabled``)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_pack_recomputable, _unpack_recomputable)
+
+
+def _cat_parts(dim: int, *parts: torch.Tensor) -> torch.Tensor:
+    return torch.cat(parts, dim=dim)
+
+
+def recomputable_cat(tensors: Sequence[torch.Tensor], dim: int = 1, memory_efficient: bool = False) -> torch.Tensor:
+    """``torch.cat``; with ``memory_efficient`` the result is rebuilt from its parts when needed.
+
+    A part that is recomputable is rebuilt too; any other part is held by the recipe, which costs
+    nothing when that part is kept anyway and less than the concat in any case.
+    """
     out = torch.cat(list(tensors), dim=dim)
-    recipes = [_RECOMPUTABLE.get(t) for t in tensors]
-    if all(r is not None and r.version == t._version for r, t in zip(recipes, tensors)):
-        _RECOMPUTABLE[out] = Recompute(out._version, lambda: torch.cat([r() for r in recipes], dim=dim))
+    if memory_efficient and torch.is_grad_enabled():
+        _RECOMPUTABLE[out] = Recompute(out._version, _cat_parts, dim, *(_recipe_or_tensor(t) for t in tensors))
     return out
 
 
@@ -171,6 +199,35 @@ class _BatchNormActKeepingInput(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
+def _recomputes(bn: nn.Module, act: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `bn_act` can take the memory-efficient path for this BatchNorm, activation and input."""
+    return (
+        bn.training and torch.is_grad_enabled()
+        # A BatchNorm swapped for another kind (SyncBatchNorm: statistics over all processes) runs as is.
+        and isinstance(bn, nn.BatchNorm2d) and bn.affine and bn.track_running_stats
+        and x.dtype == bn.weight.dtype  # autocast: keep the plain path's dtype handling
+        and (type(act) is nn.Identity or type(act) in _ACT_BACKWARD)
+    )
+
+
+def bn_act(x: torch.Tensor, bn: nn.Module, act: nn.Module, memory_efficient: bool = False) -> torch.Tensor:
+    """``act(bn(x))``; with ``memory_efficient``, keeping only ``x`` for backward (or its recipe).
+
+    The output is registered as recomputable from ``x``. The BatchNorm's own mode decides the path,
+    so ``norm_eval`` backbones (BatchNorm in eval mode while training) take the plain one.
+    """
+    if not (memory_efficient and _recomputes(bn, act, x)):
+        return act(bn(x))
+    bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    with saving_recipes():  # an x that is itself recomputable (a concat) is saved as its recipe
+        y, mean, invstd = _BatchNormActKeepingInput.apply(
+            x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, act)
+    scale, shift = _bn_scale_shift(bn.weight.detach(), bn.bias.detach(), mean, invstd)
+    _RECOMPUTABLE[y] = Recompute(y._version, _affine_act, _recipe_or_tensor(x), scale, shift, act)
+    return y
+
+
 class ConvBnAct(nn.Sequential):
     """Conv2d (no bias) -> BatchNorm2d -> activation, with Darknet's 'same' padding (k // 2).
 
@@ -199,38 +256,28 @@ class ConvBnAct(nn.Sequential):
         self.in_chs, self.out_chs = in_chs, out_chs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The BatchNorm's own mode decides: ``norm_eval`` backbones train with BatchNorm in eval mode.
-        # A BatchNorm swapped for another kind (SyncBatchNorm: statistics over all processes) runs as is.
-        if not (self.memory_efficient and self.bn.training and torch.is_grad_enabled() and isinstance(self.bn, nn.BatchNorm2d)):
+        if not self.memory_efficient:
             return self.act(self.bn(self.conv(x)))
-        with torch.autograd.graph.saved_tensors_hooks(_pack_recomputable, _unpack_recomputable):
+        with saving_recipes():  # the input, if recomputable, is saved as its recipe
             x = self.conv(x)
-        bn = self.bn
-        if x.dtype != bn.weight.dtype:  # autocast: keep the plain path's dtype handling
-            return self.act(bn(x))
-        bn.num_batches_tracked.add_(1)
-        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        y, mean, invstd = _BatchNormActKeepingInput.apply(
-            x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, self.act)
-        scale, shift = _bn_scale_shift(bn.weight.detach(), bn.bias.detach(), mean, invstd)
-        _RECOMPUTABLE[y] = Recompute(y._version, _affine_act, x.detach(), scale, shift, self.act)
-        return y
+        return bn_act(x, self.bn, self.act, memory_efficient=True)
 
 
 def memory_efficient(model: nn.Module, enabled: bool = True) -> int:
-    """Switch memory-efficient training on (or off) for every `ConvBnAct` in ``model``.
+    """Switch memory-efficient training on (or off) in every module of ``model`` that has it.
 
-    Each layer then keeps one map for backward instead of two (see the comment above `Recompute`);
-    gradients equal the plain path's to float rounding. Returns the number of layers switched.
-    Layers whose BatchNorm keeps no running statistics or has no affine parameters stay plain.
+    Those modules declare a ``memory_efficient`` class attribute: `ConvBnAct`, `CrossStage` and the
+    DenseNet layers. A Conv-BN-act layer then keeps one map for backward instead of two, and
+    concatenations are rebuilt from their parts (see the comment above `Recompute`); gradients
+    equal the plain path's to float rounding. Returns the number of modules switched. At run time
+    a BatchNorm in eval mode, one without running statistics or affine parameters, another kind
+    of BatchNorm (SyncBatchNorm) and autocast take the plain path.
     """
     switched = 0
     for module in model.modules():
-        if isinstance(module, ConvBnAct) and (type(module.act) is nn.Identity or type(module.act) in _ACT_BACKWARD):
-            bn = module.bn
-            if bn.affine and bn.track_running_stats:
-                module.memory_efficient = enabled
-                switched += 1
+        if hasattr(type(module), "memory_efficient"):
+            module.memory_efficient = enabled
+            switched += 1
     return switched
 
 

@@ -98,6 +98,8 @@ class CrossStage(nn.Module):
             widths must be given as ``cross_chs`` and ``main_chs``.
     """
 
+    memory_efficient = False  # `cspnet.layers.memory_efficient`: rebuild the concat in backward
+
     def __init__(
         self,
         base_chs: int,
@@ -188,5 +190,5 @@ class CrossStage(nn.Module):
         main = self.blocks(main)
         if self.partial_transition is not None:
             main = self.partial_transition(main)
-        x = recomputable_cat([main, cross], dim=1)
+        x = recomputable_cat([main, cross], dim=1, memory_efficient=self.memory_efficient)
         return self.transition(x) if self.transition is not None else x

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvBnAct, canonical_act, make_act
+from ..layers import ConvBnAct, bn_act, canonical_act, make_act, recomputable_cat, saving_recipes
 from ..net import StagedNet
 from ..registry import ModelSpec, PaperFigures
 from ..stage import CrossStage, Fusion, check_fusion, check_part_ratio
@@ -30,14 +30,21 @@ from ..stage import CrossStage, Fusion, check_fusion, check_part_ratio
 class BnAct(nn.Sequential):
     """BatchNorm + activation: DenseNet's pre-activation, and its final ``norm5``."""
 
+    memory_efficient = False  # `cspnet.layers.memory_efficient`
+
     def __init__(self, chs: int, act: str = "relu"):
         super().__init__()
         self.norm = nn.BatchNorm2d(chs)
         self.act = make_act(act)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bn_act(x, self.norm, self.act, self.memory_efficient)
+
 
 class BnActConv(nn.Sequential):
     """Pre-activation 1x1 convolution: DenseNet's transition (``norm, relu, conv``) without its pool."""
+
+    memory_efficient = False  # `cspnet.layers.memory_efficient`
 
     def __init__(self, in_chs: int, out_chs: int, act: str = "relu"):
         super().__init__()
@@ -45,11 +52,17 @@ class BnActConv(nn.Sequential):
         self.act = make_act(act)
         self.conv = nn.Conv2d(in_chs, out_chs, 1, bias=False)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = bn_act(x, self.norm, self.act, self.memory_efficient)
+        with saving_recipes(self.memory_efficient):
+            return self.conv(x)
+
 
 class DenseLayer(nn.Module):
     """BN-act-1x1 conv (``bn_size * growth``) -> BN-act-3x3 conv (``growth``); returns the new features."""
 
     branches = 1  # the bottleneck width ``bn_size * growth`` is split over this many branches
+    memory_efficient = False  # `cspnet.layers.memory_efficient`
 
     def __init__(self, in_chs: int, growth_rate: int, bn_size: int = 4, act: str = "relu"):
         super().__init__()
@@ -62,8 +75,13 @@ class DenseLayer(nn.Module):
         self.conv2 = nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(self.act1(self.norm1(x)))
-        return self.conv2(self.act2(self.norm2(x)))
+        lean = self.memory_efficient
+        x = bn_act(x, self.norm1, self.act1, lean)
+        with saving_recipes(lean):
+            x = self.conv1(x)
+        x = bn_act(x, self.norm2, self.act2, lean)
+        with saving_recipes(lean):
+            return self.conv2(x)
 
 
 class ElasticDenseLayer(DenseLayer):
@@ -87,9 +105,13 @@ class ElasticDenseLayer(DenseLayer):
         self.conv2_d = nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.norm1(x))
-        full = self.conv2(self.act2(self.norm2(self.conv1(x))))
-        low = self.conv2_d(self.act2_d(self.norm2_d(self.conv1_d(self.pool(x)))))
+        lean = self.memory_efficient
+        x = bn_act(x, self.norm1, self.act1, lean)
+        with saving_recipes(lean):
+            full, low = self.conv1(x), self.conv1_d(self.pool(x))
+        full, low = bn_act(full, self.norm2, self.act2, lean), bn_act(low, self.norm2_d, self.act2_d, lean)
+        with saving_recipes(lean):
+            full, low = self.conv2(full), self.conv2_d(low)
         # Upsampling to the full map's size is the x2 upsample for even sizes and stays defined for odd ones.
         return full + F.interpolate(low, size=full.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -101,6 +123,8 @@ class DenseBlock(nn.Module):
     ``[x, x1, ..., xk]`` (paper Eq. 1: ``x_k = w_k * [x0, x1, ..., x_{k-1}]``).
     """
 
+    memory_efficient = False  # `cspnet.layers.memory_efficient`: rebuild each concat from the features
+
     def __init__(self, layers: list[nn.Module]):
         super().__init__()
         self.layers = nn.ModuleList(layers)
@@ -108,8 +132,8 @@ class DenseBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [x]
         for layer in self.layers:
-            features.append(layer(torch.cat(features, 1) if len(features) > 1 else x))
-        return torch.cat(features, 1)
+            features.append(layer(recomputable_cat(features, 1, self.memory_efficient) if len(features) > 1 else x))
+        return recomputable_cat(features, 1, self.memory_efficient)
 
 
 @dataclass(frozen=True)
