@@ -895,7 +895,7 @@ def _memory_table(report: BenchReport) -> list[str]:
     lines += ["", "Live tensors: torch.profiler's memory timeline over one more step (parameters, gradients, "
               "optimizer state, activations); peak RSS adds what glibc's malloc keeps of freed blocks. Held for "
               "backward: bytes the forward pass allocates and still holds when it returns. "
-              f"{OURS_MEMORY_EFFICIENT}: `cspnet.layers.memory_efficient` (activation outputs recomputed in backward). "
+              f"{OURS_MEMORY_EFFICIENT}: `cspnet.layers.memory_efficient` (activation outputs and concatenations rebuilt in backward). "
               "CIO (the paper's memory-traffic measure): input + output elements of every convolution, per image.", ""]
     return lines
 
