@@ -234,3 +234,15 @@ def test_a_swapped_in_sync_batchnorm_runs_as_is():
     layer.bn.register_forward_hook(lambda *args: calls.append(True))
     layer(torch.randn(2, 3, 6, 6)).sum().backward()
     assert calls and layer.bn.weight.grad is not None
+
+
+def test_a_part_changed_after_the_concat_raises_like_autograd():
+    a, fuse = ConvBnAct(3, 8), ConvBnAct(11, 4)
+    model = nn.ModuleList([a, fuse]).train()
+    cspnet.memory_efficient(model)
+    x = torch.randn(2, 3, 8, 8)
+    plain_part = torch.randn(2, 3, 8, 8)
+    out = fuse(recomputable_cat([a(x), plain_part], dim=1, memory_efficient=True))
+    plain_part.mul_(2)  # the concat the conv saw is no longer what its parts make
+    with pytest.raises(RuntimeError, match=r"\(2, 3, 8, 8\) tensor .* modified in place"):
+        out.sum().backward()

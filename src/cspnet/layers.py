@@ -99,13 +99,22 @@ class ConvOutputBatchNorm2d(nn.BatchNorm2d):
 class Recompute:
     """How to rebuild a tensor for the backward pass from tensors autograd keeps anyway.
 
-    An argument that is itself a `Recompute` is rebuilt first (a BN-act output over a concat).
+    An argument that is itself a `Recompute` is rebuilt first (a BN-act output over a concat). A
+    tensor argument changed in place since then would rebuild something else: that raises, as
+    autograd does for a saved tensor.
     """
 
     def __init__(self, version: int, fn: Callable[..., torch.Tensor], *args: object):
         self.version, self.fn, self.args = version, fn, args
+        self.arg_versions = [a._version if isinstance(a, torch.Tensor) else None for a in args]
 
     def __call__(self) -> torch.Tensor:
+        for a, v in zip(self.args, self.arg_versions):
+            if v is not None and a._version != v:
+                raise RuntimeError(
+                    f"a {tuple(a.shape)} tensor needed to rebuild a memory-efficient layer's output for backward "
+                    f"was modified in place (version {v} -> {a._version}); do not modify it, or train without "
+                    "cspnet.memory_efficient")
         return self.fn(*(a() if isinstance(a, Recompute) else a for a in self.args))
 
 
