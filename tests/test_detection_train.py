@@ -128,3 +128,16 @@ def test_load_detector_gives_tuple_backbone_options_back(tmp_path):
     model, run = load_detector(tmp_path)
     assert model.cfg == det.cfg and run["detector"] == det.cfg.to_dict()
     assert all(torch.equal(a, b) for a, b in zip(det.state_dict().values(), model.state_dict().values()))
+
+
+def test_cli_memory_efficient_detector_trains_the_same_weights(tmp_path):
+    from cspnet.weights import load_state
+
+    assert _cli_train(tmp_path / "plain", "--epochs", "1") == 0
+    assert _cli_train(tmp_path / "lean", "--epochs", "1", "--memory-efficient") == 0
+    plain, lean = load_state(tmp_path / "plain" / "last.safetensors"), load_state(tmp_path / "lean" / "last.safetensors")
+    assert plain.keys() == lean.keys()
+    for key in plain:
+        torch.testing.assert_close(lean[key], plain[key], rtol=1e-4, atol=1e-5, msg=key)
+    saved = json.loads((tmp_path / "lean" / "last.json").read_text())
+    assert '"memory_efficient": true' in json.dumps(saved)
