@@ -75,12 +75,12 @@ class DenseLayer(nn.Module):
         self.conv2 = nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lean = self.memory_efficient
-        x = bn_act(x, self.norm1, self.act1, lean)
-        with saving_recipes(lean):
+        recompute = self.memory_efficient
+        x = bn_act(x, self.norm1, self.act1, recompute)
+        with saving_recipes(recompute):
             x = self.conv1(x)
-        x = bn_act(x, self.norm2, self.act2, lean)
-        with saving_recipes(lean):
+        x = bn_act(x, self.norm2, self.act2, recompute)
+        with saving_recipes(recompute):
             return self.conv2(x)
 
 
@@ -105,12 +105,12 @@ class ElasticDenseLayer(DenseLayer):
         self.conv2_d = nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lean = self.memory_efficient
-        x = bn_act(x, self.norm1, self.act1, lean)
-        with saving_recipes(lean):
+        recompute = self.memory_efficient
+        x = bn_act(x, self.norm1, self.act1, recompute)
+        with saving_recipes(recompute):
             full, low = self.conv1(x), self.conv1_d(self.pool(x))
-        full, low = bn_act(full, self.norm2, self.act2, lean), bn_act(low, self.norm2_d, self.act2_d, lean)
-        with saving_recipes(lean):
+        full, low = bn_act(full, self.norm2, self.act2, recompute), bn_act(low, self.norm2_d, self.act2_d, recompute)
+        with saving_recipes(recompute):
             full, low = self.conv2(full), self.conv2_d(low)
         # Upsampling to the full map's size is the x2 upsample for even sizes and stays defined for odd ones.
         return full + F.interpolate(low, size=full.shape[-2:], mode="bilinear", align_corners=False)
