@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--no-deploy", action="store_true")
     p.add_argument("--no-winograd", action="store_true", help="skip deploy(winograd=True), which compiles on first use")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-memory-efficient", action="store_true",
+                   help="skip the memory-efficient training rows (cspnet.memory_efficient) of our models")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="set glibc malloc to reuse freed memory in this process (all entries alike; see cspnet.export)")
     p.set_defaults(func=run)
@@ -34,7 +36,7 @@ def config_from_args(args):
     over = {
         "twins": not args.no_twins, "timm": not args.no_timm, "onnx": not args.no_onnx,
         "deploy": not args.no_deploy, "winograd": not args.no_winograd, "memory": not args.no_memory, "device": args.device,
-        "keep_freed_memory": args.keep_freed_memory,
+        "keep_freed_memory": args.keep_freed_memory, "memory_efficient": not args.no_memory_efficient,
     }
     for key in ("input_size", "train_batch", "repeats", "threads"):
         if getattr(args, key) is not None:
