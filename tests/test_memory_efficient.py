@@ -178,7 +178,7 @@ def test_layers_without_running_statistics_run_plain():
     assert calls and layer.bn.weight.grad is not None
 
 
-@pytest.mark.parametrize("neck", ["panet", "efm"])
+@pytest.mark.parametrize("neck", ["fpn", "panet", "efm", "gfm"])
 def test_detectors_train_to_the_same_weights(neck):
     from cspnet.detection import create_detector
 
@@ -246,3 +246,21 @@ def test_a_part_changed_after_the_concat_raises_like_autograd():
     plain_part.mul_(2)  # the concat the conv saw is no longer what its parts make
     with pytest.raises(RuntimeError, match=r"\(2, 3, 8, 8\) tensor .* modified in place"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("neck", ["panet", "efm"])
+def test_detector_necks_rebuild_their_concats(neck):
+    from cspnet.detection import create_detector
+
+    torch.manual_seed(0)
+    det = create_detector("cspdarknet53", neck, num_classes=3, backbone_width=0.25, neck_width=64).train()
+    x = torch.randn(2, 3, 128, 128)
+    plain = saved_activation_bytes(lambda t: det(t), x)
+    cspnet.memory_efficient(det)
+    lean = saved_activation_bytes(lambda t: det(t), x)
+    cspnet.memory_efficient(det.neck, enabled=False)
+    for m in det.neck.modules():  # the neck's convs stay memory-efficient; only its concats are plain
+        if isinstance(m, ConvBnAct):
+            m.memory_efficient = True
+    plain_concats = saved_activation_bytes(lambda t: det(t), x)
+    assert lean < plain_concats < plain

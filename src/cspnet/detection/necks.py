@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import SPP, ConvBnAct, Maxout
+from ..layers import SPP, ConvBnAct, Maxout, recomputable_cat
 
 NECKS = ("fpn", "panet", "efm", "efm-sam", "efm-spp", "gfm")
 
@@ -83,6 +83,8 @@ class TopDownStep(nn.Module):
     In the cfg: ``conv 1x1 c; upsample; route <backbone>; conv 1x1 c; route -1,-3; 5 convs``.
     """
 
+    memory_efficient = False  # `cspnet.layers.memory_efficient`: rebuild the concat in backward
+
     def __init__(self, coarse_chs: int, lateral_in: int, width: int, num_convs: int, act: str):
         super().__init__()
         self.reduce = ConvBnAct(coarse_chs, width, 1, act=act)
@@ -91,7 +93,7 @@ class TopDownStep(nn.Module):
 
     def forward(self, coarse: torch.Tensor, backbone: torch.Tensor) -> torch.Tensor:
         lat = self.lateral(backbone)
-        return self.convs(torch.cat([lat, upsample2(self.reduce(coarse), lat)], dim=1))
+        return self.convs(recomputable_cat([lat, upsample2(self.reduce(coarse), lat)], 1, self.memory_efficient))
 
 
 class BottomUpStep(nn.Module):
@@ -100,13 +102,15 @@ class BottomUpStep(nn.Module):
     In the cfg: ``route -4; conv 3x3/2 c; route -1,<top-down map>; 5 convs``.
     """
 
+    memory_efficient = False  # `cspnet.layers.memory_efficient`: rebuild the concat in backward
+
     def __init__(self, fine_chs: int, td_chs: int, width: int, num_convs: int, act: str):
         super().__init__()
         self.down = ConvBnAct(fine_chs, width, 3, 2, act=act)
         self.convs = conv_stack(width + td_chs, width, num_convs, act)
 
     def forward(self, fine: torch.Tensor, td: torch.Tensor) -> torch.Tensor:
-        return self.convs(torch.cat([self.down(fine), td], dim=1))
+        return self.convs(recomputable_cat([self.down(fine), td], 1, self.memory_efficient))
 
 
 class FPN(nn.Module):
@@ -181,6 +185,8 @@ class EFMNode(nn.Module):
     """Fuse, for output scale s: backbone s-1 (max-pooled to s), backbone s and top-down s+1
     (upsampled), each Maxout-compressed to ``width``, concatenated, then a 3-conv block."""
 
+    memory_efficient = False  # `cspnet.layers.memory_efficient`: rebuild the concat in backward
+
     def __init__(self, finer_chs: int, own_chs: int, coarser_chs: int | None, width: int, act: str, spp: bool):
         super().__init__()
         self.finer, c1 = compress(finer_chs, width)
@@ -199,7 +205,7 @@ class EFMNode(nn.Module):
         parts = [F.max_pool2d(self.finer(finer), 2, 2, ceil_mode=True)[..., : own.shape[-2], : own.shape[-1]], self.own(own)]
         if self.coarser is not None:
             parts.append(upsample2(self.coarser(coarser), own))
-        return self.convs(torch.cat(parts, dim=1))
+        return self.convs(recomputable_cat(parts, 1, self.memory_efficient))
 
 
 class EFM(nn.Module):
@@ -249,6 +255,8 @@ class GFM(nn.Module):
     concatenated with the level's own reduced map, and refined by a 3-conv block.
     """
 
+    memory_efficient = False  # `cspnet.layers.memory_efficient`: rebuild the concats in backward
+
     def __init__(self, in_chs: list[int], widths: list[int], act: str = "leaky"):
         super().__init__()
         if len(in_chs) != len(widths):
@@ -265,8 +273,9 @@ class GFM(nn.Module):
         _check_levels(feats, self.num_inputs, "GFM")
         reduced = [r(x) for r, x in zip(self.reduce, feats)]
         ref = reduced[self.mid]
-        glob = self.fuse(torch.cat([resize_to(x, ref) for x in reduced], dim=1))
-        return [refine(torch.cat([x, resize_to(glob, x)], dim=1)) for refine, x in zip(self.refine, reduced)]
+        glob = self.fuse(recomputable_cat([resize_to(x, ref) for x in reduced], 1, self.memory_efficient))
+        return [refine(recomputable_cat([x, resize_to(glob, x)], 1, self.memory_efficient))
+                for refine, x in zip(self.refine, reduced)]
 
 
 def neck_inputs(neck: str, num_levels: int) -> int:
