@@ -275,10 +275,10 @@ class ConvBnAct(nn.Sequential):
 def memory_efficient(model: nn.Module, enabled: bool = True) -> int:
     """Switch memory-efficient training on (or off) in every module of ``model`` that has it.
 
-    Those modules declare a ``memory_efficient`` class attribute: `ConvBnAct`, `CrossStage` and the
-    DenseNet layers. A Conv-BN-act layer then keeps one map for backward instead of two, and
-    concatenations are rebuilt from their parts (see the comment above `Recompute`); gradients
-    equal the plain path's to float rounding. Returns the number of modules switched. At run time
+    Those modules declare a ``memory_efficient`` class attribute: `ConvBnAct`, `CrossStage`, the
+    DenseNet layers and the detector necks' fusion steps. A BatchNorm + activation then keeps only
+    its input for backward, and activation outputs and concatenations are rebuilt from what is
+    kept (see the comment above `Recompute`); gradients equal the plain path's to float rounding. Returns the number of modules switched. At run time
     a BatchNorm in eval mode, one without running statistics or affine parameters, another kind
     of BatchNorm (SyncBatchNorm) and autocast take the plain path.
     """
