@@ -144,8 +144,11 @@ def _unpack_recomputable(saved: torch.Tensor | Recompute) -> torch.Tensor:
 def saving_recipes(enabled: bool = True) -> contextlib.AbstractContextManager:
     """Context in which autograd saves a recomputable tensor as its recipe (a null context if not ``enabled``)."""
     if not enabled:
-        return contextlib.nullcontext()
+        return _NO_HOOKS
     return torch.autograd.graph.saved_tensors_hooks(_pack_recomputable, _unpack_recomputable)
+
+
+_NO_HOOKS = contextlib.nullcontext()  # reusable: the plain path makes no context per call
 
 
 def _cat_parts(dim: int, *parts: torch.Tensor) -> torch.Tensor:
