@@ -10,8 +10,9 @@ from torch import nn
 
 import cspnet
 from cspnet.bench import (
-    OURS_MEMORY_EFFICIENT, TIMM_EQUIVALENTS, BenchConfig, Clock, build, check_targets, flops_saving, make_groups, measure_peak,
-    quick_config, run_benchmarks, run_interleaved, saved_activation_bytes, to_markdown,
+    FIXED_MMAP_THRESHOLD, OURS_MEMORY_EFFICIENT, TIMM_EQUIVALENTS, BenchConfig, Clock, build, check_targets, flops_saving,
+    make_groups, measure_peak, quick_config, run_benchmarks, run_interleaved, saved_activation_bytes, to_markdown,
+    worker_env,
 )
 from cspnet.cli import main as cli_main
 
@@ -57,6 +58,7 @@ def test_quick_suite_via_cli_records_every_measurement(tmp_path, capsys):
             assert "error" not in m, m
             assert m["rss_peak"] >= m["rss_model"] > 0
             assert m["train"] == pytest.approx(m["rss_peak"] - m["rss_base"])
+            assert m["malloc_mmap_threshold"] == str(FIXED_MMAP_THRESHOLD)  # the workers' default malloc policy
             # live tensors at the peak: at least parameters, gradients and momentum, plus what backward keeps
             params_mib = data["profiles"][f"ours:{name}"]["params"] * 4 / 2**20
             assert m["tensor_peak"] > 3 * params_mib + m["activations"] * 0.5
@@ -81,6 +83,32 @@ def test_quick_suite_via_cli_records_every_measurement(tmp_path, capsys):
     lean = lambda n: data["memory"][f"{OURS_MEMORY_EFFICIENT}:{n}"]["tensor_peak"]  # noqa: E731
     assert rss["value"] == pytest.approx(lean("cspresnet10") / lean("resnet10"))
     assert f"{100 * saving:.1f}%" in text
+    assert "mmap threshold fixed at 128 KiB" in text
+
+
+# A 30 MiB block is mapped; freeing it raises glibc's adaptive mmap threshold, so the next 20 MiB
+# block comes from the heap and stays resident after it is freed.
+_FREED_BLOCK_RSS = """
+import torch
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
+a = torch.ones(30 * 2**18); del a
+base = rss()
+b = torch.ones(20 * 2**18); del b
+print(rss() - base)
+"""
+
+
+@pytest.mark.parametrize("return_freed_memory", [True, False])
+def test_memory_worker_malloc_policy_decides_whether_freed_blocks_stay_in_rss(return_freed_memory):
+    proc = subprocess.run([sys.executable, "-c", _FREED_BLOCK_RSS], capture_output=True, text=True, timeout=120,
+                          env=worker_env(1, return_freed_memory))
+    assert proc.returncode == 0, proc.stderr
+    kept_mib = float(proc.stdout)
+    if return_freed_memory:
+        assert kept_mib < 5
+    else:
+        assert kept_mib > 15
 
 
 def test_timm_models_run_side_by_side():
@@ -170,3 +198,14 @@ def test_keep_freed_memory_flag_is_applied_and_reported():
     assert "keep freed memory" in proc.stdout and "| resnet10 |" in proc.stdout
     # without memory-efficient entries the training table has no time in that column
     assert any(line.startswith("| resnet10 | NCHW |") and line.endswith("| — | — |") for line in proc.stdout.splitlines())
+
+
+def test_bench_cli_memory_options_reach_the_config():
+    from cspnet.cli import build_parser
+    from cspnet.cli.bench import config_from_args
+
+    default = config_from_args(build_parser().parse_args(["bench", "resnet10"]))
+    assert default.return_freed_memory and default.memory_efficient
+    chosen = config_from_args(build_parser().parse_args(
+        ["bench", "resnet10", "--glibc-default-malloc", "--no-memory-efficient", "--keep-freed-memory"]))
+    assert not chosen.return_freed_memory and not chosen.memory_efficient and chosen.keep_freed_memory

@@ -78,6 +78,13 @@ MIB = 1024 * 1024
 # memory rows and the ``variant`` of their (NCHW) training-step timings.
 OURS_MEMORY_EFFICIENT = "ours, memory-efficient"
 TRAIN_MEMORY_EFFICIENT = "train_memory_efficient"
+# glibc's malloc serves a block from its heap once a freed mapped block of that size or larger raised
+# its dynamic mmap threshold (up to 32 MiB), and keeps heap blocks after they are freed; so how much
+# peak RSS exceeds the live tensors depends on the order of allocations (cspdarknet53: 1551 and 1715
+# MiB over two runs, 1216 MiB live). A fixed threshold stops that adapting: every tensor of 128 KiB
+# or more is its own mapping, returned to the OS when freed, and peak RSS follows what is live.
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+FIXED_MMAP_THRESHOLD = 128 * 1024
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,7 @@ class BenchConfig:
     memory: bool = True
     memory_efficient: bool = True  # also measure our models trained with `cspnet.layers.memory_efficient`
     keep_freed_memory: bool = False  # `cspnet.export.keep_freed_memory` for this whole process
+    return_freed_memory: bool = True  # memory workers run with FIXED_MMAP_THRESHOLD (see MMAP_THRESHOLD_ENV)
     quick: bool = False
     progress: bool = True
 
@@ -424,6 +432,8 @@ def measure_memory(impl: str, name: str, batch: int, input_size: int, device: st
     for backward, see `saved_activation_bytes`); on CUDA also ``cuda_peak``
     (``max_memory_allocated`` during the steps) and ``cuda_step`` (that minus the memory held
     before them). ``memory_efficient`` trains our model with `cspnet.layers.memory_efficient`.
+    ``malloc_mmap_threshold`` is glibc's fixed mmap threshold this process runs with, if any (see
+    ``MMAP_THRESHOLD_ENV``).
     """
     dev = torch.device(device)
     if impl == "timm":
@@ -456,7 +466,8 @@ def measure_memory(impl: str, name: str, batch: int, input_size: int, device: st
     for _ in range(steps):
         train_step()
     result: dict[str, Any] = {"impl": impl, "model": name, "batch": batch, "input_size": input_size,
-                              "memory_efficient": memory_efficient}
+                              "memory_efficient": memory_efficient,
+                              "malloc_mmap_threshold": os.environ.get(MMAP_THRESHOLD_ENV)}
     if dev.type == "cuda":
         torch.cuda.synchronize()
         result["cuda_peak"] = torch.cuda.max_memory_allocated(dev) / MIB
@@ -472,16 +483,30 @@ def measure_memory(impl: str, name: str, batch: int, input_size: int, device: st
     return result
 
 
+def worker_env(threads: int, return_freed_memory: bool) -> dict[str, str]:
+    """The environment of a memory worker: this one's, with its thread count and malloc policy."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.pop(MMAP_THRESHOLD_ENV, None)
+    if return_freed_memory:
+        env[MMAP_THRESHOLD_ENV] = str(FIXED_MMAP_THRESHOLD)
+    return env
+
+
 def memory_in_subprocess(impl: str, name: str, batch: int, input_size: int, threads: int, device: str = "cpu",
-                         timeout: float = 900, memory_efficient: bool = False) -> dict[str, Any]:
-    """Run `measure_memory` in a fresh Python process (so earlier allocations do not count)."""
+                         timeout: float = 900, memory_efficient: bool = False,
+                         return_freed_memory: bool = True) -> dict[str, Any]:
+    """Run `measure_memory` in a fresh Python process (so earlier allocations do not count).
+
+    ``return_freed_memory`` fixes glibc's mmap threshold in that process (see
+    ``MMAP_THRESHOLD_ENV``); without it, peak RSS also counts the freed blocks malloc keeps.
+    """
     cmd = [sys.executable, "-m", "cspnet.bench", "--memory-worker", impl, name,
            "--batch", str(batch), "--input-size", str(input_size), "--threads", str(threads), "--device", device]
     if memory_efficient:
         cmd.append("--memory-efficient")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=worker_env(threads, return_freed_memory))
     except subprocess.TimeoutExpired:
         return {"impl": impl, "model": name, "error": f"timed out after {timeout:.0f} s"}
     lines = proc.stdout.strip().splitlines()
@@ -667,7 +692,8 @@ def _run(config: BenchConfig) -> BenchReport:
         for impl, name in tqdm(jobs, desc="memory", disable=not config.progress):
             build_impl, build_name = ("timm", timm_names[name]) if impl == "timm" else ("ours", name)
             mem = memory_in_subprocess(build_impl, build_name, config.train_batch, config.input_size, config.threads,
-                                       config.device, memory_efficient=impl == OURS_MEMORY_EFFICIENT)
+                                       config.device, memory_efficient=impl == OURS_MEMORY_EFFICIENT,
+                                       return_freed_memory=config.return_freed_memory)
             mem["model"] = name
             report.memory[_key(impl, name)] = mem
     report.env["loadavg_end"] = list(os.getloadavg())
@@ -892,9 +918,12 @@ def _memory_table(report: BenchReport) -> list[str]:
         if cuda:
             row += f" {_fmt(m.get('cuda_peak'), '.0f')} | {_fmt(m.get('cuda_step'), '.0f')} |"
         lines.append(row)
-    lines += ["", "Live tensors: torch.profiler's memory timeline over one more step (parameters, gradients, "
-              "optimizer state, activations); peak RSS adds what glibc's malloc keeps of freed blocks. Held for "
-              "backward: bytes the forward pass allocates and still holds when it returns. "
+    rss_note = (f"Peak RSS: glibc's mmap threshold fixed at {FIXED_MMAP_THRESHOLD // 1024} KiB "
+                f"(`{MMAP_THRESHOLD_ENV}`), so freed tensors go back to the OS and RSS follows what is live"
+                if c.return_freed_memory else
+                "Peak RSS: glibc's default malloc, which keeps freed blocks (how many depends on the order of allocations)")
+    lines += ["", f"{rss_note}. Live tensors: torch.profiler's memory timeline over one more step (parameters, "
+              "gradients, optimizer state, activations). Held for backward: bytes the forward pass allocates and still holds when it returns. "
               f"{OURS_MEMORY_EFFICIENT}: `cspnet.layers.memory_efficient` (activation outputs and concatenations rebuilt in backward). "
               "CIO (the paper's memory-traffic measure): input + output elements of every convolution, per image.", ""]
     return lines

@@ -26,6 +26,9 @@ def register(sub) -> None:
                    help="skip the memory-efficient training rows (cspnet.memory_efficient) of our models")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="set glibc malloc to reuse freed memory in this process (all entries alike; see cspnet.export)")
+    p.add_argument("--glibc-default-malloc", action="store_true",
+                   help="measure peak RSS with glibc's adaptive malloc, which keeps freed blocks (default: a fixed "
+                        "mmap threshold, so RSS follows the live tensors)")
     p.set_defaults(func=run)
 
 
@@ -37,6 +40,7 @@ def config_from_args(args):
         "twins": not args.no_twins, "timm": not args.no_timm, "onnx": not args.no_onnx,
         "deploy": not args.no_deploy, "winograd": not args.no_winograd, "memory": not args.no_memory, "device": args.device,
         "keep_freed_memory": args.keep_freed_memory, "memory_efficient": not args.no_memory_efficient,
+        "return_freed_memory": not args.glibc_default_malloc,
     }
     for key in ("input_size", "train_batch", "repeats", "threads"):
         if getattr(args, key) is not None:
