@@ -209,3 +209,26 @@ def test_bench_cli_memory_options_reach_the_config():
     chosen = config_from_args(build_parser().parse_args(
         ["bench", "resnet10", "--glibc-default-malloc", "--no-memory-efficient", "--keep-freed-memory"]))
     assert not chosen.return_freed_memory and not chosen.memory_efficient and chosen.keep_freed_memory
+
+
+def test_op_profile_finds_darknet53_doing_timms_work_op_for_op(tmp_path):
+    # benchmarks/op_profile.py: our darknet53 and timm's are the same network, so a training step
+    # must run the same ATen ops the same number of times; cspdarknet53 runs the cfg's two split
+    # convs where timm runs one and splits its output, so there the counts must differ.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "op_profile.py"
+    spec = importlib.util.spec_from_file_location("op_profile_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "ops.md"
+    argv = ["darknet53", "cspdarknet53", "--rounds", "1", "--batch", "2", "--input-size", "32", "--threads", "1",
+            "--out", str(out)]
+    assert script.main(argv) == 0
+    text = out.read_text()
+    dark, csp = text.split("## cspdarknet53")
+    assert "## darknet53" in dark and "Ops whose counts differ: none" in dark
+    assert "| `aten::convolution_backward` | 52 | 52 |" in dark
+    differ = next(line for line in csp.splitlines() if line.startswith("Ops whose counts differ: "))
+    assert "`aten::conv2d` 72 vs 67" in differ  # 5 stages: two split convs vs one
