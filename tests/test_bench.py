@@ -232,3 +232,53 @@ def test_op_profile_finds_darknet53_doing_timms_work_op_for_op(tmp_path):
     assert "| `aten::convolution_backward` | 52 | 52 |" in dark
     differ = next(line for line in csp.splitlines() if line.startswith("Ops whose counts differ: "))
     assert "`aten::conv2d` 72 vs 67" in differ  # 5 stages: two split convs vs one
+
+
+def test_median_interval_is_two_order_statistics_with_the_stated_coverage():
+    from cspnet.bench import median_interval
+
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) is None  # 5 values: even [min, max] covers only 94 %
+    assert median_interval([6.0, 1.0, 2.0, 5.0, 4.0, 3.0]) == (1.0, 6.0)
+    assert median_interval([float(v) for v in range(11, 0, -1)]) == (2.0, 10.0)
+    with pytest.raises(ValueError):
+        median_interval([1.0] * 8, confidence=1.0)
+    # Coverage, by simulation from a skewed distribution whose median is known (ln 2 for Exp(1)).
+    gen = torch.Generator().manual_seed(0)
+    for n in (6, 11, 15):
+        draws = torch.empty(4000, n).exponential_(1.0, generator=gen)
+        hits = 0
+        for row in draws.tolist():
+            low, high = median_interval(row)
+            hits += low <= 0.6931 <= high
+        assert 0.95 <= hits / 4000 <= 0.995, (n, hits)
+
+
+def _report_with_timings(ours_ms: list[float], timm_ms: list[float]):
+    from cspnet.bench import BenchReport, Timing, _environment
+
+    config = quick_config(("darknet53",), twins=False, batch_sizes=(8,), train_batch=8)
+    profiles = {"ours:darknet53": {"params": 1, "macs": 10**9, "cio": 1}, "timm:darknet53": {"params": 1, "macs": 10**9, "cio": 1}}
+    peak = {"gemm_n": 2048, "gemm_gflops": 1.0, "conv_shape": [8, 256, 56, 56], "conv_gflops_nchw": 1.0, "conv_gflops_cl": 1.0,
+            "conv_gflops": 1.0, "conv_flops": 1e9}
+    report = BenchReport(config, _environment(config), peak, [["darknet53"]], {"darknet53": "darknet53"}, profiles)
+    for impl, ms in (("ours", ours_ms), ("timm", timm_ms)):
+        report.timings.append(Timing("darknet53", impl, "eager", 8, list(ms)))
+        report.timings.append(Timing("darknet53", impl, "train", 8, list(ms)))
+    return report
+
+
+def test_not_slower_than_timm_is_judged_on_paired_rounds():
+    # Per round, ours is 3 % slower: a slowdown, although the medians alone would not show a pattern.
+    rounds = [100.0, 140.0, 90.0, 120.0, 110.0, 95.0, 130.0]
+    slower = _report_with_timings([1.03 * t for t in rounds], rounds)
+    checks = [c for c in check_targets(slower) if c.target.startswith("not slower than timm")]
+    assert {c.subject for c in checks} == {"darknet53, forward batch 8", "darknet53, training step NCHW"}
+    assert all(not c.passed and c.value == pytest.approx(1 / 1.03) for c in checks)
+    # Rounds that go either way: no slowdown was measured.
+    mixed = _report_with_timings([t * f for t, f in zip(rounds, (1.02, 0.99, 1.01, 0.98, 1.0, 1.03, 0.99))], rounds)
+    assert all(c.passed for c in check_targets(mixed) if c.target.startswith("not slower than timm"))
+    text = to_markdown(mixed)
+    assert "| darknet53 | NCHW |" in text and "× [0.97, 1.02] |" in text
+    # Five rounds are too few for a 95 % interval: no verdict rather than a made-up one.
+    few = _report_with_timings(rounds[:5], rounds[:5])
+    assert not [c for c in check_targets(few) if c.target.startswith("not slower than timm")]

@@ -20,7 +20,9 @@ Timing method: every callable of a group is warmed up, then the callables run ro
 only ratios measured this way, side by side, mean anything: load drifts hit every entry alike.
 CPU runs use ``time.perf_counter``; CUDA runs use CUDA events.
 
-Ratios are written "×" with >1 meaning ours is faster (time of the other / time of ours).
+Ratios are written "×" with >1 meaning ours is faster (time of the other / time of ours). Ours
+against timm's also gets a 95 % interval: each round timed both, so each round gives one ratio,
+and `median_interval` bounds the median of those ratios without assuming their distribution.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import dataclasses
 import datetime as _dt
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -73,6 +76,10 @@ TIMM_EQUIVALENTS: dict[str, tuple[str, str]] = {
 DEFAULT_MODELS = ("cspresnet50", "cspresnext50", "cspdarknet53")
 TARGET_MODELS = ("cspresnet50", "cspresnext50", "cspdarknet53", "darknet53")
 INFER_VARIANTS = ("eager", "eager_cl", "deploy", "deploy_winograd", "onnxruntime")
+EAGER_VARIANTS = ("eager", "eager_cl")
+TRAIN_VARIANTS = ("train", "train_cl")
+INTERVAL_NOTE = ("[a, b] after ours × timm: 95 % interval of the median of per-round ratios (each round timed both; "
+                 "`cspnet.bench.median_interval`), given from 6 rounds on.")
 MIB = 1024 * 1024
 # Our models trained memory-efficiently (`cspnet.layers.memory_efficient`): the ``impl`` of their
 # memory rows and the ``variant`` of their (NCHW) training-step timings.
@@ -157,19 +164,35 @@ class BenchReport:
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # -- look-ups --------------------------------------------------------------------------
-    def median(self, model: str, impl: str, variant: str, batch: int) -> float | None:
+    def timing(self, model: str, impl: str, variant: str, batch: int) -> Timing | None:
         for t in self.timings:
             if (t.model, t.impl, t.variant, t.batch) == (model, impl, variant, batch):
-                return t.median_ms
+                return t
         return None
+
+    def median(self, model: str, impl: str, variant: str, batch: int) -> float | None:
+        t = self.timing(model, impl, variant, batch)
+        return None if t is None else t.median_ms
+
+    def fastest_timing(self, model: str, impl: str, variants: tuple[str, ...], batch: int) -> Timing | None:
+        """The timing with the lowest median among ``variants`` that were measured (None if none was)."""
+        timings = [t for t in (self.timing(model, impl, v, batch) for v in variants) if t is not None]
+        return min(timings, key=lambda t: t.median_ms, default=None)
 
     def fastest(self, model: str, impl: str, variants: tuple[str, ...], batch: int) -> float | None:
         """The lowest median among ``variants`` that were measured (None if none was)."""
-        times = [t for t in (self.median(model, impl, v, batch) for v in variants) if t is not None]
-        return min(times) if times else None
+        t = self.fastest_timing(model, impl, variants, batch)
+        return None if t is None else t.median_ms
+
+    def timm_speedup_interval(self, model: str, variants: tuple[str, ...], batch: int) -> tuple[float, float] | None:
+        """95 % interval of ours × timm, each side in its fastest of ``variants``, from per-round ratios."""
+        ours, theirs = self.fastest_timing(model, "ours", variants, batch), self.fastest_timing(model, "timm", variants, batch)
+        if ours is None or theirs is None:
+            return None
+        return median_interval([t / o for t, o in zip(theirs.samples_ms, ours.samples_ms)])
 
     def best_eager(self, model: str, impl: str, batch: int) -> float | None:
-        return self.fastest(model, impl, ("eager", "eager_cl"), batch)
+        return self.fastest(model, impl, EAGER_VARIANTS, batch)
 
     def best_deploy(self, model: str, batch: int) -> float | None:
         return self.fastest(model, "ours", ("deploy", "deploy_winograd"), batch)
@@ -208,6 +231,26 @@ class TargetCheck:
     value: float
     threshold: float
     passed: bool
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median of ``values``: two order statistics.
+
+    The median lies below the k-th smallest value with probability P(Binomial(n, 1/2) < k), so
+    [k-th smallest, k-th largest] covers it with at least ``confidence`` for the largest such k.
+    None when there are too few values for that (fewer than 6 at 95 %).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    n, tail = len(values), (1 - confidence) / 2
+    k, below = 0, 0.0
+    while k < n and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
 
 
 def _key(impl: str, model: str) -> str:
@@ -724,7 +767,10 @@ def check_targets(report: BenchReport, large_gmacs: float = 2.0) -> list[TargetC
     - CSP peak training memory <= the twin's, as ``train`` (peak RSS - RSS after imports) and as
       ``tensor_peak`` (live tensors), with plain and with memory-efficient training;
     - deploy GFLOP/s >= 60 % of the measured conv peak, for models of >= ``large_gmacs`` GMACs
-      per image at 224 px (scaled to the run's input size).
+      per image at 224 px (scaled to the run's input size);
+    - ours not slower than timm on any row (eager at each batch size, each training layout): the
+      95 % interval of per-round speedups (`median_interval`) reaches 1.0, i.e. a slowdown is not
+      what was measured. Rows with too few rounds for an interval are left out.
     """
     checks: list[TargetCheck] = []
     batch = max(report.config.batch_sizes)
@@ -743,6 +789,15 @@ def check_targets(report: BenchReport, large_gmacs: float = 2.0) -> list[TargetC
         if large and g is not None:
             frac = g / report.conv_peak(name, batch)
             checks.append(TargetCheck("deploy GFLOP/s >= 60% of conv peak", name, frac, 0.6, frac >= 0.6))
+    for name in (n for g in report.groups for n in g if n in report.timm_names):
+        rows = [(f"{name}, forward batch {b}", EAGER_VARIANTS, b) for b in report.config.batch_sizes]
+        rows += [(f"{name}, training step {'channels-last' if v == 'train_cl' else 'NCHW'}", (v,), report.config.train_batch)
+                 for v in TRAIN_VARIANTS]
+        for subject, variants, b in rows:
+            interval = report.timm_speedup_interval(name, variants, b)
+            if interval is not None:
+                checks.append(TargetCheck("not slower than timm (upper end of the 95% interval of ours × timm)", subject,
+                                          interval[1], 1.0, interval[1] >= 1.0))
     for group in report.groups:
         if len(group) < 2:
             continue
@@ -763,6 +818,10 @@ def check_targets(report: BenchReport, large_gmacs: float = 2.0) -> list[TargetC
 
 def _fmt(v: float | None, spec: str = ".1f", suffix: str = "") -> str:
     return "—" if v is None else f"{v:{spec}}{suffix}"
+
+
+def _fmt_interval(interval: tuple[float, float] | None) -> str:
+    return "" if interval is None else f" [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def to_markdown(report: BenchReport) -> str:
@@ -833,13 +892,14 @@ def _inference_table(report: BenchReport, batch: int) -> list[str]:
         lines.append(
             f"| {name} | {report.profiles[_key('ours', name)]['macs'] / 1e9:.2f} | {_fmt(med('ours', 'eager'))} | "
             f"{_fmt(med('ours', 'eager_cl'))} | {_fmt(deploy_ms)} | {_fmt(wino_ms)} | {_fmt(ort_ms)} | "
-            f"{_fmt(med('timm', 'eager'))} | {_fmt(med('timm', 'eager_cl'))} | {_fmt(_ratio(timm_best, ours_best), '.2f', '×')} | "
+            f"{_fmt(med('timm', 'eager'))} | {_fmt(med('timm', 'eager_cl'))} | {_fmt(_ratio(timm_best, ours_best), '.2f', '×')}"
+            f"{_fmt_interval(report.timm_speedup_interval(name, EAGER_VARIANTS, batch))} | "
             f"{_fmt(_ratio(timm_best, deploy_ms), '.2f', '×')} | {_fmt(_ratio(timm_best, wino_ms), '.2f', '×')} | "
             f"{_fmt(_ratio(ours_best, deploy_ms), '.2f', '×')} | "
             f"{_fmt(_ratio(ours_best, ort_ms), '.2f', '×')} | {_fmt(g)} | {peak:.1f} | {_fmt(pct, '.0f', '%')} |"
         )
     lines += ["", "eager × timm and deploy × timm compare with timm's faster layout; deploy × eager with our faster eager "
-              "layout. deploy+W is `deploy(model, winograd=True)`: wide 3x3 convs by Winograd (`cspnet.winograd`), "
+              f"layout. {INTERVAL_NOTE} deploy+W is `deploy(model, winograd=True)`: wide 3x3 convs by Winograd (`cspnet.winograd`), "
               "fewer multiplications than the direct kernel, so its GFLOP/s is not counted against the conv peak. "
               "The conv peak is the channels-last 3x3 probe timed in the same round-robin as the models.", ""]
     return lines
@@ -851,7 +911,7 @@ def _train_table(report: BenchReport) -> list[str]:
              "| model | layout | ours | timm | ours × timm | ours GFLOP/s (3 x forward) | ours, memory-efficient | × ours |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name in (n for g in report.groups for n in g):
-        for variant in ("train", "train_cl"):
+        for variant in TRAIN_VARIANTS:
             ours = report.median(name, "ours", variant, c.train_batch)
             if ours is None:
                 continue
@@ -860,9 +920,11 @@ def _train_table(report: BenchReport) -> list[str]:
             # A training step costs ~3 forward passes (forward, input grads, weight grads).
             g = 3 * 2 * report.profiles[_key("ours", name)]["macs"] * c.train_batch / (ours / 1e3) / 1e9
             layout = "channels-last" if variant == "train_cl" else "NCHW"
-            lines.append(f"| {name} | {layout} | {ours:.1f} | {_fmt(theirs)} | {_fmt(_ratio(theirs, ours), '.2f', '×')} | {g:.1f} | "
-                         f"{_fmt(lean)} | {_fmt(_ratio(ours, lean), '.2f', '×')} |")
-    return lines + ["", "× ours: the plain step's time / the memory-efficient step's (below 1: memory-efficient is slower).", ""]
+            interval = _fmt_interval(report.timm_speedup_interval(name, (variant,), c.train_batch))
+            lines.append(f"| {name} | {layout} | {ours:.1f} | {_fmt(theirs)} | {_fmt(_ratio(theirs, ours), '.2f', '×')}{interval} | "
+                         f"{g:.1f} | {_fmt(lean)} | {_fmt(_ratio(ours, lean), '.2f', '×')} |")
+    return lines + ["", f"× ours: the plain step's time / the memory-efficient step's (below 1: memory-efficient is slower). "
+                    f"{INTERVAL_NOTE}", ""]
 
 
 def _memory_ratio(report: BenchReport, csp: str, twin: str, measure: str, impl: str = "ours") -> float | None:
