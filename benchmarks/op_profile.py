@@ -84,7 +84,8 @@ def compare(name: str, rounds: int, batch: int, size: int, top: int) -> list[str
     def self_ms(impl: str, op: str) -> float:
         return statistics.median(run.get(op, (0.0, 0))[0] for run in ops[impl])
 
-    names = sorted(set(ops["ours"][0]) | set(ops["timm"][0]), key=lambda op: -max(self_ms("ours", op), self_ms("timm", op)))
+    names = sorted(set(ops["ours"][0]) | set(ops["timm"][0]),
+                   key=lambda op: -max(self_ms("ours", op), self_ms("timm", op)))
     differ = [op for op in names if count("ours", op) != count("timm", op)]
     total = {impl: statistics.median(sum(ms for ms, _ in run.values()) for run in ops[impl]) for impl in impls}
     wall = {impl: statistics.median(ms for ms, _ in timed[impl]) for impl in impls}
@@ -95,13 +96,16 @@ def compare(name: str, rounds: int, batch: int, size: int, top: int) -> list[str
              f"{sum(c for _, c in ops['timm'][0].values()):,} | |",
              f"| ATen self CPU per step (ms, profiled) | {total['ours']:.0f} | {total['timm']:.0f} | "
              f"{total['timm'] / total['ours']:.2f}× |",
-             f"| step wall time (ms, unprofiled) | {wall['ours']:.0f} | {wall['timm']:.0f} | {wall['timm'] / wall['ours']:.2f}× |",
+             f"| step wall time (ms, unprofiled) | {wall['ours']:.0f} | {wall['timm']:.0f} | "
+             f"{wall['timm'] / wall['ours']:.2f}× |",
              f"| minor page faults per step | {faults['ours']:,.0f} | {faults['timm']:,.0f} | |", "",
-             "Ops whose counts differ: " + (", ".join(f"`{op}` {count('ours', op)} vs {count('timm', op)}" for op in differ)
-                                          if differ else "none: the same ops, the same number of times."), "",
+             "Ops whose counts differ: " + (
+                 ", ".join(f"`{op}` {count('ours', op)} vs {count('timm', op)}" for op in differ)
+                 if differ else "none: the same ops, the same number of times."), "",
              f"| op (top {top} by self time) | ours calls | timm calls | ours ms | timm ms |", "|---|---:|---:|---:|---:|"]
     for op in names[:top]:
-        lines.append(f"| `{op}` | {count('ours', op)} | {count('timm', op)} | {self_ms('ours', op):.1f} | {self_ms('timm', op):.1f} |")
+        lines.append(f"| `{op}` | {count('ours', op)} | {count('timm', op)} | "
+                     f"{self_ms('ours', op):.1f} | {self_ms('timm', op):.1f} |")
     return lines + [""]
 
 

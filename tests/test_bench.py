@@ -257,7 +257,7 @@ def _report_with_timings(ours_ms: list[float], timm_ms: list[float]):
     from cspnet.bench import BenchReport, Timing, _environment
 
     config = quick_config(("darknet53",), twins=False, batch_sizes=(8,), train_batch=8)
-    profiles = {"ours:darknet53": {"params": 1, "macs": 10**9, "cio": 1}, "timm:darknet53": {"params": 1, "macs": 10**9, "cio": 1}}
+    profiles = {f"{impl}:darknet53": {"params": 1, "macs": 10**9, "cio": 1} for impl in ("ours", "timm")}
     peak = {"gemm_n": 2048, "gemm_gflops": 1.0, "conv_shape": [8, 256, 56, 56], "conv_gflops_nchw": 1.0, "conv_gflops_cl": 1.0,
             "conv_gflops": 1.0, "conv_flops": 1e9}
     report = BenchReport(config, _environment(config), peak, [["darknet53"]], {"darknet53": "darknet53"}, profiles)

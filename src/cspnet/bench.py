@@ -186,7 +186,8 @@ class BenchReport:
 
     def timm_speedup_interval(self, model: str, variants: tuple[str, ...], batch: int) -> tuple[float, float] | None:
         """95 % interval of ours × timm, each side in its fastest of ``variants``, from per-round ratios."""
-        ours, theirs = self.fastest_timing(model, "ours", variants, batch), self.fastest_timing(model, "timm", variants, batch)
+        ours = self.fastest_timing(model, "ours", variants, batch)
+        theirs = self.fastest_timing(model, "timm", variants, batch)
         if ours is None or theirs is None:
             return None
         return median_interval([t / o for t, o in zip(theirs.samples_ms, ours.samples_ms)])
@@ -791,13 +792,12 @@ def check_targets(report: BenchReport, large_gmacs: float = 2.0) -> list[TargetC
             checks.append(TargetCheck("deploy GFLOP/s >= 60% of conv peak", name, frac, 0.6, frac >= 0.6))
     for name in (n for g in report.groups for n in g if n in report.timm_names):
         rows = [(f"{name}, forward batch {b}", EAGER_VARIANTS, b) for b in report.config.batch_sizes]
-        rows += [(f"{name}, training step {'channels-last' if v == 'train_cl' else 'NCHW'}", (v,), report.config.train_batch)
-                 for v in TRAIN_VARIANTS]
+        rows += [(f"{name}, training step {_train_layout(v)}", (v,), report.config.train_batch) for v in TRAIN_VARIANTS]
         for subject, variants, b in rows:
             interval = report.timm_speedup_interval(name, variants, b)
             if interval is not None:
-                checks.append(TargetCheck("not slower than timm (upper end of the 95% interval of ours × timm)", subject,
-                                          interval[1], 1.0, interval[1] >= 1.0))
+                checks.append(TargetCheck("not slower than timm (upper end of the 95% interval of ours × timm)",
+                                          subject, interval[1], 1.0, interval[1] >= 1.0))
     for group in report.groups:
         if len(group) < 2:
             continue
@@ -822,6 +822,10 @@ def _fmt(v: float | None, spec: str = ".1f", suffix: str = "") -> str:
 
 def _fmt_interval(interval: tuple[float, float] | None) -> str:
     return "" if interval is None else f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def _train_layout(variant: str) -> str:
+    return "channels-last" if variant == "train_cl" else "NCHW"
 
 
 def to_markdown(report: BenchReport) -> str:
@@ -892,14 +896,16 @@ def _inference_table(report: BenchReport, batch: int) -> list[str]:
         lines.append(
             f"| {name} | {report.profiles[_key('ours', name)]['macs'] / 1e9:.2f} | {_fmt(med('ours', 'eager'))} | "
             f"{_fmt(med('ours', 'eager_cl'))} | {_fmt(deploy_ms)} | {_fmt(wino_ms)} | {_fmt(ort_ms)} | "
-            f"{_fmt(med('timm', 'eager'))} | {_fmt(med('timm', 'eager_cl'))} | {_fmt(_ratio(timm_best, ours_best), '.2f', '×')}"
+            f"{_fmt(med('timm', 'eager'))} | {_fmt(med('timm', 'eager_cl'))} | "
+            f"{_fmt(_ratio(timm_best, ours_best), '.2f', '×')}"
             f"{_fmt_interval(report.timm_speedup_interval(name, EAGER_VARIANTS, batch))} | "
             f"{_fmt(_ratio(timm_best, deploy_ms), '.2f', '×')} | {_fmt(_ratio(timm_best, wino_ms), '.2f', '×')} | "
             f"{_fmt(_ratio(ours_best, deploy_ms), '.2f', '×')} | "
             f"{_fmt(_ratio(ours_best, ort_ms), '.2f', '×')} | {_fmt(g)} | {peak:.1f} | {_fmt(pct, '.0f', '%')} |"
         )
     lines += ["", "eager × timm and deploy × timm compare with timm's faster layout; deploy × eager with our faster eager "
-              f"layout. {INTERVAL_NOTE} deploy+W is `deploy(model, winograd=True)`: wide 3x3 convs by Winograd (`cspnet.winograd`), "
+              f"layout. {INTERVAL_NOTE} deploy+W is `deploy(model, winograd=True)`: wide 3x3 convs by Winograd "
+              "(`cspnet.winograd`), "
               "fewer multiplications than the direct kernel, so its GFLOP/s is not counted against the conv peak. "
               "The conv peak is the channels-last 3x3 probe timed in the same round-robin as the models.", ""]
     return lines
@@ -919,9 +925,9 @@ def _train_table(report: BenchReport) -> list[str]:
             lean = report.median(name, "ours", TRAIN_MEMORY_EFFICIENT, c.train_batch) if variant == "train" else None
             # A training step costs ~3 forward passes (forward, input grads, weight grads).
             g = 3 * 2 * report.profiles[_key("ours", name)]["macs"] * c.train_batch / (ours / 1e3) / 1e9
-            layout = "channels-last" if variant == "train_cl" else "NCHW"
             interval = _fmt_interval(report.timm_speedup_interval(name, (variant,), c.train_batch))
-            lines.append(f"| {name} | {layout} | {ours:.1f} | {_fmt(theirs)} | {_fmt(_ratio(theirs, ours), '.2f', '×')}{interval} | "
+            lines.append(f"| {name} | {_train_layout(variant)} | {ours:.1f} | {_fmt(theirs)} | "
+                         f"{_fmt(_ratio(theirs, ours), '.2f', '×')}{interval} | "
                          f"{g:.1f} | {_fmt(lean)} | {_fmt(_ratio(ours, lean), '.2f', '×')} |")
     return lines + ["", f"× ours: the plain step's time / the memory-efficient step's (below 1: memory-efficient is slower). "
                     f"{INTERVAL_NOTE}", ""]
@@ -983,9 +989,11 @@ def _memory_table(report: BenchReport) -> list[str]:
     rss_note = (f"Peak RSS: glibc's mmap threshold fixed at {FIXED_MMAP_THRESHOLD // 1024} KiB "
                 f"(`{MMAP_THRESHOLD_ENV}`), so freed tensors go back to the OS and RSS follows what is live"
                 if c.return_freed_memory else
-                "Peak RSS: glibc's default malloc, which keeps freed blocks (how many depends on the order of allocations)")
+                "Peak RSS: glibc's default malloc, which keeps freed blocks (how many depends on the order of "
+                "allocations)")
     lines += ["", f"{rss_note}. Live tensors: torch.profiler's memory timeline over one more step (parameters, "
-              "gradients, optimizer state, activations). Held for backward: bytes the forward pass allocates and still holds when it returns. "
+              "gradients, optimizer state, activations). Held for backward: bytes the forward pass allocates and "
+              "still holds when it returns. "
               f"{OURS_MEMORY_EFFICIENT}: `cspnet.layers.memory_efficient` (activation outputs and concatenations rebuilt in backward). "
               "CIO (the paper's memory-traffic measure): input + output elements of every convolution, per image.", ""]
     return lines
