@@ -182,6 +182,8 @@ def test_bad_configs_are_refused():
         run_benchmarks(BenchConfig(models=("resnet10",), threads=0))
     with pytest.raises(ValueError, match="train format"):
         run_benchmarks(quick_config(("resnet10",), train_formats=("nhwc",)))
+    with pytest.raises(ValueError, match="train_repeats must be >= 1"):
+        run_benchmarks(quick_config(("resnet10",), train_repeats=0))
 
 
 def test_flops_saving_uses_conv_macs():
@@ -205,7 +207,8 @@ def test_bench_cli_memory_options_reach_the_config():
     from cspnet.cli.bench import config_from_args
 
     default = config_from_args(build_parser().parse_args(["bench", "resnet10"]))
-    assert default.return_freed_memory and default.memory_efficient
+    assert default.return_freed_memory and default.memory_efficient and default.train_repeats == 7
+    assert config_from_args(build_parser().parse_args(["bench", "resnet10", "--train-repeats", "11"])).train_repeats == 11
     chosen = config_from_args(build_parser().parse_args(
         ["bench", "resnet10", "--glibc-default-malloc", "--no-memory-efficient", "--keep-freed-memory"]))
     assert not chosen.return_freed_memory and not chosen.memory_efficient and chosen.keep_freed_memory

@@ -684,6 +684,8 @@ def _check_config(config: BenchConfig) -> None:
         raise ValueError(f"threads must be >= 1, got {config.threads}")
     if not config.batch_sizes or min(config.batch_sizes) < 1 or config.train_batch < 1:
         raise ValueError("batch sizes must be >= 1")
+    if min(config.repeats, config.train_repeats) < 1:
+        raise ValueError(f"repeats and train_repeats must be >= 1, got {config.repeats} and {config.train_repeats}")
     bad_formats = set(config.train_formats) - {"contiguous", "channels_last"}
     if bad_formats:
         raise ValueError(f"unknown train format(s) {sorted(bad_formats)}; expected contiguous or channels_last")

@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--train-cl", action="store_true", help="also time the training step in channels-last")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default 2; --quick: 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per inference entry")
+    p.add_argument("--train-repeats", type=int, default=None,
+                   help="timed training steps per entry (6 or more give ours x timm a 95%% interval)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: CUDA events, CUDA memory)")
     p.add_argument("--no-twins", action="store_true")
     p.add_argument("--no-timm", action="store_true")
@@ -42,7 +44,7 @@ def config_from_args(args):
         "keep_freed_memory": args.keep_freed_memory, "memory_efficient": not args.no_memory_efficient,
         "return_freed_memory": not args.glibc_default_malloc,
     }
-    for key in ("input_size", "train_batch", "repeats", "threads"):
+    for key in ("input_size", "train_batch", "repeats", "train_repeats", "threads"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     if args.batch_sizes:
