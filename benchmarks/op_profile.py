@@ -24,22 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("cspresnet50", "cspresnext50", "cspdarknet53", "darknet53")
 
 
-def _step_fn(model, batch: int, size: int):
-    import torch
-    import torch.nn.functional as F
-
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 1000, (batch,))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
-
-
 def _profiled_ops(step) -> dict[str, tuple[float, int]]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -59,11 +43,12 @@ def _timed_with_faults(step) -> tuple[float, int]:
 def compare(name: str, rounds: int, batch: int, size: int, top: int) -> list[str]:
     import torch
 
-    from cspnet.bench import build, timm_name
+    from cspnet.bench import build, sgd_train_step, timm_name
 
     torch.manual_seed(0)
     impls = {"ours": build("ours", name).train(), "timm": build("timm", timm_name(name)).train()}
-    steps = {impl: _step_fn(model, batch, size) for impl, model in impls.items()}
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+    steps = {impl: sgd_train_step(model, x, y) for impl, model in impls.items()}
     for step in steps.values():  # warm-up: kernel libraries, optimizer state, allocator
         step()
         step()

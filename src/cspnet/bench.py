@@ -454,6 +454,19 @@ def tensor_peak_bytes(step: Callable[[], Any], device: torch.device) -> int:
     return max((sum(row) for row in sizes), default=0)
 
 
+def sgd_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step as the suite times and measures it: zero_grad, forward, cross-entropy,
+    backward, SGD step (lr 0.01, momentum 0.9, weight decay 1e-4; an optimizer of its own)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
 def _warm_up_runtime(device: torch.device) -> None:
     # The first optimizer imports torch's compile machinery (~150 MiB of RSS) and the first conv /
     # BN / backward initialise kernel libraries; do both before the baseline so that neither is
@@ -492,20 +505,15 @@ def measure_memory(impl: str, name: str, batch: int, input_size: int, device: st
     model = build(impl, name).to(dev).train()
     if memory_efficient:
         set_memory_efficient(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(batch, 3, input_size, input_size, device=dev)
     num_classes = model.num_classes if getattr(model, "num_classes", 0) else 1000
     y = torch.randint(0, num_classes, (batch,), device=dev)
+    train_step = sgd_train_step(model, x, y)
     rss_model = _status_mib("VmRSS")
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
         held = torch.cuda.memory_allocated(dev)
-
-    def train_step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
 
     for _ in range(steps):
         train_step()
@@ -518,7 +526,7 @@ def measure_memory(impl: str, name: str, batch: int, input_size: int, device: st
         result["cuda_step"] = (torch.cuda.max_memory_allocated(dev) - held) / MIB
     rss_peak = peak_kib(was_reset) / 1024
     tensor_peak = tensor_peak_bytes(train_step, dev) / MIB
-    opt.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     result.update(
         rss_base=rss_base, rss_model=rss_model, rss_peak=rss_peak,
         train=rss_peak - rss_base, step=rss_peak - rss_model, tensor_peak=tensor_peak,
@@ -652,14 +660,7 @@ def _train_fns(group: list[str], timm_names: dict[str, str], config: BenchConfig
                 model = build(impl, build_name).to(device).train().to(memory_format=memory_format)
                 if lean:
                     set_memory_efficient(model)
-                opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-
-                def step(model=model, opt=opt, x=x, y=y):
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y).backward()
-                    opt.step()
-
-                fns[(name, impl, entry_variant)] = step
+                fns[(name, impl, entry_variant)] = sgd_train_step(model, x, y)
     return fns
 
 
