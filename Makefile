@@ -27,7 +27,7 @@ demo: setup
 	@echo "report: runs/demo/report.md"
 
 models: setup
-	$(PY) -m cspnet models > docs/models.md
+	$(PY) -m cspnet models --out docs/models.md --readme README.md > /dev/null
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

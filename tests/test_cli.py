@@ -46,3 +46,21 @@ def test_shared_cli_helpers_are_public():
     cfg, recipe = build_recipe(args, n_train=960)
     assert (cfg.epochs, cfg.batch_size, cfg.burn_in) == (3, 32, 10) and recipe.translate == 2
     set_threads(args)
+
+
+def test_models_out_and_readme_write_every_model_only(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n")
+    assert main(["models", "resnet10", "--out", str(tmp_path / "models.md")]) == 2
+    assert "drop the pattern" in capsys.readouterr().err
+    assert not (tmp_path / "models.md").exists()
+    assert main(["models", "--json", "--readme", str(readme)]) == 2
+    assert readme.read_text() == "# x\n"
+
+
+def test_models_table_ends_with_paper_table1_for_peleenets(capsys):
+    assert main(["models", "csppeleenet"]) == 0
+    out = capsys.readouterr().out
+    assert "| csppeleenet | 0.75 | fusion_last | 2.363 | 0.725 | 0.716 | +1.3% |" in out
+    assert main(["models", "resnet10"]) == 0
+    assert "Table 1" not in capsys.readouterr().out

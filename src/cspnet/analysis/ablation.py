@@ -27,18 +27,12 @@ from ..engine.train import RESUMABLE_CHANGES, TrainConfig, fit
 from ..profile import profile
 from ..registry import get_spec
 from ..files import atomic_savefig, atomic_write_text
+from ..models.peleenet import PAPER_TABLE1
 from .common import find_twin
 
 ABLATION_FUSIONS = ("fusion_first", "fusion_last", "csp")
 ABLATION_GAMMAS = (0.25, 0.5, 0.75)
 
-# Paper Table 1 (ImageNet, PeleeNet family): (fusion, γ) -> (top-1 %, BFLOPs). reference/paper.md §3.
-PAPER_TABLE1: dict[tuple[str, float | None], tuple[float, float]] = {
-    ("none", None): (70.7, 1.017),
-    ("fusion_first", 0.75): (68.4, 0.649), ("fusion_first", 0.5): (69.2, 0.755), ("fusion_first", 0.25): (70.0, 0.861),
-    ("fusion_last", 0.75): (69.2, 0.716), ("fusion_last", 0.5): (70.6, 0.804), ("fusion_last", 0.25): (70.8, 0.902),
-    ("csp", 0.75): (70.4, 0.800), ("csp", 0.5): (70.9, 0.888), ("csp", 0.25): (71.5, 0.986),
-}
 PAPER_FAMILY = "peleenet"
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from ..modeltable import format_markdown, model_rows
+from ..files import atomic_write_text
+from ..modeltable import MODELS_PAGE_HEADER, model_rows, models_markdown, update_readme
 
 
 def register(sub) -> None:
@@ -11,15 +12,24 @@ def register(sub) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style name pattern")
     p.add_argument("--input-size", type=int, default=None, help="profile at this size instead of the paper's")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
+    p.add_argument("--out", default=None, help="also write the tables as a Markdown page (docs/models.md)")
+    p.add_argument("--readme", default=None,
+                   help="also replace the README's generated model-table block with the tables")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    rows = model_rows(args.pattern, args.input_size)
-    if not rows:
-        raise ValueError(f"no model matches {args.pattern!r}")
+    if (args.out or args.readme) and (args.json or args.input_size or args.pattern != "*"):
+        raise ValueError("--out and --readme write the tables of every model at the paper's sizes; "
+                         "drop the pattern, --json and --input-size")
     if args.json:
+        rows = model_rows(args.pattern, args.input_size)
         print(json.dumps([{**r.__dict__, "matches_paper": r.matches_paper} for r in rows], indent=1))
-    else:
-        print(format_markdown(rows))
+        return 0
+    tables = models_markdown(args.pattern, args.input_size)
+    print(tables)
+    if args.out:
+        atomic_write_text(args.out, MODELS_PAGE_HEADER + tables + "\n")
+    if args.readme:
+        update_readme(args.readme, tables)
     return 0

@@ -148,6 +148,15 @@ def build_peleenet(cfg: PeleeNetCfg, *, in_chans: int = 3, **net_kwargs) -> Stag
 PELEENET = PeleeNetCfg()
 CSPPELEENET = PeleeNetCfg(fusion="csp")
 
+# Paper Table 1 (ImageNet, PeleeNet family): (fusion, γ) -> (top-1 %, BFLOPs). reference/paper.md §3.
+# The γ / fusion rows are csppeleenet built with ``fusion=`` and ``part_ratio=`` (γ = the bypassing fraction).
+PAPER_TABLE1: dict[tuple[str, float | None], tuple[float, float]] = {
+    ("none", None): (70.7, 1.017),
+    ("fusion_first", 0.75): (68.4, 0.649), ("fusion_first", 0.5): (69.2, 0.755), ("fusion_first", 0.25): (70.0, 0.861),
+    ("fusion_last", 0.75): (69.2, 0.716), ("fusion_last", 0.5): (70.6, 0.804), ("fusion_last", 0.25): (70.8, 0.902),
+    ("csp", 0.75): (70.4, 0.800), ("csp", 0.5): (70.9, 0.888), ("csp", 0.25): (71.5, 0.986),
+}
+
 MODELS = (
     ModelSpec("peleenet", "peleenet", PELEENET, build_peleenet,
               PaperFigures(2.79, 1.017, 224, "paper Table 3", 70.7, bflops_decimals=3), default_input=224,

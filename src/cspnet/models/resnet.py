@@ -140,7 +140,7 @@ CSPRESNEXT50 = ResNetCfg(
 )
 # CSPResNet-10 has no cfg (paper Table 3: 2.73M / 1.905 BFLOPs). Built the way csresnet50 applies
 # CSP to resnet50: two 1x1 split convs, the basic blocks on the main part only, a partial
-# transition, the concat feeding the next stage's 1x1 + 3x3/2 downsampling; see docs/models.md.
+# transition, the concat feeding the next stage's 1x1 + 3x3/2 downsampling; see docs/models_design.md.
 CSPRESNET10 = ResNetCfg(
     (
         ResStageCfg(1, 64, 64, stride=1, cross_chs=64, main_chs=64),
