@@ -6,7 +6,8 @@ import pytest
 
 import cspnet
 from cspnet.modeltable import (
-    MODELS_PAGE_HEADER, README_BEGIN, README_END, Table1Row, format_table1, model_rows, models_markdown, readme_tables, update_readme,
+    MODELS_PAGE_HEADER, README_BEGIN, README_END, Table1Row, format_table1, model_rows, models_markdown,
+    readme_tables, update_readme,
 )
 
 README_256 = {  # name: (conv params in M, BFLOPs) as printed in the README
@@ -79,7 +80,8 @@ def test_readme_and_docs_model_tables_are_what_cspnet_models_measures():
     root = Path(__file__).resolve().parents[1]
     tables = models_markdown()
     assert readme_tables(root / "README.md") == tables, "README model table is stale: run `make models`"
-    assert (root / "docs/models.md").read_text() == MODELS_PAGE_HEADER + tables + "\n", "docs/models.md is stale: run `make models`"
+    page = (root / "docs/models.md").read_text()
+    assert page == MODELS_PAGE_HEADER + tables + "\n", "docs/models.md is stale: run `make models`"
     assert all(f"| {name}" in tables for name in cspnet.list_models())
     assert "| csppeleenet | 0.5 | fusion_last |" in tables  # paper Table 1 follows the model table
 
@@ -102,3 +104,5 @@ def test_table1_footnote_names_the_rows_outside_tolerance():
     assert "from the paper's BFLOPs: fusion_first γ 0.25 (" in text
     assert "| csppeleenet | 0.5 | csp | 2.839 | 0.906 | 0.888 | +2.0% | 70.9 |" in text
     assert "BFLOPs: none (" in format_table1(rows[:1])
+    plain = Table1Row("peleenet", "none", None, 2_792_000, 0.9, 1.017, 70.7)
+    assert "BFLOPs: peleenet (" in format_table1([plain])
