@@ -160,7 +160,10 @@ TABLE1 = {  # fusion: BFLOPs at γ = 0.75, 0.5, 0.25
     "fusion_last": (0.716, 0.804, 0.902),
     "fusion_first": (0.649, 0.755, 0.861),
 }
-_FF_GAP = pytest.mark.xfail(strict=True, reason="no layout found reproduces the fusion-first slope (docs/models_design.md)")
+_FF_GAP = pytest.mark.xfail(
+    strict=True,
+    reason="no reading of Fig. 3(c) that only moves the transition reproduces these rows (docs/models_design.md)",
+)
 
 
 @pytest.mark.parametrize(
@@ -228,3 +231,43 @@ def test_reference_models_land_on_the_readme(name):
     assert (p.bflops > darknet_ref.bflops) == (sign > 0)
     model = cspnet.create_model(name)
     assert model.feature_info[-1].reduction == 64  # darknet.cfg's total stride
+
+
+# -- benchmarks/fusion_first_layouts.py: its analytic counts are the profiler's on every buildable layout ----
+
+def _fusion_first_layouts_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fusion_first_layouts.py"
+    spec = importlib.util.spec_from_file_location("fusion_first_layouts_script", path)
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # its dataclasses look their module up there
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 0.75])
+def test_fusion_first_layout_counts_equal_the_profiler(gamma):
+    script = _fusion_first_layouts_script()
+    Layout = script.Layout
+    assert script.layout_macs(Layout(partial=()), "csp", gamma) == _profile("peleenet", 224).macs
+    for fusion in ("fusion_first", "fusion_last", "csp"):
+        for csp_stages in (3, 4):
+            layout = Layout(partial=tuple(range(csp_stages)))
+            measured = _profile("csppeleenet", 224, fusion=fusion, part_ratio=gamma, csp_stages=csp_stages).macs
+            assert script.layout_macs(layout, fusion, gamma) == measured, (fusion, csp_stages)
+
+
+def test_fusion_first_layouts_report(tmp_path):
+    script = _fusion_first_layouts_script()
+    out = tmp_path / "ff.md"
+    assert script.main(["--out", str(out), "--top", "3"]) == 0
+    text = out.read_text()
+    assert "- Readings enumerated: 5,760." in text
+    # the implemented reading is the model code's: Table 1's two fusion-first misses, as the xfails above
+    assert "- The implemented reading (`Layout()`): worst row 13.9%, 0.654 / 0.698 / 0.741" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "%" in line.split("|")[1]]
+    errors = [float(line.split("|")[1].strip().rstrip("%")) for line in rows[:3]]
+    assert errors == sorted(errors) and errors[0] <= 3.0  # ranked, and the best fits are within the target

@@ -135,8 +135,8 @@ def format_markdown(rows: list[ModelRow]) -> str:
         out.append(
             f"| {r.name}{mark} | {r.input_size} | {r.params / 1e6:.2f} | {r.conv_params / 1e6:.{r.params_decimals}f} | "
             f"{_fmt(r.paper_params_m, r.params_decimals)} | {r.bflops:.{r.bflops_decimals}f} | "
-            f"{_fmt(r.paper_bflops, r.bflops_decimals)} | {_delta(r)} | {r.paper_source or '-'} | {r.darknet_cfg or '-'} | "
-            f"{r.cio / 1e6:.2f} | {ratio} |"
+            f"{_fmt(r.paper_bflops, r.bflops_decimals)} | {_delta(r)} | {r.paper_source or '-'} | "
+            f"{r.darknet_cfg or '-'} | {r.cio / 1e6:.2f} | {ratio} |"
         )
     out.append("")
     out.append("✓ / ✗: conv params and BFLOPs equal / differ from the paper's at its printed precision; "
@@ -190,8 +190,8 @@ def format_table1(rows: list[Table1Row]) -> str:
     ]
     for r in rows:
         out.append(
-            f"| {r.model} | {r.gamma} | {r.fusion} | {r.conv_params / 1e6:.3f} | {r.bflops:.3f} | {r.paper_bflops:.3f} | "
-            f"{_relative(r.bflops, r.paper_bflops)} | {r.paper_top1:.1f} |"
+            f"| {r.model} | {r.gamma} | {r.fusion} | {r.conv_params / 1e6:.3f} | {r.bflops:.3f} | "
+            f"{r.paper_bflops:.3f} | {_relative(r.bflops, r.paper_bflops)} | {r.paper_top1:.1f} |"
         )
     out.append("")
     misses = [r.label for r in rows if abs(r.bflops / r.paper_bflops - 1) > TABLE1_TOLERANCE]
