@@ -64,3 +64,8 @@ def test_models_table_ends_with_paper_table1_for_peleenets(capsys):
     assert "| csppeleenet | 0.75 | fusion_last | 2.363 | 0.725 | 0.716 | +1.3% |" in out
     assert main(["models", "resnet10"]) == 0
     assert "Table 1" not in capsys.readouterr().out
+
+
+def test_models_input_size_zero_is_refused_not_ignored(capsys):
+    assert main(["models", "resnet10", "--input-size", "0"]) == 2
+    assert "positive integers" in capsys.readouterr().err

@@ -106,3 +106,13 @@ def test_table1_footnote_names_the_rows_outside_tolerance():
     assert "BFLOPs: none (" in format_table1(rows[:1])
     plain = Table1Row("peleenet", "none", None, 2_792_000, 0.9, 1.017, 70.7)
     assert "BFLOPs: peleenet (" in format_table1([plain])
+
+
+def test_profile_refuses_sizes_a_model_cannot_run_on():
+    model = cspnet.create_model("cspdensenet_ref")  # total stride 64: a 31x31 map runs out of pixels
+    with pytest.raises(ValueError, match="cspdensenet_ref cannot run on a 31x31 input"):
+        cspnet.profile(model, 31)
+    for bad in (0, -5, (224, 0)):
+        with pytest.raises(ValueError, match="positive integers"):
+            cspnet.profile(model, bad)
+    assert cspnet.profile(model, 64).macs > 0

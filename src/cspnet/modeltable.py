@@ -87,7 +87,7 @@ def model_rows(pattern: str = "*", input_size: int | None = None, with_twins: bo
     for name in sorted(names):
         spec = get_spec(name)
         paper = spec.paper
-        size = input_size or (paper.input_size if paper else spec.default_input)
+        size = input_size if input_size is not None else (paper.input_size if paper else spec.default_input)
         p = profile(create_model(name), size)
         use_paper = paper is not None and size == paper.input_size
         rows.append(

@@ -86,6 +86,8 @@ def profile(model: nn.Module, input_size: int | tuple[int, int] = 224, in_chans:
     """Profile ``model`` on one ``in_chans x H x W`` image (``input_size`` is H = W or (H, W))."""
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
+    if len(input_size) != 2 or min(input_size) < 1:
+        raise ValueError(f"input size must be one or two positive integers (H, W), got {input_size}")
     in_chans = in_chans or getattr(model, "in_chans", 3)
     layers: list[LayerProfile] = []
 
@@ -126,7 +128,12 @@ def profile(model: nn.Module, input_size: int | tuple[int, int] = 224, in_chans:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         with torch.no_grad():
-            model(torch.zeros(1, in_chans, *input_size, device=device))
+            try:
+                model(torch.zeros(1, in_chans, *input_size, device=device))
+            except RuntimeError as e:  # most often a map downsampled below 1x1
+                name = getattr(model, "model_name", type(model).__name__)
+                h, w = input_size
+                raise ValueError(f"{name} cannot run on a {h}x{w} input (too small for its downsampling?): {e}") from e
     finally:
         for h in handles:
             h.remove()

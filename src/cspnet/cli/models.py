@@ -19,7 +19,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    if (args.out or args.readme) and (args.json or args.input_size or args.pattern != "*"):
+    if (args.out or args.readme) and (args.json or args.input_size is not None or args.pattern != "*"):
         raise ValueError("--out and --readme write the tables of every model at the paper's sizes; "
                          "drop the pattern, --json and --input-size")
     if args.json:
