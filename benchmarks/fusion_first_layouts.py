@@ -181,7 +181,8 @@ def _row(c: Candidate) -> str:
 def report(cands: list[Candidate], top: int = 8) -> str:
     fits = [c for c in cands if c.error <= TOLERANCE]
     linear = [c for c in fits if c.linear]
-    consistent = [c for c in linear if c.others_error <= TOLERANCE]
+    shared_fit = [c for c in fits if c.others_error <= TOLERANCE]
+    consistent = [c for c in shared_fit if c.linear]
     implemented = Layout()
     ours = next(c for c in cands if c.layout == implemented)
     same_shared = [c for c in cands if (c.layout.split, c.layout.growth, c.layout.bottleneck)
@@ -198,8 +199,9 @@ def report(cands: list[Candidate], top: int = 8) -> str:
         "",
         f"- Readings enumerated: {len(cands):,}.",
         f"- Fusion first within {TOLERANCE:.0%} on all three rows: {len(fits)}.",
-        f"- … and a straight line like the paper's (|2nd difference| ≤ {LINEAR_SLACK}): {len(linear)}.",
-        f"- … and the shared choices also keep fusion last and CSP within {TOLERANCE:.0%}: {len(consistent)}.",
+        f"- Of those, on a straight line like the paper's (|2nd difference| ≤ {LINEAR_SLACK}): {len(linear)}.",
+        f"- Of those, with shared choices that also keep fusion last and CSP within {TOLERANCE:.0%}: {len(shared_fit)}.",
+        f"- Of those, both on a straight line and with the other variants fitting: {len(consistent)}.",
         f"- The implemented reading (`Layout()`): worst row {ours.error:.1%}, "
         f"{' / '.join(f'{v:.3f}' for v in ours.fusion_first)}; fusion last and CSP {ours.others_error:.1%}.",
         "",
@@ -207,9 +209,9 @@ def report(cands: list[Candidate], top: int = 8) -> str:
         "",
         head, rule, *(_row(c) for c in cands[:top]),
         "",
-        "## Readings that pass all three filters",
+        "## Readings whose shared choices also fit fusion last and CSP (all of them)",
         "",
-        head, rule, *(_row(c) for c in consistent[:top]),
+        head, rule, *(_row(c) for c in shared_fit),
         "",
         "## Best readings with the implemented split, growth and bottleneck widths (any partial stages)",
         "",
