@@ -51,7 +51,8 @@ class Layout:
     growth: str = "fixed"  # fixed (32) | scaled (32·(1−γ), even)
     bottleneck: str = "fixed"  # fixed (16/32/64/64) | pelee_rule (PeleeNet's code: halve when > input/2) | scaled
     transition_at: str = "pooled"  # fusion first / CSP: the post-concat transition at full resolution or pooled
-    # fusion first: the transition's width, fixed (T) | dense_path ((1−γ)C + k·n) | scaled ((1−γ)·T) | fixed_minus_part1
+    # fusion first: the transition's width, fixed (T) | dense_path ((1−γ)C + k·n) | scaled ((1−γ)·T)
+    # | fixed_minus_part1 (T − γC)
     transition_width: str = "fixed"
     last_transition: bool = True  # whether the last stage keeps a transition
 
@@ -198,10 +199,11 @@ def report(cands: list[Candidate], top: int = 8) -> str:
         "0.25, a straight line (0.967 − 0.424·γ).",
         "",
         f"- Readings enumerated: {len(cands):,}.",
-        f"- Fusion first within {TOLERANCE:.0%} on all three rows: {len(fits)}.",
-        f"- Of those, on a straight line like the paper's (|2nd difference| ≤ {LINEAR_SLACK}): {len(linear)}.",
-        f"- Of those, with shared choices that also keep fusion last and CSP within {TOLERANCE:.0%}: {len(shared_fit)}.",
-        f"- Of those, both on a straight line and with the other variants fitting: {len(consistent)}.",
+        f"- Fusion first within {TOLERANCE:.0%} on all three rows: {len(fits)}. Among them:",
+        f"  - on a straight line like the paper's (|2nd difference| ≤ {LINEAR_SLACK}): {len(linear)}.",
+        f"  - with shared choices that also keep fusion last and CSP within {TOLERANCE:.0%}: "
+        f"{len(shared_fit)}.",
+        f"  - both on a straight line and with the other variants fitting: {len(consistent)}.",
         f"- The implemented reading (`Layout()`): worst row {ours.error:.1%}, "
         f"{' / '.join(f'{v:.3f}' for v in ours.fusion_first)}; fusion last and CSP {ours.others_error:.1%}.",
         "",
