@@ -153,8 +153,11 @@ class Candidate:
     layout: Layout
     fusion_first: tuple[float, ...]
     error: float
-    linear: bool
     others_error: float  # the worst fusion-last / CSP row with the shared choices (CSP: its better placement)
+
+    @property
+    def linear(self) -> bool:
+        return abs(second_difference(self.fusion_first)) <= LINEAR_SLACK
 
 
 def candidates() -> list[Candidate]:
@@ -167,8 +170,7 @@ def candidates() -> list[Candidate]:
         for own in itertools.product(*FUSION_FIRST_CHOICES.values()):
             layout = replace(base, **dict(zip(FUSION_FIRST_CHOICES, own)))
             values = bflops(layout, "fusion_first")
-            out.append(Candidate(layout, values, max_error(values, "fusion_first"),
-                                 abs(second_difference(values)) <= LINEAR_SLACK, max(last, csp)))
+            out.append(Candidate(layout, values, max_error(values, "fusion_first"), max(last, csp)))
     return sorted(out, key=lambda c: c.error)
 
 

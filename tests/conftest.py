@@ -1,4 +1,7 @@
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,3 +15,18 @@ torch.set_num_threads(int(os.environ.get("CSPNET_TEST_THREADS", _default)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def benchmark_script():
+    """Load ``benchmarks/<name>.py`` as a module (the scripts are not part of the package)."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+        script = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = script  # dataclasses look their module up there
+        spec.loader.exec_module(script)
+        return script
+
+    return load

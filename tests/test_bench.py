@@ -214,17 +214,11 @@ def test_bench_cli_memory_options_reach_the_config():
     assert not chosen.return_freed_memory and not chosen.memory_efficient and chosen.keep_freed_memory
 
 
-def test_op_profile_finds_darknet53_doing_timms_work_op_for_op(tmp_path):
+def test_op_profile_finds_darknet53_doing_timms_work_op_for_op(tmp_path, benchmark_script):
     # benchmarks/op_profile.py: our darknet53 and timm's are the same network, so a training step
     # must run the same ATen ops the same number of times; cspdarknet53 runs the cfg's two split
     # convs where timm runs one and splits its output, so there the counts must differ.
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "op_profile.py"
-    spec = importlib.util.spec_from_file_location("op_profile_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("op_profile")
     out = tmp_path / "ops.md"
     argv = ["darknet53", "cspdarknet53", "--rounds", "1", "--batch", "2", "--input-size", "32", "--threads", "1",
             "--out", str(out)]

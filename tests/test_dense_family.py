@@ -235,22 +235,9 @@ def test_reference_models_land_on_the_readme(name):
 
 # -- benchmarks/fusion_first_layouts.py: its analytic counts are the profiler's on every buildable layout ----
 
-def _fusion_first_layouts_script():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fusion_first_layouts.py"
-    spec = importlib.util.spec_from_file_location("fusion_first_layouts_script", path)
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # its dataclasses look their module up there
-    spec.loader.exec_module(script)
-    return script
-
-
 @pytest.mark.parametrize("gamma", [0.25, 0.5, 0.75])
-def test_fusion_first_layout_counts_equal_the_profiler(gamma):
-    script = _fusion_first_layouts_script()
+def test_fusion_first_layout_counts_equal_the_profiler(gamma, benchmark_script):
+    script = benchmark_script("fusion_first_layouts")
     Layout = script.Layout
     assert script.layout_macs(Layout(partial=()), "csp", gamma) == _profile("peleenet", 224).macs
     for fusion in ("fusion_first", "fusion_last", "csp"):
@@ -260,8 +247,8 @@ def test_fusion_first_layout_counts_equal_the_profiler(gamma):
             assert script.layout_macs(layout, fusion, gamma) == measured, (fusion, csp_stages)
 
 
-def test_fusion_first_layouts_report(tmp_path):
-    script = _fusion_first_layouts_script()
+def test_fusion_first_layouts_report(tmp_path, benchmark_script):
+    script = benchmark_script("fusion_first_layouts")
     out = tmp_path / "ff.md"
     assert script.main(["--out", str(out), "--top", "3"]) == 0
     text = out.read_text()

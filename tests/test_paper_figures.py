@@ -6,7 +6,7 @@ import pytest
 
 import cspnet
 from cspnet.modeltable import (
-    MODELS_PAGE_HEADER, README_BEGIN, README_END, Table1Row, format_table1, model_rows, models_markdown,
+    README_BEGIN, README_END, Table1Row, format_table1, model_rows, models_markdown, models_page,
     readme_tables, update_readme,
 )
 
@@ -81,7 +81,7 @@ def test_readme_and_docs_model_tables_are_what_cspnet_models_measures():
     tables = models_markdown()
     assert readme_tables(root / "README.md") == tables, "README model table is stale: run `make models`"
     page = (root / "docs/models.md").read_text()
-    assert page == MODELS_PAGE_HEADER + tables + "\n", "docs/models.md is stale: run `make models`"
+    assert page == models_page(tables), "docs/models.md is stale: run `make models`"
     assert all(f"| {name}" in tables for name in cspnet.list_models())
     assert "| csppeleenet | 0.5 | fusion_last |" in tables  # paper Table 1 follows the model table
 

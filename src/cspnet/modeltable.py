@@ -210,6 +210,11 @@ def models_markdown(pattern: str = "*", input_size: int | None = None) -> str:
     return text
 
 
+def models_page(tables: str) -> str:
+    """``docs/models.md``: the tables under their title."""
+    return MODELS_PAGE_HEADER + tables + "\n"
+
+
 def _generated_span(path: Path, text: str) -> tuple[int, int]:
     begin, end = text.find(README_BEGIN), text.find(README_END)
     if begin < 0 or end < begin:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from ..files import atomic_write_text
-from ..modeltable import MODELS_PAGE_HEADER, model_rows, models_markdown, update_readme
+from ..modeltable import model_rows, models_markdown, models_page, update_readme
 
 
 def register(sub) -> None:
@@ -29,7 +29,7 @@ def run(args) -> int:
     tables = models_markdown(args.pattern, args.input_size)
     print(tables)
     if args.out:
-        atomic_write_text(args.out, MODELS_PAGE_HEADER + tables + "\n")
+        atomic_write_text(args.out, models_page(tables))
     if args.readme:
         update_readme(args.readme, tables)
     return 0
