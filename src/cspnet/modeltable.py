@@ -197,7 +197,7 @@ def format_table1(rows: list[Table1Row]) -> str:
     misses = [r.label for r in rows if abs(r.bflops / r.paper_bflops - 1) > TABLE1_TOLERANCE]
     out.append("γ (`part_ratio`) is the fraction of each stage's base channels that bypasses the dense block. "
                f"Rows more than {TABLE1_TOLERANCE:.0%} from the paper's BFLOPs: {', '.join(misses) or 'none'} "
-               "(docs/models_design.md explains the design and which widths were fitted to these rows).")
+               "(docs/models_design.md explains the design and the gap).")
     return "\n".join(out)
 
 

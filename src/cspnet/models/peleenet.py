@@ -7,13 +7,11 @@ so ``act`` defaults to ``leaky``.
 
 CSPPeleeNet has no released definition. This one is built from the paper's description (partial dense
 block, partial transition, γ = the fraction of base channels that bypass) with the choices that reproduce
-all nine rows of the paper's Table 1 (docs/models_design.md): stages 2-4 are CSP stages and the first
-(56x56) stays a plain PeleeNet stage; the base map is sliced; the partial transition keeps its width at
-full resolution; the transition after the concat runs after the 2x2 pool (so it is the first layer of the
-next stage, as csresnet50.cfg's next-stage 1x1). ``fusion="fusion_last"`` drops the transition after the
-concat. ``fusion="fusion_first"`` has no partial transition and ends with PeleeNet's own transition (1x1
-at full resolution, then the pool; Table 1 ticks "trans." for it, "partial trans." for the others),
-(1 − γ)·T wide: the width that puts its rows on the paper's, not one the paper states.
+the paper's figures (docs/models_design.md): the base map is sliced, the partial transition keeps its
+width at full resolution, the transition after the concat runs after the 2x2 pool (so it is the first
+layer of the next stage, as csresnet50.cfg's next-stage 1x1), and the last (7x7) stage stays a plain
+PeleeNet stage. ``fusion="fusion_first"`` puts the pool and the transition right after the concat;
+``fusion="fusion_last"`` drops the transition.
 """
 from __future__ import annotations
 
@@ -69,7 +67,7 @@ class TwoWayDenseLayer(nn.Module):
 
 @dataclass(frozen=True)
 class PeleeNetCfg:
-    """PeleeNet's layout; ``fusion``/``part_ratio`` make the stages indexed by ``csp_stages`` CSP stages."""
+    """PeleeNet's layout; ``fusion``/``part_ratio`` make the first ``csp_stages`` stages CSP stages."""
 
     depths: tuple[int, ...] = (3, 4, 8, 6)
     bottleneck_widths: tuple[int, ...] = (1, 2, 4, 4)
@@ -80,7 +78,7 @@ class PeleeNetCfg:
     se: bool = False
     fusion: Fusion = "none"
     part_ratio: float = 0.5
-    csp_stages: tuple[int, ...] = (1, 2, 3)
+    csp_stages: int = 3
 
 
 def _make_blocks(cfg: PeleeNetCfg, index: int, act: str):
@@ -101,7 +99,7 @@ def _pool() -> nn.Module:
 def _pelee_stage(cfg: PeleeNetCfg, i: int, in_chs: int, down: nn.Module | None, act: str):
     """Stage ``i``; the transition to run after the next pool (csp); whether the stage ends with a pool."""
     last = i == len(cfg.depths) - 1
-    fusion = cfg.fusion if i in cfg.csp_stages else "none"
+    fusion = cfg.fusion if i < cfg.csp_stages else "none"
     make_blocks = _make_blocks(cfg, i, act)
     t_chs = cfg.transition_chs[i]
     if fusion == "none":
@@ -110,11 +108,10 @@ def _pelee_stage(cfg: PeleeNetCfg, i: int, in_chs: int, down: nn.Module | None, 
     if fusion == "fusion_last":  # the partial transition keeps the dense block's width
         return CrossStage(in_chs, make_blocks, fusion="fusion_last", **split), None, False
     fused = in_chs + cfg.depths[i] * cfg.growth_rate
-    if fusion == "fusion_first":  # concat -> 1x1 -> pool, (1 - γ)·T wide
-        width = round((1 - cfg.part_ratio) * t_chs)
-        conv = ConvBnAct(fused, width, 1, act=act)
-        transition = conv if last else nn.Sequential(conv, _pool())
-        stage = CrossStage(in_chs, make_blocks, fusion="fusion_first", transition=transition, transition_chs=width, **split)
+    if fusion == "fusion_first":
+        conv = ConvBnAct(fused, t_chs, 1, act=act)
+        transition = conv if last else nn.Sequential(_pool(), conv)  # concat -> pool -> 1x1
+        stage = CrossStage(in_chs, make_blocks, fusion="fusion_first", transition=transition, transition_chs=t_chs, **split)
         return stage, None, not last
     if last:
         return CrossStage(in_chs, make_blocks, fusion="csp", transition_chs=t_chs, **split), None, False
@@ -129,8 +126,8 @@ def build_peleenet(cfg: PeleeNetCfg, *, in_chans: int = 3, **net_kwargs) -> Stag
     n = len(cfg.depths)
     if not (len(cfg.bottleneck_widths) == len(cfg.transition_chs) == n):
         raise ValueError("depths, bottleneck_widths and transition_chs must have one entry per stage")
-    if not isinstance(cfg.csp_stages, (tuple, list)) or any(i not in range(n) for i in cfg.csp_stages):
-        raise ValueError(f"csp_stages must be stage indices in [0, {n - 1}], got {cfg.csp_stages!r}")
+    if not 0 <= cfg.csp_stages <= n:
+        raise ValueError(f"csp_stages must lie in [0, {n}], got {cfg.csp_stages}")
     act = canonical_act(cfg.act)
     stem = PeleeStem(in_chans, cfg.stem_chs, act)
     stages, strides = [], []
