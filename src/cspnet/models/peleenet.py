@@ -67,7 +67,7 @@ class TwoWayDenseLayer(nn.Module):
 
 @dataclass(frozen=True)
 class PeleeNetCfg:
-    """PeleeNet's layout; ``fusion``/``part_ratio`` make the first ``csp_stages`` stages CSP stages."""
+    """PeleeNet's layout; ``fusion``/``part_ratio`` make the stages indexed by ``csp_stages`` CSP stages."""
 
     depths: tuple[int, ...] = (3, 4, 8, 6)
     bottleneck_widths: tuple[int, ...] = (1, 2, 4, 4)
@@ -78,7 +78,7 @@ class PeleeNetCfg:
     se: bool = False
     fusion: Fusion = "none"
     part_ratio: float = 0.5
-    csp_stages: int = 3
+    csp_stages: tuple[int, ...] = (0, 1, 2)
 
 
 def _make_blocks(cfg: PeleeNetCfg, index: int, act: str):
@@ -99,7 +99,7 @@ def _pool() -> nn.Module:
 def _pelee_stage(cfg: PeleeNetCfg, i: int, in_chs: int, down: nn.Module | None, act: str):
     """Stage ``i``; the transition to run after the next pool (csp); whether the stage ends with a pool."""
     last = i == len(cfg.depths) - 1
-    fusion = cfg.fusion if i < cfg.csp_stages else "none"
+    fusion = cfg.fusion if i in cfg.csp_stages else "none"
     make_blocks = _make_blocks(cfg, i, act)
     t_chs = cfg.transition_chs[i]
     if fusion == "none":
@@ -126,8 +126,8 @@ def build_peleenet(cfg: PeleeNetCfg, *, in_chans: int = 3, **net_kwargs) -> Stag
     n = len(cfg.depths)
     if not (len(cfg.bottleneck_widths) == len(cfg.transition_chs) == n):
         raise ValueError("depths, bottleneck_widths and transition_chs must have one entry per stage")
-    if not 0 <= cfg.csp_stages <= n:
-        raise ValueError(f"csp_stages must lie in [0, {n}], got {cfg.csp_stages}")
+    if not isinstance(cfg.csp_stages, (tuple, list)) or any(i not in range(n) for i in cfg.csp_stages):
+        raise ValueError(f"csp_stages must be stage indices in [0, {n - 1}], got {cfg.csp_stages!r}")
     act = canonical_act(cfg.act)
     stem = PeleeStem(in_chans, cfg.stem_chs, act)
     stages, strides = [], []

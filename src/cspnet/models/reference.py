@@ -24,11 +24,11 @@ CSPDENSENET_REF = _dense_ref((1, 2, 4, 5, 14))
 CSPDENSENETB_REF = _dense_ref((1, 1, 2, 4, 5))
 CSPPELEENET_REF = PeleeNetCfg(
     depths=(3, 4, 7, 6, 5), bottleneck_widths=(1, 2, 4, 4, 4), transition_chs=(128, 256, 512, 512, 1024),
-    fusion="csp", csp_stages=4,
+    fusion="csp", csp_stages=(0, 1, 2, 3),
 )
 CSPPELEENETB_REF = PeleeNetCfg(
     depths=(3, 5, 6, 4, 4), bottleneck_widths=(1, 2, 4, 4, 4), transition_chs=(64, 128, 256, 384, 512),
-    fusion="csp", csp_stages=4,
+    fusion="csp", csp_stages=(0, 1, 2, 3),
 )
 
 _SRC = "repo README (designed here)"
