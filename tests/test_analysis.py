@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from cspnet import create_model, list_models, profile
@@ -230,6 +231,16 @@ def test_ablation_completes_on_a_tiny_subset_with_profiler_bflops(tiny_ablation)
     assert len({r["bflops"] for r in rows}) == 5  # γ and fusion really change the models
     assert (out / "ablation.png").stat().st_size > 10_000
     assert (out / "runs" / "plain" / "metrics.csv").is_file()
+
+
+def test_ablation_runs_are_a_function_of_the_seed(tiny_ablation, tmp_path):
+    out, data, cfg, kwargs, _ = tiny_ablation
+    torch.manual_seed(12345)  # whatever ran before in this process must not reach the initial weights
+    run_ablation("cspdensenet121", data, cfg, ClassifyRecipe(), tmp_path, **{**kwargs, "gammas": (0.75,), "fusions": ("csp",)})
+    for key in ("plain", "csp-g0.75"):
+        first, again = (load_file(d / "runs" / key / "last.safetensors") for d in (out, tmp_path))
+        assert first.keys() == again.keys()
+        assert all(torch.equal(first[k], again[k]) for k in first), key
 
 
 def test_ablation_table_puts_the_papers_figures_beside_the_peleenet_family(tiny_ablation):
