@@ -220,6 +220,17 @@ def test_checkpoint_record_gives_back_tuples_and_rebuilds_the_model(tmp_path):
         assert torch.equal(model.eval()(x), again.eval()(x))
 
 
+def test_rebuild_model_with_a_seed_draws_the_same_initial_weights_whatever_ran_before():
+    from cspnet.engine.models import model_record, rebuild_model
+
+    rec = model_record("resnet10", num_classes=10, in_chans=1, width=0.25)
+    torch.manual_seed(1)
+    first = rebuild_model(rec, seed=3)
+    torch.rand(1000)  # other work in the same process
+    assert _same(first.state_dict(), rebuild_model(rec, seed=3).state_dict())
+    assert not _same(first.state_dict(), rebuild_model(rec, seed=4).state_dict())
+
+
 # Crash points of a write: before each of the five renames (model, state, JSON = the commit, then
 # the two renames to plain names), or while a temp file is half written.
 CRASHES = [("rename", i) for i in range(5)] + [("torn", "model"), ("torn", "state"), ("torn", "json")]

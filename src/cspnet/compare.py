@@ -28,8 +28,8 @@ from torch import nn
 from .data import ClassificationData
 from .engine.classify import ClassificationTask, ClassifyRecipe
 from .engine.distributed import DistInfo, resolve_device
-from .engine.models import build_model, model_record, rebuild_model
-from .engine.train import TrainConfig, fit, plot_curves, seed_everything
+from .engine.models import model_record, rebuild_model
+from .engine.train import TrainConfig, fit, plot_curves
 from .profile import profile
 from .registry import get_spec
 from .files import atomic_savefig
@@ -172,8 +172,7 @@ def train_one(name: str, width: float, data: ClassificationData, cfg: TrainConfi
     if threads:
         torch.set_num_threads(threads)
     record = model_record(name, num_classes=data.num_classes, in_chans=data.in_chans, width=width)
-    seed_everything(cfg.seed)  # same seed, same recipe for every model
-    model = build_model(**{k: record[k] for k in ("name", "num_classes", "in_chans", "width", "options")})
+    model = rebuild_model(record, seed=cfg.seed)  # same seed, same recipe for every model
     run_info = {"model": record, "data": data.describe(), "recipe": asdict(recipe)}
     t0 = time.perf_counter()
     result = fit(ClassificationTask(data, recipe), model, cfg, out / name, dist=DistInfo(device=resolve_device(device)),
@@ -225,8 +224,7 @@ def run_compare_models(
     benches = run_benchmarks([run["record"] for run in runs], data.img_size, bench_batch, bench_device, threads, bench_seconds)
     rows, histories = [], {}
     for name, run, bench in zip(models, runs, benches):
-        prof = profile(build_model(**{k: run["record"][k] for k in ("name", "num_classes", "in_chans", "width", "options")}),
-                       data.img_size)
+        prof = profile(rebuild_model(run["record"]), data.img_size)
         histories[name] = run["history"]
         final = run["final"]
         rows.append({

@@ -22,8 +22,8 @@ from typing import Any
 
 from ..data import ClassificationData
 from ..engine.classify import ClassificationTask, ClassifyRecipe
-from ..engine.models import build_model, model_record
-from ..engine.train import RESUMABLE_CHANGES, TrainConfig, fit, seed_everything
+from ..engine.models import build_model, model_record, rebuild_model
+from ..engine.train import RESUMABLE_CHANGES, TrainConfig, fit
 from ..profile import profile
 from ..registry import get_spec
 from ..files import atomic_savefig, atomic_write_text
@@ -160,8 +160,7 @@ def _one_run(run: AblationRun, i: int, n: int, data, train_cfg, recipe, out: Pat
         return {**saved["row"], "status": "skipped"}
     resume = (run_dir / "last.json").is_file()
     measured = _measure(run, data, width, options, paper_size)
-    seed_everything(train_cfg.seed)  # the initial weights are a function of the seed, not of earlier runs
-    model = build_model(run.model, num_classes=data.num_classes, in_chans=data.in_chans, width=width, options=options)
+    model = rebuild_model(record, seed=train_cfg.seed)
     run_info = {"model": record, "data": data.describe(), "recipe": dataclasses.asdict(recipe), "ablation": run.key}
     result = fit(ClassificationTask(data, recipe), model, train_cfg, run_dir, resume=resume, progress=progress,
                  run_info=run_info, desc=f"[{i + 1}/{n}] {run.key} ")

@@ -147,8 +147,8 @@ def set_threads(args) -> None:
 def run_train(args) -> int:
     from ..engine.classify import ClassificationTask
     from ..engine.distributed import cleanup, init_distributed
-    from ..engine.models import build_model, model_record
-    from ..engine.train import fit, seed_everything
+    from ..engine.models import model_record, rebuild_model
+    from ..engine.train import fit
 
     set_threads(args)
     dist = init_distributed(args.device)
@@ -157,8 +157,7 @@ def run_train(args) -> int:
         cfg, recipe = build_recipe(args, len(data.train))
         record = model_record(args.model, num_classes=data.num_classes, in_chans=data.in_chans, width=args.width,
                               options=model_opts(args.model_opt))
-        seed_everything(args.seed)  # the initial weights are a function of the seed
-        model = build_model(**{k: record[k] for k in ("name", "num_classes", "in_chans", "width", "options")})
+        model = rebuild_model(record, seed=args.seed)
         run_info = {"model": record, "data": data.describe(), "recipe": recipe.__dict__}
         result = fit(ClassificationTask(data, recipe), model, cfg, args.out, dist=dist, resume=args.resume,
                      progress=not args.no_progress, tensorboard=args.tensorboard, run_info=run_info)

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from ..registry import create_model, get_spec
+from .train import seed_everything
 
 
 def scale_widths(cfg: Any, width: float, divisor: int = 8) -> Any:
@@ -52,8 +53,14 @@ def model_record(name: str, *, num_classes: int, in_chans: int, width: float = 1
     return {"name": name, "width": width, "options": dict(options or {}), "num_classes": num_classes, "in_chans": in_chans}
 
 
-def rebuild_model(record: dict[str, Any]) -> nn.Module:
-    """The model a `model_record` describes (weights not loaded)."""
+def rebuild_model(record: dict[str, Any], *, seed: int | None = None) -> nn.Module:
+    """The model a `model_record` describes (weights not loaded).
+
+    With ``seed``, the global RNGs are seeded (`seed_everything`) right before the model is built, so its
+    initial weights are a function of the seed alone, not of whatever ran before in the process.
+    """
+    if seed is not None:
+        seed_everything(seed)
     try:
         return build_model(record["name"], num_classes=record["num_classes"], in_chans=record["in_chans"],
                            width=record.get("width", 1.0), options=record.get("options"))
