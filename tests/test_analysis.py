@@ -1,4 +1,5 @@
 """The analysis tools: gradient duplication, per-layer bottleneck profile, γ / fusion ablation runner."""
+import fcntl
 import json
 import math
 import re
@@ -241,6 +242,23 @@ def test_ablation_runs_are_a_function_of_the_seed(tiny_ablation, tmp_path):
         first, again = (load_file(d / "runs" / key / "last.safetensors") for d in (out, tmp_path))
         assert first.keys() == again.keys()
         assert all(torch.equal(first[k], again[k]) for k in first), key
+
+
+def test_ablation_leaves_runs_another_process_holds_to_it(tmp_path, capsys):
+    data = load_classification("digits", 16, train_limit=32, test_limit=10)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, seed=0)
+    kwargs = dict(options=TINY_DENSE, gammas=(0.5,), fusions=("csp",), paper_size=16, progress=False)
+    (tmp_path / "runs").mkdir()
+    with open(tmp_path / "runs" / "plain.lock", "a") as held:  # what a second `cspnet ablation` would hold
+        fcntl.flock(held, fcntl.LOCK_EX)
+        rows = run_ablation("cspdensenet121", data, cfg, ClassifyRecipe(), tmp_path, **kwargs)
+        assert [(r["key"], r["status"]) for r in rows] == [("csp-g0.5", "trained")]
+        assert not (tmp_path / "runs" / "plain").exists()
+        assert "plain: another process is training it" in capsys.readouterr().err
+        assert "| densenet121 |" not in (tmp_path / "ablation.md").read_text()
+    rows = run_ablation("cspdensenet121", data, cfg, ClassifyRecipe(), tmp_path, **kwargs)
+    assert [(r["key"], r["status"]) for r in rows] == [("plain", "trained"), ("csp-g0.5", "skipped")]
+    assert "| densenet121 |" in (tmp_path / "ablation.md").read_text()
 
 
 def test_ablation_table_puts_the_papers_figures_beside_the_peleenet_family(tiny_ablation):

@@ -7,15 +7,22 @@ checkpoints and metrics) and is finished when ``OUT/runs/<key>/result.json`` exi
 finished runs and resumes an interrupted one from its last checkpoint. After every run the table
 (``ablation.md``, ``ablation.json``) and the accuracy-vs-BFLOPs scatter (``ablation.png``) are rewritten.
 
+Several processes may share one ``OUT`` (one thread each is the fastest use of a small CPU): each run is
+claimed with an exclusive lock (``OUT/runs/<key>.lock``), a process leaves runs another one holds to it,
+and its table lists the runs finished so far; run once more when all are done for the whole table.
+
 Params and BFLOPs are measured by `cspnet.profile` on the model as trained (classes and channels of
 the data, at the training size); the "BFLOPs @ paper size" column profiles the same architecture as
 an ImageNet model (3 channels, 1000 classes) at 224x224, which is what Table 1's BFLOPs column is.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,9 +119,10 @@ def run_ablation(
 
     ``width`` and ``options`` (config overrides such as ``act``) apply to every run, the plain one too.
 
-    Returns one row per run: ``key, model, fusion, part_ratio, params, bflops, bflops_paper_size,
-    top1, top5`` (test accuracy after the last epoch), ``wall_s`` and ``status`` (``trained``,
-    ``resumed`` or ``skipped``).
+    Returns one row per run this process finished or found finished: ``key, model, fusion, part_ratio,
+    params, bflops, bflops_paper_size, top1, top5`` (test accuracy after the last epoch), ``wall_s`` and
+    ``status`` (``trained``, ``resumed`` or ``skipped``). Runs that another process is training are left
+    out (and named on stderr).
     """
     runs = ablation_runs(family, gammas, fusions, include_plain)
     options = dict(options or {})
@@ -130,11 +138,17 @@ def run_ablation(
         bar = tqdm(total=len(runs), desc="ablation", unit="run", position=0, dynamic_ncols=True)
     try:
         for i, run in enumerate(runs):
-            rows.append(_one_run(run, i, len(runs), data, train_cfg, recipe, out, width, {**options, **run.options},
-                                 paper_size, progress))
-            write_ablation_report(rows, out, family, data)
+            row = _one_run(run, i, len(runs), data, train_cfg, recipe, out, width, {**options, **run.options},
+                           paper_size, progress)
+            if row is None:
+                print(f"{run.key}: another process is training it ({out / 'runs' / run.key}); left to it",
+                      file=sys.stderr)
+            else:
+                rows.append(row)
+                write_ablation_report(rows, out, family, data)
             if bar is not None:
-                bar.set_postfix(last=f"{run.key} top1={100 * rows[-1]['top1']:.2f}%", refresh=False)
+                if row is not None:
+                    bar.set_postfix(last=f"{run.key} top1={100 * row['top1']:.2f}%", refresh=False)
                 bar.update(1)
     finally:
         if bar is not None:
@@ -142,8 +156,32 @@ def run_ablation(
     return rows
 
 
+@contextlib.contextmanager
+def _claim(lock_path: Path):
+    """Yield True while this process holds the exclusive lock on ``lock_path``, False if another one does."""
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _one_run(run: AblationRun, i: int, n: int, data, train_cfg, recipe, out: Path, width: float, options: dict,
-             paper_size: int, progress: bool) -> dict[str, Any]:
+             paper_size: int, progress: bool) -> dict[str, Any] | None:
+    """The run's row (trained, resumed or found finished), or None while another process holds the run."""
+    with _claim(out / "runs" / f"{run.key}.lock") as mine:
+        if not mine:
+            return None
+        return _train_or_reuse(run, i, n, data, train_cfg, recipe, out, width, options, paper_size, progress)
+
+
+def _train_or_reuse(run: AblationRun, i: int, n: int, data, train_cfg, recipe, out: Path, width: float, options: dict,
+                    paper_size: int, progress: bool) -> dict[str, Any]:
     run_dir = out / "runs" / run.key
     result_path = run_dir / "result.json"
     record = model_record(run.model, num_classes=data.num_classes, in_chans=data.in_chans, width=width, options=options)
