@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from cspnet.cli import main
 from cspnet.data import load_digits_data
 from cspnet.engine import checkpoint as ckpt_mod
 from cspnet.engine.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record, save_checkpoint
-from cspnet.engine.classify import ClassificationTask, ClassifyRecipe
+from cspnet.engine.classify import ClassificationTask, ClassifyRecipe, load_classifier, normalize
 from cspnet.engine.ema import ModelEMA
 from cspnet.engine.optim import LrSchedule, build_optimizer, param_groups
 from cspnet.engine.train import TrainConfig, TrainingDiverged, fit
@@ -375,6 +376,51 @@ def test_eval_prints_top1_top5_per_class_and_catches_wrong_heads(tmp_path, capsy
     assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "320",
                  "--out", str(out), "--resume", "--lr", "0.5"]) == 2
     assert "lr: checkpoint 0.1 vs now 0.5" in capsys.readouterr().err
+
+
+def test_predict_gives_the_trained_models_top_k_for_image_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "320", "--out", str(out)]) == 0
+    capsys.readouterr()
+    images = load_digits_data(16).test.images[:12]
+    nested = tmp_path / "imgs" / "nested"
+    nested.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image[0].numpy()).save(nested / f"{i:02d}.png")
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")  # a searched folder's non-images are passed over
+    assert main(["predict", str(tmp_path / "imgs"), "--checkpoint", str(out), "--topk", "3", "--batch-size", "5",
+                 "--no-progress", "--json-out", str(tmp_path / "p.json")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "p.json").read_text()) == result
+    rows = result["predictions"]
+    assert [Path(r["image"]).name for r in rows] == [f"{i:02d}.png" for i in range(12)] and result["skipped"] == []
+    # the same images, straight from the dataset, through the trained weights and the training normalisation
+    model, run = load_classifier(out)
+    with torch.no_grad():
+        probs = model(normalize(images, tuple(run["data"]["mean"]), tuple(run["data"]["std"]))).softmax(1)
+    top = probs.topk(3, dim=1)
+    for row, p, idx in zip(rows, top.values.tolist(), top.indices.tolist()):
+        assert [t["index"] for t in row["top"]] == idx
+        assert [t["prob"] for t in row["top"]] == pytest.approx(p, abs=1e-5)
+        assert [t["class"] for t in row["top"]] == [run["data"]["classes"][i] for i in idx]
+
+    (nested / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", str(nested), "--checkpoint", str(out), "--no-progress"]) == 2
+    assert "broken.png: corrupt or unreadable image" in capsys.readouterr().err
+    assert main(["predict", str(nested), "--checkpoint", str(out), "--no-progress", "--skip-corrupt", "--topk", "50"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["images"] == 12 and len(result["skipped"]) == 1 and "broken.png" in captured.err
+    assert all(len(r["top"]) == 10 for r in result["predictions"])  # topk beyond the classes lists them all
+    for args, message in ((["--topk", "0"], "topk must be >= 1"), ([], "no such file or folder")):
+        target = str(tmp_path / "missing.png") if not args else str(nested)
+        assert main(["predict", target, "--checkpoint", str(out), "--no-progress", *args]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), "--checkpoint", str(out)]) == 2
+    assert "no image files in this folder" in capsys.readouterr().err
+    assert main(["predict", str(nested), "--checkpoint", str(nested / "00.png")]) == 2
+    assert "00.png: a file, not a run directory" in capsys.readouterr().err
 
 
 def test_gradient_clipping_bounds_every_update(tmp_path):

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..files import atomic_write_text
+
 MODULE_HELP = "train / evaluate classifiers; compare a CSP model with its plain twin"
 
 
@@ -92,6 +94,19 @@ def register(sub) -> None:
     add_data_args(p, default=None)
     p.set_defaults(func=run_eval)
 
+    p = sub.add_parser("predict", help="classify image files with a trained run: top-k classes and probabilities (JSON)")
+    p.add_argument("images", nargs="+", help="image files, or folders (searched recursively)")
+    p.add_argument("--checkpoint", required=True, help="run directory written by cspnet train")
+    p.add_argument("--name", default="last", help="which checkpoint: last or best")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights stored with the checkpoint")
+    p.add_argument("--topk", type=int, default=5, help="classes listed per image (at most the model's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--skip-corrupt", action="store_true", help="leave out (and name) unreadable images instead of failing")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json-out", default=None, help="also write the JSON to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_predict)
+
     p = sub.add_parser("compare", help="the main job: a CSP model vs its plain twin on Fashion-MNIST (report + plots)")
     from ..compare import DEFAULTS
 
@@ -174,39 +189,47 @@ def run_eval(args) -> int:
     import torch
 
     from ..data import load_classification
-    from ..engine.checkpoint import load_checkpoint, read_checkpoint_record
-    from ..engine.classify import evaluate_classifier
+    from ..engine.classify import evaluate_classifier, load_classifier
     from ..engine.distributed import DistInfo, resolve_device
-    from ..engine.ema import ModelEMA
-    from ..engine.models import rebuild_model
 
-    record = read_checkpoint_record(args.checkpoint, args.name)
-    run = record["state"].get("run", {})
-    if "model" not in run or "data" not in run:
-        raise ValueError(f"{Path(args.checkpoint) / (args.name + '.json')}: key 'state.run' lacks the model / data description")
+    model, run = load_classifier(args.checkpoint, args.name, ema=args.ema, num_classes=args.num_classes)
     trained = run["data"]
     img_size = args.img_size or trained["img_size"]
     data = load_classification(args.data, img_size, in_chans=args.in_chans, test_limit=args.test_limit,
                                val_fraction=args.val_fraction, skip_corrupt=args.skip_corrupt)
-    model_rec = dict(run["model"])
-    if args.num_classes is not None:
-        model_rec["num_classes"] = args.num_classes
-    model = rebuild_model(model_rec)
-    ema = ModelEMA(model) if args.ema else None
-    load_checkpoint(args.checkpoint, model=model, ema=ema, name=args.name, restore_rng=False)
-    if data.num_classes != model_rec["num_classes"]:
+    if data.num_classes != run["model"]["num_classes"]:
         raise ValueError(f"{args.data} has {data.num_classes} classes but the checkpoint's model has "
-                         f"num_classes={model_rec['num_classes']} (trained on {trained['name']})")
+                         f"num_classes={run['model']['num_classes']} (trained on {trained['name']})")
     data.mean, data.std = tuple(trained["mean"]), tuple(trained["std"])  # normalise as in training
     device = resolve_device(args.device)
-    scored = (ema.module if ema else model).to(device)
     with torch.inference_mode():
-        result = evaluate_classifier(scored, data, DistInfo(device=device), batch_size=args.batch_size, progress=True)
+        result = evaluate_classifier(model.to(device), data, DistInfo(device=device), batch_size=args.batch_size, progress=True)
     out = {"checkpoint": str(args.checkpoint), "name": args.name, "model": run["model"]["name"], "data": args.data,
            "img_size": img_size, "ema": bool(args.ema), **result}
     text = json.dumps(out, indent=1)
     if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+        atomic_write_text(Path(args.json_out), text + "\n")
+    print(text)
+    return 0
+
+
+def run_predict(args) -> int:
+    from ..data.classification import image_files
+    from ..engine.classify import classify_files, load_classifier
+    from ..engine.distributed import resolve_device
+
+    paths = image_files(args.images)
+    model, run = load_classifier(args.checkpoint, args.name, ema=args.ema)
+    rows, skipped = classify_files(model.to(resolve_device(args.device)), paths, run["data"], topk=args.topk,
+                                   batch_size=args.batch_size, skip_corrupt=args.skip_corrupt,
+                                   progress=not args.no_progress)
+    for reason in skipped:
+        print(f"skipped: {reason}", file=sys.stderr)
+    out = {"checkpoint": str(args.checkpoint), "name": args.name, "model": run["model"]["name"], "ema": bool(args.ema),
+           "trained_on": run["data"]["name"], "images": len(rows), "skipped": skipped, "predictions": rows}
+    text = json.dumps(out, indent=1)
+    if args.json_out:
+        atomic_write_text(Path(args.json_out), text + "\n")
     print(text)
     return 0
 

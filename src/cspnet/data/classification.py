@@ -188,6 +188,25 @@ def _is_image(path: str) -> bool:
     return path.lower().endswith(IMG_EXTENSIONS)
 
 
+def image_files(paths: list[str | os.PathLike]) -> list[Path]:
+    """The files named, and the image files below the folders named (recursively, sorted), in order.
+
+    Raises `DataError` for a path that does not exist or a folder without images.
+    """
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(Path(d) / f for d, _, fs in os.walk(path, followlinks=True) for f in fs if _is_image(f))
+            if not found:
+                raise DataError(f"{path}: no image files in this folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return files
+
+
 def scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """Classes (sorted sub-directory names) and ``(path, class index)`` samples of an ImageFolder tree.
 

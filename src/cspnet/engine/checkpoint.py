@@ -254,6 +254,8 @@ def read_checkpoint_record(out_dir: str | os.PathLike, name: str = "last") -> di
     the state file.
     """
     path = Path(out_dir) / f"{name}.json"
+    if Path(out_dir).is_file():
+        raise CheckpointError(f"{out_dir}: a file, not a run directory (expected the folder holding {name}.json)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint here (expected {name}.json written by cspnet train)")
     try:

@@ -1,4 +1,5 @@
-"""The classification task for `cspnet.engine.train.fit`, and top-1 / top-5 / per-class evaluation.
+"""The classification task for `cspnet.engine.train.fit`, top-1 / top-5 / per-class evaluation, and a
+trained run's classifier applied to image files.
 
 Augmentation is done on whole batches from a seeded generator (see `fit`): a random shift of up
 to ``translate`` pixels (zero padding, then a crop), a horizontal flip when the dataset allows it,
@@ -8,7 +9,9 @@ are smoothed by ``label_smoothing``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,8 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, default_collate
 
-from ..data.classification import ClassificationData, with_worker_errors
+from ..data.classification import ClassificationData, CorruptImageError, decode_image, with_worker_errors
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record
 from .distributed import DistInfo, all_reduce_sum
+from .ema import ModelEMA
+from .models import rebuild_model
 
 
 @dataclass(frozen=True)
@@ -166,3 +172,70 @@ def evaluate_classifier(model: nn.Module, data: ClassificationData, dist: DistIn
         "per_class": dict(zip(data.classes, per_class)),
         "confusion": confusion.long().tolist(),
     }
+
+
+def load_classifier(out_dir: str | os.PathLike, name: str = "last", *, ema: bool = False,
+                    num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the classifier of a ``cspnet train`` run, load checkpoint ``name``; return ``(model, run)``.
+
+    ``run["model"]`` is the model record and ``run["data"]`` what it was trained on: class names,
+    image size, channels, mean and std. ``ema=True`` gives the EMA weights kept with the checkpoint.
+    ``num_classes`` builds the head for another class count (the load then fails, naming the tensor).
+    The model is returned in eval mode.
+    """
+    record = read_checkpoint_record(out_dir, name)
+    run = record["state"].get("run", {}) if isinstance(record["state"], dict) else {}
+    if "model" not in run or "data" not in run:
+        raise CheckpointError(f"{Path(out_dir) / (name + '.json')}: key 'state.run' lacks the model / data description "
+                              "(not a cspnet train run)")
+    model_rec = dict(run["model"])
+    if num_classes is not None:
+        model_rec["num_classes"] = num_classes
+    model = rebuild_model(model_rec)
+    holder = ModelEMA(model) if ema else None
+    load_checkpoint(out_dir, model=model, ema=holder, name=name, restore_rng=False)
+    return (holder.module if holder else model).eval(), run
+
+
+@torch.inference_mode()
+def classify_files(model: nn.Module, paths: list[Path], trained: dict[str, Any], *, topk: int = 5,
+                   batch_size: int = 64, skip_corrupt: bool = False,
+                   progress: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    """The ``topk`` most likely classes of each image file; returns ``(rows, skipped)``.
+
+    ``trained`` is the run's data description (`load_classifier`'s ``run["data"]``). Each image is
+    prepared as an image-folder test image is for ``cspnet eval`` (grey or RGB as trained, short side to
+    the training size, centre crop, the training mean and std). A row:
+    ``{"image": path, "top": [{"class": name, "index": i, "prob": p}, ...]}``, most likely first.
+    An unreadable image raises `CorruptImageError` naming it, or with ``skip_corrupt`` is left out and
+    its error listed in ``skipped``.
+    """
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    classes = trained["classes"]
+    k = min(topk, len(classes))
+    device = next(model.parameters()).device
+    rows, skipped = [], []
+    chunks = range(0, len(paths), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="predict", unit="batch", leave=False)
+    for start in chunks:
+        images, kept = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                images.append(decode_image(str(path), trained["img_size"], trained["in_chans"]))
+                kept.append(path)
+            except CorruptImageError as e:
+                if not skip_corrupt:
+                    raise
+                skipped.append(str(e))
+        if not images:
+            continue
+        x = normalize(torch.stack(images).to(device), tuple(trained["mean"]), tuple(trained["std"]))
+        probs, indices = model(x).float().softmax(1).topk(k, dim=1)
+        for path, p, idx in zip(kept, probs.tolist(), indices.tolist()):
+            rows.append({"image": str(path), "top": [{"class": classes[i], "index": i, "prob": round(q, 6)}
+                                                     for q, i in zip(p, idx)]})
+    return rows, skipped
