@@ -15,12 +15,13 @@ import cspnet
 from cspnet.cli import main
 from cspnet.data import load_digits_data
 from cspnet.engine import checkpoint as ckpt_mod
-from cspnet.engine.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record, save_checkpoint
+from cspnet.engine.checkpoint import CheckpointError, load_checkpoint, model_metadata, read_checkpoint_record, save_checkpoint
+from cspnet.engine.models import model_record, rebuild_model
 from cspnet.engine.classify import ClassificationTask, ClassifyRecipe, load_classifier, normalize
 from cspnet.engine.ema import ModelEMA
 from cspnet.engine.optim import LrSchedule, build_optimizer, param_groups
 from cspnet.engine.train import TrainConfig, TrainingDiverged, fit
-from cspnet.weights import load_state, read_metadata
+from cspnet.weights import load_state, read_metadata, save_weights
 
 TINY = ["--data", "digits", "--width", "0.25", "--batch-size", "32", "--threads", "1", "--no-progress"]
 
@@ -421,6 +422,29 @@ def test_predict_gives_the_trained_models_top_k_for_image_files(tmp_path, capsys
     assert "no image files in this folder" in capsys.readouterr().err
     assert main(["predict", str(nested), "--checkpoint", str(nested / "00.png")]) == 2
     assert "00.png: a file, not a run directory" in capsys.readouterr().err
+
+
+def test_train_starts_from_pretrained_weights_made_for_other_data(tmp_path, capsys):
+    # an "ImageNet" file for the run's architecture: RGB input, 1000 classes
+    source = rebuild_model(model_record("resnet10", num_classes=1000, in_chans=3, width=0.25), seed=1)
+    path = save_weights(tmp_path / "in1k.safetensors", source, model_metadata(source))
+    out = tmp_path / "ft"
+    args = ["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "64",
+            "--lr", "1e-9", "--weight-decay", "0", "--pretrained", str(path), "--out", str(out)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "head: not loaded (the file's classifier has 1000 classes, the model's 10)" in err
+    assert "summed over the colour channels" in err
+    trained, src = load_state(out / "last.safetensors"), source.state_dict()
+    stem = next(n for n, m in source.named_modules() if isinstance(m, torch.nn.Conv2d)) + ".weight"
+    torch.testing.assert_close(trained[stem], src[stem].sum(1, keepdim=True), rtol=0, atol=1e-6)  # lr 1e-9: where it began
+    body = [k for k in src if k.endswith("conv.weight") and k != stem]
+    assert body and all(torch.allclose(trained[k], src[k], rtol=0, atol=1e-6) for k in body)
+    assert read_checkpoint_record(out)["state"]["run"]["pretrained"] == str(path)
+    path.unlink()  # resuming takes the weights from the checkpoint, not from the file
+    assert main([*args, "--resume"]) == 0
+    assert main(["train", "--model", "resnet10", *TINY, "--pretrained", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert "in1k.safetensors: no such weights file" in capsys.readouterr().err
 
 
 def test_gradient_clipping_bounds_every_update(tmp_path):

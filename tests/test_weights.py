@@ -94,6 +94,45 @@ def test_wrong_class_count_names_the_classifier_shapes(tmp_path):
         load_into(cspnet.create_model("cspresnet10", num_classes=10), load_state(path))
 
 
+def test_finetuning_keeps_a_fresh_classifier_and_folds_an_rgb_stem_for_grey_images(tmp_path):
+    source = _perturbed("cspresnet10", num_classes=1000)
+    path = save_weights(tmp_path / "imagenet.safetensors", source, model_metadata(source))
+    torch.manual_seed(0)
+    fresh_head = cspnet.create_model("cspresnet10", num_classes=10, in_chans=1).head.state_dict()
+    torch.manual_seed(0)
+    grey = cspnet.create_model("cspresnet10", num_classes=10, in_chans=1)
+    adapted = load_pretrained(grey, path, finetune=True)
+    assert len(adapted) == 2 and "1000 classes, the model's 10" in adapted[0] and "summed" in adapted[1]
+    assert all(torch.equal(v, fresh_head[k]) for k, v in grey.head.state_dict().items())
+    x = torch.rand(2, 1, SIZE, SIZE)
+    with torch.no_grad():  # a grey image gives what the RGB model gave for it as three equal channels
+        torch.testing.assert_close(grey.eval().forward_features(x), source.forward_features(x.expand(-1, 3, -1, -1)),
+                                   rtol=1e-4, atol=1e-5)
+    # a grey file spread over an RGB model, and a backbone file without a classifier
+    rgb = cspnet.create_model("cspresnet10", num_classes=10)
+    [spread] = load_pretrained(rgb, save_weights(tmp_path / "g.safetensors", grey), finetune=True)  # same classes: head loaded
+    assert "spread over three channels" in spread
+    with torch.no_grad():
+        torch.testing.assert_close(rgb.eval().forward_features(x.expand(-1, 3, -1, -1)), grey.forward_features(x),
+                                   rtol=1e-4, atol=1e-5)
+    body = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    assert load_pretrained(cspnet.create_model("cspresnet10"), save_weights(tmp_path / "b.safetensors", body),
+                           finetune=True) == ["head: not loaded (the file has no classifier); it starts from its initialisation"]
+    # without finetune the same files are refused, and with it any other mismatch still is
+    with pytest.raises(WeightsError, match=r"head\.fc\.weight: file \(1000, \d+\) vs model \(10, \d+\)"):
+        load_pretrained(cspnet.create_model("cspresnet10", num_classes=10), path)
+    with pytest.raises(WeightsError, match=r"mis-shaped: stages\.1"):
+        load_pretrained(cspnet.create_model("cspresnet10", num_classes=10), save_weights(tmp_path / "r.safetensors", cspnet.create_model("resnet10")),
+                        finetune=True)
+
+
+def test_darknet_weights_given_as_pretrained_point_to_the_darknet_readers(tmp_path):
+    for name in ("csdarknet53.weights", "yolov4.conv.137"):
+        (tmp_path / name).write_bytes(b"\0" * 64)
+        with pytest.raises(WeightsError, match=rf"{name}: a Darknet weights file.*darknet_weights=.*cspnet darknet convert"):
+            cspnet.create_model("cspdarknet53", pretrained=tmp_path / name)
+
+
 def test_weights_for_another_config_are_refused(tmp_path):
     # Same shapes, different function: only the recorded config can tell them apart.
     mish = cspnet.create_model("cspresnet10", act="mish")

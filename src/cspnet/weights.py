@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,9 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
+    if path.suffix == ".weights" or re.search(r"\.conv\.\d+$", path.name):  # yolov4.conv.137 and the like
+        raise WeightsError(f"{path}: a Darknet weights file; read it with create_model(name, darknet_weights=...) or "
+                           "convert it first: cspnet darknet convert CFG WEIGHTS OUT.safetensors")
     if path.suffix in _PICKLE_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -82,10 +86,15 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True, source: str = "weights") -> None:
-    """Copy ``state`` into ``model``, naming every missing, unexpected and mis-shaped key."""
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True, source: str = "weights",
+              keep: tuple[str, ...] = ()) -> None:
+    """Copy ``state`` into ``model``, naming every missing, unexpected and mis-shaped key.
+
+    The model's tensors whose names start with a prefix in ``keep`` need not be in ``state``: they
+    keep their values.
+    """
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = sorted(k for k in set(own) - set(state) if not (keep and k.startswith(keep)))
     unexpected = sorted(set(state) - set(own))
     mis_shaped = sorted(
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -102,7 +111,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool 
     if problems:
         name = getattr(model, "model_name", type(model).__name__)
         raise WeightsError(f"{source} do not fit model {name!r}: " + " | ".join(problems))
-    model.load_state_dict(state, strict=strict)
+    model.load_state_dict(state, strict=strict and not keep)
 
 
 def _config_differences(saved: dict[str, Any], cfg: Any) -> list[str]:
@@ -117,12 +126,20 @@ def _config_differences(saved: dict[str, Any], cfg: Any) -> list[str]:
     ]
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
+def load_pretrained(model: nn.Module, path: str | os.PathLike, *, finetune: bool = False) -> list[str]:
     """Load a weights file into a registered model, checking that it was made for it.
 
     The file's metadata (when it has any) must name this model and, if it records a config,
     the same config; then every tensor must fit (`load_into`, strict). A ``features_only``
     backbone ignores the file's classifier (``head.*``), as detection frameworks expect.
+
+    ``finetune=True`` starts a model for other data from the file: a classifier made for another
+    number of classes (or a file without one) leaves the model's own, freshly initialised
+    classifier, and a first convolution made for RGB is summed over its colour channels for a
+    one-channel model (or spread over three channels, divided by 3, for an RGB model from a grey
+    file): a grey image then gives what the file's model gave for it as three equal channels.
+    Everything else must fit.
+    Returns what was adapted, one line each (empty when the file was loaded as it is).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise WeightsError(f"pretrained must be the path of a weights file (nothing is downloaded), got {path!r}")
@@ -139,4 +156,30 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
             raise WeightsError(f"{path}: made for another configuration of {name!r}: " + "; ".join(diffs))
     if getattr(model, "features_only", False):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    load_into(model, state, strict=True, source=str(path))
+    adapted, keep = _adapt_for_finetuning(model, state) if finetune else ([], ())
+    load_into(model, state, strict=True, source=str(path), keep=keep)
+    return adapted
+
+
+def _adapt_for_finetuning(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], tuple[str, ...]]:
+    """Drop a classifier of another class count from ``state`` and fit the first convolution's input
+    channels (RGB <-> grey), in place; return one line per change and the prefixes left unloaded."""
+    own = model.state_dict()
+    adapted, keep = [], ()
+    head = [k for k in own if k.startswith("head.")]
+    if any(k not in state or state[k].shape != own[k].shape for k in head):
+        why = (f"the file's classifier has {state[head[0]].shape[0]} classes, the model's {own[head[0]].shape[0]}"
+               if head[0] in state else "the file has no classifier")
+        for k in [k for k in state if k.startswith("head.")]:
+            del state[k]
+        adapted.append(f"head: not loaded ({why}); it starts from its initialisation")
+        keep = ("head.",)
+    first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    key = f"{first}.weight"
+    if first is not None and key in state and state[key].shape != own[key].shape:
+        w, want = state[key], own[key].shape
+        if w.shape[0] == want[0] and w.shape[2:] == want[2:] and (w.shape[1], want[1]) in ((3, 1), (1, 3)):
+            state[key] = w.sum(1, keepdim=True) if want[1] == 1 else w.expand(-1, 3, -1, -1) / 3
+            adapted.append(f"{key}: {w.shape[1]} input channel(s) in the file, {want[1]} in the model; "
+                           + ("summed over the colour channels" if want[1] == 1 else "spread over three channels (divided by 3)"))
+    return adapted, keep

@@ -75,6 +75,9 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="registered model name (cspnet models)")
     p.add_argument("--width", type=float, default=1.0, help="scale every channel count of the model by this")
     p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. act=mish")
+    p.add_argument("--pretrained", default=None, metavar="FILE",
+                   help="start from these weights (.safetensors, e.g. from cspnet convert / darknet convert, or a .pth read "
+                        "with weights_only); a classifier for another class count starts fresh, an RGB stem is summed for grey data")
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.csv, curves.png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N optimizer steps")
@@ -164,6 +167,7 @@ def run_train(args) -> int:
     from ..engine.distributed import cleanup, init_distributed
     from ..engine.models import model_record, rebuild_model
     from ..engine.train import fit
+    from ..weights import load_pretrained
 
     set_threads(args)
     dist = init_distributed(args.device)
@@ -174,6 +178,13 @@ def run_train(args) -> int:
                               options=model_opts(args.model_opt))
         model = rebuild_model(record, seed=args.seed)
         run_info = {"model": record, "data": data.describe(), "recipe": recipe.__dict__}
+        resuming = args.resume and (Path(args.out) / "last.json").is_file()  # the checkpoint holds the weights
+        if args.pretrained:
+            run_info["pretrained"] = str(args.pretrained)
+        if args.pretrained and not resuming:
+            for line in load_pretrained(model, args.pretrained, finetune=True):
+                if dist.is_main:
+                    print(f"{args.pretrained}: {line}", file=sys.stderr)
         result = fit(ClassificationTask(data, recipe), model, cfg, args.out, dist=dist, resume=args.resume,
                      progress=not args.no_progress, tensorboard=args.tensorboard, run_info=run_info)
         if dist.is_main:
