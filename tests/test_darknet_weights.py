@@ -190,6 +190,20 @@ def test_partial_files_and_cutoff(tmp_path):
     assert torch.equal(native_records(native)[0].weight, source.weight_records()[0].weight)
 
 
+def test_a_backbone_without_its_classifier_reads_the_whole_imagenet_file(tmp_path):
+    torch.manual_seed(1)
+    source = cspnet.create_model("cspdarknet53").eval()  # other random weights than the backbone's own below
+    path = save_darknet_weights(source, tmp_path / "csdarknet53.weights")
+    backbone = cspnet.create_model("cspdarknet53", features_only=True, darknet_weights=path).eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(backbone(x)[-1], source.forward_features(x))
+    # a surplus that is no classifier over the last features (C + 1 floats per class) is still refused
+    (tmp_path / "odd.weights").write_bytes(path.read_bytes() + b"\0" * 4 * (backbone.num_features + 2))
+    with pytest.raises(DarknetWeightsError, match="more weights than this network.*a classifier's weights for a backbone"):
+        load_darknet_weights(cspnet.create_model("cspdarknet53", features_only=True), tmp_path / "odd.weights")
+
+
 def test_wrong_lengths_say_expected_and_found(tmp_path):
     model = tiny()
     good = write_weights(model, tmp_path / "good.weights").read_bytes()

@@ -95,6 +95,32 @@ def test_cli_train_resume_eval_predict(tmp_path, capsys, monkeypatch):
     assert np.asarray(Image.open(out / "scene_det.png")).shape == (80, 80, 3)
 
 
+def test_cli_train_starts_the_backbone_from_classifier_weights(tmp_path, capsys):
+    from cspnet.darknet import save_darknet_weights
+    from cspnet.engine.checkpoint import model_metadata, read_checkpoint_record
+    from cspnet.engine.models import model_record, rebuild_model
+    from cspnet.weights import load_state, save_weights
+
+    # an ImageNet classifier of the detector's backbone (cspresnet10 at width 0.25), in both file formats
+    source = rebuild_model(model_record("cspresnet10", num_classes=1000, in_chans=3, width=0.25), seed=3)
+    files = [save_weights(tmp_path / "in1k.safetensors", source, model_metadata(source)),
+             save_darknet_weights(source, tmp_path / "in1k.weights")]
+    body = {f"backbone.body.{k}": v for k, v in source.state_dict().items() if k.endswith(".weight") and not k.startswith("head.")}
+    for path in files:
+        out = tmp_path / path.suffix[1:]
+        assert _cli_train(out, "--epochs", "1", "--lr", "1e-9", "--weight-decay", "0", "--backbone-weights", str(path)) == 0
+        trained = load_state(out / "last.safetensors")
+        assert all(torch.allclose(trained[k], v, rtol=0, atol=1e-6) for k, v in body.items()), path  # lr 1e-9: where it began
+        assert read_checkpoint_record(out)["state"]["run"]["backbone_weights"] == str(path)
+    path.unlink()  # a resumed run takes its weights from the checkpoint
+    assert _cli_train(out, "--epochs", "1", "--lr", "1e-9", "--weight-decay", "0", "--backbone-weights", str(path), "--resume") == 0
+    wrong = rebuild_model(model_record("resnet10", num_classes=1000, in_chans=3, width=0.25), seed=3)
+    save_weights(tmp_path / "r.safetensors", wrong, model_metadata(wrong))
+    capsys.readouterr()
+    assert _cli_train(tmp_path / "w", "--backbone-weights", str(tmp_path / "r.safetensors")) == 2
+    assert "holds weights of model 'resnet10'" in capsys.readouterr().err
+
+
 def test_cli_reports_bad_data_cleanly(tmp_path, capsys):
     bad = tmp_path / "broken.json"
     bad.write_text(json.dumps({"images": [], "annotations": [{"image_id": 1}], "categories": []}))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,9 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
-    if path.suffix == ".weights" or re.search(r"\.conv\.\d+$", path.name):  # yolov4.conv.137 and the like
+    from .darknet.weights import is_darknet_weights  # here: cspnet.darknet imports this module
+
+    if is_darknet_weights(path):
         raise WeightsError(f"{path}: a Darknet weights file; read it with create_model(name, darknet_weights=...) or "
                            "convert it first: cspnet darknet convert CFG WEIGHTS OUT.safetensors")
     if path.suffix in _PICKLE_SUFFIXES:

@@ -42,6 +42,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--neck-width", type=int, default=None, help="neck channels at the coarsest level (cfg: 512)")
     p.add_argument("--backbone-width", type=float, default=1.0, help="channel multiplier of the backbone")
+    p.add_argument("--backbone-weights", default=None, metavar="FILE",
+                   help="start the backbone from these weights: a .safetensors / .pth of the backbone model, or an official "
+                        "Darknet .weights (whole, or a .conv.N cut) for its cfg")
     p.add_argument("--anchors", default="auto",
                    help="auto (k-means on the training boxes), yolov3 (the cfgs' COCO anchors) or w,h,w,h,...")
     p.add_argument("--box-loss", choices=("mse", "giou", "diou", "ciou"), default="ciou")
@@ -153,6 +156,8 @@ def run_train(args) -> int:
         anchors=_anchors(args.anchors, train_src.records, args.img_size),
         neck_width=args.neck_width, backbone_width=args.backbone_width,
     )
+    if args.backbone_weights and not (args.resume and (Path(args.out) / "last.json").is_file()):
+        model.load_backbone_weights(args.backbone_weights)  # a resumed run takes every weight from its checkpoint
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                       weight_decay=args.weight_decay, burn_in=args.burn_in, burn_in_power=1.0, ema_decay=args.ema,
                       grad_clip=10.0, seed=args.seed, num_workers=args.workers, min_lr_ratio=0.05,
@@ -160,7 +165,8 @@ def run_train(args) -> int:
     recipe = DetectRecipe(box_loss=args.box_loss, label_smoothing=args.label_smoothing, eval_every=args.eval_every)
     run_info = {"data": {"train": train_src.description, "val": val_src.description if val_src else None,
                          "spec": args.data, "seed": args.seed, "num_scenes": args.num_scenes,
-                         "scene_size": args.scene_size or args.img_size}}
+                         "scene_size": args.scene_size or args.img_size},
+                "backbone_weights": args.backbone_weights}
     result = train_detector(model, train_set, val_set, gt, args.out, cfg, recipe, category_ids=train_src.category_ids,
                             resume=args.resume, progress=not args.no_progress, run_info=run_info)
     final = {k: round(v, 4) for k, v in result.final.items() if isinstance(v, float)}

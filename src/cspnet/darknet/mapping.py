@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .build import DarknetNet, WeightRecord
-from .weights import DarknetWeightsError, WeightsHeader, read_weights, write_weights
+from .weights import DarknetWeightsError, WeightsHeader, read_header, read_weights, write_weights
 
 
 def native_records(model: nn.Module) -> list[WeightRecord]:
@@ -100,8 +100,26 @@ def load_darknet_weights(model: nn.Module, path: str | os.PathLike, *, partial: 
 
     ``partial=True`` accepts a file holding only the first layers (darknet ``partial``, e.g.
     ``csdarknet53.conv.104``, the backbone without the classifier); the rest keep their values.
+    A model built without its classifier (``features_only``) also reads the whole ImageNet file:
+    the classifier's weights at its end are skipped.
     """
-    return read_weights(native_records(model), path, partial=partial)
+    records = native_records(model)
+    return read_weights(records, path, partial=partial, trailing=_missing_classifier_floats(model, records, path))
+
+
+def _missing_classifier_floats(model: nn.Module, records: list[WeightRecord], path: str | os.PathLike) -> int:
+    """The floats after ``records`` in ``path`` when they are exactly a classifier over the model's last
+    features (a 1x1 conv or connected layer with bias, C -> K: K * (C + 1) floats) that the model,
+    built without a head, lacks; else 0 (and `read_weights` reports any difference)."""
+    if getattr(model, "head", True) is not None or not getattr(model, "num_features", 0):
+        return 0
+    try:
+        with open(path, "rb") as f:
+            header = read_header(f.read(20), str(path))
+        surplus = (os.path.getsize(path) - header.nbytes) // 4 - sum(r.num_floats for r in records)
+    except (OSError, DarknetWeightsError):
+        return 0  # read_weights says what is wrong with the file
+    return surplus if surplus > 0 and surplus % (model.num_features + 1) == 0 else 0
 
 
 def save_darknet_weights(model: nn.Module, path: str | os.PathLike, header: WeightsHeader | None = None) -> Path:

@@ -87,6 +87,11 @@ def default_cutoff(path: str | os.PathLike) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def is_darknet_weights(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named as a Darknet weights file: ``*.weights`` or a ``darknet partial`` cut."""
+    return Path(path).suffix == ".weights" or default_cutoff(path) is not None
+
+
 def _length_hint(records: list[WeightRecord], found: int) -> str:
     total = 0
     for k, record in enumerate(records):
@@ -102,7 +107,8 @@ def _length_hint(records: list[WeightRecord], found: int) -> str:
             return f"; the file ends exactly after the first {k} of {len(records)} weighted layers, a partial file? ({how})"
         total += record.num_floats
     if found > total:
-        return "; the file holds more weights than this network: is it the cfg these weights belong to?"
+        return ("; the file holds more weights than this network: is it the cfg these weights belong to, "
+                "or a classifier's weights for a backbone built without one?")
     return "; the file ends inside a layer: truncated or meant for another cfg"
 
 
@@ -112,13 +118,15 @@ def read_weights(
     *,
     cutoff: int | None = None,
     partial: bool = False,
+    trailing: int = 0,
 ) -> WeightsHeader:
     """Read a ``.weights`` file into ``target`` (a `DarknetNet` or a list of records) and return its header.
 
     ``cutoff``: read only layers ``0 .. cutoff-1`` (default: from a ``.conv.N`` file name, else all).
     The file must hold exactly the floats those layers need; the error says how many were
     expected and found, unless ``partial`` allows a file that ends after a whole layer (the
-    layers after it keep their values).
+    layers after it keep their values). ``trailing``: that many floats at the end of the file belong
+    to layers the target does not have (a classifier after a backbone) and are not read.
     """
     path = Path(path)
     if cutoff is None and isinstance(target, DarknetNet):
@@ -133,7 +141,7 @@ def read_weights(
     expected = sum(r.num_floats for r in records)
     if body % 4:
         raise DarknetWeightsError(f"{path}: {body} bytes after the header is not a whole number of float32 values")
-    found = body // 4
+    found = body // 4 - trailing
     if partial and found < expected:
         boundaries = np.cumsum([0] + [r.num_floats for r in records])
         k = int(np.searchsorted(boundaries, found))

@@ -242,6 +242,20 @@ class Detector(nn.Module):
         backbone = [r for r in records if r.name.startswith("backbone.")]
         return backbone + [by_name[n] for n in self.cfg_layer_order()]
 
+    def load_backbone_weights(self, path) -> None:
+        """Start the backbone from weights trained without this detector (e.g. on ImageNet); the neck
+        and head keep their initialisation. ``path``: a ``.safetensors`` / ``.pth`` of the backbone model
+        (`cspnet.weights.load_pretrained`; its classifier is ignored), or an official Darknet file for the
+        backbone's cfg, whole or cut after the backbone (``.conv.N``; `load_darknet_weights`)."""
+        from ..darknet.mapping import load_darknet_weights
+        from ..darknet.weights import is_darknet_weights
+        from ..weights import load_pretrained
+
+        if is_darknet_weights(path):
+            load_darknet_weights(self.backbone.body, path, partial=True)
+        else:
+            load_pretrained(self.backbone.body, path)
+
     def load_darknet_weights(self, path, partial: bool = False):
         """Load an official ``*-panet-spp`` / ``-fpn-spp`` ``.weights`` file (``partial``: only the
         first layers, e.g. a backbone's ``.conv.N`` file). Returns the file header."""
