@@ -1,4 +1,5 @@
-"""``cspnet train``, ``cspnet eval`` and ``cspnet compare``: classification training and the main job."""
+"""``cspnet train``, ``cspnet eval``, ``cspnet predict`` and ``cspnet compare``: classification training,
+evaluation and inference, and the main job."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from ..files import atomic_write_text
 
-MODULE_HELP = "train / evaluate classifiers; compare a CSP model with its plain twin"
+MODULE_HELP = "train / evaluate / apply classifiers; compare a CSP model with its plain twin"
 
 
 def _json_value(text: str):
@@ -178,13 +179,12 @@ def run_train(args) -> int:
                               options=model_opts(args.model_opt))
         model = rebuild_model(record, seed=args.seed)
         run_info = {"model": record, "data": data.describe(), "recipe": recipe.__dict__}
-        resuming = args.resume and (Path(args.out) / "last.json").is_file()  # the checkpoint holds the weights
         if args.pretrained:
             run_info["pretrained"] = str(args.pretrained)
-        if args.pretrained and not resuming:
-            for line in load_pretrained(model, args.pretrained, finetune=True):
-                if dist.is_main:
-                    print(f"{args.pretrained}: {line}", file=sys.stderr)
+            resuming = args.resume and (Path(args.out) / "last.json").is_file()  # the checkpoint holds the weights
+            adapted = [] if resuming else load_pretrained(model, args.pretrained, finetune=True)
+            for line in adapted if dist.is_main else ():
+                print(f"{args.pretrained}: {line}", file=sys.stderr)
         result = fit(ClassificationTask(data, recipe), model, cfg, args.out, dist=dist, resume=args.resume,
                      progress=not args.no_progress, tensorboard=args.tensorboard, run_info=run_info)
         if dist.is_main:
