@@ -181,8 +181,8 @@ def run_train(args) -> int:
         run_info = {"model": record, "data": data.describe(), "recipe": recipe.__dict__}
         if args.pretrained:
             run_info["pretrained"] = str(args.pretrained)
-            resuming = args.resume and (Path(args.out) / "last.json").is_file()  # the checkpoint holds the weights
-            adapted = [] if resuming else load_pretrained(model, args.pretrained, finetune=True)
+            # a resumed run takes its weights from the checkpoint (fit refuses --resume without one)
+            adapted = [] if args.resume else load_pretrained(model, args.pretrained, finetune=True)
             for line in adapted if dist.is_main else ():
                 print(f"{args.pretrained}: {line}", file=sys.stderr)
         result = fit(ClassificationTask(data, recipe), model, cfg, args.out, dist=dist, resume=args.resume,
