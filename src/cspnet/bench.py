@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import memory_efficient as set_memory_efficient
+from .files import atomic_write_text
 from .profile import profile
 from .registry import create_model, get_spec, list_models
 from .rss import peak_kib, status_kib
@@ -1005,12 +1006,9 @@ def _memory_table(report: BenchReport) -> list[str]:
 def write_report(report: BenchReport, path: str | os.PathLike, title: str = "Benchmarks", preamble: str = "") -> Path:
     """Write the Markdown report (and the raw numbers as JSON beside it), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = f"# {title}\n\n" + (preamble.strip() + "\n\n" if preamble.strip() else "") + to_markdown(report) + "\n"
     for target, content in ((path, text), (path.with_suffix(".json"), json.dumps(report.as_dict(), indent=1) + "\n")):
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(content)
-        os.replace(tmp, target)
+        atomic_write_text(target, content)
     return path
 
 

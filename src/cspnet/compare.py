@@ -32,7 +32,7 @@ from .engine.models import model_record, rebuild_model
 from .engine.train import TrainConfig, fit, plot_curves
 from .profile import profile
 from .registry import get_spec
-from .files import atomic_savefig
+from .files import atomic_savefig, atomic_write_text
 from .rss import peak_kib, reset_peak_rss, status_kib
 
 
@@ -251,8 +251,8 @@ def run_compare_models(
     plot_curves(histories, out / "curves.png", title=f"{' vs '.join(models)} on {data.name} ({data.img_size}x{data.img_size})")
     plot_bars(rows, out / "bars.png")
     report["wall_s"] = time.perf_counter() - t0
-    _write(out / "report.json", json.dumps(report, indent=1) + "\n")
-    _write(out / "report.md", format_report(report, histories))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / "report.md", format_report(report, histories))
     return report
 
 
@@ -261,12 +261,6 @@ def _ratios(csp: dict[str, Any], plain: dict[str, Any]) -> dict[str, float]:
     out = {k: csp[k] / plain[k] for k in keys if plain[k]}
     out["top1_diff_pp"] = 100 * (csp["top1"] - plain["top1"])
     return out
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def plot_bars(rows: list[dict[str, Any]], path: Path) -> Path:

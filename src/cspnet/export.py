@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
 from .blocks import ResidualBlock
+from .files import atomic_path
 from .layers import ConvBnAct
 from .weights import save_weights
 from .winograd import WinogradConvAct, eligible, wide_enough
@@ -436,12 +437,6 @@ def _output_names(outputs: Any) -> list[str]:
     raise ValueError(f"can only export models returning a tensor or a list of tensors, got {type(outputs).__name__}")
 
 
-def _atomic_target(path: str | os.PathLike) -> tuple[Path, Path]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path, path.with_name(path.name + ".tmp")
-
-
 def export_model(model: nn.Module, input_size: int | tuple[int, int] = 224, fused: bool = True) -> nn.Module:
     """The module exports are made from: an eval-mode copy of ``model``, BN-folded if ``fused``."""
     net = copy.deepcopy(model).eval()
@@ -474,8 +469,7 @@ def export_onnx(
     x = _example_input(net, input_size, 1)
     with torch.no_grad():
         names = _output_names(net(x))
-    path, tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         if exporter in ("auto", "legacy"):
             try:
                 _export_onnx_legacy(net, x, tmp, opset, names, dynamic_batch)
@@ -490,10 +484,7 @@ def export_onnx(
                     ) from dynamo_error
         else:
             _export_onnx_dynamo(net, x, tmp, max(opset, 18), names, dynamic_batch)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def _export_onnx_legacy(net: nn.Module, x: torch.Tensor, path: Path, opset: int, names: list[str], dynamic_batch: bool) -> None:
@@ -539,15 +530,14 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: in
     """Write the traced (BN-folded) model as TorchScript; load it with ``torch.jit.load``."""
     net = export_model(model, input_size, fused)
     x = _example_input(net, input_size, 1)
-    path, tmp = _atomic_target(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still supported
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # see _export_onnx_legacy
         with torch.no_grad():
             traced = torch.jit.trace(net, x, check_trace=False)
-        torch.jit.save(traced, str(tmp))
-    os.replace(tmp, path)
-    return path
+        with atomic_path(path) as tmp:
+            torch.jit.save(traced, str(tmp))
+    return Path(path)
 
 
 def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:

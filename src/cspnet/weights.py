@@ -15,6 +15,8 @@ from safetensors import SafetensorError as SafetensorsError  # the class is Safe
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .files import atomic_path
+
 METADATA_KEY = "cspnet"
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin")  # torch.save files, read with weights_only=True
 
@@ -33,12 +35,8 @@ def save_weights(path: str | os.PathLike, model_or_state: nn.Module | dict[str, 
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True, default=str)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, durable=True) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

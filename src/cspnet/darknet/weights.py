@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_path
 from ..weights import WeightsError
 from .build import DarknetNet, WeightRecord
 
@@ -182,18 +183,9 @@ def write_weights(
     if header.transposed:
         raise ValueError("writing transposed (major/minor > 1000) weights files is not supported")
     records = _records(target, cutoff)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.pack())
-            for record in records:
-                for t in record.tensors:
-                    f.write(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
+        f.write(header.pack())
+        for record in records:
+            for t in record.tensors:
+                f.write(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
+    return Path(path)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
 from ..data.detection import letterbox
-from ..files import atomic_write_text
+from ..files import atomic_path, atomic_write_text
 from .detector import Detector
 
 
@@ -53,9 +52,8 @@ def predict_files(model: Detector, paths: list[Path], out_dir: Path, img_size: i
         names = [f"{class_names[int(c)]} {s:.2f}" for c, s in zip(det["labels"], det["scores"])]
         drawn = draw_bounding_boxes(torch.from_numpy(image.copy()).permute(2, 0, 1), det["boxes"], names, colors="red", width=2)
         target = out_dir / f"{path.stem}_det.png"
-        tmp = target.with_name(target.stem + ".tmp.png")
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
         results.append({
             "image": str(path), "width": image.shape[1], "height": image.shape[0], "drawn": str(target),
             "detections": [

@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..files import atomic_path
 from ..weights import WeightsError, load_into, read_metadata, save_weights
 
 FORMAT = "cspnet-checkpoint/1"
@@ -142,21 +143,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, durable=True) as tmp:
+        tmp.write_text(json.dumps(obj))
     _fsync_dir(path.parent)
-
-
-def _save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -231,7 +220,8 @@ def save_checkpoint(
 
     # 1. payloads under token names; 2. the JSON commit; 3. plain names.
     save_weights(model_tmp, model, meta)
-    _save_tensors_atomic(state_tmp, tensors, {"cspnet_token": token, "format": FORMAT})
+    with atomic_path(state_tmp, durable=True) as tmp:
+        save_file(tensors, str(tmp), metadata={"cspnet_token": token, "format": FORMAT})
     _fsync_dir(out_dir)
     json_path = out_dir / f"{name}.json"
     _write_json_atomic(json_path, record)

@@ -41,7 +41,7 @@ from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .ema import ModelEMA
 from .optim import LrSchedule, build_optimizer
-from ..files import atomic_savefig
+from ..files import atomic_savefig, atomic_write_text
 
 AMP_MODES = ("none", "bf16", "fp16")
 
@@ -179,8 +179,8 @@ class _MetricFiles:
         w = csv.DictWriter(buf, fieldnames=keys)
         w.writeheader()
         w.writerows(history)
-        _write_text(self.out_dir / "metrics.csv", buf.getvalue())
-        _write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write_text(self.out_dir / "metrics.csv", buf.getvalue())
+        atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         plot_curves({"": history}, self.out_dir / "curves.png")
         if self.writer is not None:
             row = history[-1]
@@ -188,12 +188,6 @@ class _MetricFiles:
                 if isinstance(v, (int, float)) and k != "epoch":
                     self.writer.add_scalar(k, v, row["epoch"])
             self.writer.flush()
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> Path:
