@@ -167,3 +167,46 @@ def test_cli_memory_efficient_detector_trains_the_same_weights(tmp_path):
         torch.testing.assert_close(lean[key], plain[key], rtol=1e-4, atol=1e-5, msg=key)
     saved = json.loads((tmp_path / "lean" / "last.json").read_text())
     assert '"memory_efficient": true' in json.dumps(saved)
+
+
+def _coco_files(tmp_path, name, n, seed, size=64):
+    """A COCO JSON in ``tmp_path/ann`` of ``n`` scenes whose PNGs are in ``tmp_path/<name>_img`` (so --images is needed)."""
+    records, names = make_scenes(n, seed=seed, size=size, objects=(1, 2))
+    folder = tmp_path / f"{name}_img"
+    folder.mkdir()
+    for r in records:
+        Image.fromarray(r.image).save(folder / r.file_name)
+    gt = coco_ground_truth(records, names)
+    (tmp_path / "ann").mkdir(exist_ok=True)
+    path = tmp_path / "ann" / f"{name}.json"
+    path.write_text(json.dumps(gt))
+    return path, folder
+
+
+def _cli_train_coco(out, data, images, *extra):
+    return main(["detect", "train", "--model", "cspresnet10", "--backbone-width", "0.25", "--neck-width", "32",
+                 "--neck", "efm", "--data", str(data), "--images", str(images), "--img-size", "64", "--batch-size", "4",
+                 "--anchors", "yolov3", "--epochs", "1", "--out", str(out), "--no-progress", "--burn-in", "1", *extra])
+
+
+def test_cli_eval_uses_the_recorded_validation_set(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths in train; eval from elsewhere must still find the data
+    train, train_img = _coco_files(tmp_path, "train", 4, seed=1)
+    val, val_img = _coco_files(tmp_path, "val", 2, seed=2)
+    rel = [str(p.relative_to(tmp_path)) for p in (train, train_img, val, val_img)]
+    assert _cli_train_coco("run", rel[0], rel[1], "--val-data", rel[2], "--val-images", rel[3]) == 0
+    assert _cli_train_coco("noval", rel[0], rel[1]) == 0
+    capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["detect", "eval", "--checkpoint", str(tmp_path / "run")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 2 and str(val) in out["data"]
+    assert main(["detect", "eval", "--checkpoint", str(tmp_path / "run"), "--split", "train"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 4 and str(train) in out["data"]
+    assert main(["detect", "eval", "--checkpoint", str(tmp_path / "noval")]) == 2
+    assert "records no validation set; give --data" in capsys.readouterr().err
+    assert main(["detect", "eval", "--checkpoint", str(tmp_path / "noval"), "--data", str(val), "--images", str(val_img)]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2

@@ -28,7 +28,7 @@ def register(sub) -> None:
     p.add_argument("--neck", default="panet", choices=("fpn", "panet", "efm", "efm-sam", "efm-spp", "gfm"))
     _add_data(p, required=True)
     p.add_argument("--val-data", default=None, help="validation data (default: the val split of scenes / trees; none for files)")
-    p.add_argument("--val-images", default=None)
+    p.add_argument("--val-images", default=None, help="image folder of a COCO / VOC --val-data (default: next to its annotations)")
     p.add_argument("--img-size", type=int, default=256, help="square input size, a multiple of 32")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--out", required=True, help="run directory")
@@ -64,7 +64,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory written by cspnet detect train")
     p.add_argument("--name", default=None, help="best or last (default: best if present)")
     _add_data(p, required=False)
-    p.add_argument("--split", choices=("train", "val"), default="val", help="scenes / trees split")
+    p.add_argument("--split", choices=("train", "val"), default="val",
+                   help="without --data: the run's validation (default) or training set; with --data scenes / trees: their split")
     p.add_argument("--conf", type=float, default=0.001)
     p.add_argument("--iou", type=float, default=0.6)
     p.add_argument("--batch-size", type=int, default=16)
@@ -91,12 +92,26 @@ def register(sub) -> None:
     p.set_defaults(func=run_bench)
 
 
-def _source(spec, split, images, args, img_size, seed=0, class_names=None):
-    from ..data.detection import load_detection_source
+def _source_args(spec, split, images, args, img_size, seed, recorded=None) -> dict:
+    """`load_detection_source` arguments for a data option. Scene options not given take those of
+    ``recorded`` (the run's record of the same built-in set), else the split's defaults."""
+    same = recorded if isinstance(recorded, dict) and recorded.get("spec") == spec else {}
+    return {"spec": spec, "split": split, "images_dir": images,
+            "num_scenes": args.num_scenes or same.get("num_scenes") or (512 if split == "train" else 128),
+            "scene_size": args.scene_size or same.get("scene_size") or img_size, "seed": same.get("seed", seed)}
 
-    default_n = 512 if split == "train" else 128
-    return load_detection_source(spec, split, images, num_scenes=args.num_scenes or default_n,
-                                 scene_size=args.scene_size or img_size, seed=seed, class_names=class_names)
+
+def _record(source_args: dict, source) -> dict:
+    """What the run records of a data set, so that `detect eval` can load it again."""
+    from ..data.detection import BUILTIN_DETECTION
+
+    out = dict(source_args, description=source.description)
+    # absolute paths: eval may run from another working directory
+    if out["spec"] not in BUILTIN_DETECTION:
+        out["spec"] = str(Path(out["spec"]).resolve())
+    if out["images_dir"] is not None:
+        out["images_dir"] = str(Path(out["images_dir"]).resolve())
+    return out
 
 
 def _report(source) -> None:
@@ -124,19 +139,20 @@ def _anchors(spec: str, records, img_size: int):
 
 
 def run_train(args) -> int:
-    from ..data.detection import AugmentCfg, DetectionDataset, coco_ground_truth
+    from ..data.detection import BUILTIN_DETECTION, AugmentCfg, DetectionDataset, coco_ground_truth, load_detection_source
     from ..detection import create_detector
     from ..detection.train import DetectRecipe, train_detector
     from ..engine.train import TrainConfig, seed_everything
 
     set_threads(args)
-    train_src = _source(args.data, "train", args.images, args, args.img_size, args.seed)
+    train_args = _source_args(args.data, "train", args.images, args, args.img_size, args.seed)
+    train_src = load_detection_source(**train_args)
     _report(train_src)
-    val_spec = args.val_data or (args.data if args.data in ("scenes", "trees") else None)
-    val_src = None
+    val_spec = args.val_data or (args.data if args.data in BUILTIN_DETECTION else None)
+    val_args = val_src = None
     if val_spec is not None:
-        val_src = _source(val_spec, "val", args.val_images or (args.images if args.val_data is None else None), args,
-                          args.img_size, args.seed, class_names=train_src.class_names)
+        val_args = _source_args(val_spec, "val", args.val_images, args, args.img_size, args.seed)
+        val_src = load_detection_source(**val_args, class_names=train_src.class_names)
         _report(val_src)
         if val_src.class_names != train_src.class_names:
             raise ValueError(f"validation classes {list(val_src.class_names)} differ from training classes {list(train_src.class_names)}")
@@ -163,9 +179,7 @@ def run_train(args) -> int:
                       grad_clip=10.0, seed=args.seed, num_workers=args.workers, min_lr_ratio=0.05,
                       memory_efficient=args.memory_efficient)
     recipe = DetectRecipe(box_loss=args.box_loss, label_smoothing=args.label_smoothing, eval_every=args.eval_every)
-    run_info = {"data": {"train": train_src.description, "val": val_src.description if val_src else None,
-                         "spec": args.data, "seed": args.seed, "num_scenes": args.num_scenes,
-                         "scene_size": args.scene_size or args.img_size},
+    run_info = {"data": {"train": _record(train_args, train_src), "val": _record(val_args, val_src) if val_src else None},
                 "backbone_weights": args.backbone_weights}
     result = train_detector(model, train_set, val_set, gt, args.out, cfg, recipe, category_ids=train_src.category_ids,
                             resume=args.resume, progress=not args.no_progress, run_info=run_info)
@@ -175,20 +189,21 @@ def run_train(args) -> int:
 
 
 def run_eval(args) -> int:
-    from ..data.detection import DetectionDataset, coco_ground_truth
+    from ..data.detection import DetectionDataset, coco_ground_truth, load_detection_source
     from ..detection.train import evaluate_detector, load_detector
 
     model, run = load_detector(args.checkpoint, args.name)
-    trained = run.get("data", {})
-    spec = args.data or trained.get("spec")
-    if spec is None:
-        raise ValueError("--data is needed (the checkpoint does not record its data)")
-    if args.num_scenes is None and spec == trained.get("spec"):
-        args.num_scenes = trained.get("num_scenes")
-    if args.scene_size is None and spec == trained.get("spec"):
-        args.scene_size = trained.get("scene_size")
+    recorded = run.get("data", {}).get(args.split)
+    recorded = recorded if isinstance(recorded, dict) else None  # runs of older versions recorded only a description
+    if args.data is None and recorded is None:
+        which = "validation" if args.split == "val" else "training"
+        raise ValueError(f"{args.checkpoint}: the run records no {which} set; give --data"
+                         + (" (or --split train for its training set)" if args.split == "val" else ""))
     img_size = run["img_size"]
-    src = _source(spec, args.split, args.images, args, img_size, trained.get("seed", 0), tuple(run["class_names"]))
+    spec = args.data or recorded["spec"]
+    images = args.images or (recorded["images_dir"] if args.data is None else None)
+    src = load_detection_source(**_source_args(spec, args.split, images, args, img_size, 0, recorded),
+                                class_names=tuple(run["class_names"]))
     _report(src)
     if list(src.class_names) != list(run["class_names"]):
         raise ValueError(f"{spec} has classes {list(src.class_names)[:10]}, the checkpoint was trained on {run['class_names'][:10]}")
