@@ -34,6 +34,27 @@ def test_python_dash_m_works_the_same():
     assert json.loads(r.stdout)[0]["name"] == "resnet10"
 
 
+def test_a_missing_file_is_a_clean_error_not_a_traceback(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # the output's folder would have to be made where a file is
+    assert main(["export", "resnet10", "--format", "safetensors", "--out", str(blocker / "w.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cspnet export: error:") and "a_file" in err
+
+
+def test_output_piped_into_head_ends_quietly():
+    # `head -1` exits after one line; the rest of the table meets a closed pipe.
+    r = subprocess.run(f"{sys.executable} -m cspnet models | head -1", shell=True, capture_output=True, text=True)
+    assert r.stdout.startswith("| model |") and r.stderr == ""
+
+
+def test_bad_model_option_is_a_clean_error(capsys):
+    assert main(["models", "cspdarknet53", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", "resnet10", "--data", "digits", "--model-opt", "num_classes=5", "--out", "x"]) == 2
+    assert "cannot be model options" in capsys.readouterr().err
+
+
 def test_shared_cli_helpers_are_public():
     # cspnet train's option helpers serve the analysis and detection CLIs too (cli/ablation, analyze, detect)
     assert model_opts(["act=mish", "depths=[2, 3]", "part_ratio=0.5"]) == {"act": "mish", "depths": [2, 3], "part_ratio": 0.5}

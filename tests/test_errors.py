@@ -16,6 +16,28 @@ def test_unknown_option_names_the_valid_ones():
         cspnet.create_model("cspdarknet53", widht=2)
 
 
+def test_option_of_the_wrong_type_is_named():
+    # Without the check these fail deep in a builder ("'int' object is not iterable").
+    with pytest.raises(ValueError, match=r"option stages=3 has the wrong type"):
+        cspnet.create_model("cspdarknet53", stages=3)
+    with pytest.raises(ValueError, match=r"option depths=\(3, 'a', 8, 6\) has the wrong type"):
+        cspnet.create_model("peleenet", depths=[3, "a", 8, 6])
+    with pytest.raises(ValueError, match=r"option se='yes'"):
+        cspnet.create_model("peleenet", se="yes")
+    # JSON gives lists and ints: they become the config's tuples and floats.
+    model = cspnet.create_model("csppeleenet", depths=[1, 1, 1, 1], part_ratio=1 - 0.5, csp_stages=[0])
+    assert model.model_cfg.depths == (1, 1, 1, 1) and model.model_cfg.csp_stages == (0,)
+    assert cspnet.create_model("csppeleenet", growth_rate=16).model_cfg.growth_rate == 16
+
+
+def test_run_settings_are_not_model_options():
+    from cspnet.engine.models import build_model
+
+    for key in ("num_classes", "in_chans", "pretrained"):
+        with pytest.raises(ValueError, match=f"'{key}'.*cannot be model options"):
+            build_model("resnet10", num_classes=10, in_chans=1, options={key: 5})
+
+
 def test_wrong_input_channels_and_rank():
     model = cspnet.create_model("resnet10").eval()
     with pytest.raises(ValueError, match="3 input channels"):

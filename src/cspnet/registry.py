@@ -90,6 +90,25 @@ def get_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}{hint} (see cspnet.list_models())") from None
 
 
+def _checked_override(model: str, field: str, default: Any, value: Any) -> Any:
+    """``value`` for config field ``field``, of the default's type (a list becomes a tuple, an int a float).
+
+    A value of the wrong type would otherwise fail deep inside a builder with a message naming neither.
+    """
+    if isinstance(default, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, type(default)) and isinstance(value, bool) == isinstance(default, bool)
+    if ok and isinstance(default, tuple) and default:
+        item_type = type(default[0])
+        ok = all(isinstance(v, item_type) and isinstance(v, bool) == isinstance(default[0], bool) for v in value)
+    if not ok:
+        raise ValueError(f"model {model!r}: option {field}={value!r} has the wrong type; "
+                         f"expected a value like the default {default!r}")
+    return value
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model.
 
@@ -105,7 +124,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     if darknet_weights and not spec.darknet_cfg:
         raise ValueError(f"model {name!r} has no official Darknet cfg, so no .weights layout to read")
     fields = {f.name for f in dataclasses.fields(spec.cfg)}
-    cfg_over = {k: v for k, v in kwargs.items() if k in fields}
+    cfg_over = {k: _checked_override(name, k, getattr(spec.cfg, k), v) for k, v in kwargs.items() if k in fields}
     net_kwargs = {k: v for k, v in kwargs.items() if k in MODEL_KWARGS}
     unknown = sorted(set(kwargs) - set(cfg_over) - set(net_kwargs))
     if unknown:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import ablation as ablation_cmd
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as e:  # bad user input: say what is wrong, no traceback
+    except BrokenPipeError:  # output piped into e.g. `head`, which has exited: nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 1
+    except (ValueError, OSError) as e:  # bad input, a missing or unwritable file: say what is wrong, no traceback
         print(f"cspnet {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """``cspnet ablation``: paper Table 1's γ / fusion ablation, trained on a built-in dataset or an ImageFolder."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 MODULE_HELP = "train a family over γ and fusion (+ the plain model); write Table 1's layout and a scatter plot"
@@ -46,6 +47,9 @@ def run(args) -> int:
     rows = run_ablation(args.family, data, cfg, recipe, args.out, width=args.width, options=model_opts(args.model_opt), gammas=_floats(args.gammas),
                         fusions=fusions, include_plain=not args.no_plain, paper_size=args.paper_size,
                         progress=not args.no_progress)
-    print((Path(args.out) / "ablation.md").read_text())
+    if rows:
+        print((Path(args.out) / "ablation.md").read_text())
+    else:
+        print(f"no finished run in {args.out} yet: other processes are training every run", file=sys.stderr)
     print(f"{sum(r['status'] == 'skipped' for r in rows)} run(s) reused, {sum(r['status'] != 'skipped' for r in rows)} trained")
     return 0

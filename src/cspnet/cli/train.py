@@ -9,7 +9,6 @@ from pathlib import Path
 
 from ..files import atomic_write_text
 
-MODULE_HELP = "train / evaluate / apply classifiers; compare a CSP model with its plain twin"
 
 
 def _json_value(text: str):
@@ -218,9 +217,9 @@ def run_eval(args) -> int:
     out = {"checkpoint": str(args.checkpoint), "name": args.name, "model": run["model"]["name"], "data": args.data,
            "img_size": img_size, "ema": bool(args.ema), **result}
     text = json.dumps(out, indent=1)
+    print(text)  # first, so that the result is seen even if the file cannot be written
     if args.json_out:
         atomic_write_text(Path(args.json_out), text + "\n")
-    print(text)
     return 0
 
 
@@ -239,9 +238,9 @@ def run_predict(args) -> int:
     out = {"checkpoint": str(args.checkpoint), "name": args.name, "model": run["model"]["name"], "ema": bool(args.ema),
            "trained_on": run["data"]["name"], "images": len(rows), "skipped": skipped, "predictions": rows}
     text = json.dumps(out, indent=1)
+    print(text)  # first, so that the result is seen even if the file cannot be written
     if args.json_out:
         atomic_write_text(Path(args.json_out), text + "\n")
-    print(text)
     return 0
 
 

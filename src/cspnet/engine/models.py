@@ -41,8 +41,13 @@ def build_model(name: str, *, num_classes: int, in_chans: int, width: float = 1.
     """``create_model`` with a width multiplier and config overrides (see the module docstring)."""
     options = dict(options or {})
     spec = get_spec(name)
+    reserved = sorted(set(options) & {"num_classes", "in_chans", "pretrained", "darknet_weights"})
+    if reserved:
+        raise ValueError(f"{reserved} cannot be model options: a run takes its class count and input channels "
+                         "from its data, and weights from its own option (--pretrained)")
     if width != 1.0:
-        cfg = scale_widths(dataclasses.replace(spec.cfg, **{k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(spec.cfg)}}), width)
+        fields = {f.name for f in dataclasses.fields(spec.cfg)}
+        cfg = scale_widths(dataclasses.replace(spec.cfg, **{k: v for k, v in options.items() if k in fields}), width)
         options.update({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.endswith("_chs") or f.name == "stages"})
     return create_model(name, num_classes=num_classes, in_chans=in_chans, **options)
 
