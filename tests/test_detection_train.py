@@ -97,6 +97,8 @@ def test_cli_train_resume_eval_predict(tmp_path, capsys, monkeypatch):
 
 def test_cli_train_starts_the_backbone_from_classifier_weights(tmp_path, capsys):
     from cspnet.darknet import save_darknet_weights
+    from cspnet.darknet.mapping import native_records
+    from cspnet.darknet.weights import read_header
     from cspnet.engine.checkpoint import model_metadata, read_checkpoint_record
     from cspnet.engine.models import model_record, rebuild_model
     from cspnet.weights import load_state, save_weights
@@ -112,6 +114,14 @@ def test_cli_train_starts_the_backbone_from_classifier_weights(tmp_path, capsys)
         trained = load_state(out / "last.safetensors")
         assert all(torch.allclose(trained[k], v, rtol=0, atol=1e-6) for k, v in body.items()), path  # lr 1e-9: where it began
         assert read_checkpoint_record(out)["state"]["run"]["backbone_weights"] == str(path)
+    assert "backbone convolutions" not in capsys.readouterr().err  # whole files: nothing to say
+    # a Darknet file ending after 3 layers loads those and says so
+    header = read_header(files[1].read_bytes()).nbytes
+    records = native_records(create_detector("cspresnet10", "efm", backbone_width=0.25, neck_width=32).backbone.body)
+    cut = tmp_path / "cut.weights"
+    cut.write_bytes(files[1].read_bytes()[:header + 4 * sum(r.num_floats for r in records[:3])])
+    assert _cli_train(tmp_path / "cut", "--epochs", "1", "--backbone-weights", str(cut)) == 0
+    assert f"read 3 of {len(records)} backbone convolutions from {cut}; the rest keep their initialisation" in capsys.readouterr().err
     path.unlink()  # a resumed run takes its weights from the checkpoint
     assert _cli_train(out, "--epochs", "1", "--lr", "1e-9", "--weight-decay", "0", "--backbone-weights", str(path), "--resume") == 0
     wrong = rebuild_model(model_record("resnet10", num_classes=1000, in_chans=3, width=0.25), seed=3)

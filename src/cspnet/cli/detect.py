@@ -173,7 +173,8 @@ def run_train(args) -> int:
         neck_width=args.neck_width, backbone_width=args.backbone_width,
     )
     if args.backbone_weights and not args.resume:  # a resumed run takes every weight from its checkpoint
-        model.load_backbone_weights(args.backbone_weights)
+        for line in model.load_backbone_weights(args.backbone_weights):
+            print(line, file=sys.stderr)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                       weight_decay=args.weight_decay, burn_in=args.burn_in, burn_in_power=1.0, ema_decay=args.ema,
                       grad_clip=10.0, seed=args.seed, num_workers=args.workers, min_lr_ratio=0.05,

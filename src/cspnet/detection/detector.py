@@ -8,9 +8,11 @@ applies the confidence threshold and class-wise NMS (``torchvision.ops.batched_n
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import batched_nms
@@ -242,19 +244,29 @@ class Detector(nn.Module):
         backbone = [r for r in records if r.name.startswith("backbone.")]
         return backbone + [by_name[n] for n in self.cfg_layer_order()]
 
-    def load_backbone_weights(self, path) -> None:
+    def load_backbone_weights(self, path) -> list[str]:
         """Start the backbone from weights trained without this detector (e.g. on ImageNet); the neck
         and head keep their initialisation. ``path``: a ``.safetensors`` / ``.pth`` of the backbone model
         (`cspnet.weights.load_pretrained`; its classifier is ignored), or an official Darknet file for the
-        backbone's cfg, whole or cut after the backbone (``.conv.N``; `load_darknet_weights`)."""
-        from ..darknet.mapping import load_darknet_weights
+        backbone's cfg, whole or cut after the backbone (``.conv.N``; `load_darknet_weights`).
+
+        Returns notes for the user, one line each: a Darknet file holding fewer layers than the
+        backbone says how many of its convolutions were read."""
+        from ..darknet.mapping import load_darknet_weights, native_records
         from ..darknet.weights import is_darknet_weights
         from ..weights import load_pretrained
 
-        if is_darknet_weights(path):
-            load_darknet_weights(self.backbone.body, path, partial=True)
-        else:
+        if not is_darknet_weights(path):
             load_pretrained(self.backbone.body, path)
+            return []
+        header = load_darknet_weights(self.backbone.body, path, partial=True)
+        # a partial read stops after a whole layer: the layers read are those whose floats fit in the file
+        floats = (os.path.getsize(path) - header.nbytes) // 4
+        ends = np.cumsum([r.num_floats for r in native_records(self.backbone.body)])
+        read = int((ends <= floats).sum())
+        if read == len(ends):
+            return []
+        return [f"read {read} of {len(ends)} backbone convolutions from {path}; the rest keep their initialisation"]
 
     def load_darknet_weights(self, path, partial: bool = False):
         """Load an official ``*-panet-spp`` / ``-fpn-spp`` ``.weights`` file (``partial``: only the
