@@ -2,6 +2,7 @@
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from torchvision.ops import box_iou, complete_box_iou_loss, nms
@@ -241,3 +242,33 @@ def test_fit_anchors_recovers_clusters():
     torch.testing.assert_close(got, centres, atol=1.0, rtol=0)
     with pytest.raises(ValueError, match="at least 9 boxes"):
         fit_anchors(wh[:5].numpy(), 9)
+
+
+def test_boxes_in_image_clips_and_drops_boxes_in_the_letterbox_padding():
+    from cspnet.detection.predict import boxes_in_image
+
+    # a 100 x 25 image letterboxed to 64 (ratio 0.64): input rows 16 and below are padding
+    det = {"boxes": torch.tensor([[10.0, 2, 30, 20], [50, 30, 60, 40], [-5, 5, 70, 10]]),
+           "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([1, 2, 3])}
+    out = boxes_in_image(det, 0.64, 100, 25)
+    torch.testing.assert_close(out["boxes"], torch.tensor([[15.625, 3.125, 46.875, 25], [0, 7.8125, 100, 15.625]]))
+    assert out["scores"].tolist() == pytest.approx([0.9, 0.7]) and out["labels"].tolist() == [1, 3]
+
+
+def test_predict_and_eval_report_no_box_outside_a_wide_image():
+    from cspnet.data.detection import DetectionDataset, DetectionRecord
+    from cspnet.detection.predict import detect_image
+    from cspnet.detection.train import predict_dataset
+
+    torch.manual_seed(0)
+    det = create_detector("cspresnet10", "efm", num_classes=2, backbone_width=0.25, neck_width=32).eval()
+    image = np.full((100, 400, 3), 90, np.uint8)  # three quarters of the 64 x 64 input are padding
+    boxes = detect_image(det, image, 64, conf_thresh=0.0)["boxes"]
+    assert len(boxes) and torch.all(boxes[:, 2:] > boxes[:, :2])
+    assert torch.all(boxes >= 0) and torch.all(boxes[:, 2] <= 400) and torch.all(boxes[:, 3] <= 100)
+    record = DetectionRecord(1, "wide.png", 400, 100, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), image=image)
+    results = predict_dataset(det, DetectionDataset([record], ("a", "b"), 64), conf_thresh=0.0)
+    assert results
+    for r in results:
+        x, y, w, h = r["bbox"]
+        assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 400 + 1e-3 and y + h <= 100 + 1e-3

@@ -93,14 +93,16 @@ def sanitize_boxes(
 ) -> tuple[np.ndarray, np.ndarray, SanitizeReport]:
     """Clip xyxy ``boxes`` to the image; return ``(clipped boxes, keep mask, report)``.
 
-    A box is degenerate (dropped) when it is narrower or lower than ``min_size`` after clipping,
-    which covers boxes entirely outside the image and boxes with x2 < x1.
+    A box is degenerate (dropped) when it is narrower or lower than ``min_size`` after clipping, or
+    has no width or height at all (``min_size=0``), which covers boxes entirely outside the image
+    and boxes with x2 < x1.
     """
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     clipped = boxes.copy()
     clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
     clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
-    keep = ((clipped[:, 2] - clipped[:, 0]) >= min_size) & ((clipped[:, 3] - clipped[:, 1]) >= min_size)
+    wh = clipped[:, 2:] - clipped[:, :2]
+    keep = np.all((wh >= min_size) & (wh > 0), axis=1)
     changed = np.any(clipped != boxes, axis=1) & keep
     return clipped, keep, SanitizeReport(int(changed.sum()), int((~keep).sum()))
 

@@ -46,11 +46,10 @@ def coco_evaluate(gt: dict | COCO, detections: list[dict]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(STAT_NAMES, np.asarray(ev.stats))}
 
 
-def to_coco_results(image_id: int, boxes, scores, labels, ratio: float = 1.0, category_ids=None) -> list[dict]:
-    """COCO result dicts for one image from xyxy ``boxes`` in input pixels (divided by ``ratio``,
-    the letterbox scale, to get original pixels)."""
+def to_coco_results(image_id: int, boxes, scores, labels, category_ids=None) -> list[dict]:
+    """COCO result dicts for one image from xyxy ``boxes`` in its own pixels (`predict.boxes_in_image`)."""
     out = []
-    for b, s, c in zip(np.asarray(boxes, np.float64) / ratio, np.asarray(scores), np.asarray(labels)):
+    for b, s, c in zip(np.asarray(boxes, np.float64), np.asarray(scores), np.asarray(labels)):
         cid = int(category_ids[int(c)]) if category_ids is not None else int(c)
         out.append({
             "image_id": int(image_id), "category_id": cid,

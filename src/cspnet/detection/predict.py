@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
-from ..data.detection import letterbox
+from ..data.detection import letterbox, sanitize_boxes
 from ..files import atomic_path, atomic_write_text
 from .detector import Detector
 
@@ -22,19 +22,24 @@ def _read_rgb(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: cannot read image ({e})") from None
 
 
+def boxes_in_image(det: dict[str, torch.Tensor], ratio: float, width: int, height: int) -> dict[str, torch.Tensor]:
+    """Detections on a letterboxed input (`Detector.postprocess`) in the image's own pixels: scaled back
+    by the letterbox ``ratio`` and clipped to the ``width`` x ``height`` image. A box left without width
+    or height (it lay in the letterbox padding) is dropped. Prediction and evaluation both use this."""
+    boxes, keep, _ = sanitize_boxes(det["boxes"].cpu().numpy() / ratio, width, height, min_size=0)
+    keep = torch.from_numpy(keep)
+    return {"boxes": torch.from_numpy(boxes)[keep], "scores": det["scores"].cpu()[keep], "labels": det["labels"].cpu()[keep]}
+
+
 @torch.inference_mode()
 def detect_image(model: Detector, image: np.ndarray, img_size: int, conf_thresh: float = 0.25,
                  iou_thresh: float = 0.45) -> dict[str, torch.Tensor]:
-    """Detections on one RGB uint8 image, boxes in its own pixels."""
+    """Detections on one RGB uint8 image, boxes in its own pixels (`boxes_in_image`)."""
     boxed, ratio = letterbox(image, img_size)
     x = torch.from_numpy(boxed).permute(2, 0, 1)[None].float().div_(255)
     model.eval()
     det = model.postprocess(model(x.to(next(model.parameters()).device)), conf_thresh, iou_thresh)[0]
-    boxes = det["boxes"].cpu() / ratio
-    h, w = image.shape[:2]
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-    return {"boxes": boxes, "scores": det["scores"].cpu(), "labels": det["labels"].cpu()}
+    return boxes_in_image(det, ratio, image.shape[1], image.shape[0])
 
 
 def predict_files(model: Detector, paths: list[Path], out_dir: Path, img_size: int, class_names: tuple[str, ...],

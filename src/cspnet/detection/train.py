@@ -30,6 +30,7 @@ from ..engine.train import FitResult, TrainConfig, fit
 from .detector import Detector, DetectorCfg
 from .loss import YoloLoss
 from .metrics import coco_evaluate, to_coco_results
+from .predict import boxes_in_image
 from ..files import atomic_savefig
 
 
@@ -80,7 +81,9 @@ def predict_dataset(model: Detector, dataset: DetectionDataset, batch_size: int 
     for images, targets in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not progress):
         dets = model.postprocess(model(images.to(device)), conf_thresh, iou_thresh)
         for d, t in zip(dets, targets):
-            results += to_coco_results(t["image_id"], d["boxes"].cpu(), d["scores"].cpu(), d["labels"].cpu(), t["ratio"], category_ids)
+            h, w = t["orig_size"]
+            d = boxes_in_image(d, t["ratio"], w, h)
+            results += to_coco_results(t["image_id"], d["boxes"], d["scores"], d["labels"], category_ids)
     model.train(was)
     return results
 
