@@ -1,6 +1,7 @@
 """Detector pieces: neck shapes and anchor bookkeeping, box coding, loss assignment, NMS, COCO mAP."""
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,3 +273,25 @@ def test_predict_and_eval_report_no_box_outside_a_wide_image():
     for r in results:
         x, y, w, h = r["bbox"]
         assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 400 + 1e-3 and y + h <= 100 + 1e-3
+
+
+def test_predict_files_gives_inputs_sharing_a_stem_their_own_drawn_image(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from cspnet.detection.predict import predict_files
+
+    paths = []
+    for i, rel in enumerate(("d1/x.png", "d2/x.png", "d3/x_2.png")):
+        path = tmp_path / rel
+        path.parent.mkdir()
+        Image.new("RGB", (40 + 8 * i, 32), (60 * i, 0, 0)).save(path)
+        paths.append(path)
+    det = create_detector("cspresnet10", "efm", num_classes=1, backbone_width=0.25, neck_width=32)
+    results = predict_files(det, paths, tmp_path / "out", 64, ("a",), conf_thresh=1.0)
+    drawn = [Path(r["drawn"]).name for r in results]
+    assert drawn == ["x_det.png", "x_2_det.png", "x_2_2_det.png"]
+    assert json.loads((tmp_path / "out" / "detections.json").read_text()) == results
+    for r, path in zip(results, paths):  # each drawn image is its own input's
+        assert np.array_equal(np.asarray(Image.open(r["drawn"])), np.asarray(Image.open(path)))

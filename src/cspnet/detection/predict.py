@@ -46,17 +46,26 @@ def predict_files(model: Detector, paths: list[Path], out_dir: Path, img_size: i
                   conf_thresh: float = 0.25, iou_thresh: float = 0.45) -> list[dict]:
     """Detect in every image; write ``<stem>_det.png`` with boxes drawn and ``detections.json``.
 
-    Each entry of the JSON: ``{"image": path, "width", "height", "detections": [{"box": [x1, y1, x2,
-    y2], "score", "label", "class"}]}`` in the image's own pixels.
+    Inputs sharing a stem (``a/x.png``, ``b/x.png``) get ``x_det.png``, ``x_2_det.png`` … in the order
+    given. Each entry of the JSON: ``{"image": path, "width", "height", "drawn": the drawn image's path,
+    "detections": [{"box": [x1, y1, x2, y2], "score", "label", "class"}]}`` in the image's own pixels.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    taken: set[str] = set()
     for path in paths:
         image = _read_rgb(path)
         det = detect_image(model, image, img_size, conf_thresh, iou_thresh)
         names = [f"{class_names[int(c)]} {s:.2f}" for c, s in zip(det["labels"], det["scores"])]
-        drawn = draw_bounding_boxes(torch.from_numpy(image.copy()).permute(2, 0, 1), det["boxes"], names, colors="red", width=2)
-        target = out_dir / f"{path.stem}_det.png"
+        drawn = torch.from_numpy(image.copy()).permute(2, 0, 1)
+        if len(names):  # torchvision warns when given no box to draw
+            drawn = draw_bounding_boxes(drawn, det["boxes"], names, colors="red", width=2)
+        name, k = f"{path.stem}_det.png", 1
+        while name in taken:
+            k += 1
+            name = f"{path.stem}_{k}_det.png"
+        taken.add(name)
+        target = out_dir / name
         with atomic_path(target) as tmp:
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
         results.append({
