@@ -209,3 +209,14 @@ def test_augmentation_flip_is_exact_and_boxes_stay_valid():
 def test_dataset_rejects_sizes_the_strides_cannot_divide():
     with pytest.raises(ValueError, match="multiple of 32"):
         DetectionDataset([_record()], ("a",), img_size=100)
+
+
+def test_an_image_of_another_size_than_declared_is_an_error(tmp_path):
+    Image.new("RGB", (50, 50)).save(tmp_path / "b.png")
+    Image.new("RGB", (40, 80)).save(tmp_path / "a.png")  # the JSON says 100 x 80
+    records, names, _, _ = load_coco(_coco(tmp_path, []), tmp_path)
+    ds = DetectionDataset(sorted(records, key=lambda r: r.image_id), names, 64)
+    assert ds[1][0].shape == (3, 64, 64)
+    with pytest.raises(AnnotationError, match="image .*a.png is 40 x 80 pixels, the annotations declare 100 x 80") as e:
+        ds[0]
+    assert str(tmp_path / "instances.json") in str(e.value)

@@ -50,9 +50,15 @@ class AnnotationError(ValueError):
     """An annotation file that cannot be read; the message names the file and the entry."""
 
 
+# What PIL raises for an image it cannot read: OSError (UnidentifiedImageError is one) and the
+# decompression-bomb guard's error, which is not an OSError.
+UNREADABLE_IMAGE = (OSError, Image.DecompressionBombError)
+
+
 @dataclass
 class DetectionRecord:
-    """One image and its boxes. ``image`` is an RGB uint8 array, or ``None`` with ``path`` to read."""
+    """One image and its boxes. ``image`` is an RGB uint8 array, or ``None`` with ``path`` to read;
+    ``source`` is the annotation file that describes it (named in errors)."""
 
     image_id: int
     file_name: str
@@ -63,15 +69,23 @@ class DetectionRecord:
     crowd: np.ndarray | None = None  # (M,) bool, COCO iscrowd (kept for evaluation, not trained on)
     image: np.ndarray | None = None
     path: str | None = None
+    source: str | None = None
 
     def load(self) -> np.ndarray:
+        """The RGB image; raises `AnnotationError` when it cannot be read or is not the size the
+        annotations declare (their boxes would be misplaced)."""
         if self.image is not None:
             return self.image
+        where = f"{self.source}: image {self.path}" if self.source else f"image {self.path}"
         try:
             with Image.open(self.path) as im:
-                return np.asarray(im.convert("RGB"))
-        except OSError as e:
-            raise AnnotationError(f"{self.path}: cannot read image ({e})") from None
+                size = im.size
+                image = np.asarray(im.convert("RGB"))
+        except UNREADABLE_IMAGE as e:
+            raise AnnotationError(f"{where} cannot be read ({e})") from None
+        if size != (self.width, self.height):
+            raise AnnotationError(f"{where} is {size[0]} x {size[1]} pixels, the annotations declare {self.width} x {self.height}")
+        return image
 
 
 @dataclass
@@ -179,7 +193,7 @@ def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None
         records.append(DetectionRecord(
             image_id, im["file_name"], im["width"], im["height"],
             np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64), np.array(crowd, bool),
-            path=str(images_dir / im["file_name"]),
+            path=str(images_dir / im["file_name"]), source=str(json_path),
         ))
     return records, tuple(cats[c] for c in category_ids), tuple(category_ids), report
 
@@ -264,7 +278,7 @@ def load_voc(xml_paths, images_dir=None, class_names: tuple[str, ...] | None = N
             if bad:
                 raise AnnotationError(f"{xml}: class {bad[0]!r} is not one of {list(class_names)}")
         labels = np.zeros(len(names), np.int64) if merge_classes else np.array([index[n] for n in names], np.int64)
-        records.append(DetectionRecord(i, path.name, w, h, boxes, labels, difficult, path=str(path)))
+        records.append(DetectionRecord(i, path.name, w, h, boxes, labels, difficult, path=str(path), source=str(xml)))
     return records, tuple(class_names), report
 
 

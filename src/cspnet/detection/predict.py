@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
-from ..data.detection import letterbox, sanitize_boxes
+from ..data.detection import UNREADABLE_IMAGE, letterbox, sanitize_boxes
 from ..files import atomic_path, atomic_write_text
 from .detector import Detector
 
@@ -18,7 +18,7 @@ def _read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except OSError as e:
+    except UNREADABLE_IMAGE as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
 
 
