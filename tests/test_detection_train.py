@@ -220,3 +220,12 @@ def test_cli_eval_uses_the_recorded_validation_set(tmp_path, capsys, monkeypatch
     assert "records no validation set; give --data" in capsys.readouterr().err
     assert main(["detect", "eval", "--checkpoint", str(tmp_path / "noval"), "--data", str(val), "--images", str(val_img)]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 2
+
+
+def test_cli_train_refuses_a_folder_holding_a_run_without_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.json").write_text('{"a": "checkpoint"}')
+    assert _cli_train(out, "--epochs", "1") == 2
+    assert "holds the checkpoints of a training run; continue it with --resume or train into another --out" in capsys.readouterr().err
+    assert (out / "last.json").read_text() == '{"a": "checkpoint"}' and sorted(p.name for p in out.iterdir()) == ["last.json"]

@@ -141,9 +141,10 @@ def _anchors(spec: str, records, img_size: int):
 def run_train(args) -> int:
     from ..data.detection import BUILTIN_DETECTION, AugmentCfg, DetectionDataset, coco_ground_truth, load_detection_source
     from ..detection import create_detector
-    from ..detection.train import DetectRecipe, train_detector
+    from ..detection.train import DetectRecipe, check_run_dir, train_detector
     from ..engine.train import TrainConfig, seed_everything
 
+    check_run_dir(args.out, args.resume)  # before the data is loaded, so a refusal comes at once
     set_threads(args)
     train_args = _source_args(args.data, "train", args.images, args, args.img_size, args.seed)
     train_src = load_detection_source(**train_args)

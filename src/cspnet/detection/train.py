@@ -186,6 +186,14 @@ class DetectionTask:
         plot_detection_curves(history, self.out_dir / "detection_curves.png")
 
 
+def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> None:
+    """Refuse to start a new run in a folder holding a run's checkpoints: its work would be overwritten."""
+    out_dir = Path(out_dir)
+    if not resume and any((out_dir / f"{name}.json").is_file() for name in ("last", "best")):
+        raise CheckpointError(f"{out_dir}: holds the checkpoints of a training run; continue it with --resume "
+                              "or train into another --out")
+
+
 def train_detector(
     model: Detector,
     train: DetectionDataset,
@@ -201,7 +209,9 @@ def train_detector(
     run_info: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` with the shared loop. The checkpoints carry the detector config, class
-    names, input size and category ids (``state.run``), so `load_detector` can rebuild it."""
+    names, input size and category ids (``state.run``), so `load_detector` can rebuild it. A folder
+    holding another run's checkpoints is refused unless ``resume``."""
+    check_run_dir(out_dir, resume)
     out_dir = Path(out_dir)
     info = {
         "task": "detection", "detector": model.cfg.to_dict(), "class_names": list(train.class_names),
