@@ -229,3 +229,39 @@ def test_cli_train_refuses_a_folder_holding_a_run_without_resume(tmp_path, capsy
     assert _cli_train(out, "--epochs", "1") == 2
     assert "holds the checkpoints of a training run; continue it with --resume or train into another --out" in capsys.readouterr().err
     assert (out / "last.json").read_text() == '{"a": "checkpoint"}' and sorted(p.name for p in out.iterdir()) == ["last.json"]
+
+
+_TRAIN = ["detect", "train", "--model", "cspresnet10", "--data", "scenes"]
+
+
+@pytest.mark.parametrize("argv, option", [
+    (_TRAIN + ["--eval-every", "0"], "--eval-every"), (_TRAIN + ["--img-size", "0"], "--img-size"),
+    (_TRAIN + ["--img-size", "-64"], "--img-size"), (_TRAIN + ["--img-size", "100"], "--img-size"),
+    (_TRAIN + ["--neck-width", "0"], "--neck-width"), (_TRAIN + ["--neck-width", "16"], "--neck-width"),
+    (_TRAIN + ["--num-scenes", "0"], "--num-scenes"), (_TRAIN + ["--scene-size", "8"], "--scene-size"),
+    (_TRAIN + ["--mosaic", "2"], "--mosaic"), (_TRAIN + ["--mosaic", "-1"], "--mosaic"), (_TRAIN + ["--vflip", "3"], "--vflip"),
+    (_TRAIN + ["--label-smoothing", "nan"], "--label-smoothing"), (_TRAIN + ["--ema", "-0.5"], "--ema"),
+    (_TRAIN + ["--weight-decay", "-1"], "--weight-decay"), (_TRAIN + ["--threads", "0"], "--threads"),
+    (_TRAIN + ["--seed", "-1"], "--seed"), (_TRAIN + ["--anchors", "a,b"], "--anchors"),
+    (_TRAIN + ["--anchors", "10,13,16,30"], "--anchors"), (_TRAIN + ["--lr", "0"], "--lr"), (_TRAIN + ["--epochs", "0"], "--epochs"),
+    (["detect", "predict", "--checkpoint", "x", "a.png", "--out", "o", "--conf", "2"], "--conf"),
+    (["detect", "predict", "--checkpoint", "x", "a.png", "--out", "o", "--iou", "0"], "--iou"),
+    (["detect", "eval", "--checkpoint", "x", "--batch-size", "0"], "--batch-size"),
+    (["detect", "bench", "--img-size", "100"], "--img-size"), (["detect", "bench", "--necks", ","], "--necks"),
+    (["detect", "bench", "--necks", "fpn,nope"], "--necks"), (["detect", "bench", "--runs", "0"], "--runs"),
+])
+def test_cli_rejects_bad_option_values_naming_the_option(tmp_path, capsys, argv, option):
+    if argv[1] == "train":
+        argv = argv + ["--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert f"argument {option}: expected" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_detector_refuses_a_neck_too_narrow_for_its_levels():
+    with pytest.raises(ValueError, match="neck_width 16 leaves the finest of 3 levels fewer than 8 channels"):
+        create_detector("cspresnet10", "efm", neck_width=16)
+    with pytest.raises(ValueError, match="neck_width 0"):
+        create_detector("cspresnet10", "efm", neck_width=0)

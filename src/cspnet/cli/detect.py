@@ -3,20 +3,64 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from ..detection.necks import NECKS
 from .train import set_threads
 
 MODULE_HELP = "object detection: train, evaluate (COCO AP), predict, and time detectors"
+
+
+def _checked(convert, ok, requirement: str):
+    """An argparse ``type=``: ``convert`` the text and require ``ok(value)``; argparse names the option
+    in the error ("argument --iou: expected …")."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE_INT = _checked(int, lambda v: v >= 1, "a positive integer")
+NON_NEGATIVE_INT = _checked(int, lambda v: v >= 0, "an integer >= 0")
+# the coarsest level has stride 32: decoding assumes the input divides by it
+IMG_SIZE = _checked(int, lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32")
+SCENE_SIZE = _checked(int, lambda v: v >= 32, "an integer >= 32")
+# the finest of the three levels gets a quarter of it: at least 8 channels
+NECK_WIDTH = _checked(int, lambda v: v >= 32, "an integer >= 32")
+POSITIVE = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
+NON_NEGATIVE = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+PROBABILITY = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")  # NaN fails both comparisons
+IOU = _checked(float, lambda v: 0 < v <= 1, "an IoU in (0, 1]")
+EMA_DECAY = _checked(float, lambda v: 0 <= v < 1, "a decay in [0, 1) (0 = off)")
+
+
+def _anchor_spec(text: str):
+    """``auto``, ``yolov3`` or ``w,h,w,h,…`` (positive pixel sizes, as ``(w, h)`` pairs, spread evenly
+    over the three levels)."""
+    if text in ("auto", "yolov3"):
+        return text
+    values = _checked(lambda t: [float(v) for v in t.split(",")], lambda v: len(v) % 6 == 0 and all(0 < x < math.inf for x in v),
+                      "auto, yolov3 or positive w,h pairs (w,h,w,h,…), the same number for each of the 3 levels")(text)
+    return tuple(zip(values[::2], values[1::2]))
+
+
+NECK_LIST = _checked(lambda t: [n.strip() for n in t.split(",") if n.strip()], lambda v: v and set(v) <= set(NECKS),
+                     f"a comma-separated list of {', '.join(NECKS)}")
 
 
 def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--data", required=required, default=None,
                    help="scenes (generated), trees (deepforest photos), a COCO instances .json, or a folder of VOC .xml")
     p.add_argument("--images", default=None, help="image folder of a COCO / VOC --data (default: next to the annotations)")
-    p.add_argument("--num-scenes", type=int, default=None, help="scenes: images per split (train 512, val 128)")
-    p.add_argument("--scene-size", type=int, default=None, help="scenes: generated image size (default: --img-size)")
+    p.add_argument("--num-scenes", type=POSITIVE_INT, default=None, help="scenes: images per split (train 512, val 128)")
+    p.add_argument("--scene-size", type=SCENE_SIZE, default=None, help="scenes: generated image size (default: --img-size)")
 
 
 def register(sub) -> None:
@@ -25,38 +69,38 @@ def register(sub) -> None:
 
     p = dsub.add_parser("train", help="train a detector (checkpoints, resume, metrics and curves in --out)")
     p.add_argument("--model", required=True, help="backbone: a registered model name (cspnet models)")
-    p.add_argument("--neck", default="panet", choices=("fpn", "panet", "efm", "efm-sam", "efm-spp", "gfm"))
+    p.add_argument("--neck", default="panet", choices=NECKS)
     _add_data(p, required=True)
     p.add_argument("--val-data", default=None, help="validation data (default: the val split of scenes / trees; none for files)")
     p.add_argument("--val-images", default=None, help="image folder of a COCO / VOC --val-data (default: next to its annotations)")
-    p.add_argument("--img-size", type=int, default=256, help="square input size, a multiple of 32")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--img-size", type=IMG_SIZE, default=256, help="square input size, a multiple of 32")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=30)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--burn-in", type=int, default=100, help="warm-up optimizer steps")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 = off); evaluation uses the EMA weights")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--neck-width", type=int, default=None, help="neck channels at the coarsest level (cfg: 512)")
-    p.add_argument("--backbone-width", type=float, default=1.0, help="channel multiplier of the backbone")
+    p.add_argument("--lr", type=POSITIVE, default=2e-3)
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=5e-4)
+    p.add_argument("--burn-in", type=NON_NEGATIVE_INT, default=100, help="warm-up optimizer steps")
+    p.add_argument("--ema", type=EMA_DECAY, default=0.999, help="EMA decay (0 = off); evaluation uses the EMA weights")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument("--neck-width", type=NECK_WIDTH, default=None, help="neck channels at the coarsest level (cfg: 512)")
+    p.add_argument("--backbone-width", type=POSITIVE, default=1.0, help="channel multiplier of the backbone")
     p.add_argument("--backbone-weights", default=None, metavar="FILE",
                    help="start the backbone from these weights: a .safetensors / .pth of the backbone model, or an official "
                         "Darknet .weights (whole, or a .conv.N cut) for its cfg")
-    p.add_argument("--anchors", default="auto",
+    p.add_argument("--anchors", type=_anchor_spec, default="auto",
                    help="auto (k-means on the training boxes), yolov3 (the cfgs' COCO anchors) or w,h,w,h,...")
     p.add_argument("--box-loss", choices=("mse", "giou", "diou", "ciou"), default="ciou")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--mosaic", type=float, default=0.5, help="probability of a 4-image mosaic")
-    p.add_argument("--vflip", type=float, default=None, help="vertical flip probability (default: 0.5 for trees, else 0)")
+    p.add_argument("--label-smoothing", type=PROBABILITY, default=0.0)
+    p.add_argument("--mosaic", type=PROBABILITY, default=0.5, help="probability of a 4-image mosaic")
+    p.add_argument("--vflip", type=PROBABILITY, default=None, help="vertical flip probability (default: 0.5 for trees, else 0)")
     p.add_argument("--no-augment", action="store_true", help="no augmentation at all")
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--eval-every", type=POSITIVE_INT, default=1, help="evaluate every N epochs (and after the last)")
+    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0)
     p.add_argument("--memory-efficient", action="store_true",
                    help="keep one map per conv layer for backward and recompute the activation (cspnet.memory_efficient)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
 
@@ -66,9 +110,9 @@ def register(sub) -> None:
     _add_data(p, required=False)
     p.add_argument("--split", choices=("train", "val"), default="val",
                    help="without --data: the run's validation (default) or training set; with --data scenes / trees: their split")
-    p.add_argument("--conf", type=float, default=0.001)
-    p.add_argument("--iou", type=float, default=0.6)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--conf", type=PROBABILITY, default=0.001)
+    p.add_argument("--iou", type=IOU, default=0.6)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.set_defaults(func=run_eval)
 
     p = dsub.add_parser("predict", help="detect objects in images; write drawn images and detections.json")
@@ -76,18 +120,18 @@ def register(sub) -> None:
     p.add_argument("--name", default=None)
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--conf", type=float, default=0.25)
-    p.add_argument("--iou", type=float, default=0.45)
+    p.add_argument("--conf", type=PROBABILITY, default=0.25)
+    p.add_argument("--iou", type=IOU, default=0.45)
     p.set_defaults(func=run_predict)
 
     p = dsub.add_parser("bench", help="per-image latency backbone / neck / head / NMS and BFLOPs per neck")
     p.add_argument("--model", default="cspresnet10", help="backbone")
-    p.add_argument("--necks", default="fpn,panet,efm,efm-sam,efm-spp,gfm")
-    p.add_argument("--img-size", type=int, default=416)
-    p.add_argument("--neck-width", type=int, default=256, help="the same width for every neck, for a fair comparison")
-    p.add_argument("--num-classes", type=int, default=80)
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--necks", type=NECK_LIST, default=list(NECKS), help=f"comma-separated (default: all, {','.join(NECKS)})")
+    p.add_argument("--img-size", type=IMG_SIZE, default=416, help="square input size, a multiple of 32")
+    p.add_argument("--neck-width", type=NECK_WIDTH, default=256, help="the same width for every neck, for a fair comparison")
+    p.add_argument("--num-classes", type=POSITIVE_INT, default=80)
+    p.add_argument("--runs", type=POSITIVE_INT, default=10)
+    p.add_argument("--threads", type=POSITIVE_INT, default=None)
     p.add_argument("--json", action="store_true", help="JSON rows instead of a Markdown table")
     p.set_defaults(func=run_bench)
 
@@ -122,7 +166,8 @@ def _report(source) -> None:
               file=sys.stderr)
 
 
-def _anchors(spec: str, records, img_size: int):
+def _anchors(spec, records, img_size: int):
+    """The detector's anchors for ``--anchors`` (parsed by `_anchor_spec`): None for the cfgs' own."""
     from ..detection.head import fit_anchors
 
     if spec == "yolov3":
@@ -132,10 +177,7 @@ def _anchors(spec: str, records, img_size: int):
 
         wh = [((r.boxes[:, 2:] - r.boxes[:, :2]) * img_size / max(r.width, r.height)) for r in records if len(r.boxes)]
         return fit_anchors(np.concatenate(wh), 9)
-    values = [float(v) for v in spec.split(",")]
-    if len(values) % 2:
-        raise ValueError(f"--anchors needs w,h pairs, got {len(values)} numbers")
-    return list(zip(values[::2], values[1::2]))
+    return spec
 
 
 def run_train(args) -> int:
@@ -236,7 +278,7 @@ def run_bench(args) -> int:
 
     set_threads(args)
     rows = []
-    for neck in [n.strip() for n in args.necks.split(",") if n.strip()]:
+    for neck in args.necks:
         model = create_detector(args.model, neck, num_classes=args.num_classes, neck_width=args.neck_width)
         rows.append({"detector": model.model_name, **time_detector(model, args.img_size, runs=args.runs)})
     if args.json:

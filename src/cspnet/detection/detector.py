@@ -149,9 +149,11 @@ class Detector(nn.Module):
                            options={**cfg.backbone_kwargs, "features_only": True})
         taps, chs = select_taps(body, cfg.backbone, tap_strides)
         self.backbone = BackboneTaps(body, taps, chs, list(tap_strides))
-        top = cfg.neck_width or DEFAULT_WIDTH[cfg.neck]
+        top = DEFAULT_WIDTH[cfg.neck] if cfg.neck_width is None else cfg.neck_width
         n = len(cfg.strides)
-        widths = [max(top // 2 ** (n - 1 - i), 8) for i in range(n)]
+        if top < 8 * 2 ** (n - 1):  # each finer level gets half the width of the next coarser one
+            raise ValueError(f"neck_width {top} leaves the finest of {n} levels fewer than 8 channels; give at least {8 * 2 ** (n - 1)}")
+        widths = [top // 2 ** (n - 1 - i) for i in range(n)]
         self.neck = build_neck(cfg.neck, chs, widths, cfg.act, cfg.spp)
         self.head = YoloHead(self.neck.out_chs, [self.layout.num_anchors(i) for i in range(n)], cfg.num_classes, act=cfg.act)
 
