@@ -220,3 +220,12 @@ def test_an_image_of_another_size_than_declared_is_an_error(tmp_path):
     with pytest.raises(AnnotationError, match="image .*a.png is 40 x 80 pixels, the annotations declare 100 x 80") as e:
         ds[0]
     assert str(tmp_path / "instances.json") in str(e.value)
+
+
+def test_coco_loader_needs_images_and_categories(tmp_path):
+    path = _coco(tmp_path, [])
+    data = json.loads(path.read_text())
+    for key, message in (("images", "no images"), ("categories", "no categories")):
+        path.write_text(json.dumps({**data, key: []}))
+        with pytest.raises(AnnotationError, match=f"instances.json: {message}"):
+            load_coco(path)

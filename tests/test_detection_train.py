@@ -265,3 +265,18 @@ def test_detector_refuses_a_neck_too_narrow_for_its_levels():
         create_detector("cspresnet10", "efm", neck_width=16)
     with pytest.raises(ValueError, match="neck_width 0"):
         create_detector("cspresnet10", "efm", neck_width=0)
+
+
+def test_cli_auto_anchors_need_boxes_and_ignore_crowd_ones(tmp_path, capsys):
+    data, images = _coco_files(tmp_path, "train", 4, seed=1)
+    gt = json.loads(data.read_text())
+    assert gt["annotations"]
+    for a in gt["annotations"]:  # evaluated as ignore regions, never trained on: no anchors from them either
+        a["iscrowd"] = 1
+    crowd = tmp_path / "ann" / "crowd.json"
+    crowd.write_text(json.dumps(gt))
+    empty = tmp_path / "ann" / "empty.json"
+    empty.write_text(json.dumps({**gt, "annotations": []}))
+    for path in (crowd, empty):
+        assert _cli_train_coco(tmp_path / path.stem, path, images, "--anchors", "auto") == 2
+        assert f"{path}: no boxes to fit anchors to (--anchors auto" in capsys.readouterr().err

@@ -166,8 +166,9 @@ def _report(source) -> None:
               file=sys.stderr)
 
 
-def _anchors(spec, records, img_size: int):
-    """The detector's anchors for ``--anchors`` (parsed by `_anchor_spec`): None for the cfgs' own."""
+def _anchors(spec, data: str, records, img_size: int):
+    """The detector's anchors for ``--anchors`` (parsed by `_anchor_spec`): None for the cfgs' own;
+    ``auto`` fits them to the boxes trained on (not the crowd ones) of ``data``, at the input scale."""
     from ..detection.head import fit_anchors
 
     if spec == "yolov3":
@@ -175,8 +176,12 @@ def _anchors(spec, records, img_size: int):
     if spec == "auto":
         import numpy as np
 
-        wh = [((r.boxes[:, 2:] - r.boxes[:, :2]) * img_size / max(r.width, r.height)) for r in records if len(r.boxes)]
-        return fit_anchors(np.concatenate(wh), 9)
+        boxes = [r.boxes[~r.is_crowd()] * (img_size / max(r.width, r.height)) for r in records]
+        boxes = np.concatenate([np.zeros((0, 4), np.float32), *boxes])
+        try:
+            return fit_anchors(boxes[:, 2:] - boxes[:, :2], 9)
+        except ValueError as e:
+            raise ValueError(f"{data}: {e} (--anchors auto; give --anchors yolov3 or w,h pairs)") from None
     return spec
 
 
@@ -212,7 +217,7 @@ def run_train(args) -> int:
     seed_everything(args.seed)  # the initial weights are a function of the seed
     model = create_detector(
         args.model, args.neck, num_classes=len(train_src.class_names),
-        anchors=_anchors(args.anchors, train_src.records, args.img_size),
+        anchors=_anchors(args.anchors, args.data, train_src.records, args.img_size),
         neck_width=args.neck_width, backbone_width=args.backbone_width,
     )
     if args.backbone_weights and not args.resume:  # a resumed run takes every weight from its checkpoint

@@ -71,6 +71,10 @@ class DetectionRecord:
     path: str | None = None
     source: str | None = None
 
+    def is_crowd(self) -> np.ndarray:
+        """(M,) bool: the crowd boxes, which are evaluated as ignore regions but never trained on."""
+        return self.crowd if self.crowd is not None and len(self.crowd) else np.zeros(len(self.boxes), bool)
+
     def load(self) -> np.ndarray:
         """The RGB image; raises `AnnotationError` when it cannot be read or is not the size the
         annotations declare (their boxes would be misplaced)."""
@@ -188,6 +192,11 @@ def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None
         boxes.append(box[0])
         labels.append(index_of[a["category_id"]])
         crowd.append(bool(a.get("iscrowd", 0)))
+    # checked after the entries, so that a broken entry is named first
+    if not images:
+        raise AnnotationError(f"{json_path}: no images")
+    if not cats:
+        raise AnnotationError(f"{json_path}: no categories")
     records = []
     for image_id, (im, boxes, labels, crowd) in images.items():
         records.append(DetectionRecord(
@@ -492,7 +501,7 @@ class DetectionDataset(Dataset):
     def _letterboxed(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         r = self.records[i]
         img, ratio = letterbox(r.load(), self.img_size)
-        keep = ~r.crowd if r.crowd is not None and len(r.crowd) else np.ones(len(r.boxes), bool)
+        keep = ~r.is_crowd()
         return img, r.boxes[keep] * ratio, r.labels[keep], ratio
 
     def _mosaic(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -553,8 +562,7 @@ def coco_ground_truth(records: list[DetectionRecord], class_names: tuple[str, ..
     images, annotations = [], []
     for r in records:
         images.append({"id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height})
-        crowd = r.crowd if r.crowd is not None and len(r.crowd) else np.zeros(len(r.boxes), bool)
-        for b, label, c in zip(r.boxes, r.labels, crowd):
+        for b, label, c in zip(r.boxes, r.labels, r.is_crowd()):
             w, h = float(b[2] - b[0]), float(b[3] - b[1])
             annotations.append({
                 "id": len(annotations) + 1, "image_id": r.image_id, "category_id": category_ids[int(label)],

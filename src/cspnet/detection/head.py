@@ -90,6 +90,8 @@ def fit_anchors(wh, k: int = 9, seed: int = 0) -> tuple[tuple[float, float], ...
     from sklearn.cluster import KMeans
 
     wh = np.asarray(wh, dtype=np.float64).reshape(-1, 2)
+    if not len(wh):
+        raise ValueError("no boxes to fit anchors to")
     if len(wh) < k:
         raise ValueError(f"need at least {k} boxes to fit {k} anchors, got {len(wh)}")
     centres = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(wh).cluster_centers_
