@@ -280,3 +280,19 @@ def test_cli_auto_anchors_need_boxes_and_ignore_crowd_ones(tmp_path, capsys):
     for path in (crowd, empty):
         assert _cli_train_coco(tmp_path / path.stem, path, images, "--anchors", "auto") == 2
         assert f"{path}: no boxes to fit anchors to (--anchors auto" in capsys.readouterr().err
+
+
+def test_cli_train_finds_missing_images_before_training(tmp_path, capsys):
+    train, train_img = _coco_files(tmp_path, "train", 4, seed=1)
+    val, val_img = _coco_files(tmp_path, "val", 2, seed=2)
+    missing = sorted(val_img.iterdir())[1]
+    missing.unlink()
+    out = tmp_path / "run"
+    assert _cli_train_coco(out, train, train_img, "--val-data", str(val), "--val-images", str(val_img)) == 2
+    err = capsys.readouterr().err
+    assert f"{val}: image {missing} of the validation set does not exist (give the folder of its images with --val-images" in err
+    assert not out.exists()  # found before training, not after an epoch
+    assert _cli_train_coco(out, train, train_img, "--val-data", str(val)) == 2  # the images are not next to the JSON
+    assert "of the validation set does not exist (give the folder of its images with --val-images" in capsys.readouterr().err
+    assert _cli_train_coco(out, train, val_img) == 2
+    assert f"{train}: image {val_img}/scene_train_1_00000.png of the training set does not exist (give the folder of its images with --images" in capsys.readouterr().err

@@ -158,6 +158,16 @@ def _record(source_args: dict, source) -> dict:
     return out
 
 
+def _check_images(source, spec: str, which: str, option: str) -> None:
+    """Every image file of a set exists: a cheap check before the run, not a failed read after an epoch."""
+    from ..data.detection import AnnotationError
+
+    for r in source.records:
+        if r.path is not None and not Path(r.path).is_file():
+            raise AnnotationError(f"{spec}: image {r.path} of the {which} set does not exist "
+                                  f"(give the folder of its images with {option}; default: the annotation file's folder)")
+
+
 def _report(source) -> None:
     r = source.report
     if r.clipped or r.dropped:
@@ -195,12 +205,14 @@ def run_train(args) -> int:
     set_threads(args)
     train_args = _source_args(args.data, "train", args.images, args, args.img_size, args.seed)
     train_src = load_detection_source(**train_args)
+    _check_images(train_src, args.data, "training", "--images")
     _report(train_src)
     val_spec = args.val_data or (args.data if args.data in BUILTIN_DETECTION else None)
     val_args = val_src = None
     if val_spec is not None:
         val_args = _source_args(val_spec, "val", args.val_images, args, args.img_size, args.seed)
         val_src = load_detection_source(**val_args, class_names=train_src.class_names)
+        _check_images(val_src, val_spec, "validation", "--val-images")
         _report(val_src)
         if val_src.class_names != train_src.class_names:
             raise ValueError(f"validation classes {list(val_src.class_names)} differ from training classes {list(train_src.class_names)}")
@@ -253,6 +265,7 @@ def run_eval(args) -> int:
     images = args.images or (recorded["images_dir"] if args.data is None else None)
     src = load_detection_source(**_source_args(spec, args.split, images, args, img_size, 0, recorded),
                                 class_names=tuple(run["class_names"]))
+    _check_images(src, spec, "evaluation", "--images")
     _report(src)
     if list(src.class_names) != list(run["class_names"]):
         raise ValueError(f"{spec} has classes {list(src.class_names)[:10]}, the checkpoint was trained on {run['class_names'][:10]}")
