@@ -296,3 +296,20 @@ def test_cli_train_finds_missing_images_before_training(tmp_path, capsys):
     assert "of the validation set does not exist (give the folder of its images with --val-images" in capsys.readouterr().err
     assert _cli_train_coco(out, train, val_img) == 2
     assert f"{train}: image {val_img}/scene_train_1_00000.png of the training set does not exist (give the folder of its images with --images" in capsys.readouterr().err
+
+
+def test_resume_with_another_input_size_names_only_what_differs(tmp_path):
+    from cspnet.engine.checkpoint import CheckpointError, save_checkpoint
+
+    records, names = make_scenes(4, seed=3, size=64)
+    det = create_detector("cspresnet10", "efm", num_classes=10, backbone_width=0.25, neck_width=32)
+    run = {"detector": det.cfg.to_dict(), "img_size": 64, "class_names": list(names)}
+    save_checkpoint(tmp_path, model=det, state={"epoch": 0, "step": 0, "run": run})
+    other = create_detector("cspresnet10", "efm", num_classes=10, anchors=[(s, s) for s in range(10, 100, 10)],
+                            backbone_width=0.25, neck_width=32)
+    cfg = TrainConfig(epochs=1, batch_size=4)
+    with pytest.raises(CheckpointError, match="would not continue the same run") as e:
+        train_detector(other, DetectionDataset(records, names, 96), None, None, tmp_path, cfg, resume=True, progress=False)
+    message = str(e.value)
+    assert "img_size: checkpoint 64 vs now 96" in message and "anchors: checkpoint" in message
+    assert "neck_width" not in message and "backbone" not in message.split("(", 1)[1]

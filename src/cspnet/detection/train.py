@@ -220,8 +220,13 @@ def train_detector(
     }
     if resume and (out_dir / "last.json").is_file():
         saved = read_checkpoint_record(out_dir)["state"].get("run", {})
-        if saved.get("detector") != info["detector"]:
-            raise CheckpointError(f"{out_dir / 'last.json'}: the run was trained with detector {saved.get('detector')}, not {info['detector']}")
+        # what the weights and the loss depend on: the detector config, the input size, the classes
+        then, now = ({**run.get("detector", {}), "img_size": run.get("img_size"), "class_names": run.get("class_names")}
+                     for run in (saved, info))
+        diffs = [f"{k}: checkpoint {then.get(k)!r} vs now {now.get(k)!r}" for k in {**then, **now} if then.get(k) != now.get(k)]
+        if diffs:
+            raise CheckpointError(f"{out_dir / 'last.json'}: --resume with another detector or input would not continue the "
+                                  f"same run ({'; '.join(diffs)})")
     task = DetectionTask(model, train, val, val_gt, category_ids, recipe, cfg.epochs, out_dir)
     return fit(task, model, cfg, out_dir, resume=resume, progress=progress, run_info=info, desc=f"{model.model_name} ")
     # a TimeBudgetSpent from `DetectionTask.prepare` propagates: the checkpoints of the last
