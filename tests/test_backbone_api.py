@@ -40,7 +40,9 @@ def test_backbone_contract(name):
 
         # The head API on the same backbone: a head appears with reset_classifier.
         model.eval()
+        assert isinstance(model.get_classifier(), torch.nn.Identity)  # features only: no classifier
         model.reset_classifier(7)
+        assert model.get_classifier().out_features == 7
         pooled = model.forward_head(model.forward_features(x), pre_logits=True)
         assert pooled.shape == (1, info[-1].num_chs) == (1, model.num_features)
         assert model(x).shape == (1, 7)

@@ -75,8 +75,6 @@ TIMM_EQUIVALENTS: dict[str, tuple[str, str]] = {
 }
 
 DEFAULT_MODELS = ("cspresnet50", "cspresnext50", "cspdarknet53")
-TARGET_MODELS = ("cspresnet50", "cspresnext50", "cspdarknet53", "darknet53")
-INFER_VARIANTS = ("eager", "eager_cl", "deploy", "deploy_winograd", "onnxruntime")
 EAGER_VARIANTS = ("eager", "eager_cl")
 TRAIN_VARIANTS = ("train", "train_cl")
 INTERVAL_NOTE = ("[a, b] after ours × timm: 95 % interval of the median of per-round ratios (each round timed both; "

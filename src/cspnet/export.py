@@ -16,16 +16,17 @@ runs under ``torch.inference_mode``. ``compile=True`` adds ``torch.compile`` on 
 
 Why channels-last by default: oneDNN convolutions work on NHWC/blocked layouts, so an NCHW
 model pays a layout reorder around every convolution. On the project's CPU this makes every
-model 13-30 % faster at batch 8 (docs/benchmarks.md, shared/reference/timm.md §8); on CUDA it
+model 13-30 % faster at batch 8 (docs/benchmarks.md; timm's models gain as much here); on CUDA it
 is what tensor cores want. ``channels_last=None`` follows this rule, or, given
 ``example_input``, times both layouts on it and keeps the faster.
 
 Exports (all written atomically: temp file, then ``os.replace``):
 
 - ONNX with a dynamic batch axis through the TorchScript-based exporter (``dynamo=False``,
-  opset 17). It exports a 30M-parameter model in ~2 s where the dynamo exporter takes ~25 s,
-  and both give the same graph up to BN folding (shared/reference/timm.md §6). The model is
-  BN-folded first, so the graph is conv + activation only.
+  opset 17). It exports cspdarknet53 in ~2 s where the dynamo exporter takes ~25 s, with the
+  same outputs (within 1.2e-5 of eager on this machine). Graphs the legacy tracer rejects go
+  through the dynamo exporter (opset >= 18). The model is BN-folded first, so the graph is
+  conv + activation only.
 - TorchScript by tracing the fused model (``torch.jit.trace``; the models' shape-dependent
   branches depend on channel counts and strides only, never on the batch size).
 - safetensors of the (unfused) state dict with the model name and config as metadata, so
@@ -437,7 +438,7 @@ def _output_names(outputs: Any) -> list[str]:
     raise ValueError(f"can only export models returning a tensor or a list of tensors, got {type(outputs).__name__}")
 
 
-def export_model(model: nn.Module, input_size: int | tuple[int, int] = 224, fused: bool = True) -> nn.Module:
+def export_model(model: nn.Module, fused: bool = True) -> nn.Module:
     """The module exports are made from: an eval-mode copy of ``model``, BN-folded if ``fused``."""
     net = copy.deepcopy(model).eval()
     return fuse(net) if fused else net
@@ -465,7 +466,7 @@ def export_onnx(
         raise ValueError(f"opset {opset} is too old; use 17 or newer")
     if exporter not in ("auto", "legacy", "dynamo"):
         raise ValueError(f"unknown exporter {exporter!r}; expected auto, legacy or dynamo")
-    net = export_model(model, input_size, fused)
+    net = export_model(model, fused)
     x = _example_input(net, input_size, 1)
     with torch.no_grad():
         names = _output_names(net(x))
@@ -528,7 +529,7 @@ def run_onnx(session, x: torch.Tensor) -> list[torch.Tensor]:
 
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: int | tuple[int, int] = 224, *, fused: bool = True) -> Path:
     """Write the traced (BN-folded) model as TorchScript; load it with ``torch.jit.load``."""
-    net = export_model(model, input_size, fused)
+    net = export_model(model, fused)
     x = _example_input(net, input_size, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still supported

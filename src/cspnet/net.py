@@ -163,7 +163,8 @@ class StagedNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def get_classifier(self) -> nn.Module:
-        return self.head.fc
+        """The final linear layer (``nn.Identity`` when there is none), as timm models expose it."""
+        return self.head.fc if self.head is not None else nn.Identity()
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier by a fresh one with ``num_classes`` outputs (0: pooled features)."""

@@ -269,12 +269,6 @@ def _committed_file(out_dir: Path, name: str, token: str, which: int) -> Path:
     return _files(out_dir, name)[which]
 
 
-def checkpoint_weights_path(out_dir: str | os.PathLike, name: str = "last") -> Path:
-    """The model weights file that belongs to the committed checkpoint ``name``."""
-    record = read_checkpoint_record(out_dir, name)
-    return _committed_file(Path(out_dir), name, record["token"], 0)
-
-
 def _check_token(path: Path, token: str, found: str | None) -> None:
     if found != token:
         raise CheckpointError(

@@ -22,7 +22,7 @@ import torch
 
 from . import Conversion, Preprocess, StateDict, rename_keys
 
-# timm's pretrained_cfg for the default tags (reference/timm.md §2.F).
+# timm's pretrained_cfg for the default tags (the ``ra_in1k`` weights, timm 1.0.31).
 _RA_IN1K = Preprocess(input_size=256, crop_pct=0.887, interpolation="bilinear")
 _C2NS_IN1K = Preprocess(input_size=256, crop_pct=0.887, interpolation="bicubic")
 

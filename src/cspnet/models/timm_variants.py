@@ -121,7 +121,7 @@ def _stages(depths, out_chs, strides, expand, block, bottle, groups=1, down_grow
     )
 
 
-# timm cspnet.py model_cfgs (timm 1.0.31; /work/shared/reference/timm.md §4.4).
+# The model_cfgs of timm/models/cspnet.py (timm 1.0.31), stage arguments after timm's padding to tuples.
 CSPRESNET50_TIMM = TimmCspCfg(
     _stages((3, 3, 5, 2), (128, 256, 512, 1024), (1, 2, 2, 2), expand=2.0, block=1.0, bottle=0.5),
     block="bottleneck", stem_chs=64, stem_kernel=7, stem_stride=2, stem_pool=True, cross_linear=True,
