@@ -1,7 +1,7 @@
 """Detection data: COCO JSON, Pascal-VOC XML, and two built-in sets that need no download.
 
-- ``scenes``: Fashion-MNIST objects (Debian ``dataset-fashion-mnist``; scikit-learn's digits when it
-  is missing) pasted on scikit-image's bundled CC0 textures (grass, gravel, brick), 10 classes,
+- ``scenes``: Fashion-MNIST objects (Debian ``dataset-fashion-mnist`` or ``CSPNET_FASHION_MNIST``, read
+  by the classification loaders; scikit-learn's digits when it is missing) pasted on scikit-image's bundled CC0 textures (grass, gravel, brick), 10 classes,
   exact boxes, fully determined by a seed. Train scenes use the training images, validation scenes
   the test images, so held-out scenes show unseen object instances.
 - ``trees``: the aerial photos with hand-drawn tree boxes bundled in the ``deepforest`` wheel
@@ -18,7 +18,6 @@ entry. `DetectionDataset` letterboxes to a square input and applies the training
 from __future__ import annotations
 
 import functools
-import gzip
 import importlib.util
 import json
 import math
@@ -34,11 +33,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
-DIGIT_CLASSES = tuple(str(i) for i in range(10))
+from . import classification
+
 TREE_CLASSES = ("Tree",)
 TREE_TRAIN = ("2019_YELL_2_528000_4978000_image_crop2", "SOAP_061")
 TREE_VAL = ("2019_YELL_2_541000_4977000_image_crop", "OSBS_029")
@@ -294,25 +290,18 @@ def load_voc(xml_paths, images_dir=None, class_names: tuple[str, ...] | None = N
 # -- built-in: generated scenes -------------------------------------------------------------------------
 @functools.lru_cache(maxsize=2)
 def object_images(split: str = "train") -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Grey object crops ``(N, H, W)`` uint8, labels and class names for the scenes.
+    """Grey object crops ``(N, H, W)`` uint8, labels and class names for the scenes, at their own size.
 
-    Fashion-MNIST (``train`` / ``t10k`` files) when installed, else scikit-learn's bundled digits
-    (first 1,200 for train, the rest for validation), scaled to 0-255.
+    Fashion-MNIST's training or test images when installed (`classification.load_fashion_mnist`; the
+    ``CSPNET_FASHION_MNIST`` folder overrides the default), else scikit-learn's digits, the
+    training or test part of `classification.load_digits_data`'s split.
     """
-    prefix = "train" if split == "train" else "t10k"
-    images, labels = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
-    if images.is_file() and labels.is_file():
-        with gzip.open(labels) as f:
-            y = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-        with gzip.open(images) as f:
-            x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-        return x, y, FASHION_MNIST_CLASSES
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images * (255 / 16)).astype(np.uint8)
-    cut = slice(0, 1200) if split == "train" else slice(1200, None)
-    return x[cut], d.target[cut].astype(np.int64), DIGIT_CLASSES
+    if classification.FASHION_MNIST_ROOT.is_dir():
+        data = classification.load_fashion_mnist(28)
+    else:
+        data = classification.load_digits_data(8)
+    part = data.train if split == "train" else data.test
+    return part.images[:, 0].numpy(), part.labels.numpy(), tuple(data.classes)
 
 
 def _textures() -> list[np.ndarray]:
