@@ -1,5 +1,6 @@
 """Detection data: built-in scenes and trees, COCO / VOC loaders, sanitising, letterbox and augmentation."""
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +258,24 @@ def test_coco_loader_needs_images_and_categories(tmp_path):
         path.write_text(json.dumps({**data, key: []}))
         with pytest.raises(AnnotationError, match=f"instances.json: {message}"):
             load_coco(path)
+
+
+def test_unreadable_images_name_the_annotation_file_and_the_image(tmp_path, monkeypatch):
+    (tmp_path / "img.png").write_bytes(b"not a png")
+    (tmp_path / "img.xml").write_text("<annotation><filename>img.png</filename></annotation>")  # no <size>: read the image
+    with pytest.raises(AnnotationError, match=f"img.xml: image {tmp_path / 'img.png'} cannot be read"):
+        load_voc([tmp_path / "img.xml"])
+    Image.new("RGB", (100, 80)).save(tmp_path / "a.png")
+    records, *_ = load_coco(_coco(tmp_path, []), tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's decompression-bomb guard (not an OSError)
+    with pytest.raises(AnnotationError, match=f"instances.json: image {tmp_path / 'a.png'} cannot be read"):
+        next(r for r in records if r.file_name == "a.png").load()
+
+
+def test_tree_tiles_leave_pils_decompression_bomb_guard_alone(monkeypatch):
+    # the largest bundled photo (2299 x 2472) is far below PIL's default guard (89.5 M pixels)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6_000_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        tree_tiles("train")
+    assert Image.MAX_IMAGE_PIXELS == 6_000_000

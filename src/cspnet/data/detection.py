@@ -235,8 +235,11 @@ def load_voc_file(xml_path: str | os.PathLike, images_dir: str | os.PathLike | N
     try:
         width, height = int(root.findtext("size/width")), int(root.findtext("size/height"))
     except (TypeError, ValueError):
-        with Image.open(path) as im:
-            width, height = im.size
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except UNREADABLE_IMAGE as e:
+            raise AnnotationError(f"{xml_path}: image {path} cannot be read ({e})") from None
     boxes, names, difficult = [], [], []
     for i, obj in enumerate(root.findall("object")):
         name = (obj.findtext("name") or "").strip()
@@ -420,7 +423,6 @@ def tree_tiles(split: str = "train", tile: int = 400) -> tuple[list[DetectionRec
     data = deepforest_data_dir()
     stems = TREE_TRAIN if split == "train" else TREE_VAL
     records, _, _ = load_voc([data / f"{s}.xml" for s in stems], data, merge_classes=TREE_CLASSES[0])
-    Image.MAX_IMAGE_PIXELS = None  # the YELL photo is 2299 x 2472
     tiles: list[DetectionRecord] = []
     for r in records:
         tiles += tile_record(r.load(), r.boxes, r.labels, tile, Path(r.file_name).stem, len(tiles), overlap=split == "train")
