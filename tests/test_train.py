@@ -198,6 +198,18 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert torch.equal(torch.get_rng_state(), expected_rng)
 
 
+@pytest.mark.parametrize("name", cspnet.list_models())
+def test_width_scales_every_family(name):
+    # Every channel count scales, whatever the family calls it (stage *_chs, growth_rate, per-layer
+    # widths): half the width leaves about a quarter of the weights, as 1x1 and 3x3 convs go with C_in x C_out.
+    from cspnet.engine.models import build_model
+
+    def count(width):
+        return sum(p.numel() for p in build_model(name, num_classes=10, in_chans=1, width=width).parameters())
+
+    assert 0.24 < count(0.5) / count(1.0) < 0.28
+
+
 def test_checkpoint_record_gives_back_tuples_and_rebuilds_the_model(tmp_path):
     # Model options such as DenseNet's ``depths`` are tuples; the JSON record stores them as
     # {"__tuple__": [...]}. The record read back holds the tuples again, ready for rebuild_model.

@@ -1,8 +1,8 @@
 """Building the model of a run, and rebuilding it from a checkpoint record.
 
 A run's model is described by JSON-able options: ``{"name", "width", "options", "num_classes",
-"in_chans"}``. ``width`` scales every channel count of the registered config (the ``*_chs``
-fields, rounded to a multiple of 8): how the compare job makes small twins for 32x32 images.
+"in_chans"}``. ``width`` scales every channel count of the registered config (`scale_widths`,
+rounded to a multiple of 8): how the compare job makes small twins for 32x32 images.
 ``options`` are other config-field overrides (``act``, ``fusion``, ``part_ratio`` …).
 """
 from __future__ import annotations
@@ -16,18 +16,36 @@ from ..registry import create_model, get_spec
 from .train import seed_everything
 
 
+# Channel counts not named ``*_chs``: DenseNet's / PeleeNet's growth rate, and MobileNet's and the
+# Darknet Reference model's per-layer widths.
+_CHANNEL_FIELDS = ("growth_rate", "widths")
+
+
 def scale_widths(cfg: Any, width: float, divisor: int = 8) -> Any:
-    """A copy of a (frozen, possibly nested) config with every ``*_chs`` field times ``width``."""
+    """A copy of a (frozen, possibly nested) config with every channel count times ``width``.
+
+    Channel counts are the ``*_chs`` fields and ``_CHANNEL_FIELDS``, single or per stage (tuples),
+    rounded to a multiple of ``divisor`` (at least ``divisor``).
+    """
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
+
+    def scale_count(v: int) -> int:
+        return max(divisor, int(round(v * width / divisor)) * divisor)
+
+    def is_count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
     def scale(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj):
             changes = {}
             for f in dataclasses.fields(obj):
                 v = getattr(obj, f.name)
-                if f.name.endswith("_chs") and isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                    changes[f.name] = max(divisor, int(round(v * width / divisor)) * divisor)
+                if f.name.endswith("_chs") or f.name in _CHANNEL_FIELDS:
+                    if is_count(v):
+                        changes[f.name] = scale_count(v)
+                    elif isinstance(v, tuple) and v and all(is_count(x) for x in v):
+                        changes[f.name] = tuple(scale_count(x) for x in v)
                 elif isinstance(v, tuple) and any(dataclasses.is_dataclass(x) for x in v):
                     changes[f.name] = tuple(scale(x) for x in v)
             return dataclasses.replace(obj, **changes)
@@ -48,7 +66,8 @@ def build_model(name: str, *, num_classes: int, in_chans: int, width: float = 1.
     if width != 1.0:
         fields = {f.name for f in dataclasses.fields(spec.cfg)}
         cfg = scale_widths(dataclasses.replace(spec.cfg, **{k: v for k, v in options.items() if k in fields}), width)
-        options.update({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.endswith("_chs") or f.name == "stages"})
+        options.update({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                        if getattr(cfg, f.name) != getattr(spec.cfg, f.name)})
     return create_model(name, num_classes=num_classes, in_chans=in_chans, **options)
 
 

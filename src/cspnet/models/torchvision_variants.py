@@ -21,22 +21,29 @@ from ..stage import CrossStage
 
 @dataclass(frozen=True)
 class TvResNetCfg:
-    """torchvision's ``ResNet(Bottleneck, depths, groups, width_per_group)``."""
+    """torchvision's ``ResNet(Bottleneck, depths, groups, width_per_group)``.
+
+    ``planes_chs`` are torchvision's ``planes`` per stage (a stage outputs 4x as many channels);
+    ``width_per_group`` is per 64 planes, as in torchvision, so scaling the planes scales every width.
+    """
 
     depths: tuple[int, ...] = (3, 4, 6, 3)
     groups: int = 1
     width_per_group: int = 64
+    stem_chs: int = 64
+    planes_chs: tuple[int, ...] = (64, 128, 256, 512)
     act: str = "relu"
 
 
 def build_tv_resnet(cfg: TvResNetCfg, *, in_chans: int = 3, **net_kwargs) -> StagedNet:
     """Build a `StagedNet` with torchvision's ResNet layout (see the module docstring)."""
     act = canonical_act(cfg.act)
-    stem = nn.Sequential(ConvBnAct(in_chans, 64, 7, 2, act=act), nn.MaxPool2d(3, 2, 1))
+    if len(cfg.planes_chs) != len(cfg.depths):
+        raise ValueError(f"planes_chs {cfg.planes_chs} needs one entry per stage of depths {cfg.depths}")
+    stem = nn.Sequential(ConvBnAct(in_chans, cfg.stem_chs, 7, 2, act=act), nn.MaxPool2d(3, 2, 1))
     stages, chs, strides = [], [], []
-    in_chs = 64
-    for i, depth in enumerate(cfg.depths):
-        planes = 64 * 2**i
+    in_chs = cfg.stem_chs
+    for i, (depth, planes) in enumerate(zip(cfg.depths, cfg.planes_chs)):
         mid, out, stride = planes * cfg.width_per_group // 64 * cfg.groups, planes * 4, 1 if i == 0 else 2
 
         def make_blocks(width: int, mid=mid, out=out, stride=stride, depth=depth):
@@ -49,7 +56,7 @@ def build_tv_resnet(cfg: TvResNetCfg, *, in_chans: int = 3, **net_kwargs) -> Sta
         chs.append(out)
         strides.append(stride)
         in_chs = out
-    return StagedNet(stem, 64, 4, stages, chs, strides, in_chans=in_chans, **net_kwargs)
+    return StagedNet(stem, cfg.stem_chs, 4, stages, chs, strides, in_chans=in_chans, **net_kwargs)
 
 
 MODELS = (
