@@ -8,8 +8,8 @@ ground truth by more than ``ignore_thresh`` (0.7 in the cfgs) get no objectness 
 
 The box loss is MSE on the raw parametrisation (Darknet's default, weighted by ``2 - w*h`` as in
 YOLOv3) or an IoU loss from ``torchvision.ops``: GIoU, DIoU or CIoU. Losses are means (over positives
-for box / class, over the non-ignored cells of a level for objectness, weighted per level by
-``level_balance``), so the learning rate does not depend on the batch size.
+for box / class, over the non-ignored cells of a level for objectness, weighted per level 4 /
+1 / 0.4 with three levels, as YOLOv5), so the learning rate does not depend on the batch size.
 """
 from __future__ import annotations
 
@@ -60,7 +60,6 @@ class YoloLoss(nn.Module):
         box_weight: float = 0.05,
         obj_weight: float = 1.0,
         cls_weight: float = 0.5,
-        level_balance: tuple[float, ...] | None = None,
         scale_x_y: float = 1.0,
     ):
         super().__init__()
@@ -75,12 +74,8 @@ class YoloLoss(nn.Module):
         self.iou_thresh = iou_thresh
         self.label_smoothing = label_smoothing
         self.weights = {"box": box_weight, "obj": obj_weight, "cls": cls_weight}
-        if level_balance is None:
-            # YOLOv5's per-level objectness balance for 3 levels: fine levels have many more cells.
-            level_balance = (4.0, 1.0, 0.4) if layout.num_levels == 3 else (1.0,) * layout.num_levels
-        if len(level_balance) != layout.num_levels:
-            raise ValueError(f"level_balance has {len(level_balance)} entries for {layout.num_levels} levels")
-        self.level_balance = tuple(level_balance)
+        # YOLOv5's per-level objectness balance for 3 levels: fine levels have many more cells.
+        self.level_balance = (4.0, 1.0, 0.4) if layout.num_levels == 3 else (1.0,) * layout.num_levels
         self.scale_x_y = scale_x_y
 
     def assign(self, targets: list[dict], shapes: list[tuple[int, int]], device) -> list[dict[str, torch.Tensor]]:
