@@ -55,6 +55,39 @@ def test_bad_model_option_is_a_clean_error(capsys):
     assert "cannot be model options" in capsys.readouterr().err
 
 
+_TRAIN = ["train", "--model", "resnet10", "--data", "digits", "--out", "never-written"]
+
+
+@pytest.mark.parametrize("argv,option", [
+    (_TRAIN + ["--batch-size", "0"], "--batch-size"), (_TRAIN + ["--img-size", "-32"], "--img-size"),
+    (_TRAIN + ["--img-size", "0"], "--img-size"), (_TRAIN + ["--threads", "-1"], "--threads"),
+    (_TRAIN + ["--label-smoothing", "1.5"], "--label-smoothing"), (_TRAIN + ["--ema", "-0.1"], "--ema"),
+    (_TRAIN + ["--mixup", "-1"], "--mixup"), (_TRAIN + ["--grad-clip", "-1"], "--grad-clip"),
+    (_TRAIN + ["--translate", "-3"], "--translate"), (_TRAIN + ["--checkpoint-every", "-1"], "--checkpoint-every"),
+    (_TRAIN + ["--momentum", "2"], "--momentum"), (_TRAIN + ["--lr", "nan"], "--lr"), (_TRAIN + ["--width", "0"], "--width"),
+    (_TRAIN + ["--in-chans", "2"], "--in-chans"),
+    (["compare", "--jobs", "0"], "--jobs"), (["compare", "--bench-batch", "0"], "--bench-batch"),
+    (["predict", "x.png", "--checkpoint", "r", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--checkpoint", "r", "--data", "digits", "--batch-size", "0"], "--batch-size"),
+    (["export", "resnet10", "--out", "x.onnx", "--input-size", "0"], "--input-size"),
+    (["analyze", "layers", "resnet10", "--out", "x", "--input-size", "0"], "--input-size"),
+    (["analyze", "gradients", "resnet10", "--out", "x", "--batch", "1"], "--batch"),
+    (["ablation", "--out", "x", "--width", "-1"], "--width"),
+])
+def test_bad_numbers_are_refused_while_parsing_naming_the_option(argv, option, capsys):
+    # Before, these crashed mid-run (ZeroDivisionError, a torch RuntimeError) or quietly meant "off" / the default.
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
+
+
+def test_compare_refuses_the_same_model_twice(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--models", "resnet10,resnet10", "--data", "digits", "--out", str(out)]) == 2
+    assert "different models" in capsys.readouterr().err and not out.exists()
+
+
 def test_shared_cli_helpers_are_public():
     # cspnet train's option helpers serve the analysis and detection CLIs too (cli/ablation, analyze, detect)
     assert model_opts(["act=mish", "depths=[2, 3]", "part_ratio=0.5"]) == {"act": "mish", "depths": [2, 3], "part_ratio": 0.5}

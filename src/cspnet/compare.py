@@ -205,11 +205,13 @@ def run_compare_models(
     """
     t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if len(models) < 2:
         raise ValueError(f"compare needs at least two models, got {list(models)}")
+    if len(set(models)) < len(models):  # each model trains into OUT/<name>
+        raise ValueError(f"compare needs different models, got {list(models)}")
     for name in models:
         get_spec(name)  # unknown names fail before any training
+    out.mkdir(parents=True, exist_ok=True)
     jobs = max(1, min(jobs, len(models)))
     threads = torch.get_num_threads()
     bench_device = resolve_device(device).type

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .argtypes import POSITIVE, POSITIVE_INT
+
 MODULE_HELP = "train a family over γ and fusion (+ the plain model); write Table 1's layout and a scatter plot"
 
 
@@ -24,10 +26,10 @@ def register(sub) -> None:
     p.add_argument("--gammas", default=",".join(f"{g:g}" for g in ABLATION_GAMMAS), help="part ratios γ, comma-separated")
     p.add_argument("--fusions", default=",".join(ABLATION_FUSIONS), help="fusions, comma-separated")
     p.add_argument("--no-plain", action="store_true", help="leave out the plain twin")
-    p.add_argument("--width", type=float, default=1.0, help="channel multiplier for every model")
+    p.add_argument("--width", type=POSITIVE, default=1.0, help="channel multiplier for every model")
     p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every model, e.g. act=swish (not fusion / part_ratio)")
-    p.add_argument("--paper-size", type=int, default=224, help="input size of the ImageNet-architecture BFLOPs column")
+    p.add_argument("--paper-size", type=POSITIVE_INT, default=224, help="input size of the ImageNet-architecture BFLOPs column")
     add_data_args(p)
     add_recipe_args(p, epochs=10, batch_size=128, lr=0.1)
     p.set_defaults(func=run)

@@ -1,6 +1,8 @@
 """``cspnet analyze gradients|layers``: check the paper's gradient-duplication and bottleneck claims."""
 from __future__ import annotations
 
+from .argtypes import BATCH_STATISTICS, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
+
 MODULE_HELP = "gradient duplication per stage, per-layer BFLOPs / CIO (paper §3.1, Fig. 7)"
 
 
@@ -14,21 +16,21 @@ def register(sub) -> None:
     g.add_argument("--twin", default="auto",
                    help="model to compare with: auto (the registered twin; none for a run directory), none, a name or a run directory")
     g.add_argument("--data", default=None, help="fashion-mnist, digits or an ImageFolder directory (default: the run's data, else digits)")
-    g.add_argument("--img-size", type=int, default=None, help="input size (default: the run's, else 64)")
-    g.add_argument("--in-chans", type=int, default=None, help="image folders: 1 or 3 channels")
-    g.add_argument("--batch", type=int, default=32, help="images in the analysed batch (class-balanced, from the training split)")
-    g.add_argument("--width", type=float, default=1.0, help="channel multiplier for registered models")
+    g.add_argument("--img-size", type=POSITIVE_INT, default=None, help="input size (default: the run's, else 64)")
+    g.add_argument("--in-chans", type=int, choices=(1, 3), default=None, help="image folders: 1 or 3 channels")
+    g.add_argument("--batch", type=BATCH_STATISTICS, default=32, help="images in the analysed batch (class-balanced, from the training split)")
+    g.add_argument("--width", type=POSITIVE, default=1.0, help="channel multiplier for registered models")
     g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", help="config override for registered models")
     g.add_argument("--checkpoint", default="best", help="which checkpoint of a run directory: best or last")
-    g.add_argument("--seed", type=int, default=0, help="seed of the batch selection")
+    g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the batch selection")
     g.set_defaults(func=run_gradients)
 
     lay = kinds.add_parser("layers", help="BFLOPs and CIO of every layer along the depth, a model beside its twin (Fig. 7)")
     lay.add_argument("model", help="registered model name")
     lay.add_argument("--out", required=True, help="output directory (layers.png/.md/.json)")
     lay.add_argument("--twin", default="auto", help="auto (the registered twin), none, or a model name")
-    lay.add_argument("--input-size", type=int, default=None, help="square input size (default: the model's)")
-    lay.add_argument("--in-chans", type=int, default=3)
+    lay.add_argument("--input-size", type=POSITIVE_INT, default=None, help="square input size (default: the model's)")
+    lay.add_argument("--in-chans", type=POSITIVE_INT, default=3)
     lay.set_defaults(func=run_layers)
 
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from .argtypes import NON_NEGATIVE_INT, POSITIVE_INT
+
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".safetensors": "safetensors"}
 
 
@@ -18,8 +20,8 @@ def register(sub) -> None:
     p.add_argument("--detector", metavar="NECK", default=None,
                    help="export a detector with this neck on MODEL (fpn, panet, efm, …); its eval output, "
                         "the decoded boxes before NMS, is what gets exported")
-    p.add_argument("--num-classes", type=int, default=None, help="classifier classes (default 1000) or detector classes (80)")
-    p.add_argument("--input-size", type=int, default=None, help="example input size for tracing (default: the model's)")
+    p.add_argument("--num-classes", type=NON_NEGATIVE_INT, default=None, help="classifier classes (default 1000) or detector classes (80)")
+    p.add_argument("--input-size", type=POSITIVE_INT, default=None, help="example input size for tracing (default: the model's)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--no-fuse", action="store_true", help="keep BatchNorm layers in ONNX / TorchScript graphs")
     p.add_argument("--no-check", action="store_true", help="skip running the export against PyTorch")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..files import atomic_write_text
+from .argtypes import EMA_DECAY, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
 
 
 
@@ -32,40 +33,40 @@ def model_opts(pairs: list[str]) -> dict:
 def add_data_args(p: argparse.ArgumentParser, default: str | None = "fashion-mnist") -> None:
     p.add_argument("--data", default=default, required=default is None,
                    help="fashion-mnist, digits, or an ImageFolder directory (root/<class>/<image>, optionally train/ + val/)")
-    p.add_argument("--img-size", type=int, default=None, help="square input size (default 32; eval: the checkpoint's)")
-    p.add_argument("--in-chans", type=int, default=None, help="image folders: 1 (grey) or 3 (RGB, default)")
+    p.add_argument("--img-size", type=POSITIVE_INT, default=None, help="square input size (default 32; eval: the checkpoint's)")
+    p.add_argument("--in-chans", type=int, choices=(1, 3), default=None, help="image folders: 1 (grey) or 3 (RGB, default)")
     p.add_argument("--train-limit", type=int, default=None, help="use a class-balanced subset of this many training images")
     p.add_argument("--test-limit", type=int, default=None, help="use a class-balanced subset of this many test images")
     p.add_argument("--val-fraction", type=float, default=0.1, help="image folders without train/ + val/: held-out share")
     p.add_argument("--skip-corrupt", action="store_true", help="leave out (and count) unreadable images instead of failing")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (image folders)")
+    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0, help="DataLoader worker processes (image folders)")
 
 
 def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float) -> None:
     g = p.add_argument_group("recipe")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch-size", type=int, default=batch_size, help="global batch per optimizer step (all processes)")
-    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation: chunks per process and step")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--epochs", type=POSITIVE_INT, default=epochs)
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size, help="global batch per optimizer step (all processes)")
+    g.add_argument("--accum-steps", type=POSITIVE_INT, default=1, help="gradient accumulation: chunks per process and step")
+    g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--lr", type=POSITIVE, default=lr)
+    g.add_argument("--momentum", type=FRACTION, default=0.9)
     g.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov's")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="on conv/linear weights only, not BN or biases")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=5e-4, help="on conv/linear weights only, not BN or biases")
     g.add_argument("--schedule", choices=("cosine", "step", "poly", "constant"), default="cosine")
-    g.add_argument("--burn-in", type=int, default=None, help="warm-up optimizer steps (Darknet burn_in); default: 1/3 epoch")
-    g.add_argument("--poly-power", type=float, default=4.0)
-    g.add_argument("--label-smoothing", type=float, default=0.1)
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha); 0 = off")
-    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix Beta(alpha, alpha); 0 = off")
-    g.add_argument("--translate", type=int, default=2, help="random shift of up to this many pixels")
+    g.add_argument("--burn-in", type=NON_NEGATIVE_INT, default=None, help="warm-up optimizer steps (Darknet burn_in); default: 1/3 epoch")
+    g.add_argument("--poly-power", type=POSITIVE, default=4.0)
+    g.add_argument("--label-smoothing", type=FRACTION, default=0.1)
+    g.add_argument("--mixup", type=NON_NEGATIVE, default=0.0, help="mixup Beta(alpha, alpha); 0 = off")
+    g.add_argument("--cutmix", type=NON_NEGATIVE, default=0.0, help="cutmix Beta(alpha, alpha); 0 = off")
+    g.add_argument("--translate", type=NON_NEGATIVE_INT, default=2, help="random shift of up to this many pixels")
     g.add_argument("--no-hflip", action="store_true", help="never flip images horizontally")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision (bf16 on CPU)")
-    g.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (e.g. 0.999); 0 = off")
-    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0 = off")
+    g.add_argument("--ema", type=EMA_DECAY, default=0.0, help="EMA decay of the weights (e.g. 0.999); 0 = off")
+    g.add_argument("--grad-clip", type=NON_NEGATIVE, default=0.0, help="clip the gradient norm to this; 0 = off")
     g.add_argument("--memory-efficient", action="store_true",
                    help="keep one map per conv layer for backward and recompute the activation (about half the activation memory)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -73,14 +74,14 @@ def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int,
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a classifier (torchrun-ready for DDP)")
     p.add_argument("--model", required=True, help="registered model name (cspnet models)")
-    p.add_argument("--width", type=float, default=1.0, help="scale every channel count of the model by this")
+    p.add_argument("--width", type=POSITIVE, default=1.0, help="scale every channel count of the model by this")
     p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. act=mish")
     p.add_argument("--pretrained", default=None, metavar="FILE",
                    help="start from these weights (.safetensors, e.g. from cspnet convert / darknet convert, or a .pth read "
                         "with weights_only); a classifier for another class count starts fresh, an RGB stem is summed for grey data")
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.csv, curves.png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N optimizer steps")
+    p.add_argument("--checkpoint-every", type=NON_NEGATIVE_INT, default=0, help="also checkpoint every N optimizer steps")
     p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard (if tensorboard is installed)")
     add_data_args(p)
     add_recipe_args(p, epochs=10, batch_size=128, lr=0.1)
@@ -90,8 +91,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory written by cspnet train")
     p.add_argument("--name", default="last", help="which checkpoint: last or best")
     p.add_argument("--ema", action="store_true", help="score the EMA weights stored with the checkpoint")
-    p.add_argument("--num-classes", type=int, default=None, help="build the model with this many classes (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="build the model with this many classes (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--json-out", default=None, help="also write the JSON to this file")
     add_data_args(p, default=None)
@@ -103,7 +104,7 @@ def register(sub) -> None:
     p.add_argument("--name", default="last", help="which checkpoint: last or best")
     p.add_argument("--ema", action="store_true", help="use the EMA weights stored with the checkpoint")
     p.add_argument("--topk", type=int, default=5, help="classes listed per image (at most the model's)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     p.add_argument("--skip-corrupt", action="store_true", help="leave out (and name) unreadable images instead of failing")
     p.add_argument("--device", default="auto")
     p.add_argument("--json-out", default=None, help="also write the JSON to this file")
@@ -114,11 +115,11 @@ def register(sub) -> None:
     from ..compare import DEFAULTS
 
     p.add_argument("--models", default=",".join(DEFAULTS.models), help="CSP model and its twin, comma-separated")
-    p.add_argument("--width", type=float, default=DEFAULTS.width, help="channel multiplier for both models")
+    p.add_argument("--width", type=POSITIVE, default=DEFAULTS.width, help="channel multiplier for both models")
     p.add_argument("--out", default="runs/compare", help="report directory")
-    p.add_argument("--jobs", type=int, default=DEFAULTS.jobs, help="models trained at once, each in its own process (default: 2 if 2+ CPUs)")
-    p.add_argument("--bench-batch", type=int, default=DEFAULTS.bench_batch, help="batch for throughput / memory")
-    p.add_argument("--bench-seconds", type=float, default=2.0, help="time each throughput measurement at least this long")
+    p.add_argument("--jobs", type=POSITIVE_INT, default=DEFAULTS.jobs, help="models trained at once, each in its own process (default: 2 if 2+ CPUs)")
+    p.add_argument("--bench-batch", type=POSITIVE_INT, default=DEFAULTS.bench_batch, help="batch for throughput / memory")
+    p.add_argument("--bench-seconds", type=POSITIVE, default=2.0, help="time each throughput measurement at least this long")
     add_data_args(p)
     add_recipe_args(p, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size, lr=DEFAULTS.lr)
     p.set_defaults(func=run_compare)
