@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -144,3 +145,23 @@ def test_cli_names_a_corrupt_image_read_by_a_worker_or_skips_it(tmp_path, capsys
     assert "zz_broken.png: corrupt or unreadable image" in err and "Traceback" not in err
     assert main([*args, "--skip-corrupt", "--out", str(tmp_path / "r2")]) == 0
     assert "skipped 1 corrupt image(s)" in capsys.readouterr().err
+
+
+def test_eval_of_a_folder_run_uses_its_split_and_channels_and_checks_its_classes(tmp_path, capsys):
+    root = _folder(tmp_path / "ds", {"a": 10, "b": 10})
+    run = tmp_path / "run"
+    assert main(["train", "--model", "resnet10", "--width", "0.25", "--data", str(root), "--in-chans", "1", "--img-size", "16",
+                 "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.3", "--no-progress", "--out", str(run)]) == 0
+    capsys.readouterr()
+    # No --val-fraction, no --in-chans: the run's held-out 30% (6 images), grey as trained.
+    assert main(["eval", "--checkpoint", str(run), "--data", str(root)]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 6
+    # Another held-out share of the same folder would score training images.
+    assert main(["eval", "--checkpoint", str(run), "--data", str(root), "--val-fraction", "0.5"]) == 2
+    assert "would score images it was trained on" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run), "--data", str(root), "--in-chans", "3"]) == 2
+    assert "trained on 1-channel" in capsys.readouterr().err
+    # Two classes of other names: the run's outputs mean a and b, not these.
+    other = _folder(tmp_path / "other", {"x": 4, "y": 4})
+    assert main(["eval", "--checkpoint", str(run), "--data", str(other)]) == 2
+    assert "wrong labels" in capsys.readouterr().err

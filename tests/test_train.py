@@ -385,6 +385,9 @@ def test_eval_prints_top1_top5_per_class_and_catches_wrong_heads(tmp_path, capsy
     assert "num_classes=10" in err and "num_classes=7" in err and "head.fc.weight" in err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--data", "digits"]) == 2
     assert "no checkpoint here" in capsys.readouterr().err
+    # a new run into the folder of a finished one is refused instead of overwriting it
+    assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--out", str(out)]) == 2
+    assert "holds the checkpoints of a training run" in capsys.readouterr().err
     # resuming with another recipe is refused instead of silently changing the run
     assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "320",
                  "--out", str(out), "--resume", "--lr", "0.5"]) == 2

@@ -37,7 +37,8 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None = "fashion-mni
     p.add_argument("--in-chans", type=int, choices=(1, 3), default=None, help="image folders: 1 (grey) or 3 (RGB, default)")
     p.add_argument("--train-limit", type=int, default=None, help="use a class-balanced subset of this many training images")
     p.add_argument("--test-limit", type=int, default=None, help="use a class-balanced subset of this many test images")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="image folders without train/ + val/: held-out share")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="image folders without train/ + val/: held-out share (default 0.1; eval: the run's)")
     p.add_argument("--skip-corrupt", action="store_true", help="leave out (and count) unreadable images instead of failing")
     p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0, help="DataLoader worker processes (image folders)")
 
@@ -164,12 +165,14 @@ def set_threads(args) -> None:
 
 
 def run_train(args) -> int:
+    from ..engine.checkpoint import check_run_dir
     from ..engine.classify import ClassificationTask
     from ..engine.distributed import cleanup, init_distributed
     from ..engine.models import model_record, rebuild_model
     from ..engine.train import fit
     from ..weights import load_pretrained
 
+    check_run_dir(args.out, args.resume)  # before the data is loaded, so a refusal comes at once
     set_threads(args)
     dist = init_distributed(args.device)
     try:
@@ -199,18 +202,32 @@ def run_train(args) -> int:
 def run_eval(args) -> int:
     import torch
 
-    from ..data import load_classification
+    from ..data import BUILTIN, load_classification
     from ..engine.classify import evaluate_classifier, load_classifier
     from ..engine.distributed import DistInfo, resolve_device
 
     model, run = load_classifier(args.checkpoint, args.name, ema=args.ema, num_classes=args.num_classes)
     trained = run["data"]
     img_size = args.img_size or trained["img_size"]
-    data = load_classification(args.data, img_size, in_chans=args.in_chans, test_limit=args.test_limit,
-                               val_fraction=args.val_fraction, skip_corrupt=args.skip_corrupt)
+    same_folder = args.data not in BUILTIN and Path(args.data).resolve() == Path(trained["name"]).resolve()
+    # The run's own test split of a folder: the share it held out, or it scores images it trained on.
+    holdout = trained.get("holdout") if same_folder else None
+    if holdout is not None and args.val_fraction not in (None, holdout):
+        raise ValueError(f"the run held out {holdout} of {args.data} for testing; --val-fraction {args.val_fraction} "
+                         "would score images it was trained on")
+    in_chans = args.in_chans or (trained["in_chans"] if args.data not in BUILTIN else None)
+    data = load_classification(args.data, img_size, in_chans=in_chans, test_limit=args.test_limit,
+                               val_fraction=args.val_fraction if holdout is None else holdout,
+                               skip_corrupt=args.skip_corrupt)
     if data.num_classes != run["model"]["num_classes"]:
         raise ValueError(f"{args.data} has {data.num_classes} classes but the checkpoint's model has "
                          f"num_classes={run['model']['num_classes']} (trained on {trained['name']})")
+    if data.classes != trained["classes"]:
+        raise ValueError(f"{args.data} has classes {data.classes} but the run was trained on {trained['classes']} "
+                         f"({trained['name']}): its outputs would be scored against the wrong labels")
+    if data.in_chans != trained["in_chans"]:
+        raise ValueError(f"{args.data} gives {data.in_chans}-channel images but the run was trained on "
+                         f"{trained['in_chans']}-channel ones")
     data.mean, data.std = tuple(trained["mean"]), tuple(trained["std"])  # normalise as in training
     device = resolve_device(args.device)
     with torch.inference_mode():

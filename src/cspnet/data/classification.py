@@ -30,6 +30,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 BUILTIN = ("fashion-mnist", "digits")
+DEFAULT_VAL_FRACTION = 0.1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -47,7 +48,8 @@ class ClassificationData:
     """A train / test pair with what a model and the trainer need to know about it.
 
     ``hflip`` says whether a horizontal flip keeps the label (true for clothes, false for digits).
-    ``skipped`` lists the corrupt files left out (``skip_corrupt=True``).
+    ``skipped`` lists the corrupt files left out (``skip_corrupt=True``). ``holdout`` is the fraction
+    of an image folder held out as its test split (None: the data has its own test split).
     """
 
     name: str
@@ -60,6 +62,7 @@ class ClassificationData:
     std: tuple[float, ...]
     hflip: bool
     skipped: list[str] = field(default_factory=list)
+    holdout: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -70,6 +73,7 @@ class ClassificationData:
             "name": self.name, "classes": self.classes, "in_chans": self.in_chans, "img_size": self.img_size,
             "mean": list(self.mean), "std": list(self.std), "hflip": self.hflip,
             "train_size": len(self.train), "test_size": len(self.test), "skipped": len(self.skipped),
+            "holdout": self.holdout,
         }
 
 
@@ -314,7 +318,7 @@ def load_image_folder(
     img_size: int = 224,
     in_chans: int = 3,
     *,
-    val_fraction: float = 0.1,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     skip_corrupt: bool = False,
 ) -> ClassificationData:
@@ -328,6 +332,7 @@ def load_image_folder(
     if in_chans not in (1, 3):
         raise DataError(f"in_chans must be 1 (grey) or 3 (RGB) for image folders, got {in_chans}")
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    holdout = None
     if (root / "train").is_dir() and test_dir is not None:
         classes, train = scan_folder(root / "train")
         test_classes, test = scan_folder(test_dir)
@@ -338,6 +343,7 @@ def load_image_folder(
             raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
         classes, samples = scan_folder(root)
         train, test = _holdout(samples, val_fraction, seed)
+        holdout = val_fraction
     skipped: list[str] = []
     if skip_corrupt:
         train, bad_train = _drop_corrupt(train, img_size, in_chans)
@@ -347,7 +353,7 @@ def load_image_folder(
             raise DataError(f"{root}: every training image is corrupt")
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.25,))
     return ClassificationData(str(root), FolderDataset(train, img_size, in_chans), FolderDataset(test, img_size, in_chans),
-                              classes, in_chans, img_size, mean, std, hflip=True, skipped=skipped)
+                              classes, in_chans, img_size, mean, std, hflip=True, skipped=skipped, holdout=holdout)
 
 
 def balanced_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
@@ -374,11 +380,14 @@ def load_classification(
     in_chans: int | None = None,
     train_limit: int | None = None,
     test_limit: int | None = None,
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     skip_corrupt: bool = False,
     seed: int = 0,
 ) -> ClassificationData:
     """``data`` is ``"fashion-mnist"``, ``"digits"`` or a directory path; see the module docstring.
+
+    ``val_fraction`` is the share of a folder without ``train/`` + ``val/`` held out for testing
+    (default ``DEFAULT_VAL_FRACTION``).
 
     ``train_limit`` / ``test_limit`` keep a class-balanced subset (for quick runs and tests).
     ``in_chans`` applies to image folders (1: grey, 3: RGB); the built-in sets are grey.
@@ -391,7 +400,8 @@ def load_classification(
         return load_digits_data(img_size, seed=seed, train_limit=train_limit, test_limit=test_limit)
     if not os.path.isdir(data):
         raise DataError(f"--data {data!r}: not one of {', '.join(BUILTIN)} and not a directory")
-    out = load_image_folder(data, img_size, in_chans or 3, val_fraction=val_fraction, seed=seed, skip_corrupt=skip_corrupt)
+    out = load_image_folder(data, img_size, in_chans or 3, val_fraction=DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction, seed=seed,
+                            skip_corrupt=skip_corrupt)
     for split, limit, split_seed in (("train", train_limit, seed), ("test", test_limit, seed + 1)):
         ds = getattr(out, split)
         keep = balanced_subset(np.asarray(ds.targets()), limit, split_seed)

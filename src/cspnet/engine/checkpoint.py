@@ -261,6 +261,14 @@ def read_checkpoint_record(out_dir: str | os.PathLike, name: str = "last") -> di
     return record
 
 
+def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> None:
+    """Refuse to start a new run in a folder holding a run's checkpoints: its work would be overwritten."""
+    out_dir = Path(out_dir)
+    if not resume and any((out_dir / f"{name}.json").is_file() for name in ("last", "best")):
+        raise CheckpointError(f"{out_dir}: holds the checkpoints of a training run; continue it with --resume "
+                              "or train into another --out")
+
+
 def _committed_file(out_dir: Path, name: str, token: str, which: int) -> Path:
     """The committed tensor file ``which`` (0: model, 1: state): token name first, then plain name."""
     for path in (_files(out_dir, name, token)[which], _files(out_dir, name)[which]):
