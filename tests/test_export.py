@@ -302,6 +302,39 @@ def test_export_cli(tmp_path, capsys):
     assert "did you mean" in capsys.readouterr().err
 
 
+def test_export_cli_takes_the_model_of_a_training_run(tmp_path, capsys):
+    # A width-scaled grey run with its own class count: none of that is in the registered config.
+    run = tmp_path / "run"
+    assert cli_main(["train", "--model", "cspresnet10", "--width", "0.25", "--data", "digits", "--img-size", "24",
+                     "--epochs", "1", "--train-limit", "160", "--batch-size", "32", "--ema", "0.9", "--no-progress",
+                     "--threads", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    path = tmp_path / "run.onnx"
+    assert cli_main(["export", "--checkpoint", str(run), "--ema", "--out", str(path)]) == 0
+    assert float(capsys.readouterr().out.rsplit(":", 1)[1]) <= TOL
+    from cspnet.engine.classify import load_classifier
+
+    model, _ = load_classifier(run, ema=True)
+    x = torch.randn(2, 1, 24, 24)
+    (onnx_out,) = run_onnx(onnx_session(path), x)
+    with torch.no_grad():
+        assert onnx_out.shape == (2, 10) and rel_err(onnx_out, model(x)) <= TOL
+    # a detection run: its detector, classes and input size
+    det_run = tmp_path / "det"
+    assert cli_main(["detect", "train", "--model", "cspresnet10", "--backbone-width", "0.25", "--neck-width", "32",
+                     "--neck", "efm", "--data", "scenes", "--num-scenes", "4", "--img-size", "64", "--batch-size", "4",
+                     "--anchors", "yolov3", "--epochs", "1", "--no-progress", "--threads", "1", "--out", str(det_run)]) == 0
+    capsys.readouterr()
+    assert cli_main(["export", "--checkpoint", str(det_run), "--out", str(tmp_path / "det.onnx")]) == 0
+    assert float(capsys.readouterr().out.rsplit(":", 1)[1]) <= TOL
+    (boxes,) = run_onnx(onnx_session(tmp_path / "det.onnx"), torch.randn(1, 3, 64, 64))
+    assert boxes.shape[0] == 1 and boxes.shape[2] == 5 + 10  # the scenes' ten classes
+    assert cli_main(["export", "cspresnet10", "--checkpoint", str(run), "--out", str(path)]) == 2
+    assert "drop MODEL" in capsys.readouterr().err
+    assert cli_main(["export", "--out", str(path)]) == 2
+    assert "MODEL or --checkpoint" in capsys.readouterr().err
+
+
 def test_export_cli_detector(tmp_path, capsys):
     path = tmp_path / "det.onnx"
     rc = cli_main(["export", "cspresnet10", "--detector", "fpn", "--num-classes", "3", "--input-size", str(SIZE),

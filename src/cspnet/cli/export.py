@@ -1,4 +1,5 @@
-"""``cspnet export``: a model (or a detector on it) as ONNX, TorchScript or safetensors."""
+"""``cspnet export``: a model (or a detector on it), or the model of a training run, as ONNX, TorchScript or
+safetensors."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,12 @@ SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".safet
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export a model as ONNX (dynamic batch), TorchScript or safetensors")
-    p.add_argument("model", help="registered model name (see `cspnet models`)")
+    p.add_argument("model", nargs="?", default=None, help="registered model name (see `cspnet models`)")
+    p.add_argument("--checkpoint", metavar="RUN", default=None,
+                   help="instead of MODEL: the trained model of a run directory (cspnet train or cspnet detect train), "
+                        "with its width, options, channels, classes and input size")
+    p.add_argument("--name", default=None, help="with --checkpoint: last or best (default: last; detection: best if any)")
+    p.add_argument("--ema", action="store_true", help="with --checkpoint (classification): the EMA weights")
     p.add_argument("--format", choices=("onnx", "torchscript", "safetensors"), default=None,
                    help="default: from the --out suffix (.onnx, .pt/.ts, .safetensors)")
     p.add_argument("--out", required=True, help="output file")
@@ -28,10 +34,39 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _from_run(args):
+    """The trained model of ``--checkpoint RUN`` and its input size."""
+    from ..engine.checkpoint import read_checkpoint_record
+
+    clashing = [opt for opt, given in (("MODEL", args.model), ("--weights", args.weights), ("--detector", args.detector),
+                                       ("--num-classes", args.num_classes is not None)) if given]
+    if clashing:
+        raise ValueError(f"--checkpoint takes the model from the run; drop {', '.join(clashing)}")
+    record = read_checkpoint_record(args.checkpoint, args.name or "last")
+    run = record["state"].get("run", {}) if isinstance(record["state"], dict) else {}
+    if "detector" in run:
+        from ..detection.train import load_detector
+
+        if args.ema:
+            raise ValueError("--ema is for classification runs; a detection run's EMA weights are its weights")
+        model, run = load_detector(args.checkpoint, args.name)
+        return model, args.input_size or run["img_size"]
+    from ..engine.classify import load_classifier
+
+    model, run = load_classifier(args.checkpoint, args.name or "last", ema=args.ema)
+    return model, args.input_size or run["data"]["img_size"]
+
+
 def _build(args):
     from ..registry import create_model, get_spec
     from ..weights import load_into, load_state
 
+    if args.checkpoint:
+        return _from_run(args)
+    if args.model is None:
+        raise ValueError("give a registered MODEL or --checkpoint RUN")
+    if args.name or args.ema:
+        raise ValueError("--name and --ema go with --checkpoint RUN")
     spec = get_spec(args.model)
     if args.detector:
         from ..detection import create_detector
