@@ -240,7 +240,7 @@ _TRAIN = ["detect", "train", "--model", "cspresnet10", "--data", "scenes"]
     (_TRAIN + ["--neck-width", "0"], "--neck-width"), (_TRAIN + ["--neck-width", "16"], "--neck-width"),
     (_TRAIN + ["--num-scenes", "0"], "--num-scenes"), (_TRAIN + ["--scene-size", "8"], "--scene-size"),
     (_TRAIN + ["--mosaic", "2"], "--mosaic"), (_TRAIN + ["--mosaic", "-1"], "--mosaic"), (_TRAIN + ["--vflip", "3"], "--vflip"),
-    (_TRAIN + ["--label-smoothing", "nan"], "--label-smoothing"), (_TRAIN + ["--ema", "-0.5"], "--ema"),
+    (_TRAIN + ["--label-smoothing", "nan"], "--label-smoothing"), (_TRAIN + ["--label-smoothing", "1"], "--label-smoothing"), (_TRAIN + ["--ema", "-0.5"], "--ema"),
     (_TRAIN + ["--weight-decay", "-1"], "--weight-decay"), (_TRAIN + ["--threads", "0"], "--threads"),
     (_TRAIN + ["--seed", "-1"], "--seed"), (_TRAIN + ["--anchors", "a,b"], "--anchors"),
     (_TRAIN + ["--anchors", "10,13,16,30"], "--anchors"), (_TRAIN + ["--lr", "0"], "--lr"), (_TRAIN + ["--epochs", "0"], "--epochs"),

@@ -8,37 +8,22 @@ import sys
 from pathlib import Path
 
 from ..detection.necks import NECKS
+from .argtypes import EMA_DECAY, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, checked
 from .train import set_threads
 
 MODULE_HELP = "object detection: train, evaluate (COCO AP), predict, and time detectors"
 
 
-def _checked(convert, ok, requirement: str):
-    """An argparse ``type=``: ``convert`` the text and require ``ok(value)``; argparse names the option
-    in the error ("argument --iou: expected …")."""
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}")
-        return value
-    return parse
-
-
-POSITIVE_INT = _checked(int, lambda v: v >= 1, "a positive integer")
-NON_NEGATIVE_INT = _checked(int, lambda v: v >= 0, "an integer >= 0")
 # the coarsest level has stride 32: decoding assumes the input divides by it
-IMG_SIZE = _checked(int, lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32")
-SCENE_SIZE = _checked(int, lambda v: v >= 32, "an integer >= 32")
+IMG_SIZE = checked(int, lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32")
+SCENE_SIZE = checked(int, lambda v: v >= 32, "an integer >= 32")
 # the finest of the three levels gets a quarter of it: at least 8 channels
-NECK_WIDTH = _checked(int, lambda v: v >= 32, "an integer >= 32")
-POSITIVE = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
-NON_NEGATIVE = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
-PROBABILITY = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")  # NaN fails both comparisons
-IOU = _checked(float, lambda v: 0 < v <= 1, "an IoU in (0, 1]")
-EMA_DECAY = _checked(float, lambda v: 0 <= v < 1, "a decay in [0, 1) (0 = off)")
+NECK_WIDTH = checked(int, lambda v: v >= 32, "an integer >= 32")
+IOU = checked(float, lambda v: 0 < v <= 1, "an IoU in (0, 1]")
+
+
+_ANCHOR_SIZES = checked(lambda t: [float(v) for v in t.split(",")], lambda v: len(v) % 6 == 0 and all(0 < x < math.inf for x in v),
+                        "auto, yolov3 or positive w,h pairs (w,h,w,h,…), the same number for each of the 3 levels")
 
 
 def _anchor_spec(text: str):
@@ -46,13 +31,12 @@ def _anchor_spec(text: str):
     over the three levels)."""
     if text in ("auto", "yolov3"):
         return text
-    values = _checked(lambda t: [float(v) for v in t.split(",")], lambda v: len(v) % 6 == 0 and all(0 < x < math.inf for x in v),
-                      "auto, yolov3 or positive w,h pairs (w,h,w,h,…), the same number for each of the 3 levels")(text)
+    values = _ANCHOR_SIZES(text)
     return tuple(zip(values[::2], values[1::2]))
 
 
-NECK_LIST = _checked(lambda t: [n.strip() for n in t.split(",") if n.strip()], lambda v: v and set(v) <= set(NECKS),
-                     f"a comma-separated list of {', '.join(NECKS)}")
+NECK_LIST = checked(lambda t: [n.strip() for n in t.split(",") if n.strip()], lambda v: v and set(v) <= set(NECKS),
+                    f"a comma-separated list of {', '.join(NECKS)}")
 
 
 def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
@@ -92,7 +76,7 @@ def register(sub) -> None:
     p.add_argument("--anchors", type=_anchor_spec, default="auto",
                    help="auto (k-means on the training boxes), yolov3 (the cfgs' COCO anchors) or w,h,w,h,...")
     p.add_argument("--box-loss", choices=("mse", "giou", "diou", "ciou"), default="ciou")
-    p.add_argument("--label-smoothing", type=PROBABILITY, default=0.0)
+    p.add_argument("--label-smoothing", type=FRACTION, default=0.0)
     p.add_argument("--mosaic", type=PROBABILITY, default=0.5, help="probability of a 4-image mosaic")
     p.add_argument("--vflip", type=PROBABILITY, default=None, help="vertical flip probability (default: 0.5 for trees, else 0)")
     p.add_argument("--no-augment", action="store_true", help="no augmentation at all")
@@ -198,7 +182,8 @@ def _anchors(spec, data: str, records, img_size: int):
 def run_train(args) -> int:
     from ..data.detection import BUILTIN_DETECTION, AugmentCfg, DetectionDataset, coco_ground_truth, load_detection_source
     from ..detection import create_detector
-    from ..detection.train import DetectRecipe, check_run_dir, train_detector
+    from ..detection.train import DetectRecipe, train_detector
+    from ..engine.checkpoint import check_run_dir
     from ..engine.train import TrainConfig, seed_everything
 
     check_run_dir(args.out, args.resume)  # before the data is loaded, so a refusal comes at once

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.detection import DetectionDataset, collate_detection
-from ..engine.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record
+from ..engine.checkpoint import CheckpointError, check_run_dir, load_checkpoint, read_checkpoint_record
 from ..engine.distributed import DistInfo
 from ..engine.ema import ModelEMA
 from ..engine.train import FitResult, TrainConfig, fit
@@ -184,14 +184,6 @@ class DetectionTask:
         history = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
         history.append({"epoch": (history[-1]["epoch"] + 1) if history else 1, **{f"val_{k}": v for k, v in metrics.items()}})
         plot_detection_curves(history, self.out_dir / "detection_curves.png")
-
-
-def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> None:
-    """Refuse to start a new run in a folder holding a run's checkpoints: its work would be overwritten."""
-    out_dir = Path(out_dir)
-    if not resume and any((out_dir / f"{name}.json").is_file() for name in ("last", "best")):
-        raise CheckpointError(f"{out_dir}: holds the checkpoints of a training run; continue it with --resume "
-                              "or train into another --out")
 
 
 def train_detector(
