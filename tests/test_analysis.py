@@ -295,6 +295,9 @@ def test_gradients_cli_on_trained_runs_and_registered_models(tiny_ablation, tmp_
     assert all(s["residual"] < 1e-5 for r in reports for s in r["stages"])
     assert [s["shared_chs"] for s in reports[1]["stages"]] == [4, 4]  # γ = 0.75 of the 16 base channels bypass
     assert len(list((tmp_path / "trained").glob("gradients_stage*.png"))) == 2
+    # a checkpoint name that the run does not have is an error, not a quiet fall-back to last
+    assert main(["analyze", "gradients", str(out / "runs" / "plain"), "--checkpoint", "bset",
+                 "--out", str(tmp_path / "typo"), "--batch", "10"]) == 2
     opts = [a for k, v in TINY_DENSE.items() for a in ("--model-opt", f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}")]
     assert main(["analyze", "gradients", "densenet121", "--out", str(tmp_path / "fresh"), "--data", "digits",
                  "--img-size", "32", "--batch", "8", *opts]) == 0

@@ -36,24 +36,17 @@ def is_run_dir(path: str) -> bool:
     return (Path(path) / "last.json").is_file()
 
 
-def read_run(path: str, checkpoint: str = "best") -> tuple[str, dict]:
-    """``(checkpoint name, run record)`` of a run directory: the model, data and recipe it was trained with.
+def read_run(path: str, checkpoint: str | None = None) -> tuple[str, dict]:
+    """``(checkpoint name, run record)`` of a classification run directory: the model, data and recipe
+    it was trained with. ``checkpoint=None``: ``best`` if the run has one, else ``last``."""
+    from ..engine.checkpoint import read_run_record
 
-    Falls back to ``last`` when ``checkpoint`` is absent. Tuples in the record (config overrides
-    such as ``depths``) come back as tuples.
-    """
-    from ..engine.checkpoint import read_checkpoint_record
-
-    name = checkpoint if (Path(path) / f"{checkpoint}.json").is_file() else "last"
-    json_path = Path(path) / f"{name}.json"
-    run = read_checkpoint_record(path, name)["state"].get("run", {})
-    if "model" not in run or "data" not in run:
-        raise ValueError(f"{json_path}: key 'state.run' lacks the model / data description; not a cspnet training run")
-    return name, run
+    name, record = read_run_record(path, checkpoint, require=("model", "data"))
+    return name, record["state"]["run"]
 
 
 def load_subject(model: str, *, num_classes: int, in_chans: int, width: float = 1.0, options: dict | None = None,
-                 checkpoint: str = "best"):
+                 checkpoint: str | None = None):
     """A model to analyse: a registered name (fresh weights, seeded) or a training run directory.
 
     Returns ``(label, model, run)`` where ``run`` is the run's record (model, data and recipe
@@ -61,13 +54,12 @@ def load_subject(model: str, *, num_classes: int, in_chans: int, width: float = 
     """
     import torch
 
-    from ..engine.checkpoint import load_checkpoint
-    from ..engine.models import build_model, rebuild_model
+    from ..engine.classify import load_classifier
+    from ..engine.models import build_model
 
     if is_run_dir(model):
-        name, run = read_run(model, checkpoint)
-        net = rebuild_model(run["model"])
-        load_checkpoint(model, model=net, name=name, restore_rng=False)
+        name, _ = read_run(model, checkpoint)
+        net, run = load_classifier(model, name)
         return f"{Path(model).name} ({run['model']['name']}, {name})", net, run
     get_spec(model)
     torch.manual_seed(0)

@@ -444,7 +444,7 @@ def analyze_gradients(models: dict[str, nn.Module], images: torch.Tensor | dict[
 
 def gradient_subjects(model: str, twin: str | None = "auto", *, data: str | None = None, img_size: int | None = None,
                       in_chans: int | None = None, batch: int = 32, width: float = 1.0, options: dict | None = None,
-                      checkpoint: str = "best", seed: int = 0):
+                      checkpoint: str | None = None, seed: int = 0):
     """The models and the batch for `analyze_gradients`: ``(models, images per model, labels)``.
 
     ``model`` / ``twin`` are registered names (fresh weights, seeded) or run directories (trained

@@ -261,6 +261,23 @@ def read_checkpoint_record(out_dir: str | os.PathLike, name: str = "last") -> di
     return record
 
 
+def read_run_record(out_dir: str | os.PathLike, name: str | None = None,
+                    require: tuple[str, ...] = ()) -> tuple[str, dict[str, Any]]:
+    """``(name, record)`` of a training run's checkpoint whose ``state.run`` (what the run was: model,
+    data, recipe …) holds the keys ``require``. ``name=None`` takes ``best`` when the run has one, else
+    ``last``; a name given is read as is (a missing one is an error, not a fallback)."""
+    out_dir = Path(out_dir)
+    if name is None:
+        name = "best" if (out_dir / "best.json").is_file() else "last"
+    record = read_checkpoint_record(out_dir, name)
+    run = record["state"].get("run") if isinstance(record["state"], dict) else None
+    missing = [k for k in require if not isinstance(run, dict) or k not in run]
+    if missing:
+        raise CheckpointError(f"{out_dir / (name + '.json')}: key 'state.run' lacks {', '.join(missing)}; "
+                              "not a run of the kind asked for")
+    return name, record
+
+
 def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> None:
     """Refuse to start a new run in a folder holding a run's checkpoints: its work would be overwritten."""
     out_dir = Path(out_dir)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, default_collate
 
 from ..data.classification import ClassificationData, CorruptImageError, decode_image, with_worker_errors
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record
+from .checkpoint import load_checkpoint, read_run_record
 from .distributed import DistInfo, all_reduce_sum
 from .ema import ModelEMA
 from .models import rebuild_model
@@ -174,7 +174,7 @@ def evaluate_classifier(model: nn.Module, data: ClassificationData, dist: DistIn
     }
 
 
-def load_classifier(out_dir: str | os.PathLike, name: str = "last", *, ema: bool = False,
+def load_classifier(out_dir: str | os.PathLike, name: str | None = "last", *, ema: bool = False,
                     num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the classifier of a ``cspnet train`` run, load checkpoint ``name``; return ``(model, run)``.
 
@@ -183,11 +183,8 @@ def load_classifier(out_dir: str | os.PathLike, name: str = "last", *, ema: bool
     ``num_classes`` builds the head for another class count (the load then fails, naming the tensor).
     The model is returned in eval mode.
     """
-    record = read_checkpoint_record(out_dir, name)
-    run = record["state"].get("run", {}) if isinstance(record["state"], dict) else {}
-    if "model" not in run or "data" not in run:
-        raise CheckpointError(f"{Path(out_dir) / (name + '.json')}: key 'state.run' lacks the model / data description "
-                              "(not a cspnet train run)")
+    name, record = read_run_record(out_dir, name, require=("model", "data"))
+    run = record["state"]["run"]
     model_rec = dict(run["model"])
     if num_classes is not None:
         model_rec["num_classes"] = num_classes
