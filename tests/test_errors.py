@@ -30,6 +30,14 @@ def test_option_of_the_wrong_type_is_named():
     assert cspnet.create_model("csppeleenet", growth_rate=16).model_cfg.growth_rate == 16
 
 
+def test_fusion_last_that_would_equal_csp_is_refused():
+    with pytest.raises(ValueError, match="fusion_last would build the same network as csp"):
+        cspnet.create_model("cspresnet10", fusion="fusion_last")
+    # where the cfg has a transition after the concat, fusion last drops it
+    last = cspnet.profile(cspnet.create_model("cspresnext50", fusion="fusion_last"), 256)
+    assert last.params < cspnet.profile(cspnet.create_model("cspresnext50"), 256).params
+
+
 def test_run_settings_are_not_model_options():
     from cspnet.engine.models import build_model
 

@@ -89,6 +89,10 @@ def _csp_stage(cfg: ResNetCfg, s: ResStageCfg, in_chs: int, act: str, make_block
 def build_resnet(cfg: ResNetCfg, *, in_chans: int = 3, make_block=_make_block, **net_kwargs) -> StagedNet:
     """Build a (CSP)ResNe(X)t; ``make_block(cfg, stage, in_chs, stride, act)`` builds each block (ELASTIC swaps it)."""
     check_fusion(cfg.fusion)
+    if cfg.fusion == "fusion_last" and not any(s.transition_chs for s in cfg.stages):
+        # fusion last drops the transition after the concat; these stages have none to drop
+        raise ValueError("fusion_last would build the same network as csp: this config's stages have no transition "
+                         "after the concat (the next stage's first 1x1 conv plays that part, as in csresnet50.cfg)")
     act = canonical_act(cfg.act)
     stem = nn.Sequential(ConvBnAct(in_chans, cfg.stem_chs, 7, 2, act=act), nn.MaxPool2d(2, 2, ceil_mode=True))
     stages, chs, strides = [], [], []
