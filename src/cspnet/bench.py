@@ -466,7 +466,7 @@ def sgd_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callab
     return step
 
 
-def _warm_up_runtime(device: torch.device) -> None:
+def warm_up_runtime(device: torch.device) -> None:
     # The first optimizer imports torch's compile machinery (~150 MiB of RSS) and the first conv /
     # BN / backward initialise kernel libraries; do both before the baseline so that neither is
     # charged to the model.
@@ -497,7 +497,7 @@ def measure_memory(impl: str, name: str, batch: int, input_size: int, device: st
             raise ValueError("memory_efficient applies to our models only, not timm's")
         import timm  # noqa: F401
     list_models()  # import every model family now: module imports are not the model's memory
-    _warm_up_runtime(dev)
+    warm_up_runtime(dev)
     gc.collect()
     was_reset = _reset_peak_rss()
     rss_base = _status_mib("VmRSS")

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from .bench import sgd_train_step, warm_up_runtime
 from .data import ClassificationData
 from .engine.classify import ClassificationTask, ClassifyRecipe
 from .engine.distributed import DistInfo, resolve_device
@@ -60,37 +60,24 @@ def _batch(record: dict[str, Any], img_size: int, batch: int, dev: torch.device)
     return x, torch.randint(0, record["num_classes"], (batch,), generator=g).to(dev)
 
 
-def _sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    loss = nn.functional.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-
 def peak_train_memory(record: dict[str, Any], img_size: int, batch: int, device: str = "cpu", steps: int = 3) -> float:
     """MB a process needs to train the model ``record`` describes with ``batch``-image SGD steps.
 
-    Meant for a fresh process (`run_benchmarks`): the growth of the resident set (CPU; on CUDA the
+    Meant for a fresh process (`measure_models`): the growth of the resident set (CPU; on CUDA the
     allocator's peak) from just before the model is built to the peak of the steps, i.e. weights,
-    gradients, optimizer state and activations.
+    gradients, optimizer state and activations. The steps are `cspnet.bench`'s training step.
     """
     dev = torch.device(device)
     x, y = _batch(record, img_size, batch, dev)
-    # one-off costs that are not the model's: the optimizer's first use imports torch._dynamo
-    # (~100 MB of modules), the first convolution initialises the kernel library
-    probe = nn.Conv2d(record["in_chans"], 8, 3).to(dev)
-    probe(x[:1]).sum().backward()
-    torch.optim.SGD(probe.parameters(), lr=0.1).step()
-    del probe
+    warm_up_runtime(dev)  # one-off costs of the first optimizer and convolution are not the model's
     base_kb = status_kib("VmRSS")
     exact_peak = reset_peak_rss()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base_cuda = torch.cuda.memory_allocated(dev)
-    model = rebuild_model(record).to(dev).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    step = sgd_train_step(rebuild_model(record).to(dev).train(), x, y)
     for _ in range(steps):
-        _sgd_step(model, opt, x, y)
+        step()
     if dev.type == "cuda":
         return (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2**20
     # without /proc (no base either): the process's lifetime peak, an upper bound
@@ -123,12 +110,11 @@ def throughput(records: list[dict[str, Any]], img_size: int, batch: int, device:
     jobs = []
     for record in records:
         model = rebuild_model(record).to(dev)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         x, y = _batch(record, img_size, batch, dev)
 
-        def train(model=model, opt=opt, x=x, y=y):
+        def train(model=model, step=sgd_train_step(model, x, y)):
             model.train()
-            _sgd_step(model, opt, x, y)
+            step()
 
         def infer(model=model, x=x):
             model.eval()
@@ -156,7 +142,7 @@ def _with_threads(threads: int | None, fn, *args):
     return fn(*args)
 
 
-def run_benchmarks(records: list[dict[str, Any]], img_size: int, batch: int, device: str = "cpu",
+def measure_models(records: list[dict[str, Any]], img_size: int, batch: int, device: str = "cpu",
                    threads: int | None = None, seconds: float = 2.0) -> list[dict[str, float]]:
     """Peak training memory (one fresh process per model) and throughput (one process, interleaved)."""
     speeds = _in_fresh_process(_with_threads, threads, throughput, records, img_size, batch, device, seconds)
@@ -223,7 +209,7 @@ def run_compare_models(
             futures = [pool.submit(train_one, name, width, data, cfg, recipe, out, device, progress, i, per_job)
                        for i, name in enumerate(models)]
             runs = [f.result() for f in futures]
-    benches = run_benchmarks([run["record"] for run in runs], data.img_size, bench_batch, bench_device, threads, bench_seconds)
+    benches = measure_models([run["record"] for run in runs], data.img_size, bench_batch, bench_device, threads, bench_seconds)
     rows, histories = [], {}
     for name, run, bench in zip(models, runs, benches):
         prof = profile(rebuild_model(run["record"]), data.img_size)
