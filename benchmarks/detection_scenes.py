@@ -26,12 +26,13 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from cspnet.data.detection import AugmentCfg, DetectionDataset, coco_ground_truth, load_detection_source
+from cspnet.data.detection import AugmentCfg, DetectionDataset, coco_ground_truth, load_detection_source, source_record
 from cspnet.detection import create_detector
 from cspnet.detection.bench import time_detector
 from cspnet.detection.head import fit_anchors
@@ -82,9 +83,10 @@ def _steps_per_second(model, task, batch_size, steps=6) -> float:
 def train_set_run(name: str, out: Path, minutes: float, seed: int = 0) -> dict:
     img_size, n_train, n_val, augment = SETS[name]
     run_name = f"{name}-{RECIPE['backbone']}-w{RECIPE['backbone_width']:g}-{RECIPE['neck']}"
-    train_src = load_detection_source(name, "train", num_scenes=n_train or 0, scene_size=img_size, seed=seed)
-    val_src = load_detection_source(name, "val", num_scenes=n_val or 0, scene_size=img_size, seed=seed,
-                                    class_names=train_src.class_names)
+    train_args, val_args = ({"spec": name, "split": split, "images_dir": None, "num_scenes": n or 0, "scene_size": img_size,
+                             "seed": seed} for split, n in (("train", n_train), ("val", n_val)))
+    train_src = load_detection_source(**train_args)
+    val_src = load_detection_source(**val_args, class_names=train_src.class_names)
     train = DetectionDataset(train_src.records, train_src.class_names, img_size, augment)
     val = DetectionDataset(val_src.records, val_src.class_names, img_size)
     gt = coco_ground_truth(val_src.records, val_src.class_names)
@@ -112,9 +114,10 @@ def train_set_run(name: str, out: Path, minutes: float, seed: int = 0) -> dict:
     recipe = DetectRecipe(box_loss=RECIPE["box_loss"], eval_every=eval_every, time_limit=budget)
     started = time.perf_counter()
     stopped_early = False
+    shutil.rmtree(out / run_name, ignore_errors=True)  # a rerun measures afresh
     try:
         train_detector(model, train, val, gt, out / run_name, cfg, recipe, progress=False,
-                       run_info={"data": {"spec": name, "seed": seed, "num_scenes": n_val, "scene_size": img_size}})
+                       run_info={"data": {"train": source_record(train_args, train_src), "val": source_record(val_args, val_src)}})
     except TimeBudgetSpent:
         stopped_early = True
     wall = time.perf_counter() - started

@@ -129,19 +129,6 @@ def _source_args(spec, split, images, args, img_size, seed, recorded=None) -> di
             "scene_size": args.scene_size or same.get("scene_size") or img_size, "seed": same.get("seed", seed)}
 
 
-def _record(source_args: dict, source) -> dict:
-    """What the run records of a data set, so that `detect eval` can load it again."""
-    from ..data.detection import BUILTIN_DETECTION
-
-    out = dict(source_args, description=source.description)
-    # absolute paths: eval may run from another working directory
-    if out["spec"] not in BUILTIN_DETECTION:
-        out["spec"] = str(Path(out["spec"]).resolve())
-    if out["images_dir"] is not None:
-        out["images_dir"] = str(Path(out["images_dir"]).resolve())
-    return out
-
-
 def _check_images(source, spec: str, which: str, option: str) -> None:
     """Every image file of a set exists: a cheap check before the run, not a failed read after an epoch."""
     from ..data.detection import AnnotationError
@@ -180,7 +167,7 @@ def _anchors(spec, data: str, records, img_size: int):
 
 
 def run_train(args) -> int:
-    from ..data.detection import BUILTIN_DETECTION, AugmentCfg, DetectionDataset, coco_ground_truth, load_detection_source
+    from ..data.detection import BUILTIN_DETECTION, AugmentCfg, DetectionDataset, coco_ground_truth, load_detection_source, source_record
     from ..detection import create_detector
     from ..detection.train import DetectRecipe, train_detector
     from ..engine.checkpoint import check_run_dir
@@ -225,7 +212,7 @@ def run_train(args) -> int:
                       grad_clip=10.0, seed=args.seed, num_workers=args.workers, min_lr_ratio=0.05,
                       memory_efficient=args.memory_efficient)
     recipe = DetectRecipe(box_loss=args.box_loss, label_smoothing=args.label_smoothing, eval_every=args.eval_every)
-    run_info = {"data": {"train": _record(train_args, train_src), "val": _record(val_args, val_src) if val_src else None},
+    run_info = {"data": {"train": source_record(train_args, train_src), "val": source_record(val_args, val_src) if val_src else None},
                 "backbone_weights": args.backbone_weights}
     result = train_detector(model, train_set, val_set, gt, args.out, cfg, recipe, category_ids=train_src.category_ids,
                             resume=args.resume, progress=not args.no_progress, run_info=run_info)

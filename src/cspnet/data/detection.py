@@ -25,6 +25,7 @@ import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -611,3 +612,15 @@ def load_detection_source(
         records, names, report = load_voc(xmls, images_dir, class_names)
         return DetectionSource(records, names, None, report, f"VOC {path} ({len(xmls)} files)")
     raise ValueError(f"--data {spec!r}: expected {' or '.join(BUILTIN_DETECTION)}, a COCO .json file or a folder of VOC .xml files")
+
+
+def source_record(source_args: dict[str, Any], source: DetectionSource) -> dict[str, Any]:
+    """What a training run records of a data set: the `load_detection_source` arguments (paths made
+    absolute, since eval may run from another working directory) and the set's description, so that
+    ``cspnet detect eval`` can load it again."""
+    out = dict(source_args, description=source.description)
+    if out["spec"] not in BUILTIN_DETECTION:
+        out["spec"] = str(Path(out["spec"]).resolve())
+    if out["images_dir"] is not None:
+        out["images_dir"] = str(Path(out["images_dir"]).resolve())
+    return out

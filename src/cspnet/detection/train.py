@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..data.detection import DetectionDataset, collate_detection
-from ..engine.checkpoint import CheckpointError, check_run_dir, load_checkpoint, read_checkpoint_record
+from ..engine.checkpoint import CheckpointError, check_run_dir, load_checkpoint, read_checkpoint_record, read_run_record
 from ..engine.distributed import DistInfo
 from ..engine.ema import ModelEMA
 from ..engine.train import FitResult, TrainConfig, fit
@@ -231,13 +231,8 @@ def load_detector(out_dir: str | os.PathLike, name: str | None = None) -> tuple[
     ``name=None`` takes ``best`` (best validation AP50) when it exists, else ``last``; the EMA
     weights are used when the run kept an EMA. The model is returned in eval mode.
     """
-    out_dir = Path(out_dir)
-    if name is None:
-        name = "best" if (out_dir / "best.json").is_file() else "last"
-    record = read_checkpoint_record(out_dir, name)
-    run = record["state"].get("run") if isinstance(record["state"], dict) else None
-    if not isinstance(run, dict) or "detector" not in run:
-        raise CheckpointError(f"{out_dir / (name + '.json')}: not a detection checkpoint (key 'state.run.detector' is missing)")
+    name, record = read_run_record(out_dir, name, require=("detector",))
+    run = record["state"]["run"]
     model = Detector(DetectorCfg.from_dict(run["detector"]))
     if "ema" in record:
         ema = ModelEMA(model)
