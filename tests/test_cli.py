@@ -82,6 +82,14 @@ def test_bad_numbers_are_refused_while_parsing_naming_the_option(argv, option, c
     assert f"argument {option}" in capsys.readouterr().err
 
 
+def test_fp16_on_the_cpu_is_refused_before_torch_warns(tmp_path, capsys, recwarn):
+    argv = ["train", "--model", "resnet10", "--data", "digits", "--width", "0.25", "--train-limit", "100", "--batch-size", "32",
+            "--img-size", "16", "--amp", "fp16", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "fp16 mixed precision needs a CUDA device" in capsys.readouterr().err
+    assert not [w for w in recwarn if "GradScaler" in str(w.message) or "CUDA" in str(w.message)]
+
+
 def test_compare_refuses_the_same_model_twice(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--models", "resnet10,resnet10", "--data", "digits", "--out", str(out)]) == 2

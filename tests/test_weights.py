@@ -149,6 +149,15 @@ def test_pretrained_must_be_a_path():
         cspnet.create_model("cspresnet10", pretrained="/nonexistent/w.safetensors")
 
 
+def test_a_folder_or_a_text_file_given_as_weights_is_named_as_such(tmp_path):
+    with pytest.raises(WeightsError, match=r"a folder, not a weights file \(a training run's weights are .*last\.safetensors\)"):
+        load_state(tmp_path)
+    text = tmp_path / "notes.pth"
+    text.write_text("epoch 3: loss 0.41")
+    with pytest.raises(WeightsError, match=r"notes\.pth: not a file written by torch\.save \(it begins with b'epoc'\)"):
+        load_state(text)
+
+
 def test_pth_is_read_with_weights_only_and_a_pickle_payload_is_refused(tmp_path):
     state = {"w": torch.arange(4.0)}
     torch.save({"state_dict": state}, tmp_path / "ok.pth")

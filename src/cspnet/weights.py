@@ -61,6 +61,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or (never unpickling) from ``.pth`` / ``.pt``."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path}: a folder, not a weights file (a training run's weights are {path / 'last.safetensors'})")
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
     from .darknet.weights import is_darknet_weights  # here: cspnet.darknet imports this module
@@ -69,6 +71,10 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: a Darknet weights file; read it with create_model(name, darknet_weights=...) or "
                            "convert it first: cspnet darknet convert CFG WEIGHTS OUT.safetensors")
     if path.suffix in _PICKLE_SUFFIXES:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
+            raise WeightsError(f"{path}: not a file written by torch.save (it begins with {head!r})")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses anything but tensors and plain containers

@@ -95,7 +95,9 @@ def register(sub) -> None:
     p.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="build the model with this many classes (default: the checkpoint's)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json-out", default=None, help="also write the JSON to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_data_args(p, default=None)
     p.set_defaults(func=run_eval)
 
@@ -108,6 +110,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     p.add_argument("--skip-corrupt", action="store_true", help="leave out (and name) unreadable images instead of failing")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json-out", default=None, help="also write the JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
@@ -206,6 +209,7 @@ def run_eval(args) -> int:
     from ..engine.classify import evaluate_classifier, load_classifier
     from ..engine.distributed import DistInfo, resolve_device
 
+    set_threads(args)
     model, run = load_classifier(args.checkpoint, args.name, ema=args.ema, num_classes=args.num_classes)
     trained = run["data"]
     img_size = args.img_size or trained["img_size"]
@@ -231,7 +235,8 @@ def run_eval(args) -> int:
     data.mean, data.std = tuple(trained["mean"]), tuple(trained["std"])  # normalise as in training
     device = resolve_device(args.device)
     with torch.inference_mode():
-        result = evaluate_classifier(model.to(device), data, DistInfo(device=device), batch_size=args.batch_size, progress=True)
+        result = evaluate_classifier(model.to(device), data, DistInfo(device=device), batch_size=args.batch_size,
+                                     progress=not args.no_progress)
     out = {"checkpoint": str(args.checkpoint), "name": args.name, "model": run["model"]["name"], "data": args.data,
            "img_size": img_size, "ema": bool(args.ema), **result}
     text = json.dumps(out, indent=1)
@@ -246,6 +251,7 @@ def run_predict(args) -> int:
     from ..engine.classify import classify_files, load_classifier
     from ..engine.distributed import resolve_device
 
+    set_threads(args)
     paths = image_files(args.images)
     model, run = load_classifier(args.checkpoint, args.name, ema=args.ema)
     rows, skipped = classify_files(model.to(resolve_device(args.device)), paths, run["data"], topk=args.topk,

@@ -294,6 +294,7 @@ def fit(
     train_model = model
     if dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp_context(cfg.amp, device)  # refuses fp16 off CUDA here, before GradScaler warns about a missing GPU
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     files = _MetricFiles(out_dir, tensorboard and dist.is_main) if dist.is_main else None
     if files is not None and state["history"]:
