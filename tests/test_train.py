@@ -15,13 +15,13 @@ import cspnet
 from cspnet.cli import main
 from cspnet.data import load_digits_data
 from cspnet.engine import checkpoint as ckpt_mod
-from cspnet.engine.checkpoint import CheckpointError, load_checkpoint, model_metadata, read_checkpoint_record, save_checkpoint
+from cspnet.engine.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record, save_checkpoint
 from cspnet.engine.models import model_record, rebuild_model
 from cspnet.engine.classify import ClassificationTask, ClassifyRecipe, load_classifier, normalize
 from cspnet.engine.ema import ModelEMA
 from cspnet.engine.optim import LrSchedule, build_optimizer, param_groups
 from cspnet.engine.train import TrainConfig, TrainingDiverged, fit
-from cspnet.weights import load_state, read_metadata, save_weights
+from cspnet.weights import load_state, model_metadata, read_metadata, save_weights
 
 TINY = ["--data", "digits", "--width", "0.25", "--batch-size", "32", "--threads", "1", "--no-progress"]
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import cspnet
-from cspnet.engine.checkpoint import model_metadata
-from cspnet.weights import WeightsError, load_into, load_pretrained, load_state, read_metadata, save_weights
+from cspnet.weights import WeightsError, load_into, load_pretrained, load_state, model_metadata, read_metadata, save_weights
 
 SIZE = 64
 EXPLOITED = []

@@ -49,7 +49,7 @@ from torch.nn.utils import fuse_conv_bn_eval
 from .blocks import ResidualBlock
 from .files import atomic_path
 from .layers import ConvBnAct
-from .weights import save_weights
+from .weights import model_metadata, save_weights
 from .winograd import WinogradConvAct, eligible, wide_enough
 
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
@@ -554,7 +554,6 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict
     ``cspnet.create_model(name, pretrained=path)`` reads a classifier back (checking the name
     and config); ``cspnet.weights.load_into`` reads any model back.
     """
-    from .engine.checkpoint import model_metadata
 
     return save_weights(path, model, {**model_metadata(model), **(metadata or {})})
 

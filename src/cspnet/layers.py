@@ -21,6 +21,17 @@ ACTIVATIONS = ("leaky", "leaky_0.01", "mish", "swish", "relu", "relu6", "logisti
 _ALIASES = {"silu": "swish", "leaky_relu": "leaky", "identity": "linear", "sigmoid": "logistic", "none": "linear"}
 
 
+def contiguous_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t``, a channel slice of ``ref``, made dense in ``ref``'s memory format (NCHW or channels-last).
+
+    A channel slice of either format is strided; timm hit CUDA crashes with ``chunk()`` under
+    channels-last for this reason (its commit 7ef7788e).
+    """
+    if ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous():
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
+
+
 def canonical_act(name: str) -> str:
     """Return the canonical activation name, or raise ValueError with close matches."""
     if not isinstance(name, str):

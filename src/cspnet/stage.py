@@ -36,7 +36,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from .layers import ConvBnAct, canonical_act, recomputable_cat
+from .layers import ConvBnAct, canonical_act, contiguous_like, recomputable_cat
 
 Fusion = Literal["csp", "fusion_first", "fusion_last", "none"]
 Split = Literal["conv", "slice"]
@@ -60,14 +60,6 @@ def check_fusion(fusion: str) -> str:
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; expected one of {', '.join(FUSIONS)}")
     return fusion
-
-
-def _contiguous_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    # A channel slice of an NCHW or NHWC map is strided; make it dense in the reference's format
-    # (timm's fix for CUDA crashes with chunk() under channels_last, commit 7ef7788e).
-    if ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous():
-        return t.contiguous(memory_format=torch.channels_last)
-    return t.contiguous()
 
 
 class CrossStage(nn.Module):
@@ -183,8 +175,8 @@ class CrossStage(nn.Module):
             x = self.blocks(x)
             return self.transition(x) if self.transition is not None else x
         if self.split == "slice":
-            cross = _contiguous_like(x[:, : self.cross_chs], x)
-            main = _contiguous_like(x[:, self.cross_chs :], x)
+            cross = contiguous_like(x[:, : self.cross_chs], x)
+            main = contiguous_like(x[:, self.cross_chs :], x)
         else:
             cross, main = self.cross(x), self.main(x)
         main = self.blocks(main)

@@ -5,6 +5,7 @@ files are read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,17 @@ _PICKLE_SUFFIXES = (".pth", ".pt", ".bin")  # torch.save files, read with weight
 
 class WeightsError(ValueError):
     """A weights file that cannot be loaded into the model it was meant for."""
+
+
+def model_metadata(model: nn.Module) -> dict[str, Any]:
+    """Name, config and head size of a registered model, for file headers."""
+    cfg = getattr(model, "model_cfg", None)
+    return {
+        "model": getattr(model, "model_name", type(model).__name__),
+        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
+        "num_classes": getattr(model, "num_classes", None),
+        "in_chans": getattr(model, "in_chans", None),
+    }
 
 
 def save_weights(path: str | os.PathLike, model_or_state: nn.Module | dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> Path:

@@ -10,7 +10,7 @@ import os
 from ..weights import load_into, load_state
 from .build import DarknetNet, WeightRecord, YoloLayer, build_model
 from .cfg import DarknetCfg, DarknetCfgError, parse_cfg, parse_cfg_text
-from .convert import Conversion, convert_weights, model_for_cfg
+from .convert import DarknetConversion, convert_weights, model_for_cfg
 from .mapping import (
     check_records, copy_records, darknet_to_native, load_darknet_weights, native_records, native_to_darknet,
     save_darknet_weights,
@@ -43,7 +43,7 @@ def load_model(
 
 
 __all__ = [
-    "Conversion", "check_records", "convert_weights", "copy_records", "model_for_cfg",
+    "DarknetConversion", "check_records", "convert_weights", "copy_records", "model_for_cfg",
     "DarknetCfg", "DarknetCfgError", "DarknetNet", "DarknetWeightsError", "WeightRecord", "WeightsHeader",
     "YoloLayer", "build_model", "darknet_to_native", "load_darknet_weights", "load_model", "native_records",
     "native_to_darknet", "parse_cfg", "parse_cfg_text", "read_header", "read_weights", "save_darknet_weights",

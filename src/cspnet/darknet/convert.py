@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..weights import save_weights
+from ..weights import model_metadata, save_weights
 from .build import DarknetNet, build_model
 from .mapping import check_records, copy_records, native_records
 from .weights import DarknetWeightsError, WeightsHeader, default_cutoff, read_weights
@@ -17,7 +17,7 @@ CHECK_SIZE = 64  # input side of the equivalence check after a native conversion
 
 
 @dataclass(frozen=True)
-class Conversion:
+class DarknetConversion:
     path: Path
     header: WeightsHeader
     records: int
@@ -55,7 +55,7 @@ def convert_weights(
     model: str | None = None,
     raw: bool = False,
     cutoff: int | None = None,
-) -> Conversion:
+) -> DarknetConversion:
     """Read ``weights_path`` for ``cfg_path`` and write ``out_path`` (safetensors, atomically).
 
     Unless ``raw``, the weights go into the registered ``model`` (default: the one whose
@@ -63,7 +63,6 @@ def convert_weights(
     native model compute the same function; otherwise the cfg-built network's state is written.
     With ``cutoff`` (or a ``.conv.N`` file) the layers after it keep their initial values.
     """
-    from ..engine.checkpoint import model_metadata
     from ..registry import create_model
 
     darknet = build_model(cfg_path)
@@ -84,10 +83,10 @@ def convert_weights(
         # Shared convs appear under several names; safetensors stores each tensor once per name.
         state = {k: v.clone() for k, v in darknet.state_dict().items()}
         path = save_weights(out_path, state, {**source, "layout": "darknet"})
-        return Conversion(path, header, records, None)
+        return DarknetConversion(path, header, records, None)
     native = create_model(name)
     check_records(darknet.weight_records(), native_records(native))
     copy_records(darknet.weight_records(), native_records(native))
     _check_same_function(darknet, native, name)
     path = save_weights(out_path, native, {**model_metadata(native), **source, "layout": "native"})
-    return Conversion(path, header, records, name)
+    return DarknetConversion(path, header, records, name)

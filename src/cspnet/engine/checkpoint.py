@@ -21,7 +21,6 @@ checkpoint or the new one, complete, and never a mixture.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..files import atomic_path
-from ..weights import WeightsError, load_into, read_metadata, save_weights
+from ..weights import WeightsError, load_into, model_metadata, read_metadata, save_weights
 
 FORMAT = "cspnet-checkpoint/1"
 
@@ -143,8 +142,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    with atomic_path(path, durable=True) as tmp:
-        tmp.write_text(json.dumps(obj))
+    with atomic_path(path, durable=True) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f)
     _fsync_dir(path.parent)
 
 
@@ -153,17 +152,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
-
-
-def model_metadata(model: nn.Module) -> dict[str, Any]:
-    """Name, config and head size of a registered model, for file headers."""
-    cfg = getattr(model, "model_cfg", None)
-    return {
-        "model": getattr(model, "model_name", type(model).__name__),
-        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
-        "num_classes": getattr(model, "num_classes", None),
-        "in_chans": getattr(model, "in_chans", None),
-    }
 
 
 def _files(out_dir: Path, name: str, token: str | None = None) -> tuple[Path, Path]:

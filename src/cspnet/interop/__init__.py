@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..weights import WeightsError, load_into, load_state, save_weights
+from ..data.classification import IMAGENET_MEAN, IMAGENET_STD
+from ..weights import WeightsError, load_into, load_state, model_metadata, save_weights
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -103,7 +102,6 @@ def convert_file(library: str, source: str, src: str | os.PathLike, out: str | o
     not ``source``'s weights fails here with the keys and shapes at fault. ``out`` carries the
     model name, config, class count and the source's preprocessing as metadata.
     """
-    from ..engine.checkpoint import model_metadata
     from ..registry import create_model
 
     conv = get_conversion(library, source)

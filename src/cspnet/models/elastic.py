@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvBnAct, Shortcut, make_act
+from ..layers import ConvBnAct, Shortcut, contiguous_like, make_act
 from ..net import StagedNet
 from ..registry import ModelSpec, PaperFigures
-from ..stage import _contiguous_like
 from .darknet import CSPDARKNET53, DarkStageCfg, DarknetCfg, build_darknet
 from .densenet import CSPDENSENET201, DenseNetCfg, build_densenet
 from .resnet import CSPRESNET50, CSPRESNEXT50, ResNetCfg, ResStageCfg, build_resnet
@@ -47,8 +46,8 @@ class ElasticBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         half = x.shape[1] // 2
-        full = self.full(_contiguous_like(x[:, :half], x))
-        low = self.low(self.pool(_contiguous_like(x[:, half:], x)))
+        full = self.full(contiguous_like(x[:, :half], x))
+        low = self.low(self.pool(contiguous_like(x[:, half:], x)))
         low = F.interpolate(low, scale_factor=2.0, mode="nearest")[:, :, : full.shape[2], : full.shape[3]]
         return self.act(self.add(torch.cat([full, low], 1), x))
 
