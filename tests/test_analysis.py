@@ -286,7 +286,7 @@ def test_ablation_resumes_skipping_finished_runs(tiny_ablation):
         run_ablation("cspdensenet121", data, cfg, ClassifyRecipe(), out, **{**kwargs, "options": {"part_ratio": 0.5}})
 
 
-def test_gradients_cli_on_trained_runs_and_registered_models(tiny_ablation, tmp_path):
+def test_gradients_cli_on_trained_runs_and_registered_models(tiny_ablation, tmp_path, capsys):
     out = tiny_ablation[0]
     assert main(["analyze", "gradients", str(out / "runs" / "plain"), "--twin", str(out / "runs" / "csp-g0.75"),
                  "--out", str(tmp_path / "trained"), "--batch", "10"]) == 0
@@ -295,6 +295,10 @@ def test_gradients_cli_on_trained_runs_and_registered_models(tiny_ablation, tmp_
     assert all(s["residual"] < 1e-5 for r in reports for s in r["stages"])
     assert [s["shared_chs"] for s in reports[1]["stages"]] == [4, 4]  # γ = 0.75 of the 16 base channels bypass
     assert len(list((tmp_path / "trained").glob("gradients_stage*.png"))) == 2
+    # a folder without a run is named as such, not taken for an unknown model name
+    (tmp_path / "empty").mkdir()
+    assert main(["analyze", "gradients", str(tmp_path / "empty"), "--out", str(tmp_path / "e"), "--batch", "10"]) == 2
+    assert "a folder without a training run in it" in capsys.readouterr().err
     # a checkpoint name that the run does not have is an error, not a quiet fall-back to last
     assert main(["analyze", "gradients", str(out / "runs" / "plain"), "--checkpoint", "bset",
                  "--out", str(tmp_path / "typo"), "--batch", "10"]) == 2

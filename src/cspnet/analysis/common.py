@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..registry import get_spec, specs
+from ..registry import get_spec, list_models, specs
 
 
 def find_twin(name: str) -> str | None:
@@ -32,8 +32,16 @@ def twin_pair(name: str, twin: str | None, input_size: int | None) -> tuple[list
 
 
 def is_run_dir(path: str) -> bool:
-    """A directory written by ``cspnet train`` / ``cspnet ablation`` (it holds ``last.json``)."""
-    return (Path(path) / "last.json").is_file()
+    """A directory written by ``cspnet train`` / ``cspnet ablation`` (it holds ``last.json``).
+
+    A directory without a run is an error, unless its name is also a registered model's (then the model
+    is meant): "unknown model" would name the wrong problem.
+    """
+    if (Path(path) / "last.json").is_file():
+        return True
+    if Path(path).is_dir() and path not in list_models():
+        raise ValueError(f"{path}: a folder without a training run in it (no last.json)")
+    return False
 
 
 def read_run(path: str, checkpoint: str | None = None) -> tuple[str, dict]:

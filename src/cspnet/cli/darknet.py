@@ -6,6 +6,7 @@ import os
 
 from ..darknet import convert_weights
 from ..darknet.info import format_table, summarize
+from .argtypes import POSITIVE_INT
 
 
 def register(sub) -> None:
@@ -29,7 +30,7 @@ def register(sub) -> None:
     conv.add_argument("out", help="output .safetensors file")
     conv.add_argument("--model", default=None, help="registered model to convert into (default: found from the cfg name)")
     conv.add_argument("--raw", action="store_true", help="keep the cfg-built network's layout")
-    conv.add_argument("--cutoff", type=int, default=None,
+    conv.add_argument("--cutoff", type=POSITIVE_INT, default=None,
                       help="read only layers 0..N-1 (default: N from a .conv.N file name, else all)")
     conv.set_defaults(func=run_convert)
 
