@@ -12,7 +12,7 @@ SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".safet
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="export a model as ONNX (dynamic batch), TorchScript or safetensors")
+    p = sub.add_parser("export", help="export a model or a trained run as ONNX (dynamic batch), TorchScript or safetensors")
     p.add_argument("model", nargs="?", default=None, help="registered model name (see `cspnet models`)")
     p.add_argument("--checkpoint", metavar="RUN", default=None,
                    help="instead of MODEL: the trained model of a run directory (cspnet train or cspnet detect train), "
