@@ -212,6 +212,17 @@ def test_deploy_memory_format_choice():
         assert rel_err(d(x), ref) <= TOL
 
 
+def test_a_deployed_model_takes_new_weights_loaded_after_its_first_call():
+    # The first call packs the conv weights for oneDNN; loading others must not leave the old ones packed.
+    first, second = calibrate(cspnet.create_model("cspresnet10")), calibrate(cspnet.create_model("cspresnet10"))
+    x = torch.randn(2, 3, SIZE, SIZE)
+    deployed = deploy(first)
+    deployed(x)
+    deployed.load_state_dict(deploy(second).state_dict())
+    with torch.no_grad():
+        assert rel_err(deployed(x), second(x)) <= TOL
+
+
 def test_deploy_compile_and_inference_only():
     torch.manual_seed(0)
     model = nn.Sequential(ConvBnAct(3, 8, 3, stride=2), ConvBnAct(8, 8, 3, act="swish")).train()

@@ -70,6 +70,17 @@ def module_in_chs(module: nn.Module) -> int:
     return next(m for m in module.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
+def test_a_hook_on_the_conv_sees_its_real_output_though_the_bn_works_in_place():
+    layer = calibrated(ConvBnAct(3, 8, 3, act="leaky")).eval()
+    side = int((ConvOutputBatchNorm2d.IN_PLACE_MIN_NUMEL / 8) ** 0.5) + 1  # the BN would work in place
+    x = torch.randn(1, 3, side, side)
+    kept = []
+    layer.conv.register_forward_hook(lambda module, inputs, output: kept.append(output))
+    with torch.no_grad():
+        layer(x)
+        assert torch.equal(kept[0], layer.conv(x))
+
+
 def test_conv_output_batchnorm_normalizes_in_place_only_in_eval_without_autograd():
     torch.manual_seed(0)
     layer = calibrated(ConvBnAct(3, 8, 3, act="leaky"))

@@ -105,8 +105,12 @@ def test_winograd_weights_follow_a_move_or_cast():
         assert layer._packed
         with torch.no_grad():
             conv.weight.mul_(2)
-        layer.float()  # what a caller does after editing weights: _apply drops the packed copies
+        layer.float()  # a move or cast: _apply drops the packed copies
         assert layer._packed == {}
+        assert rel_err(layer(x), float64_conv(x, conv, nn.ReLU())) <= 2e-6
+        # An edit in place (load_state_dict copies in place) with no move or cast: packed again.
+        with torch.no_grad():
+            conv.weight.mul_(0.5)
         assert rel_err(layer(x), float64_conv(x, conv, nn.ReLU())) <= 2e-6
 
 

@@ -50,7 +50,7 @@ from .blocks import ResidualBlock
 from .files import atomic_path
 from .layers import ConvBnAct
 from .weights import model_metadata, save_weights
-from .winograd import WinogradConvAct, eligible, wide_enough
+from .winograd import WinogradConvAct, eligible, weight_state, wide_enough
 
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 ONNX_OPSET = 17
@@ -178,6 +178,7 @@ class OneDnnConvAct(nn.Module):
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self._packed: torch.Tensor | None = None
+        self._packed_from: tuple[int, int] | None = None  # `weight_state` of the weights packed
 
     def _apply(self, fn, recurse=True):
         self._packed = None  # moved or cast: pack again from the new weights
@@ -190,7 +191,9 @@ class OneDnnConvAct(nn.Module):
         )
 
     def packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
+        state = weight_state(self.layer.conv.weight)
+        if self._packed is None or state != self._packed_from:  # first call, or new / changed weights
+            self._packed_from = state
             self._packed = torch.ops.mkldnn._reorder_convolution_weight(
                 self.layer.conv.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape),
             )

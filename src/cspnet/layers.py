@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks  # hooks registered with register_module_forward_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 ACTIVATIONS = ("leaky", "leaky_0.01", "mish", "swish", "relu", "relu6", "logistic", "linear")
@@ -71,7 +72,8 @@ class ConvOutputBatchNorm2d(nn.BatchNorm2d):
     In eval mode with no autograd graph recorded it normalizes a large map in place, as
     ``x * scale + shift`` with per-channel factors (equal to ``nn.BatchNorm2d`` up to float
     rounding, ~3e-7 relative), so the conv+BN pair allocates one such map, not two. The conv
-    output is fresh and nothing else reads it, so overwriting it is safe. Otherwise (training,
+    output is fresh and nothing else reads it (`ConvBnAct` hands the BN a copy when a forward
+    hook on the conv could keep it), so overwriting it is safe. Otherwise (training,
     autograd recording, or a map below ``IN_PLACE_MIN_NUMEL``) it is exactly ``nn.BatchNorm2d``;
     its parameters and buffers are the same, so state dicts, converters and BN folding see a
     plain BatchNorm2d.
@@ -280,7 +282,10 @@ class ConvBnAct(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.memory_efficient:
-            return self.act(self.bn(self.conv(x)))
+            y = self.conv(x)
+            if self.conv._forward_hooks or _global_forward_hooks:
+                y = y.clone()  # a hook may keep the conv output: the BN must not normalise it in place
+            return self.act(self.bn(y))
         with saving_recipes():  # the input, if recomputable, is saved as its recipe
             x = self.conv(x)
         return bn_act(x, self.bn, self.act, memory_efficient=True)

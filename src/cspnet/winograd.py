@@ -213,6 +213,12 @@ def _compiled(fn):
 RECOMPILE_LIMIT = 256
 
 
+def weight_state(weight: torch.Tensor) -> tuple[int, int]:
+    """Which tensor ``weight`` is and how often it was changed in place (``load_state_dict`` copies
+    in place): a packed copy of the weights is stale when this differs from when it was packed."""
+    return id(weight), weight._version
+
+
 class WinogradConvAct(nn.Module):
     """A 3×3 stride-1 `OneDnnConvAct` computed by Winograd where `choose_algorithm` says it gains.
 
@@ -227,6 +233,7 @@ class WinogradConvAct(nn.Module):
             raise ValueError(f"Winograd needs a 3x3, stride-1, padding-1 ungrouped conv, got {conv}")
         self.layer = layer
         self._packed: dict[str, list[torch.Tensor]] = {}  # algorithm name → packed GEMM weights
+        self._packed_from: tuple[int, int] | None = None  # `weight_state` of the weights packed
 
     def _apply(self, fn, recurse=True):
         self._packed = {}  # moved or cast: transform again from the new weights
@@ -234,6 +241,9 @@ class WinogradConvAct(nn.Module):
 
     def packed_weights(self, algorithm: WinogradAlgorithm, rows: int) -> list[torch.Tensor]:
         """The transformed filters, one ``[K, C]`` matrix per point, in oneDNN's GEMM layout."""
+        state = weight_state(self.layer.layer.conv.weight)
+        if state != self._packed_from:  # new or changed weights: every packed form is stale
+            self._packed, self._packed_from = {}, state
         if algorithm.name not in self._packed:
             points = transform_weight(self.layer.layer.conv.weight, algorithm)
             self._packed[algorithm.name] = [torch.ops.mkldnn._reorder_linear_weight(u, rows) for u in points]
