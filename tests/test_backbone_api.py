@@ -124,3 +124,27 @@ def test_grad_checkpointing_gives_the_same_step(name):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), pname
     for (bname, a), b in zip(plain.named_buffers(), ckpt.buffers()):
         assert torch.equal(a, b), bname
+
+
+def test_constructor_arguments_of_the_wrong_kind_are_named():
+    for kwargs, message in (
+        (dict(num_classes=-1), "num_classes must be an integer >= 0"), (dict(num_classes=1.5), "num_classes"),
+        (dict(in_chans=0), "in_chans must be an integer >= 1"), (dict(frozen_stages=1.5), "frozen_stages"),
+        (dict(out_indices=(1,)), "needs features_only|features_only=True"),
+        (dict(features_only=True, out_indices=(1.0,)), "out_indices must be feature level indices"),
+        (dict(features_only=True, out_indices="12"), "out_indices must be"),
+        (dict(features_only=True, out_indices=9), "the last n of 5 feature levels"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            cspnet.create_model("cspresnet10", **kwargs)
+    # timm's convention: an int n is the last n levels
+    assert cspnet.create_model("cspresnet10", features_only=True, out_indices=2).out_indices == (3, 4)
+
+
+def test_reset_classifier_keeps_the_models_mode_device_and_dtype():
+    model = cspnet.create_model("cspresnet10", drop_rate=0.5).eval().double()
+    model.reset_classifier(10)
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # eval: the new head's dropout is off
+    assert model.get_classifier().weight.dtype == torch.float64

@@ -295,3 +295,14 @@ def test_predict_files_gives_inputs_sharing_a_stem_their_own_drawn_image(tmp_pat
     assert json.loads((tmp_path / "out" / "detections.json").read_text()) == results
     for r, path in zip(results, paths):  # each drawn image is its own input's
         assert np.array_equal(np.asarray(Image.open(r["drawn"])), np.asarray(Image.open(path)))
+
+
+def test_cfg_taps_under_gradient_checkpointing_keep_nothing_after_backward():
+    # cspresnet50's cfg taps a module inside a stage; checkpointing reruns it in the backward pass.
+    import copy
+
+    det = create_detector("cspresnet50", "panet", num_classes=2, backbone_width=0.25, neck_width=64).train()
+    det.backbone.body.set_grad_checkpointing(True)
+    sum(o.sum() for o in det(torch.randn(2, 3, 64, 64))).backward()
+    assert not [n for n, m in det.named_modules() if hasattr(m, "tap_output")]
+    copy.deepcopy(det)  # an EMA copy after a step: a kept non-leaf map would refuse this

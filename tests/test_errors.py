@@ -74,6 +74,11 @@ def test_plain_config_cannot_be_made_csp_by_a_flag():
 def test_shortcut_shape_mismatch():
     with pytest.raises(ValueError, match="cannot be added"):
         darknet_add(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 6, 3))
+    # The plain cfg ResNets have no projection shortcuts: a 240x320 input gives 15x20 onto 8x10.
+    model = cspnet.create_model("resnet10").eval()
+    with pytest.raises(ValueError, match="multiples of 32 always work"):
+        model(torch.zeros(1, 3, 240, 320))
+    assert model(torch.zeros(1, 3, 224, 320)).shape == (1, 1000)
 
 
 def test_out_indices_and_frozen_stages_ranges():

@@ -386,3 +386,10 @@ print(plain, faults_of_second_cycle())
     plain, tuned = map(int, proc.stdout.split())
     # 64 MiB in 4 KiB pages is 16,384 faults when every cycle maps fresh memory.
     assert tuned <= max(plain // 10, 64), (plain, tuned)
+
+
+def test_profile_refuses_a_deployed_model():
+    # Its fused kernels bypass the nn.Conv2d calls profile counts: it would report only the head.
+    model = cspnet.create_model("cspresnet10").eval()
+    with pytest.raises(ValueError, match="profile the model before deploying it"):
+        cspnet.profile(deploy(model), SIZE)

@@ -317,13 +317,17 @@ def darknet_add(x: torch.Tensor, shortcut: torch.Tensor, inplace: bool = False) 
     ``H_s / H_x`` (darknet ``shortcut_cpu``), which is how the plain ResNet cfgs make the
     first block of a stride-2 stage residual without a projection conv; a shortcut with fewer
     channels is a *partial residual* (csresnet50 stage 1, paper §4.2, CSPNet issue #13).
+    The stride is Darknet's integer ratio: with input sides that are multiples of 32 it is exactly 2;
+    with odd sides (a 57 map onto a 29 one) it is 1 and the top-left part is added, as Darknet does.
     """
     if x.shape == shortcut.shape:
         return x.add_(shortcut) if inplace else x + shortcut
     if shortcut.shape[2] != x.shape[2] or shortcut.shape[3] != x.shape[3]:
         step_h, step_w = shortcut.shape[2] // x.shape[2], shortcut.shape[3] // x.shape[3]
         if step_h < 1 or step_w < 1 or step_h != step_w:
-            raise ValueError(f"shortcut of shape {tuple(shortcut.shape)} cannot be added to {tuple(x.shape)}")
+            raise ValueError(f"shortcut of shape {tuple(shortcut.shape)} cannot be added to {tuple(x.shape)}: Darknet's "
+                             "[shortcut] needs the same whole ratio of heights and of widths (input sides that are "
+                             "multiples of 32 always work)")
         shortcut = shortcut[:, :, ::step_h, ::step_w][:, :, : x.shape[2], : x.shape[3]]
     c_x, c_s = x.shape[1], shortcut.shape[1]
     if c_s >= c_x:

@@ -57,6 +57,10 @@ def _checkpoint_contexts(module: nn.Module):
     return contextlib.nullcontext(), _RestoreNormStats(module)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class StagedNet(nn.Module):
     """A classification network made of a stem, a list of stages and a pooled linear head.
 
@@ -83,6 +87,9 @@ class StagedNet(nn.Module):
         super().__init__()
         if len(stages) != len(stage_chs) or len(stages) != len(stage_strides):
             raise ValueError("stages, stage_chs and stage_strides must have the same length")
+        for name, value, least in (("num_classes", num_classes, 0), ("in_chans", in_chans, 1), ("frozen_stages", frozen_stages, -1)):
+            if not _is_int(value) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         self.in_chans = in_chans
         self.stem = stem
         self.stages = nn.ModuleList(stages)
@@ -94,8 +101,16 @@ class StagedNet(nn.Module):
         self.feature_info: list[FeatureInfo] = infos
         self.num_features = infos[-1].num_chs
         self.features_only = features_only
+        if out_indices is not None and not features_only:
+            raise ValueError("out_indices picks the feature maps of features_only=True; without it the model classifies")
         if out_indices is None:
             out_indices = tuple(range(len(infos)))
+        elif _is_int(out_indices):  # timm's convention: an int n is the last n levels
+            if not 1 <= out_indices <= len(infos):
+                raise ValueError(f"out_indices={out_indices}: the last n of {len(infos)} feature levels needs 1 <= n <= {len(infos)}")
+            out_indices = tuple(range(len(infos) - out_indices, len(infos)))
+        if not isinstance(out_indices, (tuple, list)) or not all(_is_int(i) for i in out_indices):
+            raise ValueError(f"out_indices must be feature level indices (ints) or a count of last levels, got {out_indices!r}")
         bad = [i for i in out_indices if not -len(infos) <= i < len(infos)]
         if bad:
             raise ValueError(f"out_indices {bad} out of range for {len(infos)} feature levels")
@@ -167,9 +182,15 @@ class StagedNet(nn.Module):
         return self.head.fc if self.head is not None else nn.Identity()
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: pooled features)."""
+        """Replace the classifier by a fresh one with ``num_classes`` outputs (0: pooled features).
+
+        The new head is in the model's mode (eval stays eval: no dropout) and on its device and dtype.
+        """
+        if not _is_int(num_classes) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
         drop = self.head.drop.p if self.head is not None else 0.0
-        self.head = ClassifierHead(self.num_features, num_classes, drop)
+        like = next(self.stages.parameters())
+        self.head = ClassifierHead(self.num_features, num_classes, drop).to(like.device, like.dtype).train(self.training)
         if num_classes > 0:
             nn.init.normal_(self.head.fc.weight, 0, 0.01)
             nn.init.zeros_(self.head.fc.bias)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .export import OneDnnConvAct
 from .layers import Shortcut
 
 _ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Mish, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Tanh)
@@ -88,6 +89,9 @@ def profile(model: nn.Module, input_size: int | tuple[int, int] = 224, in_chans:
         input_size = (input_size, input_size)
     if len(input_size) != 2 or min(input_size) < 1:
         raise ValueError(f"input size must be one or two positive integers (H, W), got {input_size}")
+    if any(isinstance(m, OneDnnConvAct) for m in model.modules()):
+        raise ValueError("profile counts the calls of nn.Conv2d layers, which a deployed model (cspnet.deploy) replaces "
+                         "with fused oneDNN kernels; profile the model before deploying it (the arithmetic is the same)")
     in_chans = in_chans or getattr(model, "in_chans", 3)
     layers: list[LayerProfile] = []
 

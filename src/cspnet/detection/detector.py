@@ -72,8 +72,11 @@ class DetectorCfg:
 
 
 def _keep_output(module: nn.Module, inputs, output) -> None:
-    # A plain function (no closure over the detector), so deep copies (EMA) keep working.
-    module.tap_output = output
+    # A plain function (no closure over the detector), so deep copies (EMA) keep working. Only while
+    # `BackboneTaps.forward` runs: gradient checkpointing reruns the module in the backward pass, and a
+    # map kept then would stay on the module (alive, and refusing deepcopy).
+    if getattr(module, "tap_armed", False):
+        module.tap_output = output
 
 
 class BackboneTaps(nn.Module):
@@ -97,7 +100,14 @@ class BackboneTaps(nn.Module):
                 modules[tap].register_forward_hook(_keep_output)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        levels = self.body.forward_levels(x)
+        tapped = [self.body.get_submodule(t) for t in self.taps if isinstance(t, str)]
+        for module in tapped:
+            module.tap_armed = True
+        try:
+            levels = self.body.forward_levels(x)
+        finally:
+            for module in tapped:
+                module.tap_armed = False
         maps = []
         for t in self.taps:
             if isinstance(t, str):
