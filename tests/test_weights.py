@@ -177,3 +177,15 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path):
         load_state(bad)
     with pytest.raises(WeightsError, match=r"bad\.safetensors"):
         cspnet.create_model("cspresnet10", pretrained=bad)
+
+
+def test_training_checkpoints_of_other_libraries_are_read_by_content(tmp_path):
+    # timm's model_best.pth.tar and Lightning's .ckpt are torch.save files; a DDP run's keys carry "module.".
+    model = cspnet.create_model("cspresnet10")
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    for name in ("model_best.pth.tar", "epoch3.ckpt"):
+        torch.save({"epoch": 3, "state_dict": state}, tmp_path / name)
+        again = cspnet.create_model("cspresnet10", pretrained=tmp_path / name)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(WeightsError, match=r"name the file \.safetensors"):
+        save_weights(tmp_path / "w.pth", model)

@@ -19,7 +19,8 @@ from torch import nn
 from .files import atomic_path
 
 METADATA_KEY = "cspnet"
-_PICKLE_SUFFIXES = (".pth", ".pt", ".bin")  # torch.save files, read with weights_only=True
+_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")  # torch.save files, read with weights_only=True
+_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, or a legacy pickle
 
 
 class WeightsError(ValueError):
@@ -44,6 +45,8 @@ def save_weights(path: str | os.PathLike, model_or_state: nn.Module | dict[str, 
     the ``cspnet`` key of the safetensors header.
     """
     path = Path(path)
+    if path.suffix in _PICKLE_SUFFIXES:  # a torch.save name on a safetensors file: no reader would take it
+        raise WeightsError(f"{path}: save_weights writes safetensors; name the file .safetensors")
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True, default=str)}
@@ -70,8 +73,21 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise WeightsError(f"{path}: corrupt cspnet metadata ({e})") from None
 
 
+def is_torch_save_file(path: Path) -> bool:
+    """Whether ``path`` was written by ``torch.save`` (by its first bytes, whatever its name)."""
+    with open(path, "rb") as f:
+        return f.read(4).startswith(_TORCH_SAVE_MAGIC)
+
+
+def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys without the ``module.`` prefix of a model saved inside DataParallel / DDP."""
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or (never unpickling) from ``.pth`` / ``.pt``."""
+    """Read a state dict from a safetensors file or (never unpickling) from a ``torch.save`` file
+    (``.pth``, ``.pt``, ``.bin``, ``.ckpt``, ``.pth.tar``; a ``state_dict`` / ``model`` entry is taken,
+    and DataParallel's ``module.`` prefix dropped)."""
     path = Path(path)
     if path.is_dir():
         raise WeightsError(f"{path}: a folder, not a weights file (a training run's weights are {path / 'last.safetensors'})")
@@ -82,11 +98,10 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if is_darknet_weights(path):
         raise WeightsError(f"{path}: a Darknet weights file; read it with create_model(name, darknet_weights=...) or "
                            "convert it first: cspnet darknet convert CFG WEIGHTS OUT.safetensors")
-    if path.suffix in _PICKLE_SUFFIXES:
+    if path.suffix in _PICKLE_SUFFIXES and not is_torch_save_file(path):
         with open(path, "rb") as f:
-            head = f.read(4)
-        if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
-            raise WeightsError(f"{path}: not a file written by torch.save (it begins with {head!r})")
+            raise WeightsError(f"{path}: not a file written by torch.save (it begins with {f.read(4)!r})")
+    if is_torch_save_file(path):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses anything but tensors and plain containers
@@ -96,7 +111,7 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 obj = obj[key]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise WeightsError(f"{path}: does not hold a flat state dict of tensors")
-        return obj
+        return strip_wrapper_prefix(obj)
     try:
         return load_file(str(path))
     except (SafetensorsError, OSError) as e:
@@ -162,7 +177,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, finetune: bool
         raise WeightsError(f"pretrained must be the path of a weights file (nothing is downloaded), got {path!r}")
     path = Path(path)
     state = load_state(path)
-    meta = {} if path.suffix in _PICKLE_SUFFIXES else read_metadata(path)
+    meta = {} if is_torch_save_file(path) else read_metadata(path)
     name = getattr(model, "model_name", None)
     if name is not None and meta.get("model") not in (None, name):
         raise WeightsError(f"{path}: holds weights of model {meta['model']!r} (metadata 'model'), not {name!r}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.classification import IMAGENET_MEAN, IMAGENET_STD
-from ..weights import WeightsError, load_into, load_state, model_metadata, save_weights
+from ..weights import WeightsError, load_into, load_state, model_metadata, save_weights, strip_wrapper_prefix
 
 
 StateDict = dict[str, torch.Tensor]
@@ -89,9 +89,9 @@ def get_conversion(library: str, source: str) -> Conversion:
 
 
 def convert_state(library: str, source: str, state: StateDict) -> StateDict:
-    """Map ``library``'s ``source`` state dict onto its cspnet model's keys and layouts."""
-    # Checkpoints saved from DataParallel / DDP wrappers carry a ``module.`` prefix.
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    """Map ``library``'s ``source`` state dict onto its cspnet model's keys and layouts (a DataParallel /
+    DDP ``module.`` prefix is dropped)."""
+    state = strip_wrapper_prefix(state)
     return get_conversion(library, source).convert(state)
 
 
