@@ -306,3 +306,18 @@ def test_cfg_taps_under_gradient_checkpointing_keep_nothing_after_backward():
     sum(o.sum() for o in det(torch.randn(2, 3, 64, 64))).backward()
     assert not [n for n, m in det.named_modules() if hasattr(m, "tap_output")]
     copy.deepcopy(det)  # an EMA copy after a step: a kept non-leaf map would refuse this
+
+
+def test_detector_options_that_cannot_work_are_named():
+    for kwargs, message in (
+        (dict(strides=(32, 16, 8)), "strides must be increasing"), (dict(strides=(8, 8, 8)), "strides must be increasing"),
+        (dict(strides=(8, 16, 64)), "twice the stride"), (dict(strides=(16, 32)), "the cfgs' 9 COCO anchors \\(the default\\)"),
+        (dict(anchors=(10, 13, 16, 30, 33, 23)), "anchors must be \\(width, height\\) pairs"),
+        (dict(anchors=((10, 13, 1),) * 3), "anchors must be"), (dict(anchors=((10, -13),) * 3), "must be positive"),
+        (dict(scale_x_y=0.0), "scale_x_y must be positive"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            create_detector("cspresnet10", "fpn", backbone_width=0.25, neck_width=32, **kwargs)
+    det = create_detector("cspresnet10", "fpn", backbone_width=0.25, neck_width=32).train()
+    with pytest.raises(ValueError, match="call model.eval"):
+        det.postprocess(det(torch.randn(1, 3, 64, 64)))

@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from ..engine.models import build_model
-from .head import AnchorLayout, YoloHead, decode_level, make_anchor_layout
+from .head import AnchorLayout, YoloHead, anchor_pairs, decode_level, make_anchor_layout
 from .necks import NECKS, build_neck, neck_inputs
 
 # Feature taps the official detector cfgs read where they differ from our stage outputs:
@@ -153,6 +153,11 @@ class Detector(nn.Module):
         self.num_classes = cfg.num_classes
         self.in_chans = cfg.in_chans
         self.layout: AnchorLayout = make_anchor_layout(cfg.anchors, cfg.strides)
+        if any(b != 2 * a for a, b in zip(cfg.strides, cfg.strides[1:])):
+            raise ValueError(f"strides {cfg.strides}: each level must have twice the stride of the one before "
+                             "(the necks resample by 2 between levels)")
+        if not cfg.scale_x_y > 0:
+            raise ValueError(f"scale_x_y must be positive (Darknet uses 1.0-1.2), got {cfg.scale_x_y}")
         n_in = neck_inputs(cfg.neck, len(cfg.strides))
         tap_strides = tuple(cfg.strides[0] // 2 ** k for k in range(n_in - len(cfg.strides), 0, -1)) + cfg.strides
         body = build_model(cfg.backbone, num_classes=0, in_chans=cfg.in_chans, width=cfg.backbone_width,
@@ -203,6 +208,9 @@ class Detector(nn.Module):
         NMS is class-wise (`torchvision.ops.batched_nms`). Returns per image a dict with ``boxes``
         (K, 4) xyxy, ``scores`` (K,) and ``labels`` (K,), best first.
         """
+        if not isinstance(outputs, torch.Tensor):
+            raise ValueError("postprocess takes the decoded rows a detector returns in eval mode; in training mode it "
+                             "returns one raw map per level (call model.eval() first)")
         if outputs.ndim != 3 or outputs.shape[-1] < 6:
             raise ValueError(f"postprocess expects decoded outputs (N, R, 5 + C), got shape {tuple(outputs.shape)}")
         results = []
@@ -311,5 +319,5 @@ def create_detector(
     if "strides" in kwargs:
         kwargs["strides"] = tuple(kwargs["strides"])
     if anchors is not None:
-        anchors = tuple(tuple(float(v) for v in a) for a in anchors)
+        anchors = anchor_pairs(anchors)
     return Detector(DetectorCfg(backbone, neck, num_classes, anchors, **kwargs))

@@ -66,6 +66,16 @@ class AnchorLayout:
         return torch.tensor(self.anchors, dtype=torch.float32)
 
 
+def anchor_pairs(anchors) -> tuple[tuple[float, float], ...]:
+    """``anchors`` as positive ``(width, height)`` float pairs, or a clear error."""
+    if not all(isinstance(a, (tuple, list)) and len(a) == 2 for a in anchors):
+        raise ValueError(f"anchors must be (width, height) pairs, got {anchors!r}")
+    pairs = tuple((float(w), float(h)) for w, h in anchors)
+    if not all(w > 0 and h > 0 for w, h in pairs):
+        raise ValueError(f"anchor sizes must be positive, got {pairs}")
+    return pairs
+
+
 def make_anchor_layout(
     anchors: tuple[tuple[float, float], ...] | list | None, strides: tuple[int, ...]
 ) -> AnchorLayout:
@@ -74,9 +84,16 @@ def make_anchor_layout(
     Anchors are sorted by area and split into equal groups, the finest stride taking the smallest,
     which is how the cfgs' masks 0,1,2 / 3,4,5 / 6,7,8 are laid out.
     """
-    anchors = YOLOV3_ANCHORS if anchors is None else tuple((float(w), float(h)) for w, h in anchors)
+    strides = tuple(strides)
+    if not strides or any(not isinstance(s, int) or s < 1 for s in strides) or list(strides) != sorted(set(strides)):
+        raise ValueError(f"strides must be increasing positive integers, finest first (e.g. (8, 16, 32)), got {strides}")
+    if anchors is None:
+        anchors, which = YOLOV3_ANCHORS, "the cfgs' 9 COCO anchors (the default)"
+    else:
+        anchors = anchor_pairs(anchors)
+        which = f"{len(anchors)} anchors"
     if len(anchors) % len(strides):
-        raise ValueError(f"{len(anchors)} anchors cannot be split evenly over {len(strides)} levels")
+        raise ValueError(f"{which} cannot be split evenly over {len(strides)} levels (strides {strides}); give anchors=")
     anchors = tuple(sorted(anchors, key=lambda wh: wh[0] * wh[1]))
     per = len(anchors) // len(strides)
     masks = tuple(tuple(range(i * per, (i + 1) * per)) for i in range(len(strides)))

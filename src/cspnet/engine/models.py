@@ -61,8 +61,8 @@ def build_model(name: str, *, num_classes: int, in_chans: int, width: float = 1.
     spec = get_spec(name)
     reserved = sorted(set(options) & {"num_classes", "in_chans", "pretrained", "darknet_weights"})
     if reserved:
-        raise ValueError(f"{reserved} cannot be model options: a run takes its class count and input channels "
-                         "from its data, and weights from its own option (--pretrained)")
+        raise ValueError(f"{reserved} cannot be model options: they are set on their own (num_classes and in_chans "
+                         "from the data of a run, weights with pretrained= / --pretrained)")
     if width != 1.0:
         fields = {f.name for f in dataclasses.fields(spec.cfg)}
         cfg = scale_widths(dataclasses.replace(spec.cfg, **{k: v for k, v in options.items() if k in fields}), width)
