@@ -30,6 +30,14 @@ def test_option_of_the_wrong_type_is_named():
     assert cspnet.create_model("csppeleenet", growth_rate=16).model_cfg.growth_rate == 16
 
 
+def test_list_models_and_profile_take_what_timm_users_pass_or_say_why_not():
+    assert cspnet.list_models(["resnet10", "cspresnet1*"]) == ["cspresnet10", "resnet10"]
+    with pytest.raises(ValueError, match="pattern must be"):
+        cspnet.list_models(None)
+    with pytest.raises(ValueError, match="input size must be one or two positive integers"):
+        cspnet.profile(cspnet.create_model("resnet10"), 64.0)
+
+
 def test_fusion_last_that_would_equal_csp_is_refused():
     with pytest.raises(ValueError, match="fusion_last would build the same network as csp"):
         cspnet.create_model("cspresnet10", fusion="fusion_last")

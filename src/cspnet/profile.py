@@ -87,7 +87,8 @@ def profile(model: nn.Module, input_size: int | tuple[int, int] = 224, in_chans:
     """Profile ``model`` on one ``in_chans x H x W`` image (``input_size`` is H = W or (H, W))."""
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
-    if len(input_size) != 2 or min(input_size) < 1:
+    if not isinstance(input_size, (tuple, list)) or len(input_size) != 2 or not all(
+            isinstance(v, int) and v >= 1 for v in input_size):
         raise ValueError(f"input size must be one or two positive integers (H, W), got {input_size}")
     if any(isinstance(m, OneDnnConvAct) for m in model.modules()):
         raise ValueError("profile counts the calls of nn.Conv2d layers, which a deployed model (cspnet.deploy) replaces "

@@ -76,9 +76,12 @@ def specs() -> dict[str, ModelSpec]:
     return _SPECS
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Names of registered models matching a shell-style ``pattern``."""
-    return sorted(n for n in specs() if fnmatch.fnmatch(n, pattern))
+def list_models(pattern: str | list[str] | tuple[str, ...] = "*") -> list[str]:
+    """Names of registered models matching a shell-style ``pattern`` (or any of several, as timm takes)."""
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"pattern must be a shell-style string or a list of them, got {pattern!r}")
+    return sorted(n for n in specs() if any(fnmatch.fnmatch(n, p) for p in patterns))
 
 
 def get_spec(name: str) -> ModelSpec:
