@@ -93,9 +93,11 @@ def test_schedules_match_torch_and_darknet():
     assert [poly(s) for s in range(total)] == pytest.approx(_torch_lrs(torch.optim.lr_scheduler.PolynomialLR, total, total_iters=total, power=4.0))
     step = LrSchedule(total, "step", milestones=(0.5, 0.75), gamma=0.1)
     assert [step(s) for s in range(total)] == pytest.approx(_torch_lrs(torch.optim.lr_scheduler.MultiStepLR, total, milestones=[20, 30], gamma=0.1))
-    # Darknet burn_in: lr * (batch / burn_in) ** power, power 4
+    # Darknet burn_in: lr * (batch / burn_in) ** power, power 4, with batch = step + 1 (Darknet's first
+    # update is batch 1: no step runs at rate 0)
     warm = LrSchedule(total, "cosine", burn_in=8)
-    assert warm(4) == pytest.approx(0.5**4) and warm(0) == 0.0 and warm(8) == pytest.approx(1.0)
+    assert warm(0) == pytest.approx((1 / 8) ** 4) and warm(3) == pytest.approx(0.5**4)
+    assert warm(7) == pytest.approx(1.0) and warm(8) == pytest.approx(1.0)
     assert warm(total) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="schedule must be one of"):
         LrSchedule(10, "linear")
@@ -392,6 +394,33 @@ def test_eval_prints_top1_top5_per_class_and_catches_wrong_heads(tmp_path, capsy
     assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "320",
                  "--out", str(out), "--resume", "--lr", "0.5"]) == 2
     assert "lr: checkpoint 0.1 vs now 0.5" in capsys.readouterr().err
+    # ... and so is another augmentation / loss (the task's recipe) or another model configuration
+    assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "320",
+                 "--out", str(out), "--resume", "--label-smoothing", "0", "--translate", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe.label_smoothing: checkpoint 0.1 vs now 0.0" in err and "recipe.translate" in err
+    assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "320",
+                 "--out", str(out), "--resume", "--model-opt", "act=mish"]) == 2
+    assert "model.options: checkpoint {} vs now {'act': 'mish'}" in capsys.readouterr().err
+    # a run's metrics give the rate its last step used: cosine to the end, so 0 is only reached after it
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < rows[-1]["lr"] < 0.1
+
+
+def test_a_class_without_test_images_has_no_accuracy_rather_than_zero():
+    import dataclasses
+
+    from cspnet.data.classification import TensorImageDataset
+    from cspnet.engine.classify import evaluate_classifier
+
+    data = load_digits_data(16, train_limit=100, test_limit=50)
+    keep = data.test.labels != 9
+    data = dataclasses.replace(data, test=TensorImageDataset(data.test.images[keep], data.test.labels[keep]))
+    model = cspnet.create_model("resnet10", num_classes=10, in_chans=1, **_narrow("resnet10")).eval()
+    result = evaluate_classifier(model, data, batch_size=16)
+    assert result["per_class"]["9"] is None
+    assert all(isinstance(v, float) for k, v in result["per_class"].items() if k != "9")
+    assert sum(map(sum, result["confusion"])) == result["images"] == int(keep.sum())
 
 
 def test_predict_gives_the_trained_models_top_k_for_image_files(tmp_path, capsys):

@@ -327,6 +327,7 @@ def format_report(report: dict[str, Any], histories: dict[str, list[dict[str, An
     lines += ["", "## Per-class test accuracy", "", "| class | " + " | ".join(r["name"] for r in rows) + " |",
               "|---|" + "---:|" * len(rows)]
     for cls in rows[0]["per_class"]:
-        lines.append(f"| {cls} | " + " | ".join(f"{100 * r['per_class'][cls]:.1f}%" for r in rows) + " |")
+        lines.append(f"| {cls} | " + " | ".join("-" if r["per_class"][cls] is None else f"{100 * r['per_class'][cls]:.1f}%"
+                                                  for r in rows) + " |")
     return "\n".join(lines) + "\n"
 

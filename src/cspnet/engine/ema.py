@@ -1,4 +1,4 @@
-"""Exponential moving average of model weights (Polyak averaging, as in timm's ModelEmaV2)."""
+"""Exponential moving average of model weights (Polyak averaging), with YOLOv5's ramp of the decay."""
 from __future__ import annotations
 
 import copy

@@ -1,8 +1,10 @@
 """Optimizers and learning-rate schedules (per optimizer step, as Darknet counts ``batches``).
 
-The schedule is Darknet's: ``burn_in`` warm-up steps with ``lr * (step / burn_in) ** burn_in_power``
-(the cfgs use power 4), then ``cosine``, ``step`` or ``poly`` decay (``lr * (1 - step / total) **
-power``, power 4 in the official CSPNet classifier cfgs).
+The schedule is Darknet's: ``burn_in`` warm-up steps with ``lr * (n / burn_in) ** burn_in_power``
+(the cfgs use power 4) where ``n = step + 1`` is Darknet's batch number (it counts an update once it
+is done, so its first update already has a small rate, never 0), then ``cosine``, ``step``,
+``poly`` (``lr * (1 - step / total) ** power``, power 4 in the official CSPNet classifier cfgs) or
+``constant``. The decays count steps from 0, as torch's schedulers do (and equal them).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class LrSchedule:
 
     def __call__(self, step: int) -> float:
         if step < self.burn_in:
-            return (step / self.burn_in) ** self.burn_in_power
+            return ((step + 1) / self.burn_in) ** self.burn_in_power
         if self.kind == "constant":
             return 1.0
         if self.kind == "poly":  # Darknet: policy=poly counts from step 0, warm-up included

@@ -118,9 +118,11 @@ class TrainConfig:
         return d
 
 
-# Fields that may change between a run and its --resume without changing the numbers it computes
-# (memory-efficient layers compute the plain layers' gradients; they only keep less for backward).
-RESUMABLE_CHANGES = ("checkpoint_every", "num_workers", "memory_efficient")
+# Fields that may change between a run and its --resume without changing the weights it computes
+# (memory-efficient layers compute the plain layers' gradients; they only keep less for backward;
+# the eval_* and time_limit fields of a task recipe say when and how a run is evaluated or stopped).
+RESUMABLE_CHANGES = ("checkpoint_every", "num_workers", "workers", "memory_efficient", "eval_every", "eval_conf",
+                     "eval_iou", "eval_batch_size", "time_limit")
 
 
 def chunk_seed(seed: int, epoch: int, step: int, chunk: int) -> int:
@@ -224,10 +226,14 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
     return path
 
 
-def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, source: str) -> None:
-    now = cfg.as_dict()
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items()
-             if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, run_info: dict[str, Any], source: str) -> None:
+    """Refuse a resume whose training config, task recipe or model differs from the checkpoint's."""
+    then_run = saved.get("run") or {}
+    parts = [("", saved.get("train_config", {}), cfg.as_dict())]
+    parts += [(f"{key}.", then_run[key], run_info[key]) for key in ("recipe", "model")
+              if isinstance(run_info.get(key), dict) and isinstance(then_run.get(key), dict)]
+    diffs = [f"{prefix}{k}: checkpoint {then.get(k)!r} vs now {now.get(k)!r}" for prefix, then, now in parts
+             for k in {**then, **now} if k not in RESUMABLE_CHANGES and then.get(k) != now.get(k)]
     if diffs:
         raise CheckpointError(f"{source}: --resume with a different recipe would not continue the same run ({'; '.join(diffs)})")
 
@@ -283,7 +289,7 @@ def fit(
     if resume:
         if not (out_dir / "last.json").is_file():
             raise CheckpointError(f"{out_dir / 'last.json'}: nothing to resume")
-        _check_resume_config(read_checkpoint_record(out_dir)["state"].get("train_config", {}), cfg, str(out_dir / "last.json"))
+        _check_resume_config(read_checkpoint_record(out_dir)["state"], cfg, run_info or {}, str(out_dir / "last.json"))
         state = load_checkpoint(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
         if state.get("steps_per_epoch") != steps_per_epoch:
             raise CheckpointError(f"{out_dir / 'last.json'}: the training set changed ({state.get('steps_per_epoch')} steps per epoch then, {steps_per_epoch} now)")
@@ -380,7 +386,8 @@ def fit(
             bar.close()
         totals = _global_sums(sums, dist)
         metrics = task.evaluate(ema.module if ema is not None else model, dist)
-        row = {"epoch": epoch + 1, "step": state["step"], "lr": optimizer.param_groups[0]["lr"]}
+        # the rate the epoch's last step used (the optimizer already holds the next step's)
+        row = {"epoch": epoch + 1, "step": state["step"], "lr": cfg.lr * schedule(state["step"] - 1)}
         row.update({f"train_{k}": v / totals["samples"] for k, v in totals.items() if k != "samples"})
         row.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         row["img_per_s"] = imgs_epoch / max(1e-9, time.perf_counter() - t_epoch)
