@@ -549,9 +549,11 @@ def test_memory_efficient_run_trains_the_same_weights_and_may_resume_a_plain_run
     assert plain.keys() == lean.keys()
     for key in plain:
         torch.testing.assert_close(lean[key], plain[key], rtol=1e-4, atol=1e-5, msg=key)
-    saved = read_checkpoint_record(tmp_path / "plain")["state"]["train_config"]
+    state = read_checkpoint_record(tmp_path / "plain")["state"]
+    saved = state["train_config"]
     assert saved["memory_efficient"] is False
-    _check_resume_config(saved, TrainConfig(**{**saved, "step_milestones": tuple(saved["step_milestones"]),
-                                               "memory_efficient": True}), "plain")
+    _check_resume_config(state, TrainConfig(**{**saved, "step_milestones": tuple(saved["step_milestones"]),
+                                               "memory_efficient": True}), state["run"], "plain")
     with pytest.raises(CheckpointError, match="lr"):
-        _check_resume_config(saved, TrainConfig(**{**saved, "step_milestones": tuple(saved["step_milestones"]), "lr": 1.0}), "plain")
+        _check_resume_config(state, TrainConfig(**{**saved, "step_milestones": tuple(saved["step_milestones"]), "lr": 1.0}),
+                             state["run"], "plain")
