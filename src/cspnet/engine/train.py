@@ -121,7 +121,7 @@ class TrainConfig:
 # Fields that may change between a run and its --resume without changing the weights it computes
 # (memory-efficient layers compute the plain layers' gradients; they only keep less for backward;
 # the eval_* and time_limit fields of a task recipe say when and how a run is evaluated or stopped).
-RESUMABLE_CHANGES = ("checkpoint_every", "num_workers", "workers", "memory_efficient", "eval_every", "eval_conf",
+RESUMABLE_CHANGES = ("checkpoint_every", "num_workers", "memory_efficient", "eval_every", "eval_conf",
                      "eval_iou", "eval_batch_size", "time_limit")
 
 
