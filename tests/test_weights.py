@@ -189,3 +189,18 @@ def test_training_checkpoints_of_other_libraries_are_read_by_content(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     with pytest.raises(WeightsError, match=r"name the file \.safetensors"):
         save_weights(tmp_path / "w.pth", model)
+
+
+def test_a_safetensors_file_is_never_taken_for_a_torch_save_file(tmp_path):
+    # A safetensors file opens with its header's length: 128 + 256k puts 0x80, pickle's first byte, first.
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    for n in range(1, 300):
+        save_file({"x" * n: torch.zeros(1)}, str(path))
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert list(load_state(path)) == ["x" * n]
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(load_state(tmp_path / "legacy.pth")["w"], torch.ones(2))

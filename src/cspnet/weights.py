@@ -20,7 +20,9 @@ from .files import atomic_path
 
 METADATA_KEY = "cspnet"
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")  # torch.save files, read with weights_only=True
-_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, or a legacy pickle
+# torch.save's zip archive, or its legacy format: pickle protocol 2 opening with its magic number as a
+# 10-byte long. A safetensors file opens with its header's length, which never looks like either.
+_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80\x02\x8a\x0a")
 
 
 class WeightsError(ValueError):
