@@ -107,6 +107,10 @@ def test_shared_cli_helpers_are_public():
     args = p.parse_args(["--threads", str(torch.get_num_threads())])
     cfg, recipe = build_recipe(args, n_train=960)
     assert (cfg.epochs, cfg.batch_size, cfg.burn_in) == (3, 32, 10) and recipe.translate == 2
+    # the command line's recipe defaults are the library's (a Python user gets the same training)
+    from cspnet.engine.classify import ClassifyRecipe
+
+    assert recipe == ClassifyRecipe(hflip=recipe.hflip)
     set_threads(args)
 
 
