@@ -73,6 +73,8 @@ def test_cli_train_resume_eval_predict(tmp_path, capsys, monkeypatch):
     assert [json.loads(x)["epoch"] for x in (broken / "metrics.jsonl").read_text().splitlines()] == [1]
     assert _cli_train(broken, "--epochs", "3", "--resume") == 2  # another recipe: refused, not silently mixed
     assert "different recipe" in capsys.readouterr().err
+    assert _cli_train(broken, "--epochs", "2", "--resume", "--box-loss", "giou") == 2  # another loss too
+    assert "recipe.box_loss: checkpoint 'ciou' vs now 'giou'" in capsys.readouterr().err
     assert _cli_train(broken, "--epochs", "2", "--resume") == 0
     a, b = load_state(straight / "last.safetensors"), load_state(broken / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
