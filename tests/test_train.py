@@ -210,6 +210,12 @@ def test_width_scales_every_family(name):
         return sum(p.numel() for p in build_model(name, num_classes=10, in_chans=1, width=width).parameters())
 
     assert 0.24 < count(0.5) / count(1.0) < 0.28
+    # grouped convs (ResNeXt, 32 groups) get widths their group count divides; where widths come from
+    # ratios of those (timm's layout) a width too small for the groups is named
+    try:
+        count(0.125)
+    except ValueError as e:
+        assert name == "cspresnext50_timm" and "use a larger width" in str(e)
 
 
 def test_checkpoint_record_gives_back_tuples_and_rebuilds_the_model(tmp_path):

@@ -8,6 +8,7 @@ rounded to a multiple of 8): how the compare job makes small twins for 32x32 ima
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from torch import nn
@@ -19,6 +20,18 @@ from .train import seed_everything
 # Channel counts not named ``*_chs``: DenseNet's / PeleeNet's growth rate, and MobileNet's and the
 # Darknet Reference model's per-layer widths.
 _CHANNEL_FIELDS = ("growth_rate", "widths")
+
+
+def _max_groups(cfg: Any) -> int:
+    """The largest ``groups`` field of a (possibly nested) config: 1 without grouped convs."""
+    found = [1]
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name == "groups" and isinstance(v, int):
+            found.append(v)
+        elif isinstance(v, tuple):
+            found += [_max_groups(x) for x in v if dataclasses.is_dataclass(x)]
+    return max(found)
 
 
 def scale_widths(cfg: Any, width: float, divisor: int = 8) -> Any:
@@ -65,10 +78,18 @@ def build_model(name: str, *, num_classes: int, in_chans: int, width: float = 1.
                          "from the data of a run, weights with pretrained= / --pretrained)")
     if width != 1.0:
         fields = {f.name for f in dataclasses.fields(spec.cfg)}
-        cfg = scale_widths(dataclasses.replace(spec.cfg, **{k: v for k, v in options.items() if k in fields}), width)
+        cfg = dataclasses.replace(spec.cfg, **{k: v for k, v in options.items() if k in fields})
+        # grouped convs (ResNeXt) need widths the group count divides
+        cfg = scale_widths(cfg, width, divisor=math.lcm(8, _max_groups(cfg)))
         options.update({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                         if getattr(cfg, f.name) != getattr(spec.cfg, f.name)})
-    return create_model(name, num_classes=num_classes, in_chans=in_chans, **options)
+    try:
+        return create_model(name, num_classes=num_classes, in_chans=in_chans, **options)
+    except ValueError as e:
+        if width == 1.0 or "divisible by groups" not in str(e):
+            raise
+        raise ValueError(f"width {width} leaves a grouped conv of model {name!r} with channels its groups do not "
+                         f"divide (widths derived by ratios); use a larger width") from None
 
 
 def model_record(name: str, *, num_classes: int, in_chans: int, width: float = 1.0,
