@@ -75,10 +75,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise WeightsError(f"{path}: corrupt cspnet metadata ({e})") from None
 
 
+def _first_bytes(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
 def is_torch_save_file(path: Path) -> bool:
     """Whether ``path`` was written by ``torch.save`` (by its first bytes, whatever its name)."""
-    with open(path, "rb") as f:
-        return f.read(4).startswith(_TORCH_SAVE_MAGIC)
+    return _first_bytes(path).startswith(_TORCH_SAVE_MAGIC)
 
 
 def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,10 +104,11 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if is_darknet_weights(path):
         raise WeightsError(f"{path}: a Darknet weights file; read it with create_model(name, darknet_weights=...) or "
                            "convert it first: cspnet darknet convert CFG WEIGHTS OUT.safetensors")
-    if path.suffix in _PICKLE_SUFFIXES and not is_torch_save_file(path):
-        with open(path, "rb") as f:
-            raise WeightsError(f"{path}: not a file written by torch.save (it begins with {f.read(4)!r})")
-    if is_torch_save_file(path):
+    head = _first_bytes(path)
+    torch_save = head.startswith(_TORCH_SAVE_MAGIC)
+    if path.suffix in _PICKLE_SUFFIXES and not torch_save:
+        raise WeightsError(f"{path}: not a file written by torch.save (it begins with {head!r})")
+    if torch_save:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses anything but tensors and plain containers
