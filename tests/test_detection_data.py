@@ -1,5 +1,6 @@
 """Detection data: built-in scenes and trees, COCO / VOC loaders, sanitising, letterbox and augmentation."""
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -233,6 +234,31 @@ def test_augmentation_flip_is_exact_and_boxes_stay_valid():
         assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
         assert len(b) == len(target["labels"])
         assert torch.all(b >= 0) and torch.all(b <= 64) and torch.all(b[:, 2:] - b[:, :2] >= 1)
+
+
+def test_default_augmentation_keeps_every_box_on_its_object():
+    # One solid object per image, each in its own colour channel; colour jitter off. A mosaic box that
+    # reached outside the window used to be carried back into view by the affine, over grey fill.
+    rng = np.random.default_rng(0)
+    records = []
+    for k, (w, h) in enumerate([(200, 120), (120, 200), (300, 90)]):
+        img = np.zeros((h, w, 3), np.uint8)
+        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        x1, y1 = x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2))
+        img[y0:y1, x0:x1, k] = 255
+        records.append(D.DetectionRecord(k, "x.png", w, h, np.array([[x0, y0, x1, y1]], np.float32), np.array([k]), image=img))
+    ds = DetectionDataset(records, ("a", "b", "c"), 64, AugmentCfg(hue=0, saturation=0, brightness=0))
+    checked = 0
+    for seed in range(150):
+        torch.manual_seed(seed)
+        image, target = ds[seed % 3]
+        for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
+            # the interior, one pixel in from each side (the resampled edges are blurred)
+            x0, y0, x1, y1 = math.ceil(box[0] + 1), math.ceil(box[1] + 1), math.floor(box[2] - 1), math.floor(box[3] - 1)
+            if x1 > x0 and y1 > y0:
+                checked += 1
+                assert image[label, y0:y1, x0:x1].min() > 0.5, (seed, box)
+    assert checked > 100
 
 
 def test_dataset_rejects_sizes_the_strides_cannot_divide():

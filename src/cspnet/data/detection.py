@@ -512,7 +512,10 @@ class DetectionDataset(Dataset):
         cx, cy = torch.randint(s // 2, 3 * s // 2 + 1, (2,)).tolist()
         x0, y0 = cx - s // 2, cy - s // 2
         boxes = np.concatenate(boxes) - np.array([x0, y0, x0, y0], np.float32)
-        return canvas[y0:y0 + s, x0:x0 + s], boxes, np.concatenate(labels)
+        # Clip to the window now: the affine that follows would otherwise carry a box's part outside
+        # the window, whose pixels are cut away, back into view over the grey fill.
+        boxes, keep, _ = sanitize_boxes(boxes, s, s)
+        return canvas[y0:y0 + s, x0:x0 + s], boxes[keep], np.concatenate(labels)[keep]
 
     def __getitem__(self, i: int):
         r = self.records[i]
