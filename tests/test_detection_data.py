@@ -21,6 +21,7 @@ from cspnet.data.detection import (
     sanitize_boxes,
     tree_tiles,
 )
+from cspnet.detection.metrics import coco_evaluate
 
 
 def test_scenes_are_seeded_exact_and_non_overlapping():
@@ -141,6 +142,23 @@ def test_coco_loader_maps_categories_clips_and_drops(tmp_path):
     gt = coco_ground_truth(records, names, cat_ids)
     assert sorted(a["category_id"] for a in gt["annotations"]) == [3, 7, 7]
     assert [a["iscrowd"] for a in gt["annotations"] if a["image_id"] == 2] == [1]
+
+
+def test_coco_ground_truth_keeps_the_annotated_area_for_the_size_ranges(tmp_path):
+    # COCO's 'area' is the mask's: this 40 x 40 box (medium by its box) holds a small object
+    path = _coco(tmp_path, [
+        {"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 40, 40], "area": 600.0},
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [90, 70, 30, 30]},  # no area: the clipped box's
+    ])
+    records, names, cat_ids, _ = load_coco(path, tmp_path)
+    gt = coco_ground_truth(records, names, cat_ids)
+    assert [a["area"] for a in gt["annotations"]] == [600.0, 100.0]
+    detections = [{"image_id": 1, "category_id": 7, "bbox": [10, 10, 40, 40], "score": 0.9},
+                  {"image_id": 1, "category_id": 3, "bbox": [90, 70, 10, 10], "score": 0.9}]
+    stats = coco_evaluate(gt, detections)
+    assert stats["APs"] == pytest.approx(1.0) and stats["APm"] == -1.0  # both objects are small
+    with pytest.raises(AnnotationError, match=r"annotations\[0\]: 'area' must be a finite number >= 0"):
+        load_coco(_coco(tmp_path, [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 5, 5], "area": "big"}]))
 
 
 @pytest.mark.parametrize("bad, message", [

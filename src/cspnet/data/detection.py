@@ -64,6 +64,9 @@ class DetectionRecord:
     boxes: np.ndarray  # (M, 4) float32 xyxy pixels
     labels: np.ndarray  # (M,) int64, 0-based class index
     crowd: np.ndarray | None = None  # (M,) bool, COCO iscrowd (kept for evaluation, not trained on)
+    # (M,) float: COCO's annotated object area (the mask's, usually below the box's), which sorts
+    # objects into COCOeval's small / medium / large; None: the boxes' areas
+    areas: np.ndarray | None = None
     image: np.ndarray | None = None
     path: str | None = None
     source: str | None = None
@@ -166,7 +169,7 @@ def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None
             raise AnnotationError(f"{json_path}: images[{i}] (id {im['id']}) needs positive integer 'width' and 'height'")
         if im["id"] in images:
             raise AnnotationError(f"{json_path}: images[{i}] repeats id {im['id']}")
-        images[im["id"]] = (im, [], [], [])
+        images[im["id"]] = (im, [], [], [], [])
     report = SanitizeReport()
     for i, a in enumerate(data["annotations"]):
         where = f"{json_path}: annotations[{i}]"
@@ -178,8 +181,11 @@ def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None
             raise AnnotationError(f"{where}: category_id {a.get('category_id')!r} is not in 'categories'")
         if not _finite_numbers(a.get("bbox"), 4):
             raise AnnotationError(f"{where}: 'bbox' must be 4 finite numbers [x, y, width, height], got {a.get('bbox')!r}")
-        im, boxes, labels, crowd = images[a["image_id"]]
+        im, boxes, labels, crowd, areas = images[a["image_id"]]
         x, y, w, h = a["bbox"]
+        area = a.get("area")
+        if area is not None and not (_finite_numbers([area], 1) and area >= 0):
+            raise AnnotationError(f"{where}: 'area' must be a finite number >= 0, got {area!r}")
         box, keep, rep = sanitize_boxes(np.array([[x, y, x + w, y + h]]), im["width"], im["height"])
         if not keep[0]:
             rep.dropped_where.append(f"annotations[{i}]")
@@ -189,17 +195,18 @@ def load_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike | None
         boxes.append(box[0])
         labels.append(index_of[a["category_id"]])
         crowd.append(bool(a.get("iscrowd", 0)))
+        areas.append(area if area is not None else float(np.prod(box[0, 2:] - box[0, :2])))
     # checked after the entries, so that a broken entry is named first
     if not images:
         raise AnnotationError(f"{json_path}: no images")
     if not cats:
         raise AnnotationError(f"{json_path}: no categories")
     records = []
-    for image_id, (im, boxes, labels, crowd) in images.items():
+    for image_id, (im, boxes, labels, crowd, areas) in images.items():
         records.append(DetectionRecord(
             image_id, im["file_name"], im["width"], im["height"],
             np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64), np.array(crowd, bool),
-            path=str(images_dir / im["file_name"]), source=str(json_path),
+            np.array(areas, np.float64), path=str(images_dir / im["file_name"]), source=str(json_path),
         ))
     return records, tuple(cats[c] for c in category_ids), tuple(category_ids), report
 
@@ -554,16 +561,18 @@ def collate_detection(batch):
 
 
 def coco_ground_truth(records: list[DetectionRecord], class_names: tuple[str, ...], category_ids=None) -> dict:
-    """A COCO ``instances`` dict of the records' boxes in original image pixels (for COCOeval)."""
+    """A COCO ``instances`` dict of the records' boxes in original image pixels (for COCOeval), with
+    each object's annotated area where the source has one (COCO's size ranges read it)."""
     category_ids = list(category_ids or range(len(class_names)))
     images, annotations = [], []
     for r in records:
         images.append({"id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height})
-        for b, label, c in zip(r.boxes, r.labels, r.is_crowd()):
-            w, h = float(b[2] - b[0]), float(b[3] - b[1])
+        wh = r.boxes[:, 2:] - r.boxes[:, :2]
+        areas = r.areas if r.areas is not None else wh.prod(1)
+        for b, (w, h), label, c, area in zip(r.boxes, wh.tolist(), r.labels, r.is_crowd(), areas):
             annotations.append({
                 "id": len(annotations) + 1, "image_id": r.image_id, "category_id": category_ids[int(label)],
-                "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": int(c),
+                "bbox": [float(b[0]), float(b[1]), w, h], "area": float(area), "iscrowd": int(c),
             })
     categories = [{"id": cid, "name": n} for cid, n in zip(category_ids, class_names)]
     return {"images": images, "annotations": annotations, "categories": categories}
