@@ -196,13 +196,17 @@ def _obj(name, box):
 def test_voc_loader(tmp_path):
     Image.new("RGB", (60, 40)).save(tmp_path / "img.png")
     Image.new("RGB", (60, 40)).save(tmp_path / "two.jpg")
-    _voc(tmp_path / "img.xml", _obj("b", (1, 2, 30, 20)) + _obj("a", (50, 30, 70, 45)))
-    _voc(tmp_path / "two.xml", _obj("a", (5, 5, 6, 6.5)) + _obj("a", (5, 5, 25, 25)), filename="two.tif")
+    # VOC numbers pixels from 1, both ends inclusive: the whole 60 x 40 image is 1..60 x 1..40
+    _voc(tmp_path / "img.xml", _obj("b", (1, 1, 60, 40)) + _obj("a", (50, 30, 70, 45)))
+    _voc(tmp_path / "two.xml", _obj("a", (5, 5, 5, 5.5)) + _obj("a", (5, 5, 25, 25)), filename="two.tif")
     records, names, report = load_voc(sorted(tmp_path.glob("*.xml")))
     assert names == ("a", "b")
-    assert records[0].boxes.tolist() == [[1, 2, 30, 20], [50, 30, 60, 40]] and records[0].labels.tolist() == [1, 0]
+    assert records[0].boxes.tolist() == [[0, 0, 60, 40], [49, 29, 60, 40]] and records[0].labels.tolist() == [1, 0]
     assert records[1].path.endswith("two.jpg")  # the .tif named in the XML is found under another suffix
-    assert report.clipped == 1 and report.dropped == 0  # 1 x 1.5 px is still a box
+    assert records[1].boxes.tolist() == [[4, 4, 5, 5.5], [4, 4, 25, 25]]  # a one-pixel object is a 1 x 1.5 box
+    assert report.clipped == 1 and report.dropped == 0
+    zero_based, _, _ = load_voc([tmp_path / "img.xml"], one_based=False)
+    assert zero_based[0].boxes.tolist() == [[1, 1, 60, 40], [50, 30, 60, 40]]
     with pytest.raises(AnnotationError, match="class 'b' is not one of"):
         load_voc(sorted(tmp_path.glob("*.xml")), class_names=("a",))
 

@@ -226,11 +226,15 @@ def _find_image(xml_path: Path, filename: str | None, images_dir: Path | None) -
     raise AnnotationError(f"{xml_path}: image {filename or stem!r} not found in {', '.join(map(str, dirs))}")
 
 
-def load_voc_file(xml_path: str | os.PathLike, images_dir: str | os.PathLike | None = None):
+def load_voc_file(xml_path: str | os.PathLike, images_dir: str | os.PathLike | None = None, one_based: bool = True):
     """Parse one Pascal-VOC XML; return ``(path, width, height, boxes, names, difficult, report)``.
 
-    Size comes from ``<size>`` or, when absent, from the image. Raises `AnnotationError` naming the
-    file and the object (``object[3]``) at fault.
+    VOC's ``bndbox`` numbers pixels from 1, both ends inclusive: pixels ``xmin..xmax`` are the
+    span ``[xmin - 1, xmax)`` in the image coordinates used everywhere else (as detectron2 reads
+    them; a one-pixel object has ``xmin == xmax``). ``one_based=False`` reads files that store that
+    span directly (the deepforest trees, as deepforest's own reader does). Size comes from
+    ``<size>`` or, when absent, from the image. Raises `AnnotationError` naming the file and the
+    object (``object[3]``) at fault.
     """
     xml_path = Path(xml_path)
     try:
@@ -259,6 +263,8 @@ def load_voc_file(xml_path: str | os.PathLike, images_dir: str | os.PathLike | N
             raise AnnotationError(f"{xml_path}: object[{i}] ({name}) needs numeric bndbox xmin, ymin, xmax, ymax") from None
         if not all(math.isfinite(v) for v in box):
             raise AnnotationError(f"{xml_path}: object[{i}] ({name}) has a non-finite coordinate {box}")
+        if one_based:
+            box[0], box[1] = box[0] - 1, box[1] - 1
         boxes.append(box)
         names.append(name)
         difficult.append(obj.findtext("difficult", "0").strip() == "1")
@@ -270,16 +276,18 @@ def load_voc_file(xml_path: str | os.PathLike, images_dir: str | os.PathLike | N
     return path, width, height, clipped[keep], names, difficult, report
 
 
-def load_voc(xml_paths, images_dir=None, class_names: tuple[str, ...] | None = None, merge_classes: str | None = None):
+def load_voc(xml_paths, images_dir=None, class_names: tuple[str, ...] | None = None, merge_classes: str | None = None,
+             one_based: bool = True):
     """Read Pascal-VOC XML files; return ``(records, class_names, report)``.
 
+    ``one_based``: the files number pixels from 1, as VOC does (see `load_voc_file`).
     Class names are taken from ``class_names`` (an unknown name is an error) or collected, sorted.
     ``merge_classes`` maps every object to one class of that name (the single-class tree set).
     ``difficult`` objects are kept as crowd regions (evaluated as ignore areas, as VOC does).
     """
     parsed, report = [], SanitizeReport()
     for p in sorted(Path(x) for x in xml_paths):
-        path, w, h, boxes, names, difficult, rep = load_voc_file(p, images_dir)
+        path, w, h, boxes, names, difficult, rep = load_voc_file(p, images_dir, one_based)
         report.merge(rep)
         parsed.append((p, path, w, h, boxes, names, difficult))
     if merge_classes:
@@ -430,7 +438,7 @@ def tree_tiles(split: str = "train", tile: int = 400) -> tuple[list[DetectionRec
         raise ValueError(f"tree split must be 'train' or 'val', got {split!r}")
     data = deepforest_data_dir()
     stems = TREE_TRAIN if split == "train" else TREE_VAL
-    records, _, _ = load_voc([data / f"{s}.xml" for s in stems], data, merge_classes=TREE_CLASSES[0])
+    records, _, _ = load_voc([data / f"{s}.xml" for s in stems], data, merge_classes=TREE_CLASSES[0], one_based=False)
     tiles: list[DetectionRecord] = []
     for r in records:
         tiles += tile_record(r.load(), r.boxes, r.labels, tile, Path(r.file_name).stem, len(tiles), overlap=split == "train")
