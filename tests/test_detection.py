@@ -9,6 +9,7 @@ import torch
 from torchvision.ops import box_iou, complete_box_iou_loss, nms
 
 from cspnet.detection import NECKS, YOLOV3_ANCHORS, create_detector, decode_boxes, encode_boxes, make_anchor_layout
+from cspnet.detection.detector import DetectorCfg
 from cspnet.detection.head import decode_level, fit_anchors
 from cspnet.detection.loss import YoloLoss
 from cspnet.detection.metrics import coco_evaluate
@@ -217,9 +218,10 @@ def test_loss_parts_and_gradients(box_loss):
         loss_fn(det(torch.rand(2, 3, 64, 64)), [targets[0], {"boxes": torch.zeros(2, 4)}])
 
 
-def test_ciou_box_loss_is_torchvisions_on_decoded_positives():
+@pytest.mark.parametrize("scale_x_y", [1.0, (1.2, 1.1, 1.05)])  # the "optimal" cfg's, one per level
+def test_ciou_box_loss_is_torchvisions_on_decoded_positives(scale_x_y):
     layout = make_anchor_layout(None, (8, 16, 32))
-    loss_fn = YoloLoss(layout, 2, box_loss="ciou")
+    loss_fn = YoloLoss(layout, 2, box_loss="ciou", scale_x_y=scale_x_y)
     raw = [torch.randn(1, 3 * 7, 52 // (s // 8), 52 // (s // 8)) * 0.5 for s in (8, 16, 32)]
     box = torch.tensor([[100.0, 120.0, 180.0, 170.0]])
     targets = [{"boxes": box, "labels": torch.tensor([1])}]
@@ -229,7 +231,8 @@ def test_ciou_box_loss_is_torchvisions_on_decoded_positives():
     stride = layout.strides[level]
     a, (gx, gy) = int(p["anchor"][0]), p["cells"][0].long().tolist()
     t = raw[level].view(1, 3, 7, *raw[level].shape[-2:])[0, a, :4, gy, gx]
-    pred = decode_boxes(t[None], p["cells"], p["anchor_wh"], stride)
+    k = scale_x_y[level] if isinstance(scale_x_y, tuple) else scale_x_y
+    pred = decode_boxes(t[None], p["cells"], p["anchor_wh"], stride, k)
     expect = complete_box_iou_loss(pred, box, reduction="mean")
     _, parts = loss_fn(raw, targets)
     assert parts["box"] == pytest.approx(float(expect), rel=1e-5)
@@ -306,6 +309,20 @@ def test_cfg_taps_under_gradient_checkpointing_keep_nothing_after_backward():
     sum(o.sum() for o in det(torch.randn(2, 3, 64, 64))).backward()
     assert not [n for n, m in det.named_modules() if hasattr(m, "tap_output")]
     copy.deepcopy(det)  # an EMA copy after a step: a kept non-leaf map would refuse this
+
+
+def test_scale_x_y_per_level_decodes_each_level_with_its_own():
+    scales = (1.2, 1.1, 1.05)  # csresnext50-panet-spp-original-optimal.cfg, finest level first
+    det = create_detector("cspresnet10", "fpn", num_classes=2, scale_x_y=list(scales), **TINY).eval()
+    assert det.cfg.scale_x_y == scales and DetectorCfg.from_dict(det.cfg.to_dict()) == det.cfg
+    raw = det.forward_raw(torch.rand(1, 3, 64, 64))
+    expect = torch.cat([decode_level(r, det.layout.level_anchors(i), s, k)
+                        for i, (r, s, k) in enumerate(zip(raw, det.strides, scales))], 1)
+    torch.testing.assert_close(det.decode(raw), expect)
+    uniform = create_detector("cspresnet10", "fpn", num_classes=2, scale_x_y=1.2, **TINY).eval()
+    assert not torch.allclose(uniform.decode(raw), expect)  # the coarser levels differ
+    with pytest.raises(ValueError, match="scale_x_y gives 2 values for 3 output levels"):
+        create_detector("cspresnet10", "fpn", num_classes=2, scale_x_y=(1.2, 1.1), **TINY)
 
 
 def test_detector_options_that_cannot_work_are_named():

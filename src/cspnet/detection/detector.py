@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from ..engine.models import build_model
-from .head import AnchorLayout, YoloHead, anchor_pairs, decode_level, make_anchor_layout
+from .head import AnchorLayout, YoloHead, anchor_pairs, decode_level, level_scale_x_y, make_anchor_layout
 from .necks import NECKS, build_neck, neck_inputs
 
 # Feature taps the official detector cfgs read where they differ from our stage outputs:
@@ -46,7 +46,7 @@ class DetectorCfg:
     neck_width: int | None = None
     spp: bool | None = None
     act: str = "leaky"
-    scale_x_y: float = 1.0
+    scale_x_y: float | tuple[float, ...] = 1.0  # one for every level, or one per level (finest first)
     in_chans: int = 3
     backbone_width: float = 1.0
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -55,6 +55,8 @@ class DetectorCfg:
         d = dataclasses.asdict(self)
         d["anchors"] = [list(a) for a in self.anchors] if self.anchors is not None else None
         d["strides"] = list(self.strides)
+        if isinstance(self.scale_x_y, tuple):
+            d["scale_x_y"] = list(self.scale_x_y)
         return d
 
     @classmethod
@@ -68,6 +70,8 @@ class DetectorCfg:
             d["anchors"] = tuple(tuple(float(v) for v in a) for a in d["anchors"])
         if "strides" in d:
             d["strides"] = tuple(int(s) for s in d["strides"])
+        if isinstance(d.get("scale_x_y"), list):
+            d["scale_x_y"] = tuple(d["scale_x_y"])
         return cls(**d)
 
 
@@ -156,8 +160,7 @@ class Detector(nn.Module):
         if any(b != 2 * a for a, b in zip(cfg.strides, cfg.strides[1:])):
             raise ValueError(f"strides {cfg.strides}: each level must have twice the stride of the one before "
                              "(the necks resample by 2 between levels)")
-        if not cfg.scale_x_y > 0:
-            raise ValueError(f"scale_x_y must be positive (Darknet uses 1.0-1.2), got {cfg.scale_x_y}")
+        self.scale_x_y = level_scale_x_y(cfg.scale_x_y, len(cfg.strides))
         n_in = neck_inputs(cfg.neck, len(cfg.strides))
         tap_strides = tuple(cfg.strides[0] // 2 ** k for k in range(n_in - len(cfg.strides), 0, -1)) + cfg.strides
         body = build_model(cfg.backbone, num_classes=0, in_chans=cfg.in_chans, width=cfg.backbone_width,
@@ -183,8 +186,8 @@ class Detector(nn.Module):
         """Decoded rows of every level, concatenated: ``(N, R, 5 + C)``."""
         return torch.cat(
             [
-                decode_level(r, self.layout.level_anchors(i), s, self.cfg.scale_x_y)
-                for i, (r, s) in enumerate(zip(raw, self.layout.strides))
+                decode_level(r, self.layout.level_anchors(i), s, k)
+                for i, (r, s, k) in enumerate(zip(raw, self.layout.strides, self.scale_x_y))
             ],
             dim=1,
         )
@@ -308,7 +311,7 @@ def create_detector(
         anchors: ``(w, h)`` pixel sizes, a multiple of the number of levels (default: the cfgs' nine
             COCO anchors); spread over the levels smallest first.
         **kwargs: ``strides`` (default (8, 16, 32)), ``neck_width`` (channels at the coarsest level),
-            ``spp`` (force SPP on/off), ``act``, ``scale_x_y``, ``in_chans``, ``backbone_width`` (channel
+            ``spp`` (force SPP on/off), ``act``, ``scale_x_y`` (one, or one per level), ``in_chans``, ``backbone_width`` (channel
             multiplier of the backbone, see `cspnet.engine.models.scale_widths`), ``backbone_kwargs``
             (config overrides for `cspnet.create_model`).
     """
@@ -316,8 +319,9 @@ def create_detector(
     unknown = sorted(set(kwargs) - names)
     if unknown:
         raise ValueError(f"unknown detector option(s) {unknown}; known: {sorted(names)}")
-    if "strides" in kwargs:
-        kwargs["strides"] = tuple(kwargs["strides"])
+    for key in ("strides", "scale_x_y"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
     if anchors is not None:
         anchors = anchor_pairs(anchors)
     return Detector(DetectorCfg(backbone, neck, num_classes, anchors, **kwargs))

@@ -100,6 +100,17 @@ def make_anchor_layout(
     return AnchorLayout(anchors, masks, tuple(strides))
 
 
+def level_scale_x_y(scale_x_y: float | tuple[float, ...] | list[float], num_levels: int) -> tuple[float, ...]:
+    """``scale_x_y`` for each output level, finest first: one positive number for every level, or one
+    per level (``csresnext50-panet-spp-original-optimal.cfg``: 1.2 / 1.1 / 1.05)."""
+    values = tuple(scale_x_y) if isinstance(scale_x_y, (tuple, list)) else (scale_x_y,) * num_levels
+    if len(values) != num_levels:
+        raise ValueError(f"scale_x_y gives {len(values)} values for {num_levels} output levels; give one, or one per level")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"scale_x_y must be positive (Darknet uses 1.0-1.2), got {scale_x_y}")
+    return tuple(float(v) for v in values)
+
+
 def fit_anchors(wh, k: int = 9, seed: int = 0) -> tuple[tuple[float, float], ...]:
     """``k`` anchor sizes from training box sizes ``wh`` (N, 2) pixels by k-means (scikit-learn),
     sorted by area, as Darknet's ``calc_anchors`` does for a new data set."""

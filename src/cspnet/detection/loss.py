@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou, complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
-from .head import AnchorLayout, decode_boxes, encode_boxes, grid_cells, split_level
+from .head import AnchorLayout, decode_boxes, encode_boxes, grid_cells, level_scale_x_y, split_level
 
 BoxLoss = Literal["mse", "giou", "diou", "ciou"]
 BOX_LOSSES = ("mse", "giou", "diou", "ciou")
@@ -60,7 +60,7 @@ class YoloLoss(nn.Module):
         box_weight: float = 0.05,
         obj_weight: float = 1.0,
         cls_weight: float = 0.5,
-        scale_x_y: float = 1.0,
+        scale_x_y: float | tuple[float, ...] = 1.0,
     ):
         super().__init__()
         if box_loss not in BOX_LOSSES:
@@ -76,7 +76,7 @@ class YoloLoss(nn.Module):
         self.weights = {"box": box_weight, "obj": obj_weight, "cls": cls_weight}
         # YOLOv5's per-level objectness balance for 3 levels: fine levels have many more cells.
         self.level_balance = (4.0, 1.0, 0.4) if layout.num_levels == 3 else (1.0,) * layout.num_levels
-        self.scale_x_y = scale_x_y
+        self.scale_x_y = level_scale_x_y(scale_x_y, layout.num_levels)
 
     def assign(self, targets: list[dict], shapes: list[tuple[int, int]], device) -> list[dict[str, torch.Tensor]]:
         """Per level, for each positive: the truth's index in the batch (``gt``), its image, the anchor
@@ -130,7 +130,7 @@ class YoloLoss(nn.Module):
                 h, w = shapes[level]
                 pred_boxes = decode_boxes(
                     p[..., :4].detach(), grid_cells(h, w, device)[None, None],
-                    self.layout.level_anchors(level).to(device)[None, :, None, None, :], stride, self.scale_x_y,
+                    self.layout.level_anchors(level).to(device)[None, :, None, None, :], stride, self.scale_x_y[level],
                 )
                 for i, gt in enumerate(gt_boxes):
                     if len(gt):
@@ -142,7 +142,7 @@ class YoloLoss(nn.Module):
                 keep[b, j, gy, gx] = True
                 obj_target[b, j, gy, gx] = 1.0
                 pp = p[b, j, gy, gx]
-                box_terms.append(self._box_loss(pp[:, :4], pos, stride, r.shape[-2:]))
+                box_terms.append(self._box_loss(pp[:, :4], pos, stride, self.scale_x_y[level], r.shape[-2:]))
                 onehot = F.one_hot(pos["labels"], self.num_classes).to(pp.dtype)
                 if self.label_smoothing:
                     # Darknet's label_smooth_eps: y * (1 - eps) + eps / 2 for a per-class sigmoid.
@@ -156,13 +156,13 @@ class YoloLoss(nn.Module):
         parts = {"box": float(box_loss.detach()), "obj": float(obj_loss.detach()), "cls": float(cls_loss.detach())}
         return total, parts
 
-    def _box_loss(self, t: torch.Tensor, pos: dict, stride: int, grid: tuple[int, int]) -> torch.Tensor:
+    def _box_loss(self, t: torch.Tensor, pos: dict, stride: int, scale_x_y: float, grid: tuple[int, int]) -> torch.Tensor:
         if self.box_loss == "mse":
-            target = encode_boxes(pos["boxes"], pos["cells"], pos["anchor_wh"], stride, self.scale_x_y)
+            target = encode_boxes(pos["boxes"], pos["cells"], pos["anchor_wh"], stride, scale_x_y)
             wh = pos["boxes"][:, 2:] - pos["boxes"][:, :2]
             image_area = grid[0] * grid[1] * stride * stride
             scale = 2 - wh.prod(1) / image_area  # YOLOv3: small boxes weigh more
             err = (torch.sigmoid(t[:, :2]) - torch.sigmoid(target[:, :2])).pow(2).sum(1) + (t[:, 2:] - target[:, 2:]).pow(2).sum(1)
             return scale * err
-        pred = decode_boxes(t, pos["cells"], pos["anchor_wh"], stride, self.scale_x_y)
+        pred = decode_boxes(t, pos["cells"], pos["anchor_wh"], stride, scale_x_y)
         return _IOU_LOSSES[self.box_loss](pred, pos["boxes"], reduction="none")

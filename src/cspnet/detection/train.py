@@ -138,7 +138,7 @@ class DetectionTask:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.loss_fn = YoloLoss(
             model.layout, model.num_classes, recipe.box_loss, recipe.ignore_thresh, recipe.iou_thresh,
-            recipe.label_smoothing, recipe.box_weight, recipe.obj_weight, recipe.cls_weight, scale_x_y=model.cfg.scale_x_y,
+            recipe.label_smoothing, recipe.box_weight, recipe.obj_weight, recipe.cls_weight, scale_x_y=model.scale_x_y,
         )
         self._evals = 0
         self._deadline = None if recipe.time_limit is None else time.monotonic() + recipe.time_limit
