@@ -3,9 +3,10 @@
 Conventions (stated once, used everywhere):
 
 - ``params``: every parameter (what ``sum(p.numel())`` gives).
-- ``conv_params``: weights of convolution and linear layers only, no BN and no biases. This is
+- ``conv_params``: weights of convolution (any ``nn.Conv*d``, transposed too) and linear layers only, no BN and no biases. This is
   how the official CSPNet README counts "#Param" (a Darknet classifier is a 1x1 conv).
-- ``macs``: multiply-accumulates of convolution and linear layers, for one image.
+- ``macs``: multiply-accumulates of convolution and linear layers, for one image. A transposed
+  convolution spreads each input element over ``k`` x ``C_out / groups`` outputs.
 - ``bflops``: Darknet's BFLOPs = 2 * ``macs`` / 1e9.
 - ``flops_all``: FLOPs of every layer that runs as a module: 2 per MAC for conv/linear,
   2 per element for BatchNorm (scale and shift), 1 per element for activations, one per
@@ -16,10 +17,13 @@ Conventions (stated once, used everywhere):
 - ``cio``: the paper's memory-traffic measure (CIO of HarDNet): for every convolution, the
   number of elements of its input plus its output, summed, for one image.
 
-Shapes come from forward hooks during one batch-1 forward pass in eval mode.
+Shapes come from forward hooks during one batch-1 forward pass in eval mode. Every convolution
+and linear layer is hooked, also one holding modules of its own (a quantization-aware conv's fake
+quantizers, a parametrized weight), so that none goes uncounted.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +34,7 @@ from .layers import Shortcut
 
 _ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Mish, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Tanh)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)  # the layers whose weights and MACs are counted
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,10 @@ class Profile:
         }
 
 
-def _conv_macs(m: nn.Conv2d, out: torch.Tensor) -> int:
-    k = m.kernel_size[0] * m.kernel_size[1]
+def _conv_macs(m: nn.modules.conv._ConvNd, x: torch.Tensor, out: torch.Tensor) -> int:
+    k = math.prod(m.kernel_size)
+    if m.transposed:  # each input element is spread over k * C_out / groups outputs
+        return x.numel() * (m.out_channels // m.groups) * k
     return out.numel() * (m.in_channels // m.groups) * k
 
 
@@ -103,8 +110,8 @@ def profile(model: nn.Module, input_size: int | tuple[int, int] = 224, in_chans:
                 return
             own = sum(p.numel() for p in m.parameters(recurse=False))
             macs = flops = cio = 0
-            if isinstance(m, nn.Conv2d):
-                macs = _conv_macs(m, output)
+            if isinstance(m, nn.modules.conv._ConvNd):
+                macs = _conv_macs(m, x, output)
                 flops, cio = 2 * macs, x.numel() + output.numel()
                 kind = "conv"
             elif isinstance(m, nn.Linear):
@@ -126,24 +133,28 @@ def profile(model: nn.Module, input_size: int | tuple[int, int] = 224, in_chans:
 
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if not list(m.children())]
-    was_training = model.training
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, _WEIGHTED) or not list(m.children())]
+    modes = {m: m.training for m in model.modules()}  # restored one by one: a user may have frozen some
     model.eval()
     try:
         param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
+        probe = {"device": param.device, "dtype": param.dtype} if param is not None else {}
         with torch.no_grad():
             try:
-                model(torch.zeros(1, in_chans, *input_size, device=device))
-            except RuntimeError as e:  # most often a map downsampled below 1x1
+                model(torch.zeros(1, in_chans, *input_size, **probe))
+            except RuntimeError as e:
                 name = getattr(model, "model_name", type(model).__name__)
                 h, w = input_size
-                raise ValueError(f"{name} cannot run on a {h}x{w} input (too small for its downsampling?): {e}") from e
+                # torch's shape errors all speak of a size; most often a map downsampled below 1x1
+                hint = " (too small for its downsampling?)" if "size" in str(e) else ""
+                raise ValueError(f"{name} cannot run on a {h}x{w} input{hint}: {e}") from e
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    conv_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        for m, training in modes.items():
+            m.training = training
+    conv_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, _WEIGHTED))
     return Profile(
         input_size=tuple(input_size),
         params=sum(p.numel() for p in model.parameters()),

@@ -4,7 +4,8 @@ The paper plots the BFLOPs of each layer of PeleeNet, PeleeNet-PRN and CSPPeleeN
 bottleneck off the peak: CSPNet "cuts the computational bottleneck" by sending only part 2 of a
 stage through its heavy layers. Here a *layer* is one convolution or linear layer as the profiler
 sees it (`cspnet.profile`, one batch-1 forward pass); its BFLOPs are Darknet's, 2 x multiply-adds /
-1e9, and its CIO is the number of input plus output elements (HarDNet's memory-traffic measure).
+1e9, and its CIO is the number of input plus output elements of a convolution (HarDNet's
+memory-traffic measure counts convolutions only; a linear layer's CIO is 0).
 BatchNorm, activations and pooling carry no multiply-adds in Darknet's count and are left out, so the
 layers' BFLOPs and CIO sum exactly to the profiler's totals.
 """
