@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cspnet.data import load_classification
+from cspnet.engine.classify import evaluate_classifier, load_classifier
 from cspnet.weights import load_state
 
 # 20 steps per epoch (640 images / 32); small enough to be quick, slow enough to be caught mid-epoch
@@ -88,4 +90,11 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     worst = max((a[k] - b[k]).abs().max().item() for k in params)
     assert worst <= 1e-6, f"parameters differ by up to {worst}"
     # the run really trained (not a trivially equal copy of the initial weights)
-    assert json.loads((ddp / "metrics.jsonl").read_text().splitlines()[-1])["train_acc"] > 0.3
+    row = json.loads((ddp / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train_acc"] > 0.3
+    # both processes scored rank 0's model, the one saved: its BN running statistics, not each
+    # process's own (DDP leaves every process with those of its own last chunk)
+    model, _ = load_classifier(ddp)
+    data = load_classification("digits", 32, train_limit=640, test_limit=100)
+    again = evaluate_classifier(model, data)
+    assert again["loss"] == pytest.approx(row["val_loss"], rel=1e-5) and again["top1"] == row["val_top1"]

@@ -63,6 +63,18 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Give every process rank 0's buffers (BN running statistics …); a no-op in a world of one.
+
+    DDP copies rank 0's buffers to the others at the start of each forward pass, so after the
+    last training step every process holds the statistics of its own last chunk: evaluated
+    as they are, each process would score another model than the one rank 0 saves.
+    """
+    if info.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.classification import with_worker_errors
 from ..layers import memory_efficient
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record, save_checkpoint
-from .distributed import DistInfo, all_reduce_sum, barrier
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
 from .ema import ModelEMA
 from .optim import LrSchedule, build_optimizer
 from ..files import atomic_savefig, atomic_write_text
@@ -385,7 +385,9 @@ def fit(
             bar.refresh()  # the epoch's final figures, however fast its steps went by
             bar.close()
         totals = _global_sums(sums, dist)
-        metrics = task.evaluate(ema.module if ema is not None else model, dist)
+        scored = ema.module if ema is not None else model
+        broadcast_buffers(scored, dist)  # every process scores the model rank 0 saves
+        metrics = task.evaluate(scored, dist)
         # the rate the epoch's last step used (the optimizer already holds the next step's)
         row = {"epoch": epoch + 1, "step": state["step"], "lr": cfg.lr * schedule(state["step"] - 1)}
         row.update({f"train_{k}": v / totals["samples"] for k, v in totals.items() if k != "samples"})
