@@ -62,6 +62,19 @@ def test_out_indices_select_and_order_levels():
         cspnet.create_model("cspresnet10", features_only=True, out_indices=(9,))
 
 
+def test_stages_after_the_last_level_asked_for_do_not_run():
+    model = cspnet.create_model("cspresnet10", features_only=True, out_indices=(2, 1)).eval()
+    ran = []
+    for name, stage in model.stages.named_children():
+        stage.register_forward_hook(lambda m, i, o, name=name: ran.append(name))
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, SIZE, SIZE))
+    assert ran == ["0", "1"] and [m.shape[1] for m in maps] == [model.feature_info[2].num_chs, model.feature_info[1].num_chs]
+    every = cspnet.profile(cspnet.create_model("cspresnet10", features_only=True), SIZE)
+    run = [layer.macs for layer in every.layers if not layer.name.startswith(("stages.2.", "stages.3."))]
+    assert cspnet.profile(model, SIZE).macs == sum(run) < every.macs
+
+
 def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     model.train()
     loss = F.cross_entropy(model(x), y)

@@ -151,11 +151,11 @@ class StagedNet(nn.Module):
             return checkpoint(module, x, use_reentrant=False, context_fn=contexts)
         return module(x)
 
-    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """All feature levels (stem and every stage output)."""
+    def forward_levels(self, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
+        """Feature levels 0 .. ``last`` (default: all, the stem and every stage output)."""
         self._check_input(x)
         levels = [self._run(self.stem, x)]
-        for stage in self.stages:
+        for stage in self.stages[: last]:
             levels.append(self._run(stage, levels[-1]))
         return levels
 
@@ -172,8 +172,8 @@ class StagedNet(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor):
-        if self.features_only:
-            levels = self.forward_levels(x)
+        if self.features_only:  # the stages after the last level asked for do not run (timm's too)
+            levels = self.forward_levels(x, max(self.out_indices))
             return [levels[i] for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
 
