@@ -563,3 +563,15 @@ def test_memory_efficient_run_trains_the_same_weights_and_may_resume_a_plain_run
     with pytest.raises(CheckpointError, match="lr"):
         _check_resume_config(state, TrainConfig(**{**saved, "step_milestones": tuple(saved["step_milestones"]), "lr": 1.0}),
                              state["run"], "plain")
+
+
+def test_resume_on_other_data_is_refused_naming_the_field(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", "resnet10", *TINY, "--epochs", "1", "--train-limit", "64", "--test-limit", "20", "--out", str(out)]
+    assert main([*args, "--img-size", "16"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--img-size", "24", "--resume"]) == 2  # same steps per epoch, other images
+    assert "data.img_size: checkpoint 16 vs now 24" in capsys.readouterr().err
+    assert read_checkpoint_record(out)["state"]["epoch"] == 1
+    # another test subset changes how the run is scored, not what it trains on
+    assert main([*args, "--img-size", "16", "--test-limit", "30", "--resume"]) == 0

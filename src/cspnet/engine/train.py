@@ -120,9 +120,10 @@ class TrainConfig:
 
 # Fields that may change between a run and its --resume without changing the weights it computes
 # (memory-efficient layers compute the plain layers' gradients; they only keep less for backward;
-# the eval_* and time_limit fields of a task recipe say when and how a run is evaluated or stopped).
+# the eval_* and time_limit fields of a task recipe and the data's test_size say when and how a run
+# is evaluated or stopped).
 RESUMABLE_CHANGES = ("checkpoint_every", "num_workers", "memory_efficient", "eval_every", "eval_conf",
-                     "eval_iou", "eval_batch_size", "time_limit")
+                     "eval_iou", "eval_batch_size", "time_limit", "test_size")
 
 
 def chunk_seed(seed: int, epoch: int, step: int, chunk: int) -> int:
@@ -227,15 +228,15 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, run_info: dict[str, Any], source: str) -> None:
-    """Refuse a resume whose training config, task recipe or model differs from the checkpoint's."""
+    """Refuse a resume whose training config, task recipe, model or data differs from the checkpoint's."""
     then_run = saved.get("run") or {}
     parts = [("", saved.get("train_config", {}), cfg.as_dict())]
-    parts += [(f"{key}.", then_run[key], run_info[key]) for key in ("recipe", "model")
+    parts += [(f"{key}.", then_run[key], run_info[key]) for key in ("recipe", "model", "data")
               if isinstance(run_info.get(key), dict) and isinstance(then_run.get(key), dict)]
     diffs = [f"{prefix}{k}: checkpoint {then.get(k)!r} vs now {now.get(k)!r}" for prefix, then, now in parts
              for k in {**then, **now} if k not in RESUMABLE_CHANGES and then.get(k) != now.get(k)]
     if diffs:
-        raise CheckpointError(f"{source}: --resume with a different recipe would not continue the same run ({'; '.join(diffs)})")
+        raise CheckpointError(f"{source}: --resume with a different recipe or data would not continue the same run ({'; '.join(diffs)})")
 
 
 def fit(
