@@ -40,7 +40,7 @@ from .common import find_twin
 ABLATION_FUSIONS = ("fusion_first", "fusion_last", "csp")
 ABLATION_GAMMAS = (0.25, 0.5, 0.75)
 
-PAPER_FAMILY = "peleenet"
+PAPER_MODELS = ("peleenet", "csppeleenet")  # the networks of paper Table 1
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,13 @@ def _measure(run: AblationRun, data: ClassificationData, width: float, options: 
     model = build_model(run.model, num_classes=data.num_classes, in_chans=data.in_chans, width=width, options=options)
     prof = profile(model, data.img_size, data.in_chans)
     imagenet = build_model(run.model, num_classes=1000, in_chans=3, width=width, options=options)
+    # Table 1's figures belong beside a row only when it measures the paper's own network: PeleeNet or
+    # CSPPeleeNet at full width, 224 x 224, nothing but fusion and γ changed (not swish, SE, ...)
+    overrides = set(options) - {"fusion", "part_ratio"}
+    paper_arch = run.model in PAPER_MODELS and width == 1.0 and not overrides and paper_size == 224
     return {"params": prof.params, "conv_params": prof.conv_params, "bflops": prof.bflops, "macs": prof.macs,
-            "paper_size": paper_size, "bflops_paper_size": profile(imagenet, paper_size, 3).bflops}
+            "paper_size": paper_size, "bflops_paper_size": profile(imagenet, paper_size, 3).bflops,
+            "paper_arch": paper_arch}
 
 
 def run_ablation(
@@ -211,8 +216,8 @@ def _train_or_reuse(run: AblationRun, i: int, n: int, data, train_cfg, recipe, o
 
 # -- the table and the plot ---------------------------------------------------------------------------
 def _paper(row: dict) -> tuple[float, float] | None:
-    """Paper Table 1's (top-1, BFLOPs) for a row of the PeleeNet family, else None."""
-    if get_spec(row["model"]).family != PAPER_FAMILY:
+    """Paper Table 1's (top-1, BFLOPs) for a row measuring the paper's own network, else None."""
+    if not row.get("paper_arch"):
         return None
     return PAPER_TABLE1.get((row["fusion"], row["part_ratio"]))
 
