@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cspnet.cli import main
-from cspnet.compare import DEFAULTS, measure_models, throughput
+from cspnet.compare import DEFAULTS, accuracy_verdict, measure_models, throughput
 from cspnet.data.classification import FASHION_MNIST_ROOT
 from cspnet.engine.models import build_model, model_record
 from cspnet.profile import profile
@@ -58,3 +58,11 @@ def test_benchmarks_measure_speed_and_memory_growth_with_batch():
     # other work, malloc hands back freed memory and the resident set need not grow at all.
     peaks = [measure_models([small], 32, batch, threads=1, seconds=0.1)[0]["peak_mem_mb"] for batch in (8, 256)]
     assert 0 < peaks[0] < peaks[1]  # activations grow with the batch
+
+
+def test_accuracy_verdict_weighs_the_difference_against_the_test_sets_sampling_error():
+    # 14 % vs 10 % on 100 images is chance, not a finding: 2 SE = 2 sqrt(.14 .86 / 100 + .1 .9 / 100) = 9.17 pp
+    assert accuracy_verdict(0.14, 0.10, 100) == (
+        "is as accurate within this run's resolution (+4.00 pp top-1; ±9.17 pp is two standard errors on 100 test images)")
+    assert accuracy_verdict(0.93, 0.90, 10_000).startswith("is 3.00 pp more accurate on this run (±0.79 pp")
+    assert accuracy_verdict(0.88, 0.91, 10_000).startswith("is 3.00 pp less accurate on this run (±0.87 pp")

@@ -11,6 +11,7 @@ prints the ratios CSP / plain so that a reader can check it on this run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -278,6 +279,18 @@ def plot_bars(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def accuracy_verdict(top1: float, other_top1: float, test_size: int) -> str:
+    """Whether a top-1 difference on ``test_size`` images stands out of the test set's sampling error:
+    beyond two standard errors of the difference, sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n). (Another
+    seed moves accuracy more than that; this only says what one run can tell.)"""
+    diff = 100 * (top1 - other_top1)
+    two_se = 200 * math.sqrt((top1 * (1 - top1) + other_top1 * (1 - other_top1)) / test_size)
+    resolution = f"±{two_se:.2f} pp is two standard errors on {test_size:,} test images"
+    if abs(diff) <= two_se:
+        return f"is as accurate within this run's resolution ({diff:+.2f} pp top-1; {resolution})"
+    return f"is {abs(diff):.2f} pp {'more' if diff > 0 else 'less'} accurate on this run ({resolution})"
+
+
 def format_report(report: dict[str, Any], histories: dict[str, list[dict[str, Any]]]) -> str:
     """The Markdown report."""
     rows, ratios, data = report["models"], report["ratios"], report["data"]
@@ -302,10 +315,10 @@ def format_report(report: dict[str, Any], histories: dict[str, list[dict[str, An
                  f"{ratios.get('peak_mem_mb', 0):.2f}x | {ratios['top1_diff_pp']:+.2f} pp | |")
     saved = 100 * (1 - ratios.get("bflops", 1))
     during = ", ".join(f"{r['name']} {r['train_img_per_s_during_run']:.0f}" for r in rows)
-    verdict = "at least as accurate" if ratios["top1_diff_pp"] >= 0 else f"{-ratios['top1_diff_pp']:.2f} pp less accurate"
+    verdict = accuracy_verdict(rows[0]["top1"], rows[1]["top1"], data["test_size"])
     lines += [
         "",
-        f"{csp} needs {saved:.0f}% {'fewer' if saved >= 0 else 'more'} multiply-adds than {plain} and is {verdict} on this run.",
+        f"{csp} needs {saved:.0f}% {'fewer' if saved >= 0 else 'more'} multiply-adds than {plain} and {verdict}.",
         f"Throughput is the best of 5 turns the models took alternately in one fresh process, peak memory the growth "
         f"of a fresh process per model (batch {report['bench']['batch']}, {report['bench']['threads']} thread(s), "
         f"{report['bench']['device']}); the images/s seen during training "
