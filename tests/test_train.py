@@ -575,3 +575,46 @@ def test_resume_on_other_data_is_refused_naming_the_field(tmp_path, capsys):
     assert read_checkpoint_record(out)["state"]["epoch"] == 1
     # another test subset changes how the run is scored, not what it trains on
     assert main([*args, "--img-size", "16", "--test-limit", "30", "--resume"]) == 0
+
+
+def test_fp16_resume_restores_the_gradient_scaler(tmp_path, monkeypatch):
+    """fp16 runs on CUDA; torch's CPU autocast and GradScaler('cpu') run the same code path here."""
+    import contextlib
+
+    from cspnet.engine import train as train_mod
+
+    scalers = []
+
+    class CpuScaler(torch.amp.GradScaler):
+        def __init__(self, device="cuda"):
+            # grows every 2 good steps, so that the scale moves up and down within a few steps
+            super().__init__("cpu", growth_interval=2)
+            scalers.append(self)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", CpuScaler)
+    monkeypatch.setattr(train_mod, "amp_context", lambda mode, device: contextlib.nullcontext() if mode == "none"
+                        else torch.autocast(device.type, dtype=torch.float16))
+    data = load_digits_data(16, train_limit=128, test_limit=50)  # 4 steps per epoch
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, amp="fp16")
+
+    class StopsInEpoch2(ClassificationTask):
+        calls = 0
+
+        def prepare(self, batch, **kw):
+            StopsInEpoch2.calls += 1
+            if StopsInEpoch2.calls == 5:
+                raise KeyboardInterrupt
+            return super().prepare(batch, **kw)
+
+    def model():
+        return rebuild_model(model_record("resnet10", num_classes=10, in_chans=1, width=0.25), seed=0)
+
+    fit(ClassificationTask(data), model(), cfg, tmp_path / "whole", progress=False)
+    whole_scale = scalers[-1].get_scale()
+    with pytest.raises(KeyboardInterrupt):
+        fit(StopsInEpoch2(data), model(), cfg, tmp_path / "cut", progress=False)
+    assert read_checkpoint_record(tmp_path / "cut")["scaler"]["scale"] != 65536.0  # moved in epoch 1
+    fit(ClassificationTask(data), model(), cfg, tmp_path / "cut", resume=True, progress=False)
+    assert scalers[-1].get_scale() == whole_scale
+    a, b = load_state(tmp_path / "whole" / "last.safetensors"), load_state(tmp_path / "cut" / "last.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -8,7 +8,7 @@ A checkpoint called ``name`` (``"last"``, ``"best"`` …) in ``out_dir`` is thre
 - ``{name}.state.safetensors``: every other tensor: optimizer and scheduler state, the EMA
   weights, the torch RNG state.
 - ``{name}.json``: the commit record: epoch, step, metrics, config, Python / NumPy RNG states,
-  and the non-tensor parts of the optimizer / scheduler state (tensors are replaced by
+  the fp16 gradient scaler's state, and the non-tensor parts of the optimizer / scheduler state (tensors are replaced by
   ``{"__tensor__": key}`` references into the state file).
 
 Why a crash never costs the last good checkpoint: the two tensor files are first written under
@@ -166,14 +166,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     ema: Any = None,
+    scaler: Any = None,
     state: dict[str, Any],
     name: str = "last",
 ) -> Path:
     """Write checkpoint ``name`` in ``out_dir`` (see the module docstring for the files).
 
     ``state`` is JSON-able training state (epoch, step, config, metrics …); it is returned by
-    `load_checkpoint`. ``scheduler`` and ``ema`` are anything with ``state_dict()`` /
-    ``load_state_dict()`` (an EMA's state dict holds tensors, a scheduler's mostly numbers).
+    `load_checkpoint`. ``scheduler``, ``ema`` and ``scaler`` (fp16's ``torch.amp.GradScaler``) are
+    anything with ``state_dict()`` / ``load_state_dict()`` (an EMA's state dict holds tensors, a
+    scheduler's and a scaler's numbers).
     The RNG states of Python, NumPy and torch are saved too. Returns the JSON path.
     """
     out_dir = Path(out_dir)
@@ -205,6 +207,8 @@ def save_checkpoint(
         record["scheduler"] = flatten_state(scheduler.state_dict(), "scheduler", tensors)
     if ema is not None:
         record["ema"] = flatten_state(ema.state_dict(), "ema", tensors)
+    if scaler is not None:
+        record["scaler"] = flatten_state(scaler.state_dict(), "scaler", tensors)
 
     # 1. payloads under token names; 2. the JSON commit; 3. plain names.
     save_weights(model_tmp, model, meta)
@@ -297,6 +301,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     ema: Any = None,
+    scaler: Any = None,
     name: str = "last",
     restore_rng: bool = True,
 ) -> dict[str, Any]:
@@ -335,7 +340,7 @@ def load_checkpoint(
                                   f"the model was built with num_classes={own_classes}: {e}") from None
         raise CheckpointError(str(e)) from None
 
-    need_state = restore_rng or any(x is not None for x in (optimizer, scheduler, ema))
+    need_state = restore_rng or any(x is not None for x in (optimizer, scheduler, ema, scaler))
     if need_state:
         state_path = _committed_file(out_dir, name, token, 1)
         try:
@@ -347,7 +352,7 @@ def load_checkpoint(
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{state_path}: not a readable safetensors file ({e})") from None
         _check_token(state_path, token, found)
-        for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("ema", ema)):
+        for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("ema", ema), ("scaler", scaler)):
             if obj is None:
                 continue
             if key not in record:

@@ -283,6 +283,8 @@ def fit(
                           tuple(cfg.step_milestones), cfg.step_gamma)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    amp_context(cfg.amp, device)  # refuses fp16 off CUDA here, before GradScaler warns about a missing GPU
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     state: dict[str, Any] = {
         "epoch": 0, "step": 0, "history": [], "partial": {}, "best": None,
         "train_config": cfg.as_dict(), "run": run_info or {}, "steps_per_epoch": steps_per_epoch,
@@ -291,7 +293,7 @@ def fit(
         if not (out_dir / "last.json").is_file():
             raise CheckpointError(f"{out_dir / 'last.json'}: nothing to resume")
         _check_resume_config(read_checkpoint_record(out_dir)["state"], cfg, run_info or {}, str(out_dir / "last.json"))
-        state = load_checkpoint(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
+        state = load_checkpoint(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler)
         if state.get("steps_per_epoch") != steps_per_epoch:
             raise CheckpointError(f"{out_dir / 'last.json'}: the training set changed ({state.get('steps_per_epoch')} steps per epoch then, {steps_per_epoch} now)")
         if not dist.is_main:  # the saved partial-epoch sums are global; count them once
@@ -301,8 +303,6 @@ def fit(
     train_model = model
     if dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_context(cfg.amp, device)  # refuses fp16 off CUDA here, before GradScaler warns about a missing GPU
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     files = _MetricFiles(out_dir, tensorboard and dist.is_main) if dist.is_main else None
     if files is not None and state["history"]:
         files.write(state["history"])
@@ -310,7 +310,8 @@ def fit(
     def save(name: str = "last", weights_only: bool = False) -> None:
         if dist.is_main:
             save_checkpoint(out_dir, model=model, optimizer=None if weights_only else optimizer,
-                            scheduler=None if weights_only else scheduler, ema=ema, state=state, name=name)
+                            scheduler=None if weights_only else scheduler, ema=ema,
+                            scaler=None if weights_only else scaler, state=state, name=name)
 
     imgs_timed, time_timed = 0, 0.0
     while state["step"] < total_steps:
