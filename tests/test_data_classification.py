@@ -12,6 +12,7 @@ from PIL import Image
 from cspnet.cli import main
 from cspnet.data import CorruptImageError, DataError, load_classification, load_digits_data, load_fashion_mnist
 from cspnet.data.classification import FASHION_MNIST_ROOT
+from cspnet.engine.checkpoint import read_checkpoint_record
 
 
 def _raw_idx(path, offset):
@@ -147,12 +148,15 @@ def test_cli_names_a_corrupt_image_read_by_a_worker_or_skips_it(tmp_path, capsys
     assert "skipped 1 corrupt image(s)" in capsys.readouterr().err
 
 
-def test_eval_of_a_folder_run_uses_its_split_and_channels_and_checks_its_classes(tmp_path, capsys):
+def test_eval_of_a_folder_run_uses_its_split_and_channels_and_checks_its_classes(tmp_path, capsys, monkeypatch):
     root = _folder(tmp_path / "ds", {"a": 10, "b": 10})
     run = tmp_path / "run"
-    assert main(["train", "--model", "resnet10", "--width", "0.25", "--data", str(root), "--in-chans", "1", "--img-size", "16",
+    monkeypatch.chdir(tmp_path)  # the run is given the folder relative to where it is started ...
+    assert main(["train", "--model", "resnet10", "--width", "0.25", "--data", "ds", "--in-chans", "1", "--img-size", "16",
                  "--epochs", "1", "--batch-size", "8", "--val-fraction", "0.3", "--no-progress", "--out", str(run)]) == 0
     capsys.readouterr()
+    assert read_checkpoint_record(run)["state"]["run"]["data"]["name"] == str(root.resolve())
+    monkeypatch.chdir(run)  # ... and evaluated from elsewhere: it still knows the folder as its own
     # No --val-fraction, no --in-chans: the run's held-out 30% (6 images), grey as trained.
     assert main(["eval", "--checkpoint", str(run), "--data", str(root)]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 6

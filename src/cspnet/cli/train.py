@@ -213,6 +213,7 @@ def run_eval(args) -> int:
     model, run = load_classifier(args.checkpoint, args.name, ema=args.ema, num_classes=args.num_classes)
     trained = run["data"]
     img_size = args.img_size or trained["img_size"]
+    # runs record a folder's absolute path (older runs the path as given, read here from the current directory)
     same_folder = args.data not in BUILTIN and Path(args.data).resolve() == Path(trained["name"]).resolve()
     # The run's own test split of a folder: the share it held out, or it scores images it trained on.
     holdout = trained.get("holdout") if same_folder else None

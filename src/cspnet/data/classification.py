@@ -352,7 +352,8 @@ def load_image_folder(
         if not train:
             raise DataError(f"{root}: every training image is corrupt")
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.25,))
-    return ClassificationData(str(root), FolderDataset(train, img_size, in_chans), FolderDataset(test, img_size, in_chans),
+    # named by its absolute path: eval, resume and compare may run from another working directory
+    return ClassificationData(str(root.resolve()), FolderDataset(train, img_size, in_chans), FolderDataset(test, img_size, in_chans),
                               classes, in_chans, img_size, mean, std, hflip=True, skipped=skipped, holdout=holdout)
 
 
