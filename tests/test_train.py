@@ -519,11 +519,26 @@ def test_ema_weights_are_evaluated_and_kept(tmp_path, capsys):
     assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "320",
                  "--ema", "0.9", "--out", str(out)]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert main(["eval", "--checkpoint", str(out), "--data", "digits", "--ema"]) == 0
-    with_ema = json.loads(capsys.readouterr().out)
-    assert with_ema["ema"] and with_ema["top1"] == pytest.approx(trained["top1"])  # fit scores the EMA weights
+    # by default eval scores the weights fit scored, the EMA's (as for detection runs)
+    for ema_args in ([], ["--ema"]):
+        assert main(["eval", "--checkpoint", str(out), "--data", "digits", *ema_args]) == 0
+        with_ema = json.loads(capsys.readouterr().out)
+        assert with_ema["ema"] and with_ema["loss"] == pytest.approx(trained["loss"], rel=1e-6)
+    assert main(["eval", "--checkpoint", str(out), "--data", "digits", "--raw-weights"]) == 0
+    raw_eval = json.loads(capsys.readouterr().out)
+    assert not raw_eval["ema"] and raw_eval["loss"] != pytest.approx(trained["loss"], rel=1e-6)
     raw, ema = load_state(out / "last.safetensors"), load_state(out / "last.state.safetensors")
     assert not torch.equal(raw["head.fc.weight"], ema["ema.weights.head.fc.weight"])
+    for kwargs, want in (({}, ema["ema.weights.head.fc.weight"]), ({"ema": False}, raw["head.fc.weight"])):
+        model, run = load_classifier(out, **kwargs)
+        assert torch.equal(model.head.fc.weight, want) and run["weights"] == ("raw" if kwargs else "ema")
+    # a run without an EMA gives its only weights, and no EMA when one is asked for
+    plain = tmp_path / "plain"
+    assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "64",
+                 "--out", str(plain)]) == 0
+    assert load_classifier(plain)[1]["weights"] == "raw"
+    with pytest.raises(CheckpointError, match="'ema' is missing"):
+        load_classifier(plain, ema=True)
 
 
 # -- curves -------------------------------------------------------------------------------------

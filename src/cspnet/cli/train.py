@@ -91,7 +91,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: top-1, top-5, per-class accuracy, confusion matrix (JSON)")
     p.add_argument("--checkpoint", required=True, help="run directory written by cspnet train")
     p.add_argument("--name", default="last", help="which checkpoint: last or best")
-    p.add_argument("--ema", action="store_true", help="score the EMA weights stored with the checkpoint")
+    add_weights_args(p)
     p.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="build the model with this many classes (default: the checkpoint's)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=256)
     p.add_argument("--device", default="auto")
@@ -105,7 +105,7 @@ def register(sub) -> None:
     p.add_argument("images", nargs="+", help="image files, or folders (searched recursively)")
     p.add_argument("--checkpoint", required=True, help="run directory written by cspnet train")
     p.add_argument("--name", default="last", help="which checkpoint: last or best")
-    p.add_argument("--ema", action="store_true", help="use the EMA weights stored with the checkpoint")
+    add_weights_args(p)
     p.add_argument("--topk", type=int, default=5, help="classes listed per image (at most the model's)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     p.add_argument("--skip-corrupt", action="store_true", help="leave out (and name) unreadable images instead of failing")
@@ -127,6 +127,18 @@ def register(sub) -> None:
     add_data_args(p)
     add_recipe_args(p, epochs=DEFAULTS.epochs, batch_size=DEFAULTS.batch_size, lr=DEFAULTS.lr)
     p.set_defaults(func=run_compare)
+
+
+def add_weights_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ema", action="store_true",
+                   help="the EMA weights (default when the run kept an EMA: the weights its metrics were scored with)")
+    g.add_argument("--raw-weights", action="store_true", help="the raw weights of a run that kept an EMA")
+
+
+def weights_choice(args) -> bool | None:
+    """`load_classifier`'s ``ema``: True (--ema), False (--raw-weights), None (the EMA when the run has one)."""
+    return True if args.ema else False if args.raw_weights else None
 
 
 def build_recipe(args, n_train: int):
@@ -210,7 +222,7 @@ def run_eval(args) -> int:
     from ..engine.distributed import DistInfo, resolve_device
 
     set_threads(args)
-    model, run = load_classifier(args.checkpoint, args.name, ema=args.ema, num_classes=args.num_classes)
+    model, run = load_classifier(args.checkpoint, args.name, ema=weights_choice(args), num_classes=args.num_classes)
     trained = run["data"]
     img_size = args.img_size or trained["img_size"]
     # runs record a folder's absolute path (older runs the path as given, read here from the current directory)
@@ -239,7 +251,7 @@ def run_eval(args) -> int:
         result = evaluate_classifier(model.to(device), data, DistInfo(device=device), batch_size=args.batch_size,
                                      progress=not args.no_progress)
     out = {"checkpoint": str(args.checkpoint), "name": args.name, "model": run["model"]["name"], "data": args.data,
-           "img_size": img_size, "ema": bool(args.ema), **result}
+           "img_size": img_size, "ema": run["weights"] == "ema", **result}
     text = json.dumps(out, indent=1)
     print(text)  # first, so that the result is seen even if the file cannot be written
     if args.json_out:
@@ -254,13 +266,13 @@ def run_predict(args) -> int:
 
     set_threads(args)
     paths = image_files(args.images)
-    model, run = load_classifier(args.checkpoint, args.name, ema=args.ema)
+    model, run = load_classifier(args.checkpoint, args.name, ema=weights_choice(args))
     rows, skipped = classify_files(model.to(resolve_device(args.device)), paths, run["data"], topk=args.topk,
                                    batch_size=args.batch_size, skip_corrupt=args.skip_corrupt,
                                    progress=not args.no_progress)
     for reason in skipped:
         print(f"skipped: {reason}", file=sys.stderr)
-    out = {"checkpoint": str(args.checkpoint), "name": args.name, "model": run["model"]["name"], "ema": bool(args.ema),
+    out = {"checkpoint": str(args.checkpoint), "name": args.name, "model": run["model"]["name"], "ema": run["weights"] == "ema",
            "trained_on": run["data"]["name"], "images": len(rows), "skipped": skipped, "predictions": rows}
     text = json.dumps(out, indent=1)
     print(text)  # first, so that the result is seen even if the file cannot be written

@@ -176,17 +176,22 @@ def evaluate_classifier(model: nn.Module, data: ClassificationData, dist: DistIn
     }
 
 
-def load_classifier(out_dir: str | os.PathLike, name: str | None = "last", *, ema: bool = False,
+def load_classifier(out_dir: str | os.PathLike, name: str | None = "last", *, ema: bool | None = None,
                     num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the classifier of a ``cspnet train`` run, load checkpoint ``name``; return ``(model, run)``.
 
     ``run["model"]`` is the model record and ``run["data"]`` what it was trained on: class names,
-    image size, channels, mean and std. ``ema=True`` gives the EMA weights kept with the checkpoint.
+    image size, channels, mean and std. ``ema=None`` loads the EMA weights when the run kept an EMA
+    (the weights its metrics and ``best`` were scored with, as `load_detector` does), else the raw
+    ones; ``ema=True`` the EMA weights (an error for a run without); ``ema=False`` the raw weights.
+    ``run["weights"]`` says which were loaded: ``"ema"`` or ``"raw"``.
     ``num_classes`` builds the head for another class count (the load then fails, naming the tensor).
     The model is returned in eval mode.
     """
     name, record = read_run_record(out_dir, name, require=("model", "data"))
-    run = record["state"]["run"]
+    if ema is None:
+        ema = "ema" in record
+    run = {**record["state"]["run"], "weights": "ema" if ema else "raw"}
     model_rec = dict(run["model"])
     if num_classes is not None:
         model_rec["num_classes"] = num_classes
