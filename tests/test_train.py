@@ -633,3 +633,30 @@ def test_fp16_resume_restores_the_gradient_scaler(tmp_path, monkeypatch):
     assert scalers[-1].get_scale() == whole_scale
     a, b = load_state(tmp_path / "whole" / "last.safetensors"), load_state(tmp_path / "cut" / "last.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_a_crash_while_best_is_written_does_not_lose_it(tmp_path, monkeypatch):
+    from cspnet.engine import train as train_mod
+
+    real_save = train_mod.save_checkpoint
+
+    def crashing_save(out_dir, **kw):
+        if kw["name"] == "best":
+            raise KeyboardInterrupt  # the process dies as best.* is being written
+        return real_save(out_dir, **kw)
+
+    data = load_digits_data(16, train_limit=128, test_limit=50)  # 4 steps per epoch
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, checkpoint_every=2)
+
+    def model():
+        return rebuild_model(model_record("resnet10", num_classes=10, in_chans=1, width=0.25), seed=0)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        fit(ClassificationTask(data), model(), cfg, tmp_path, progress=False)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    # the last checkpoint is one that does not claim a best checkpoint not on disk
+    assert not (tmp_path / "best.json").exists() and read_checkpoint_record(tmp_path)["state"]["best"] is None
+    result = fit(ClassificationTask(data), model(), cfg, tmp_path, resume=True, progress=False)
+    best = read_checkpoint_record(tmp_path, "best")["state"]
+    assert best["epoch"] == 1 and best["best"] == result.history[-1]["val_top1"]

@@ -404,9 +404,10 @@ def fit(
         is_best = score is not None and (state["best"] is None or score > state["best"])
         if is_best:
             state["best"] = score
-        save()
-        if is_best:
+            # best first: a crash before `last` commits leaves the previous `last`, from which
+            # --resume scores the epoch again and writes `best`; the other order could lose it
             save("best", weights_only=True)
+        save()
         if files is not None:
             files.write(state["history"])
             if progress:
