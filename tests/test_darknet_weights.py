@@ -9,10 +9,12 @@ import torch
 
 import cspnet
 from cspnet.darknet import (
-    DarknetNet, DarknetWeightsError, WeightsHeader, build_model, load_darknet_weights, native_records, parse_cfg_text,
-    read_header, read_weights, save_darknet_weights, write_weights,
+    DarknetNet, DarknetWeightsError, WeightsHeader, build_model, load_darknet_weights, native_records, parse_cfg,
+    parse_cfg_text, read_header, read_weights, save_darknet_weights, write_weights,
 )
 from cspnet.darknet.build import BN_MOMENTUM
+from cspnet.darknet.mapping import official_cfg_named_by
+from cspnet.detection import create_detector
 
 CFG_ROOT = Path(__file__).resolve().parents[2] / "shared" / "darknet-cfg"
 SIZE = 64
@@ -233,3 +235,39 @@ def test_native_records_follow_module_order():
     assert records[0].name == "stem.conv" and records[-1].name == "head.fc"
     assert [r.name for r in records[1:4]] == ["stages.0.down.conv", "stages.0.cross.conv", "stages.0.main.conv"]
     assert all(r.bn is not None for r in records[:-1]) and records[-1].bn is None
+
+
+# -- the official cfgs' -gamma / -omega variants ----------------------------------------------------
+def _layer_options(cfg: str) -> list[tuple[str, dict[str, str]]]:
+    return [(s.kind, {k: o.value for k, o in s.options.items()}) for s in parse_cfg(CFG_ROOT / "cfg" / cfg).layers]
+
+
+@pytest.mark.parametrize("base", ["csdarknet53", "csresnet50", "csresnext50"])
+def test_gamma_cfgs_are_the_base_network_and_omega_cfgs_swap_leaky_for_mish(base):
+    # so -gamma weights load exactly into the leaky model, and -omega weights into it built with act="mish"
+    plain = _layer_options(f"{base}.cfg")
+    assert _layer_options(f"{base}-gamma.cfg") == plain
+    mish = [(kind, {k: "mish" if (k, v) == ("activation", "leaky") else v for k, v in opts.items()}) for kind, opts in plain]
+    assert _layer_options(f"{base}-omega.cfg") == mish != plain
+
+
+def test_omega_weights_load_into_the_mish_model_and_are_refused_by_the_leaky_one(tmp_path):
+    darknet = randomize(build_model(CFG_ROOT / "cfg" / "csdarknet53-omega.cfg", SIZE))
+    path = write_weights(darknet, tmp_path / "csdarknet53-omega_final.weights")
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = darknet(x)
+        for model in (cspnet.create_model("cspdarknet53_omega", darknet_weights=path),
+                      cspnet.create_model("cspdarknet53", act="mish", darknet_weights=path)):  # the same network
+            assert (model.eval()(x) - expected).abs().max() <= 1e-4
+    # the leaky model has the same shapes and would read the file silently, computing something else
+    refused = r"named for csdarknet53-omega.cfg, but model 'cspdarknet53' is csdarknet53.cfg's network; load it into model 'cspdarknet53_omega'"
+    with pytest.raises(DarknetWeightsError, match=refused):
+        cspnet.create_model("cspdarknet53", darknet_weights=path)
+    with pytest.raises(DarknetWeightsError, match=refused):  # cspnet detect train --backbone-weights
+        create_detector("cspdarknet53", "panet", num_classes=2).load_backbone_weights(path)
+    # -gamma files are csdarknet53.cfg's network; a .conv.N cut is named for its cfg too
+    assert official_cfg_named_by("csdarknet53-gamma_final.weights") == "csdarknet53.cfg"
+    assert official_cfg_named_by("csdarknet53-omega.conv.104") == "csdarknet53-omega.cfg"
+    assert official_cfg_named_by("darknet53.weights") == "darknet53.cfg"  # not darknet.cfg
+    assert official_cfg_named_by("my_backbone.weights") is None

@@ -95,6 +95,37 @@ def native_to_darknet(native: nn.Module, darknet: DarknetNet) -> None:
     copy_records(native_records(native), darknet.weight_records())
 
 
+def official_cfg_named_by(path: str | os.PathLike) -> str | None:
+    """The registered official cfg a weights file is named for: the longest ``darknet_cfg`` stem that opens
+    the file name and ends at its end or a non-alphanumeric character (``csdarknet53-omega_final.weights``
+    -> ``csdarknet53-omega.cfg``, ``csdarknet53.conv.104`` -> ``csdarknet53.cfg``), or None."""
+    from ..registry import specs
+
+    name = Path(path).name.lower()
+    stems = {s.darknet_cfg: Path(s.darknet_cfg).stem.lower() for s in specs().values() if s.darknet_cfg}
+    named = [(len(stem), cfg) for cfg, stem in stems.items()
+             if name.startswith(stem) and (len(name) == len(stem) or not name[len(stem)].isalnum())]
+    return max(named)[1] if named else None
+
+
+def _check_weights_name(model: nn.Module, path: str | os.PathLike) -> None:
+    """Refuse a file named for another official cfg than the model's (``csdarknet53-omega*.weights``, trained
+    with Mish, into the leaky cspdarknet53): the shapes agree, so it would load and compute something else.
+    A model built as that cfg's network by config overrides (cspdarknet53 with ``act="mish"``) takes it."""
+    from ..registry import specs
+
+    spec = specs().get(getattr(model, "model_name", None))
+    named = official_cfg_named_by(path)
+    if spec is None or spec.darknet_cfg is None or named is None or named == spec.darknet_cfg:
+        return
+    owners = [s for s in specs().values() if s.darknet_cfg == named]
+    if any(s.cfg == getattr(model, "model_cfg", None) for s in owners):
+        return
+    raise DarknetWeightsError(
+        f"{path}: the file is named for {named}, but model {spec.name!r} is {spec.darknet_cfg}'s network; "
+        f"load it into model {owners[0].name!r}, or rename the file if it holds {spec.darknet_cfg}'s weights")
+
+
 def load_darknet_weights(model: nn.Module, path: str | os.PathLike, *, partial: bool = False) -> WeightsHeader:
     """Load an official ``.weights`` file into a native model (e.g. ``csresnext50.weights`` into cspresnext50).
 
@@ -102,7 +133,11 @@ def load_darknet_weights(model: nn.Module, path: str | os.PathLike, *, partial: 
     ``csdarknet53.conv.104``, the backbone without the classifier); the rest keep their values.
     A model built without its classifier (``features_only``) also reads the whole ImageNet file:
     the classifier's weights at its end are skipped.
+
+    A file named for another registered model's official cfg than this model's is refused
+    (`official_cfg_named_by`): ``csdarknet53-omega.weights`` has cspdarknet53's shapes but Mish.
     """
+    _check_weights_name(model, path)
     records = native_records(model)
     return read_weights(records, path, partial=partial, trailing=_missing_classifier_floats(model, records, path))
 
