@@ -11,7 +11,7 @@ from PIL import Image
 
 from cspnet.cli import main
 from cspnet.data import CorruptImageError, DataError, load_classification, load_digits_data, load_fashion_mnist
-from cspnet.data.classification import FASHION_MNIST_ROOT
+from cspnet.data.classification import FASHION_MNIST_ROOT, decode_image
 from cspnet.engine.checkpoint import read_checkpoint_record
 
 
@@ -169,3 +169,27 @@ def test_eval_of_a_folder_run_uses_its_split_and_channels_and_checks_its_classes
     other = _folder(tmp_path / "other", {"x": 4, "y": 4})
     assert main(["eval", "--checkpoint", str(run), "--data", str(other)]) == 2
     assert "wrong labels" in capsys.readouterr().err
+
+
+def test_16_bit_images_are_scaled_not_clipped_and_wider_ones_are_named(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    for chans in (1, 3):
+        got = decode_image(str(tmp_path / "g16.png"), 64, chans)
+        want = torch.from_numpy((ramp.astype(np.float64) / 257).round().astype(np.uint8))
+        assert (got.int() - want.int()).abs().max() <= 1  # convert("L") clipped all but the darkest to 255
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f32.tif")
+    with pytest.raises(CorruptImageError, match=r"f32.tif: a 'F' image .*8 or 16 bits"):
+        decode_image(str(tmp_path / "f32.tif"), 8, 1)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = np.zeros((20, 40), np.uint8)
+    stored[:, :20] = 255  # stored landscape, left half white; orientation 6: shown turned 90 deg clockwise
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "turned.png", exif=exif.tobytes())
+    got = decode_image(str(tmp_path / "turned.png"), 16, 1)[0].float()
+    assert got[:6].mean() > 250 and got[-6:].mean() < 5  # upright: the white half on top

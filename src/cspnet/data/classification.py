@@ -232,19 +232,42 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
+UNSIGNED_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _to_8_bits(im, path: str):
+    """A 16-bit image scaled by its range to 8 bits (65535 -> 255); ``convert`` would clip it at 255.
+
+    32-bit integer and floating-point images (PIL modes ``I``, ``F`` …) have no fixed range to scale
+    by: they raise `CorruptImageError` naming the file. Other images are returned as they are.
+    """
+    from PIL import Image
+
+    if im.mode in UNSIGNED_16_BIT_MODES:
+        wide = np.asarray(im).astype(np.uint32)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+    if im.mode.startswith(("I", "F")):
+        raise CorruptImageError(f"{path}: a {im.mode!r} image (32-bit integer or floating point, PIL mode) has no fixed "
+                                "range to read as 8 bits; save it with 8 or 16 bits per channel")
+    return im
+
+
 def decode_image(path: str, img_size: int, in_chans: int) -> torch.Tensor:
-    """Open, convert (grey or RGB), resize the short side to ``img_size``, centre-crop; ``uint8 C x S x S``.
+    """Open, turn upright (EXIF orientation), convert (grey or RGB), resize the short side to
+    ``img_size``, centre-crop; ``uint8 C x S x S``. 16-bit images are scaled to 8 bits by their range.
 
     Raises `CorruptImageError` naming the file when it cannot be decoded.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
     from torchvision.transforms import v2
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if in_chans == 1 else "RGB")
+            # as a viewer shows it: cameras store a portrait photo as landscape plus an orientation tag
+            im = ImageOps.exif_transpose(im)  # a decoded copy
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise CorruptImageError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
+    im = _to_8_bits(im, path).convert("L" if in_chans == 1 else "RGB")
     tf = v2.Compose([v2.PILToTensor(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
     return tf(im)
 
