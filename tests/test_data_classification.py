@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 from cspnet.cli import main
 from cspnet.data import CorruptImageError, DataError, load_classification, load_digits_data, load_fashion_mnist
-from cspnet.data.classification import FASHION_MNIST_ROOT, decode_image
+from cspnet.data.classification import FASHION_MNIST_ROOT, decode_image, image_files
 from cspnet.engine.checkpoint import read_checkpoint_record
 
 
@@ -193,3 +194,22 @@ def test_exif_orientation_is_applied(tmp_path):
     img.save(tmp_path / "turned.png", exif=exif.tobytes())
     got = decode_image(str(tmp_path / "turned.png"), 16, 1)[0].float()
     assert got[:6].mean() > 250 and got[-6:].mean() < 5  # upright: the white half on top
+
+
+def test_hidden_files_and_folders_in_class_folders_are_no_images(tmp_path):
+    root = _folder(tmp_path / "ds", {"cat": 4, "dog": 4})
+    (root / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(80))  # macOS AppleDouble companion
+    (root / "dog" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "dog" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    (root / "dog" / "more").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "dog" / "more" / "9.png")  # a visible subfolder still counts
+    data = load_classification(str(root), 8, val_fraction=0.25)
+    paths = sorted(p for ds in (data.train, data.test) for p, _ in ds.samples)
+    assert paths == sorted(str(p) for p in [*(root / "cat").glob("[0-9].png"), *(root / "dog").glob("[0-9].png"),
+                                            root / "dog" / "more" / "9.png"])
+    assert image_files([root]) == [Path(p) for p in paths]
+    # a class folder holding hidden files only is empty
+    (root / "bird").mkdir()
+    (root / "bird" / "._1.png").write_bytes(bytes(10))
+    with pytest.raises(DataError, match="empty class folder.*bird"):
+        load_classification(str(root), 8)

@@ -192,15 +192,28 @@ def _is_image(path: str) -> bool:
     return path.lower().endswith(IMG_EXTENSIONS)
 
 
+def _images_below(folder: Path) -> list[Path]:
+    """The image files below ``folder`` (recursively, following links), sorted.
+
+    Hidden files and folders (a name starting with '.': macOS's ``._x.png`` companions,
+    ``.ipynb_checkpoints/``) are left out: they are not the images of the folder.
+    """
+    found = []
+    for d, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        found += [Path(d) / f for f in files if not f.startswith(".") and _is_image(f)]
+    return sorted(found)
+
+
 def image_files(paths: list[str | os.PathLike]) -> list[Path]:
-    """The files named, and the image files below the folders named (recursively, sorted), in order.
+    """The files named, and the image files below the folders named (`_images_below`), in order.
 
     Raises `DataError` for a path that does not exist or a folder without images.
     """
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(Path(d) / f for d, _, fs in os.walk(path, followlinks=True) for f in fs if _is_image(f))
+            found = _images_below(path)
             if not found:
                 raise DataError(f"{path}: no image files in this folder")
             files += found
@@ -215,9 +228,9 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """Classes (sorted sub-directory names) and ``(path, class index)`` samples of an ImageFolder tree.
 
     Raises `DataError` for a missing directory, fewer than two classes, or a class folder without
-    images (naming it).
+    images (naming it). Hidden folders and files are no classes and no images (`_images_below`).
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     if not root.is_dir():
         raise DataError(f"{root}: no such directory")
@@ -225,11 +238,11 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "none"
         raise DataError(f"{root}: a classification dataset needs at least two class folders (root/<class>/<image>), found {found}")
-    empty = [c for c in classes if not any(_is_image(os.path.join(d, f)) for d, _, fs in os.walk(root / c, followlinks=True) for f in fs)]
+    images = {c: _images_below(root / c) for c in classes}
+    empty = [c for c in classes if not images[c]]
     if empty:
         raise DataError(f"{root}: empty class folder(s) {', '.join(str(root / c) for c in empty)} (no {'/'.join(IMG_EXTENSIONS)} files)")
-    samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, extensions=IMG_EXTENSIONS)
-    return classes, samples
+    return classes, [(str(path), i) for i, c in enumerate(classes) for path in images[c]]
 
 
 UNSIGNED_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
