@@ -26,16 +26,24 @@ def test_info_prints_darknets_table_with_params_and_bflops(capsys):
     assert rows[0].split()[:3] == ["0", "conv", "32"] and "256 x 256 x    3 ->  256 x 256 x   32" in rows[0]
     assert rows[1].split()[:2] == ["1", "conv"] and "->  128 x 128 x   64" in rows[1]
     assert rows[105].split()[:2] == ["105", "avg"] and "->    1 x   1 x 1024" in rows[105]
-    assert out[-1].startswith("conv weights: 27.606 M") and out[-1].endswith("BFLOPs: 13.067")
+    # a [shortcut] row counts its adds, as Darknet's table does (64 x 128 x 128 elements = 0.001 BFLOPs)
+    assert rows[7].split()[:4] == ["7", "shortcut", "from", "4"] and rows[7].split()[-2:] == ["0.001", "84"]
+    assert out[-2].startswith("conv weights: 27.606 M") and out[-2].endswith("BFLOPs: 13.067 (conv and connected layers)")
+    assert out[-1].startswith("Total BFLOPS 13.071 ")
 
 
 def test_info_json_at_another_size_sums_per_layer_bflops(capsys):
     cfg = CFG_ROOT / "pytorch-branch" / "cfg" / "csresnext50-panet-spp.cfg"
     assert main(["darknet", "info", str(cfg), "--size", "608", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["input_size"] == [608, 608] and round(info["bflops"], 2) == 100.53
+    assert info["input_size"] == [608, 608] and round(info["bflops"], 2) == 100.53  # conv layers
+    # Darknet's total adds the SPP maxpools (size^2 x C_in per output) and the shortcuts: paper Table 4's 100.6
+    assert round(info["total_bflops"], 3) == 100.606
     assert round(info["conv_params"] / 1e6, 3) == 56.853
-    assert abs(sum(r["bflops"] for r in info["layers"]) - info["bflops"]) < 1e-9
+    assert abs(sum(r["bflops"] for r in info["layers"]) - info["total_bflops"]) < 1e-9
+    pools = [r for r in info["layers"] if r["kind"] == "max"]  # the stem's 2x2/2, then SPP's 5, 9, 13 (stride 1)
+    assert [r["detail"] for r in pools] == ["2 x 2/ 2", "5 x 5/ 1", "9 x 9/ 1", "13 x 13/ 1"]
+    assert [r["bflops"] for r in pools] == [2 * 2 * 64 * 152 * 152 / 1e9] + [k * k * 512 * 19 * 19 / 1e9 for k in (5, 9, 13)]
     yolo = [r for r in info["layers"] if r["kind"] == "yolo"]
     assert [r["out_shape"] for r in yolo] == [[255, 76, 76], [255, 38, 38], [255, 19, 19]]
 

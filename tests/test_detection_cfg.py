@@ -34,7 +34,8 @@ def test_native_panet_spp_matches_official_cfg(backbone, cfg, conv_params, bflop
     assert prof.bflops == pytest.approx(bflops, abs=5e-4)
     if backbone == "cspresnext50":  # paper Table 4, printed rounded
         assert round(prof.conv_params / 1e6, 1) == 56.9 and round(prof.bflops, 1) == 71.3
-        assert profile(det, 608).bflops == pytest.approx(100.6, abs=0.1)  # cfg: 100.53
+        # conv layers; Darknet's total, paper Table 4's 100.6, adds maxpools and shortcuts (test_darknet_cli)
+        assert round(profile(det, 608).bflops, 2) == 100.53
 
     # The same weights in the cfg built by cspnet.darknet give the same three YOLO inputs: the neck
     # and head are the cfg's, layer for layer, and `darknet_records` is the .weights order.

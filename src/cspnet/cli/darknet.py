@@ -13,7 +13,8 @@ def register(sub) -> None:
     p = sub.add_parser("darknet", help="Darknet .cfg / .weights: layer table, conversion to safetensors")
     cmds = p.add_subparsers(dest="darknet_command", required=True)
 
-    info = cmds.add_parser("info", help="per-layer table with output shapes, conv-weight params and BFLOPs")
+    info = cmds.add_parser("info", help="per-layer table with output shapes, conv-weight params and BFLOPs "
+                                              "(conv only, and Darknet's total with maxpool and shortcut layers)")
     info.add_argument("cfg", help="Darknet .cfg file")
     info.add_argument("--size", type=int, nargs="+", metavar=("H", "W"), default=None,
                       help="input size (default: the cfg's [net] width/height)")
@@ -52,6 +53,7 @@ def run_info(args) -> int:
             "conv_params": prof.conv_params,
             "params": prof.params,
             "bflops": prof.bflops,
+            "total_bflops": sum(r.bflops for r in rows),
             "layers": [{**r.__dict__, "detail": r.detail.strip()} for r in rows],
         }, indent=1))
     else:

@@ -2,10 +2,13 @@
 
 Shapes come from the builder's shape inference; params and BFLOPs from `cspnet.profile` on the
 built network (conv and connected weights, 2 x multiply-adds), attributed to the layer that
-ran each module, so a weight-sharing conv counts its own work.
+ran each module, so a weight-sharing conv counts its own work. As in Darknet's table, a row's
+BFLOPs also count a ``[maxpool]``'s comparisons and a ``[shortcut]``'s adds, and the rows sum to
+Darknet's "Total BFLOPS"; `Profile.bflops` (conv and connected layers only) is printed beside it.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -14,7 +17,8 @@ import torch
 
 from ..profile import Profile, profile
 from .build import (
-    ConnectedLayer, ConvLayer, DarknetLayer, DarknetNet, MaxPoolLayer, RouteLayer, UpsampleLayer, build_model,
+    ConnectedLayer, ConvLayer, DarknetLayer, DarknetNet, MaxPoolLayer, RouteLayer, ShortcutLayer, UpsampleLayer,
+    build_model,
 )
 
 _SHORT = {"convolutional": "conv", "maxpool": "max", "avgpool": "avg", "scale_channels": "scale"}
@@ -72,10 +76,23 @@ def _per_layer_bflops(model: DarknetNet, prof: Profile) -> dict[int, float]:
     return flops
 
 
+def _unweighted_bflops(layer: DarknetLayer) -> float:
+    """Darknet's BFLOPs of a layer without weights: ``size^2 x C_in`` per output position of a ``[maxpool]``
+    (``maxpool_layer.c``, also with ``maxpool_depth``), one per output element of a ``[shortcut]``
+    (``shortcut_layer.c``, one ``from`` layer); Darknet counts nothing for the other kinds."""
+    if isinstance(layer, MaxPoolLayer):
+        _, out_h, out_w = layer.out_shape
+        return layer.size ** 2 * layer.in_shape[0] * out_h * out_w / 1e9
+    if isinstance(layer, ShortcutLayer):
+        return math.prod(layer.out_shape) / 1e9
+    return 0.0
+
+
 def summarize(cfg_path: str | os.PathLike, input_size: int | tuple[int, int] | None = None) -> tuple[list[LayerRow], Profile, DarknetNet]:
     """Build ``cfg_path`` (on the meta device: no weights are allocated) and profile it.
 
-    Returns the per-layer rows, the `Profile` (``conv_params``, ``bflops`` …) and the model.
+    Returns the per-layer rows (their BFLOPs sum to Darknet's total), the `Profile` (``conv_params``,
+    ``bflops`` of the conv and connected layers …) and the model.
     """
     with torch.device("meta"):
         model = build_model(cfg_path, input_size)
@@ -83,7 +100,7 @@ def summarize(cfg_path: str | os.PathLike, input_size: int | tuple[int, int] | N
     flops = _per_layer_bflops(model, prof)
     rows = [
         LayerRow(layer.index, _SHORT.get(layer.kind, layer.kind), _detail(layer), layer.in_shape, layer.out_shape,
-                 flops.get(layer.index, 0.0), layer.line)
+                 flops.get(layer.index, 0.0) + _unweighted_bflops(layer), layer.line)
         for layer in model.layers
     ]
     return rows, prof, model
@@ -104,5 +121,6 @@ def format_table(rows: list[LayerRow], prof: Profile, model: DarknetNet) -> str:
         source = "" if r.kind == "route" else _whc(r.in_shape)  # a route reads the layers it lists
         lines.append(f"{r.index:5d}  {r.kind:<8}{r.detail:<26}{source:>18} -> {_whc(r.out_shape):<18}{bf}  {r.line}")
     lines.append(f"conv weights: {prof.conv_params / 1e6:.3f} M   params: {prof.params / 1e6:.3f} M   "
-                 f"BFLOPs: {prof.bflops:.3f}")
+                 f"BFLOPs: {prof.bflops:.3f} (conv and connected layers)")
+    lines.append(f"Total BFLOPS {sum(r.bflops for r in rows):.3f} (Darknet's: with maxpool and shortcut layers)")
     return "\n".join(lines)
