@@ -1,6 +1,7 @@
 """Detector pieces: neck shapes and anchor bookkeeping, box coding, loss assignment, NMS, COCO mAP."""
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,35 @@ def test_decode_inverts_encode(scale_x_y):
     anchors = torch.tensor(YOLOV3_ANCHORS, dtype=torch.float32)[torch.randint(9, (500,), generator=g)]
     t = encode_boxes(boxes, cells, anchors, stride, scale_x_y)
     torch.testing.assert_close(decode_boxes(t, cells, anchors, stride, scale_x_y), boxes, rtol=1e-4, atol=1e-2)
+
+
+CFG_ROOT = Path(__file__).resolve().parents[2] / "shared" / "darknet-cfg" / "cfg"
+
+
+def test_default_anchors_and_masks_are_the_official_cfgs():
+    text = (CFG_ROOT / "csresnext50-panet-spp.cfg").read_text()
+    values = [float(v) for v in re.search(r"^anchors\s*=\s*(.+)$", text, re.M).group(1).split(",")]
+    anchors = list(zip(values[::2], values[1::2]))  # Darknet's biases: width, height
+    assert YOLOV3_ANCHORS == tuple(anchors)
+    masks = [tuple(int(v) for v in m.split(",")) for m in re.findall(r"^mask\s*=\s*(.+)$", text, re.M)]
+    layout = make_anchor_layout(None, (8, 16, 32))  # the cfg's [yolo] layers run finest first
+    for level, mask in enumerate(masks):
+        assert layout.level_anchors(level).tolist() == [list(anchors[a]) for a in mask]
+
+
+@pytest.mark.parametrize("scale_x_y", [1.0, 1.1])
+def test_decode_is_darknets_get_yolo_box(scale_x_y):
+    # Darknet: x = (i + logistic(tx) * k - (k - 1) / 2) * stride, w = exp(tw) * biases[2n] (the width)
+    anchors = torch.tensor([[116.0, 90.0], [156.0, 198.0], [373.0, 326.0]])
+    raw = torch.zeros(1, 3 * (5 + 1), 2, 3)
+    gy, gx, tx, ty, tw, th = 1, 2, 0.3, -0.2, 0.5, -0.4
+    raw[0, :4, gy, gx] = torch.tensor([tx, ty, tw, th])
+    row = decode_level(raw, anchors, 32, scale_x_y)[0, gy * 3 + gx]
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    cx = (gx + sig(tx) * scale_x_y - (scale_x_y - 1) / 2) * 32
+    cy = (gy + sig(ty) * scale_x_y - (scale_x_y - 1) / 2) * 32
+    w, h = math.exp(tw) * 116, math.exp(th) * 90
+    assert row[:4].tolist() == pytest.approx([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], rel=1e-6)
 
 
 def test_decode_level_uses_darknet_channel_order():
@@ -218,6 +248,38 @@ def test_loss_parts_and_gradients(box_loss):
         loss_fn(det(torch.rand(2, 3, 64, 64)), [targets[0], {"boxes": torch.zeros(2, 4)}])
 
 
+def _one_truth_outputs():
+    """Zero raw maps for a 128 px input and one 10 x 12 truth, whose best anchor is level 0's first."""
+    layout = make_anchor_layout(None, (8, 16, 32))
+    raw = [torch.zeros(1, 3 * 8, 128 // s, 128 // s) for s in (8, 16, 32)]
+    box = torch.tensor([[100.0, 100.0, 110.0, 112.0]])
+    cell = ((box[:, :2] + box[:, 2:]) / 2 / 8).floor()
+    return layout, raw, box, cell, [{"boxes": box, "labels": torch.tensor([0])}]
+
+
+def test_an_unassigned_prediction_over_the_ignore_threshold_has_no_objectness_loss():
+    layout, raw, box, cell, targets = _one_truth_outputs()
+    gx, gy = cell[0].long().tolist()
+    # level 0's second anchor (16, 30), same cell, predicts the truth exactly: IoU 1 > ignore_thresh
+    raw[0][0, 8:12, gy, gx] = encode_boxes(box, cell, torch.tensor([[16.0, 30.0]]), 8)[0]
+    def obj_loss(logit: float, ignore_thresh: float) -> float:
+        raw[0][0, 12, gy, gx] = logit
+        return YoloLoss(layout, 3, ignore_thresh=ignore_thresh)(raw, targets)[1]["obj"]
+
+    assert obj_loss(6.0, 0.7) == pytest.approx(obj_loss(-6.0, 0.7), rel=1e-6)
+    assert obj_loss(6.0, 1.01) - obj_loss(-6.0, 1.01) > 0.01  # nothing ignored: the slot's logit counts
+
+
+def test_label_smoothing_targets_are_darknets():
+    # Darknet's label_smooth_eps for per-class sigmoids: y * (1 - eps) + eps / 2
+    layout, raw, box, cell, targets = _one_truth_outputs()
+    gx, gy = cell[0].long().tolist()
+    logits = torch.tensor([2.0, -1.0, 0.5])
+    raw[0][0, 5:8, gy, gx] = logits
+    expect = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([0.95, 0.05, 0.05]))
+    assert YoloLoss(layout, 3, label_smoothing=0.1)(raw, targets)[1]["cls"] == pytest.approx(float(expect), rel=1e-6)
+
+
 @pytest.mark.parametrize("scale_x_y", [1.0, (1.2, 1.1, 1.05)])  # the "optimal" cfg's, one per level
 def test_ciou_box_loss_is_torchvisions_on_decoded_positives(scale_x_y):
     layout = make_anchor_layout(None, (8, 16, 32))
@@ -276,6 +338,23 @@ def test_predict_and_eval_report_no_box_outside_a_wide_image():
     for r in results:
         x, y, w, h = r["bbox"]
         assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 400 + 1e-3 and y + h <= 100 + 1e-3
+
+
+def test_evaluation_maps_input_pixels_back_to_each_images_own(monkeypatch):
+    # A 256 x 128 image at a 64 px input is scaled by 1/4: a detection at input pixels (16, 8)-(32, 24)
+    # is the image's (64, 32)-(128, 96), and an image at full score must then have AP 1.
+    from cspnet.data.detection import DetectionDataset, DetectionRecord, coco_ground_truth
+    from cspnet.detection.train import evaluate_detector, predict_dataset
+
+    det = create_detector("cspresnet10", "fpn", num_classes=2, **TINY).eval()
+    found = {"boxes": torch.tensor([[16.0, 8.0, 32.0, 24.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+    monkeypatch.setattr(det, "postprocess", lambda outputs, *args: [found] * len(outputs))
+    truth = np.array([[64.0, 32.0, 128.0, 96.0]], np.float32)
+    record = DetectionRecord(3, "big.png", 256, 128, truth, np.array([1]), image=np.zeros((128, 256, 3), np.uint8))
+    dataset = DetectionDataset([record], ("a", "b"), 64)
+    [result] = predict_dataset(det, dataset)
+    assert result["image_id"] == 3 and result["category_id"] == 1 and result["bbox"] == pytest.approx([64, 32, 64, 64])
+    assert evaluate_detector(det, dataset, coco_ground_truth([record], ("a", "b")))["AP"] == pytest.approx(1.0)
 
 
 def test_predict_files_gives_inputs_sharing_a_stem_their_own_drawn_image(tmp_path):

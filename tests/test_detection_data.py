@@ -241,12 +241,21 @@ def test_letterbox_scales_boxes_and_keeps_ratio():
     assert image[:, 8:12, 40:56].min() > 0.9  # the white object is under its box
 
 
-def test_augmentation_flip_is_exact_and_boxes_stay_valid():
-    flip_only = AugmentCfg(mosaic=0, scale=0, translate=0, hflip=1.0, vflip=1.0, hue=0, saturation=0, brightness=0)
+@pytest.mark.parametrize("hflip, vflip, expect", [
+    (1.0, 0.0, [64 - 50.0, 10.0, 64 - 30.0, 20.0]),  # mirrored left to right only
+    (0.0, 1.0, [30.0, 64 - 20.0, 50.0, 64 - 10.0]),  # top to bottom only
+    (1.0, 1.0, [64 - 50.0, 64 - 20.0, 64 - 30.0, 64 - 10.0]),
+])
+def test_augmentation_flips_are_exact(hflip, vflip, expect):
+    flip_only = AugmentCfg(mosaic=0, scale=0, translate=0, hflip=hflip, vflip=vflip, hue=0, saturation=0, brightness=0)
     ds = DetectionDataset([_record(64, 64, (30, 10, 50, 20))], tuple("abcd"), img_size=64, augment=flip_only)
     image, target = ds[0]
-    torch.testing.assert_close(target["boxes"], torch.tensor([[64 - 50.0, 64 - 20.0, 64 - 30.0, 64 - 10.0]]))
-    assert image[:, 44:54, 14:34].min() == 1.0 and image.sum() == 3 * 10 * 20  # the pixels moved with the box
+    torch.testing.assert_close(target["boxes"], torch.tensor([expect]))
+    x0, y0, x1, y1 = (int(v) for v in expect)
+    assert image[:, y0:y1, x0:x1].min() == 1.0 and image.sum() == 3 * 10 * 20  # the pixels moved with the box
+
+
+def test_augmented_boxes_stay_valid():
     torch.manual_seed(0)
     recs, names = make_scenes(6, seed=1, size=64)
     ds = DetectionDataset(recs, names, img_size=64, augment=AugmentCfg(mosaic=0.5))
