@@ -94,7 +94,9 @@ def test_create_model_reads_and_save_darknet_weights_writes(tmp_path):
         assert (model(x) - darknet(x)).abs().max() <= 1e-4
     export = save_darknet_weights(model, tmp_path / "export.weights", header=WeightsHeader(0, 2, 5, seen=64000))
     assert export.read_bytes() == path.read_bytes()
-    with pytest.raises(DarknetWeightsError, match=r"expected \d+ floats .* found \d+"):
+    with pytest.raises(DarknetWeightsError, match=r"the classifier sizes differ: the file's classifier is 1000-way, that "
+                       r"of model 'resnet10' 10-way \(over 512 features\). To load the backbone alone, build the model "
+                       r"with num_classes=0 or features_only=True \(then reset_classifier\(10\)"):
         cspnet.create_model("resnet10", num_classes=10, darknet_weights=path)
     with pytest.raises(ValueError, match="no official Darknet cfg"):
         cspnet.create_model("cspresnet10", darknet_weights=path)
@@ -197,9 +199,11 @@ def test_a_backbone_without_its_classifier_reads_the_whole_imagenet_file(tmp_pat
     source = cspnet.create_model("cspdarknet53").eval()  # other random weights than the backbone's own below
     path = save_darknet_weights(source, tmp_path / "csdarknet53.weights")
     backbone = cspnet.create_model("cspdarknet53", features_only=True, darknet_weights=path).eval()
+    pooled = cspnet.create_model("cspdarknet53", num_classes=0, darknet_weights=path).eval()  # an Identity classifier
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.equal(backbone(x)[-1], source.forward_features(x))
+        assert torch.equal(pooled(x), source.forward_head(source.forward_features(x), pre_logits=True))
     # a surplus that is no classifier over the last features (C + 1 floats per class) is still refused
     (tmp_path / "odd.weights").write_bytes(path.read_bytes() + b"\0" * 4 * (backbone.num_features + 2))
     with pytest.raises(DarknetWeightsError, match="more weights than this network.*a classifier's weights for a backbone"):

@@ -131,30 +131,48 @@ def load_darknet_weights(model: nn.Module, path: str | os.PathLike, *, partial: 
 
     ``partial=True`` accepts a file holding only the first layers (darknet ``partial``, e.g.
     ``csdarknet53.conv.104``, the backbone without the classifier); the rest keep their values.
-    A model built without its classifier (``features_only``) also reads the whole ImageNet file:
-    the classifier's weights at its end are skipped.
+    A model built without a classifier (``features_only``, ``num_classes=0``) also reads the whole
+    ImageNet file: the classifier's weights at its end are skipped. A model whose classifier has
+    another class count than the file's is refused, saying how to load the backbone alone.
 
     A file named for another registered model's official cfg than this model's is refused
     (`official_cfg_named_by`): ``csdarknet53-omega.weights`` has cspdarknet53's shapes but Mish.
     """
     _check_weights_name(model, path)
     records = native_records(model)
-    return read_weights(records, path, partial=partial, trailing=_missing_classifier_floats(model, records, path))
+    return read_weights(records, path, partial=partial, trailing=_file_classifier_floats(model, records, path))
 
 
-def _missing_classifier_floats(model: nn.Module, records: list[WeightRecord], path: str | os.PathLike) -> int:
-    """The floats after ``records`` in ``path`` when they are exactly a classifier over the model's last
-    features (a 1x1 conv or connected layer with bias, C -> K: K * (C + 1) floats) that the model,
-    built without a head, lacks; else 0 (and `read_weights` reports any difference)."""
-    if getattr(model, "head", True) is not None or not getattr(model, "num_features", 0):
+def _file_classifier_floats(model: nn.Module, records: list[WeightRecord], path: str | os.PathLike) -> int:
+    """The floats at the end of ``path`` that are a classifier the model does not read, else 0.
+
+    The file's floats past the model's backbone are a classifier when they are K * (C + 1) (a 1x1 conv
+    or connected layer with bias over the model's C last features). A model without a classifier
+    skips them; a model whose classifier has other than K classes cannot take the file. Anything else
+    is left to `read_weights`, which reports the length difference.
+    """
+    features = getattr(model, "num_features", 0)
+    get_classifier = getattr(model, "get_classifier", None)
+    if not features or get_classifier is None:
         return 0
+    classifier = get_classifier()
+    own = sum(t.numel() for t in classifier.parameters())  # 0 for the Identity of a model without one
     try:
         with open(path, "rb") as f:
             header = read_header(f.read(20), str(path))
-        surplus = (os.path.getsize(path) - header.nbytes) // 4 - sum(r.num_floats for r in records)
+        surplus = (os.path.getsize(path) - header.nbytes) // 4 - (sum(r.num_floats for r in records) - own)
     except (OSError, DarknetWeightsError):
         return 0  # read_weights says what is wrong with the file
-    return surplus if surplus > 0 and surplus % (model.num_features + 1) == 0 else 0
+    if surplus <= 0 or surplus % (features + 1) or surplus == own:
+        return 0
+    if own == 0:
+        return surplus
+    name = getattr(model, "model_name", type(model).__name__)
+    classes = own // (features + 1)
+    raise DarknetWeightsError(
+        f"{path}: the classifier sizes differ: the file's classifier is {surplus // (features + 1)}-way, that of "
+        f"model {name!r} {classes}-way (over {features} features). To load the backbone alone, build the model "
+        f"with num_classes=0 or features_only=True (then reset_classifier({classes}) adds a fresh classifier)")
 
 
 def save_darknet_weights(model: nn.Module, path: str | os.PathLike, header: WeightsHeader | None = None) -> Path:
