@@ -166,6 +166,12 @@ def test_eval_of_a_folder_run_uses_its_split_and_channels_and_checks_its_classes
     assert "would score images it was trained on" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(run), "--data", str(root), "--in-chans", "3"]) == 2
     assert "trained on 1-channel" in capsys.readouterr().err
+    # A run made before the split rule was recorded held out other images: refused, not mixed.
+    record = json.loads((run / "last.json").read_text())
+    del record["state"]["run"]["data"]["holdout_rule"]
+    (run / "last.json").write_text(json.dumps(record))
+    assert main(["eval", "--checkpoint", str(run), "--data", str(root)]) == 2
+    assert "by another rule (an older one, not recorded)" in capsys.readouterr().err
     # Two classes of other names: the run's outputs mean a and b, not these.
     other = _folder(tmp_path / "other", {"x": 4, "y": 4})
     assert main(["eval", "--checkpoint", str(run), "--data", str(other)]) == 2
@@ -213,3 +219,21 @@ def test_hidden_files_and_folders_in_class_folders_are_no_images(tmp_path):
     (root / "bird" / "._1.png").write_bytes(bytes(10))
     with pytest.raises(DataError, match="empty class folder.*bird"):
         load_classification(str(root), 8)
+
+
+def test_held_out_files_of_a_class_do_not_depend_on_the_other_classes(tmp_path):
+    root = _folder(tmp_path / "ds", {"a": 7, "b": 20})
+
+    def held_out(seed=0):
+        data = load_classification(str(root), 8, val_fraction=0.2, seed=seed)
+        return {p for p, _ in data.test.samples}
+
+    before = held_out()
+    assert sum("/a/" in p for p in before) == 1 and sum("/b/" in p for p in before) == 4  # 20% of each class
+    _folder(tmp_path / "more", {"a": 30})  # more images of class a, under other names
+    for path in (tmp_path / "more" / "a").iterdir():
+        path.rename(root / "a" / f"new_{path.name}")
+    after = held_out()
+    assert {p for p in after if "/b/" in p} == {p for p in before if "/b/" in p}
+    assert sum("/a/" in p for p in after) == 7
+    assert held_out(seed=1) != after

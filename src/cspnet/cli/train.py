@@ -218,6 +218,7 @@ def run_eval(args) -> int:
     import torch
 
     from ..data import BUILTIN, load_classification
+    from ..data.classification import HOLDOUT_RULE
     from ..engine.classify import evaluate_classifier, load_classifier
     from ..engine.distributed import DistInfo, resolve_device
 
@@ -229,6 +230,10 @@ def run_eval(args) -> int:
     same_folder = args.data not in BUILTIN and Path(args.data).resolve() == Path(trained["name"]).resolve()
     # The run's own test split of a folder: the share it held out, or it scores images it trained on.
     holdout = trained.get("holdout") if same_folder else None
+    if holdout is not None and trained.get("holdout_rule") != HOLDOUT_RULE:
+        raise ValueError(f"the run held out {holdout} of {args.data} by another rule "
+                         f"({trained.get('holdout_rule') or 'an older one, not recorded'}) "
+                         f"than this version's ({HOLDOUT_RULE}): its test split would hold images the run trained on")
     if holdout is not None and args.val_fraction not in (None, holdout):
         raise ValueError(f"the run held out {holdout} of {args.data} for testing; --val-fraction {args.val_fraction} "
                          "would score images it was trained on")

@@ -16,6 +16,7 @@ trainer's task with an explicit generator, so a run is a deterministic function 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ BUILTIN = ("fashion-mnist", "digits")
 DEFAULT_VAL_FRACTION = 0.1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# How an image folder without train/ + val/ is split (`_holdout`), recorded with a run so that eval
+# never splits the folder by another rule (runs made before this rule record none).
+HOLDOUT_RULE = "per class, the lowest sha256(seed/relative path)"
 
 
 class DataError(ValueError):
@@ -49,7 +53,8 @@ class ClassificationData:
 
     ``hflip`` says whether a horizontal flip keeps the label (true for clothes, false for digits).
     ``skipped`` lists the corrupt files left out (``skip_corrupt=True``). ``holdout`` is the fraction
-    of an image folder held out as its test split (None: the data has its own test split).
+    of an image folder held out as its test split (None: the data has its own test split), chosen by
+    ``holdout_rule``.
     """
 
     name: str
@@ -63,6 +68,7 @@ class ClassificationData:
     hflip: bool
     skipped: list[str] = field(default_factory=list)
     holdout: float | None = None
+    holdout_rule: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -73,7 +79,7 @@ class ClassificationData:
             "name": self.name, "classes": self.classes, "in_chans": self.in_chans, "img_size": self.img_size,
             "mean": list(self.mean), "std": list(self.std), "hflip": self.hflip,
             "train_size": len(self.train), "test_size": len(self.test), "skipped": len(self.skipped),
-            "holdout": self.holdout,
+            "holdout": self.holdout, "holdout_rule": self.holdout_rule,
         }
 
 
@@ -336,17 +342,24 @@ def _drop_corrupt(samples: list[tuple[str, int]], img_size: int, in_chans: int) 
     return good, bad
 
 
-def _holdout(samples: list[tuple[str, int]], fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out ``fraction`` of each class (at least one image), by a seeded permutation."""
-    rng = np.random.default_rng(seed)
-    labels = np.array([s[1] for s in samples])
-    test_idx = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        n = max(1, int(round(fraction * len(idx)))) if len(idx) > 1 else 0
-        test_idx.extend(rng.permutation(idx)[:n].tolist())
-    test_set = set(test_idx)
-    return [s for i, s in enumerate(samples) if i not in test_set], [samples[i] for i in sorted(test_idx)]
+def _holdout(samples: list[tuple[str, int]], root: Path, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``fraction`` of each class (at least one image of a class of two or more): `HOLDOUT_RULE`.
+
+    Each file is ranked by a hash of the seed and its path relative to ``root``, and the lowest of
+    its class are held out: files added to other classes move no file, and a file added to its own
+    class moves at most one.
+    """
+    def rank(i: int) -> bytes:
+        return hashlib.sha256(f"{seed}/{Path(samples[i][0]).relative_to(root).as_posix()}".encode()).digest()
+
+    by_class: dict[int, list[int]] = {}
+    for i, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(i)
+    test_idx = set()
+    for idx in by_class.values():
+        n = max(1, round(fraction * len(idx))) if len(idx) > 1 else 0
+        test_idx.update(sorted(idx, key=rank)[:n])
+    return [s for i, s in enumerate(samples) if i not in test_idx], [s for i, s in enumerate(samples) if i in test_idx]
 
 
 def load_image_folder(
@@ -368,7 +381,7 @@ def load_image_folder(
     if in_chans not in (1, 3):
         raise DataError(f"in_chans must be 1 (grey) or 3 (RGB) for image folders, got {in_chans}")
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    holdout = None
+    holdout = holdout_rule = None
     if (root / "train").is_dir() and test_dir is not None:
         classes, train = scan_folder(root / "train")
         test_classes, test = scan_folder(test_dir)
@@ -378,8 +391,8 @@ def load_image_folder(
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
         classes, samples = scan_folder(root)
-        train, test = _holdout(samples, val_fraction, seed)
-        holdout = val_fraction
+        train, test = _holdout(samples, root, val_fraction, seed)
+        holdout, holdout_rule = val_fraction, HOLDOUT_RULE
     skipped: list[str] = []
     if skip_corrupt:
         train, bad_train = _drop_corrupt(train, img_size, in_chans)
@@ -390,7 +403,8 @@ def load_image_folder(
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.25,))
     # named by its absolute path: eval, resume and compare may run from another working directory
     return ClassificationData(str(root.resolve()), FolderDataset(train, img_size, in_chans), FolderDataset(test, img_size, in_chans),
-                              classes, in_chans, img_size, mean, std, hflip=True, skipped=skipped, holdout=holdout)
+                              classes, in_chans, img_size, mean, std, hflip=True, skipped=skipped, holdout=holdout,
+                              holdout_rule=holdout_rule)
 
 
 def balanced_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
