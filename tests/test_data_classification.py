@@ -237,3 +237,15 @@ def test_held_out_files_of_a_class_do_not_depend_on_the_other_classes(tmp_path):
     assert {p for p in after if "/b/" in p} == {p for p in before if "/b/" in p}
     assert sum("/a/" in p for p in after) == 7
     assert held_out(seed=1) != after
+
+
+def test_a_decompression_bomb_is_a_corrupt_image_named_or_skipped(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    root = _folder(tmp_path / "ds", {"a": 4, "b": 4})
+    PILImage.new("L", (64, 64)).save(root / "a" / "huge.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is over twice this: PIL refuses to decode it
+    with pytest.raises(CorruptImageError, match="huge.png: corrupt or unreadable image .DecompressionBombError"):
+        decode_image(str(root / "a" / "huge.png"), 8, 3)
+    data = load_classification(str(root), 8, val_fraction=0.25, skip_corrupt=True)
+    assert data.skipped == [str(root / "a" / "huge.png")]

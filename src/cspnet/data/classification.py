@@ -284,7 +284,8 @@ def decode_image(path: str, img_size: int, in_chans: int) -> torch.Tensor:
         with Image.open(path) as im:
             # as a viewer shows it: cameras store a portrait photo as landscape plus an orientation tag
             im = ImageOps.exif_transpose(im)  # a decoded copy
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    # PIL's DecompressionBombError (too many pixels to decode safely) is no OSError
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise CorruptImageError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
     im = _to_8_bits(im, path).convert("L" if in_chans == 1 else "RGB")
     tf = v2.Compose([v2.PILToTensor(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
