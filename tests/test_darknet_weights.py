@@ -177,6 +177,12 @@ def test_partial_files_and_cutoff(tmp_path):
     for a, b in zip(source.weight_records(104), target.weight_records(104)):
         assert all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors))
     assert torch.equal(target.layers[106].conv.weight, head_before)  # past the cutoff: untouched
+    # create_model reads the cut as darknet partial does: the layers after it keep their initialisation
+    for kw in ({}, {"features_only": True}):
+        cut = cspnet.create_model("cspdarknet53", darknet_weights=partial, **kw)
+        records = native_records(cut)
+        assert all(torch.equal(a.weight, b.weight) for a, b in zip(records, source.weight_records(104)))
+        assert not torch.equal(records[len(source.weight_records(104))].weight, source.weight_records()[-2].weight)
     # the same file read as a complete one: the error says so, and how to read it
     renamed = partial.rename(tmp_path / "backbone.weights")
     with pytest.raises(DarknetWeightsError) as info:
@@ -188,6 +194,8 @@ def test_partial_files_and_cutoff(tmp_path):
     assert f"first {n_backbone} of {n_all} weighted layers" in msg and "cutoff=N with 103 <= N <= 104" in msg
     # a native model takes the backbone with partial=True; its classifier keeps its values
     native = cspnet.create_model("cspdarknet53")
+    with pytest.raises(DarknetWeightsError, match=r"a partial file\? \(read it with partial=True, as create_model"):
+        load_darknet_weights(native, renamed)
     fc_before = native.head.fc.weight.clone()
     load_darknet_weights(native, renamed, partial=True)
     assert torch.equal(native.head.fc.weight, fc_before)

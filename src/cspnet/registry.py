@@ -119,7 +119,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     ``part_ratio`` …) override it; ``num_classes``, ``in_chans``, ``drop_rate``,
     ``features_only``, ``out_indices``, ``frozen_stages`` and ``norm_eval`` go to the network.
     ``pretrained`` is the path of a weights file (`cspnet.weights.load_pretrained`);
-    ``darknet_weights`` the path of an official Darknet ``.weights`` file for the model's cfg.
+    ``darknet_weights`` the path of an official Darknet ``.weights`` file for the model's cfg, or of a
+    ``darknet partial`` cut of one (``csdarknet53.conv.104``: the first layers, the rest keep their
+    initialisation).
     """
     pretrained = kwargs.pop("pretrained", None)
     darknet_weights = kwargs.pop("darknet_weights", None)
@@ -145,6 +147,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         load_pretrained(model, pretrained)
     if darknet_weights:
         from .darknet.mapping import load_darknet_weights
+        from .darknet.weights import default_cutoff
 
-        load_darknet_weights(model, darknet_weights)
+        # a darknet partial cut (x.conv.N) holds the first layers only; the rest keep their initialisation
+        load_darknet_weights(model, darknet_weights, partial=default_cutoff(darknet_weights) is not None)
     return model

@@ -100,7 +100,7 @@ def _length_hint(records: list[WeightRecord], found: int) -> str:
             last = records[k - 1].layer
             # any cutoff after the last layer read and up to the next weighted layer reads the same floats
             if last is None or record.layer is None:
-                how = "read it with partial=True"
+                how = "read it with partial=True, as create_model(darknet_weights=) does for a file named x.conv.N"
             elif record.layer == last + 1:
                 how = f"pass cutoff={record.layer}"
             else:
