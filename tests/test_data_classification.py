@@ -249,3 +249,34 @@ def test_a_decompression_bomb_is_a_corrupt_image_named_or_skipped(tmp_path, monk
         decode_image(str(root / "a" / "huge.png"), 8, 3)
     data = load_classification(str(root), 8, val_fraction=0.25, skip_corrupt=True)
     assert data.skipped == [str(root / "a" / "huge.png")]
+
+
+def _write_idx_set(root, labels=(0, 1, 2, 3, 9, 9), packed=True, labels_bytes=None):
+    """A tiny Fashion-MNIST folder: the four IDX files, gzipped as Debian ships them or not."""
+    import struct
+
+    root.mkdir(parents=True, exist_ok=True)
+    n = len(labels)
+    images = struct.pack(">IIII", 2051, n, 28, 28) + np.arange(n * 28 * 28, dtype=np.uint8).tobytes()
+    label_file = struct.pack(">II", 2049, n) + bytes(labels) if labels_bytes is None else labels_bytes
+    for prefix in ("train", "t10k"):
+        for name, raw in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", label_file)):
+            if packed:
+                (root / f"{name}.gz").write_bytes(gzip.compress(raw))
+            else:
+                (root / name).write_bytes(raw)
+    return root
+
+
+def test_fashion_mnist_idx_files_gunzipped_are_read_and_bad_ones_named(tmp_path):
+    packed = load_fashion_mnist(28, _write_idx_set(tmp_path / "gz"))
+    raw = load_fashion_mnist(28, _write_idx_set(tmp_path / "raw", packed=False))
+    assert torch.equal(raw.train.images, packed.train.images) and torch.equal(raw.test.labels, packed.test.labels)
+    assert raw.test.labels.tolist() == [0, 1, 2, 3, 9, 9]
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz: label 12 at index 2 \(1 in all\) is not a class \(0..9\)"):
+        load_fashion_mnist(28, _write_idx_set(tmp_path / "badlabel", labels=(0, 1, 12, 3, 4, 5)))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: not an IDX file \(6 bytes, shorter than its 8-byte header\)"):
+        load_fashion_mnist(28, _write_idx_set(tmp_path / "short", packed=False, labels_bytes=b"\x00\x00\x08\x01\x00\x00"))
+    (tmp_path / "gz" / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: cannot read"):
+        load_fashion_mnist(28, tmp_path / "gz")

@@ -6,7 +6,8 @@ trainer's task with an explicit generator, so a run is a deterministic function 
 (exact ``--resume``, DataLoader workers or not, one process or many).
 
 - ``fashion-mnist``: the original IDX files of Debian's ``dataset-fashion-mnist`` package in
-  ``/usr/share/datasets/fashion-mnist`` (60,000 train / 10,000 test, 28x28 grey, 10 classes).
+  ``/usr/share/datasets/fashion-mnist`` (60,000 train / 10,000 test, 28x28 grey, 10 classes), gzipped
+  as the package ships them or not.
 - ``digits``: scikit-learn's bundled ``load_digits`` (1,797 8x8 images, 17 grey levels), split
   80/20 stratified with a fixed seed; for tests and as an offline fallback.
 - a directory in ``ImageFolder`` layout (``root/<class>/<image>``), read with torchvision. If it
@@ -118,25 +119,37 @@ def _resize_uint8(images: np.ndarray, size: int) -> torch.Tensor:
 
 
 def _read_idx(path: Path, magic: int, rank: int) -> np.ndarray:
-    """Read an IDX file (the MNIST format: big-endian magic, dims, then uint8 data)."""
+    """Read an IDX file (the MNIST format: big-endian magic, dims, then uint8 data), gzipped if named ``.gz``."""
     try:
-        with gzip.open(path, "rb") as f:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
-    header = np.frombuffer(raw[: 4 * (rank + 1)], dtype=">u4")
-    if len(header) != rank + 1 or header[0] != magic:
-        raise DataError(f"{path}: not an IDX file (magic {header[0] if len(header) else None}, expected {magic})")
+    header_bytes = 4 * (rank + 1)
+    if len(raw) < header_bytes:
+        raise DataError(f"{path}: not an IDX file ({len(raw)} bytes, shorter than its {header_bytes}-byte header)")
+    header = np.frombuffer(raw[:header_bytes], dtype=">u4")
+    if header[0] != magic:
+        raise DataError(f"{path}: not an IDX file (magic {header[0]}, expected {magic})")
     dims = tuple(int(d) for d in header[1:])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 * (rank + 1))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=header_bytes)
     if data.size != int(np.prod(dims)):
         raise DataError(f"{path}: truncated ({data.size} bytes of data, header says {dims})")
     return data.reshape(dims).copy()  # writable, as torch.from_numpy wants
 
 
+def _idx_file(root: Path, name: str) -> Path:
+    """``root/name.gz`` as Debian ships it, else ``root/name`` (gunzipped, as other mirrors ship it)."""
+    packed = root / f"{name}.gz"
+    if packed.is_file() or not (root / name).is_file():
+        return packed  # a missing file is named by its packaged name
+    return root / name
+
+
 def load_fashion_mnist(img_size: int = 32, root: str | os.PathLike | None = None, *, train_limit: int | None = None,
                        test_limit: int | None = None, seed: int = 0) -> ClassificationData:
-    """Fashion-MNIST from the IDX files of Debian's ``dataset-fashion-mnist`` package.
+    """Fashion-MNIST from the IDX files of Debian's ``dataset-fashion-mnist`` package (``*-ubyte.gz``,
+    or the same files gunzipped).
 
     ``train_limit`` / ``test_limit`` keep a class-balanced subset (chosen before resizing, so quick).
     """
@@ -144,14 +157,19 @@ def load_fashion_mnist(img_size: int = 32, root: str | os.PathLike | None = None
     if not root.is_dir():
         raise DataError(
             f"{root}: Fashion-MNIST not found; install it with `apt-get install dataset-fashion-mnist` "
-            "(or set CSPNET_FASHION_MNIST to a folder holding the four *-ubyte.gz files)"
+            "(or set CSPNET_FASHION_MNIST to a folder holding the four *-ubyte.gz files, or them gunzipped)"
         )
     splits = {}
     for split, prefix, limit, split_seed in (("train", "train", train_limit, seed), ("test", "t10k", test_limit, seed + 1)):
-        images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz", 2051, 3)
-        labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 2049, 1)
+        images = _read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"), 2051, 3)
+        labels_path = _idx_file(root, f"{prefix}-labels-idx1-ubyte")
+        labels = _read_idx(labels_path, 2049, 1)
         if len(images) != len(labels):
             raise DataError(f"{root}: {prefix} has {len(images)} images but {len(labels)} labels")
+        bad = np.flatnonzero(labels >= len(FASHION_MNIST_CLASSES))
+        if bad.size:
+            raise DataError(f"{labels_path}: label {labels[bad[0]]} at index {bad[0]} ({bad.size} in all) is not a class "
+                            f"(0..{len(FASHION_MNIST_CLASSES) - 1})")
         keep = balanced_subset(labels, limit, split_seed)
         splits[split] = TensorImageDataset(_resize_uint8(images[keep], img_size), torch.from_numpy(labels[keep].astype(np.int64)))
     mean, std = _mean_std(splits["train"].images)
