@@ -124,6 +124,22 @@ def test_unreadable_cfg_file(tmp_path):
         parse_cfg(tmp_path / "bin.cfg")
 
 
+def test_a_bom_and_comments_in_other_encodings_are_read_as_darknet_reads_them(tmp_path):
+    gbk_comment = "# 输入尺寸\n".encode("gbk")  # "input size"; not UTF-8
+    lines = [b"[net]\n", b"width=8\n", b"height=8\n", b"channels=3\n", gbk_comment,
+             b"[convolutional]\n", b"filters=4\n", b"size=3\n", b"pad=1\n", b"activation=leaky\n"]
+    (tmp_path / "a.cfg").write_bytes(b"\xef\xbb\xbf" + b"".join(lines))  # UTF-8 BOM
+    cfg = parse_cfg(tmp_path / "a.cfg")
+    assert (cfg.net.get_int("width"), [(s.kind, s.line) for s in cfg.layers]) == (8, [("convolutional", 6)])
+    assert DarknetNet(cfg).layers[0].out_shape == (4, 8, 8)
+    assert parse_cfg_text("\ufeff[net]\nchannels=3\n[maxpool]\n").layers[0].kind == "maxpool"
+    # outside a comment such bytes are refused where they are
+    lines[9] = "activation=leaky # 激活\n".encode("gbk")
+    (tmp_path / "b.cfg").write_bytes(b"".join(lines))
+    with pytest.raises(DarknetCfgError, match=r"b.cfg:10: not a text file \(invalid UTF-8 outside a comment\)"):
+        parse_cfg(tmp_path / "b.cfg")
+
+
 def test_broken_official_in_progress_cfgs_fail_where_darknet_does():
     # yolov3-spp-matrix shares layer 115's weights (input 128 ch, route 110) with layer 127, whose
     # input has 256 channels (route 98); darknet's make_convolutional_layer reports the same mismatch.

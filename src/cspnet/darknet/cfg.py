@@ -9,6 +9,8 @@ Where Darknet is lenient this parser is strict, and says where: an option Darkne
 know (a typo), a value that is not a number, or a layer kind it cannot build all raise
 `DarknetCfgError` with ``file:line``. A repeated option keeps its first value, as in Darknet
 (``option_find`` returns the first match; ``enetb0.cfg`` repeats ``decay`` in ``[net]``).
+Darknet reads bytes, so a leading UTF-8 BOM is ignored and comment lines may hold any bytes (cfgs
+carry GBK-encoded Chinese comments); every other line must be UTF-8.
 """
 from __future__ import annotations
 
@@ -193,9 +195,9 @@ class DarknetCfg:
 
 
 def parse_cfg_text(text: str, path: str = "<cfg>") -> DarknetCfg:
-    """Parse cfg ``text``; ``path`` is only used to name the file in errors."""
+    """Parse cfg ``text``; ``path`` is only used to name the file in errors. A leading BOM is ignored."""
     sections: list[Section] = []
-    for number, raw_line in enumerate(text.splitlines(), start=1):
+    for number, raw_line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
         line = "".join(raw_line.split())  # Darknet's strip(): drop every whitespace character
         if not line or line[0] in "#;":
             continue
@@ -232,14 +234,29 @@ def parse_cfg_text(text: str, path: str = "<cfg>") -> DarknetCfg:
     return DarknetCfg(path, sections[0], sections[1:])
 
 
+def _decode(data: bytes, path: str) -> str:
+    """The text of a cfg file. Darknet reads bytes and skips comment lines whatever they hold (cfgs carry
+    comments in GBK and other legacy encodings), so only the lines it reads must be UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for number, raw_line in enumerate(data.split(b"\n"), start=1):
+        try:
+            lines.append(raw_line.decode("utf-8"))
+        except UnicodeDecodeError:
+            if raw_line.strip()[:1] not in (b"#", b";"):
+                raise DarknetCfgError(path, number, "not a text file (invalid UTF-8 outside a comment)") from None
+            lines.append(raw_line.decode("utf-8", errors="replace"))
+    return "\n".join(lines)
+
+
 def parse_cfg(path: str | os.PathLike) -> DarknetCfg:
-    """Parse a ``.cfg`` file (see `parse_cfg_text`)."""
+    """Parse a ``.cfg`` file (see `parse_cfg_text`); comment lines may hold bytes that are not UTF-8."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as e:
         raise DarknetCfgError(str(path), 0, f"cannot read cfg ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DarknetCfgError(str(path), line, "not a text file (invalid UTF-8)") from None
-    return parse_cfg_text(text, str(path))
+    return parse_cfg_text(_decode(data, str(path)), str(path))
