@@ -197,6 +197,21 @@ def test_shortcut_is_darknets_partial_and_subsampled_add():
     torch.testing.assert_close(outs[4], ref)
 
 
+def test_a_layer_that_cannot_run_at_another_input_size_names_its_cfg_line():
+    # a padded 3x3/2 conv rounds 8 -> 4 and 7 -> 4, an unpadded 2x2/2 maxpool 8 -> 4 but 7 -> 3: their route
+    # fits the 8x8 the shapes were checked at only
+    model = tiny("[convolutional]\nfilters=2\nsize=1\n"                               # 0, line 5
+                 "[convolutional]\nfilters=2\nsize=3\nstride=2\npad=1\n"              # 1, line 8
+                 "[route]\nlayers=-2\n"                                               # 2, line 13
+                 "[maxpool]\nsize=2\nstride=2\npadding=0\n"                          # 3, line 15
+                 "[route]\nlayers=-1,-3\n", w=8, h=8)                                 # 4, line 19
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 4, 4, 4)
+    with pytest.raises(RuntimeError, match=r"^tiny.cfg:19: layer 4 \[route\] cannot run on layer 3 2x3x3, layer 1 2x4x4 "
+                       r"at input 7x7 \(shapes were checked at 8x8; build_model\(cfg, input_size\) checks another size\): "
+                       r"Sizes of tensors must match"):
+        model(torch.randn(1, 3, 7, 7))
+
+
 def test_connected_upsample_scale_channels_and_sam():
     model = tiny(
         "[convolutional]\nfilters=4\nsize=1\nactivation=linear\n"      # 0: 4x2x2

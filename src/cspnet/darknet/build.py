@@ -3,7 +3,8 @@
 One module per cfg section, in file order, so ``model.layers[i]`` is Darknet layer ``i``.
 Shapes are inferred while building (at the ``[net]`` size, or ``input_size``), so a cfg that
 Darknet could not run fails here with `DarknetCfgError` at the line at fault, not deep inside
-a forward pass. Semantics follow darknet's layer code (AlexeyAB fork, which trained CSPNet):
+a forward pass; run at another input size, a layer that cannot take its inputs raises a
+RuntimeError naming its line. Semantics follow darknet's layer code (AlexeyAB fork, which trained CSPNet):
 
 - ``[convolutional]``: ``pad=1`` means padding ``size // 2``, else ``padding`` (default 0);
   without ``batch_normalize`` the conv has a bias; BN eps is darknet's 1e-5; the default
@@ -483,9 +484,14 @@ class DarknetNet(nn.Module):
 
     # -- running -----------------------------------------------------------------------------
     def forward_layers(self, x: torch.Tensor, keep: Sequence[int] = ()) -> dict[int, torch.Tensor]:
-        """Run the network and return ``{i: output of layer i}`` for ``keep``, the [yolo] layers and the last layer."""
+        """Run the network and return ``{i: output of layer i}`` for ``keep``, the [yolo] layers and the last layer.
+
+        Shapes were checked at the build size; a layer that cannot run at another input size (a route
+        joining maps rounded differently) raises RuntimeError naming its cfg line, kind and input shapes.
+        """
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected an image batch (N, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+        image_hw = tuple(x.shape[2:])
         last = len(self.layers) - 1
         bad = [i for i in keep if not -len(self.layers) <= i <= last]
         if bad:
@@ -495,7 +501,16 @@ class DarknetNet(nn.Module):
         outputs: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             extra = [outputs[j] for j in layer.sources]
-            x = layer(x, *extra) if layer.takes_input else layer(*extra)
+            try:
+                x = layer(x, *extra) if layer.takes_input else layer(*extra)
+            except RuntimeError as e:
+                previous = [f"{f'layer {i - 1}' if i else 'the image'} {_fmt(x.shape[1:])}"] if layer.takes_input else []
+                inputs = previous + [f"layer {j} {_fmt(outputs[j].shape[1:])}" for j in layer.sources]
+                raise RuntimeError(
+                    f"{os.path.basename(self.cfg_path)}:{layer.line}: layer {i} [{layer.kind}] cannot run on "
+                    f"{', '.join(inputs)} at input {image_hw[0]}x{image_hw[1]} (shapes were checked at "
+                    f"{self.input_size[0]}x{self.input_size[1]}; build_model(cfg, input_size) checks another size): {e}"
+                ) from e
             if i in store:
                 outputs[i] = x
         return {i: outputs[i] for i in sorted(wanted)}
