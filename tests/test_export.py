@@ -364,6 +364,27 @@ def test_weights_file_loads_into_a_detector_export(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(det.state_dict().values(), again.state_dict().values()))
 
 
+def test_export_cli_rebuilds_a_detector_from_its_weights_file(tmp_path, capsys):
+    # Anchors (k-means on the training set) and widths are in the file's metadata, not its tensors.
+    torch.manual_seed(0)
+    anchors = [(5, 7), (9, 4), (12, 12), (20, 9), (14, 26), (30, 22), (40, 35), (28, 60), (60, 50)]
+    det = calibrate(create_detector("cspresnet10", "fpn", num_classes=3, anchors=anchors, **TINY_DET))
+    weights = export_safetensors(det, tmp_path / "det.safetensors")
+    path = tmp_path / "det.onnx"
+    assert cli_main(["export", "cspresnet10", "--detector", "fpn", "--weights", str(weights),
+                     "--input-size", str(SIZE), "--out", str(path)]) == 0
+    capsys.readouterr()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    (out,) = run_onnx(onnx_session(path), x)
+    with torch.no_grad():
+        assert det_err(out, det(x)) <= TOL
+    assert cli_main(["export", "cspresnet10", "--detector", "fpn", "--weights", str(weights), "--num-classes", "4",
+                     "--out", str(path)]) == 2
+    assert "num_classes: file 3 vs option 4" in capsys.readouterr().err
+    assert cli_main(["export", "cspresnet10", "--detector", "panet", "--weights", str(weights), "--out", str(path)]) == 2
+    assert "holds weights of model 'cspresnet10-fpn'" in capsys.readouterr().err
+
+
 def test_keep_freed_memory_stops_page_faults_on_reuse():
     # Process-wide malloc setting: measured in a fresh interpreter so this one is not changed.
     code = """

@@ -57,9 +57,41 @@ def _from_run(args):
     return model, args.input_size or run["data"]["img_size"]
 
 
+def _detector(args):
+    """The detector ``--detector NECK`` on MODEL; with ``--weights``, the one the file was saved from.
+
+    A detector's anchors (k-means on its training set), strides and widths are not in its state
+    dict: a cspnet weights file records them in its metadata, and the detector is rebuilt from
+    there. The options given must agree with the file, field by field.
+    """
+    from ..detection import create_detector
+    from ..detection.detector import Detector, DetectorCfg
+    from ..weights import WeightsError, is_torch_save_file, load_into, load_state, read_metadata
+
+    path = Path(args.weights) if args.weights else None
+    state = load_state(path) if path else None
+    meta = read_metadata(path) if path and not is_torch_save_file(path) else {}
+    name = f"{args.model}-{args.detector}"
+    if meta.get("model") not in (None, name):
+        raise WeightsError(f"{path}: holds weights of model {meta['model']!r} (metadata 'model'), not {name!r}")
+    if isinstance(meta.get("config"), dict):
+        cfg = DetectorCfg.from_dict(meta["config"])
+        given = {"backbone": args.model, "neck": args.detector, "num_classes": args.num_classes}
+        diffs = [f"{k}: file {getattr(cfg, k)!r} vs option {v!r}" for k, v in given.items()
+                 if v is not None and getattr(cfg, k) != v]
+        if diffs:
+            raise WeightsError(f"{path}: made for another detector: " + "; ".join(diffs))
+        model = Detector(cfg)
+    else:  # no weights, or a file without cspnet metadata: the options' detector, default anchors
+        kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+        model = create_detector(args.model, args.detector, **kwargs)
+    if state is not None:
+        load_into(model, state, source=str(path))
+    return model
+
+
 def _build(args):
     from ..registry import create_model, get_spec
-    from ..weights import load_into, load_state
 
     if args.checkpoint:
         return _from_run(args)
@@ -69,13 +101,7 @@ def _build(args):
         raise ValueError("--name and --ema go with --checkpoint RUN")
     spec = get_spec(args.model)
     if args.detector:
-        from ..detection import create_detector
-
-        kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-        model = create_detector(args.model, args.detector, **kwargs)
-        if args.weights:
-            load_into(model, load_state(args.weights), source=args.weights)
-        return model, args.input_size or 416
+        return _detector(args), args.input_size or 416
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = create_model(args.model, pretrained=args.weights, **kwargs) if args.weights else create_model(args.model, **kwargs)
     return model, args.input_size or spec.default_input
