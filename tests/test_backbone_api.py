@@ -62,6 +62,20 @@ def test_out_indices_select_and_order_levels():
         cspnet.create_model("cspresnet10", features_only=True, out_indices=(9,))
 
 
+def test_feature_info_answers_timms_accessors_for_the_levels_returned():
+    model = cspnet.create_model("cspresnet10", features_only=True, out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, SIZE, SIZE))
+    info = model.feature_info
+    assert info.channels() == [m.shape[1] for m in maps] and info.channels(-1) == maps[-1].shape[1]
+    assert info.reduction() == [SIZE // m.shape[-1] for m in maps]
+    assert info.module_name() == ["stages.0", "stages.2"]
+    assert info.get_dicts()[1] == {"num_chs": maps[1].shape[1], "reduction": SIZE // maps[1].shape[-1], "module": "stages.2"}
+    assert len(info) == 5 and info[0]["num_chs"] == info[0].num_chs  # every level, entries read like timm's dicts
+    with pytest.raises(KeyError):
+        info[0]["stride"]
+
+
 def test_stages_after_the_last_level_asked_for_do_not_run():
     model = cspnet.create_model("cspresnet10", features_only=True, out_indices=(2, 1)).eval()
     ran = []

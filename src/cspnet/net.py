@@ -19,11 +19,43 @@ from .layers import ClassifierHead
 
 @dataclass(frozen=True)
 class FeatureInfo:
-    """One feature level: its channels, its stride from the input, and the module producing it."""
+    """One feature level: its channels, its stride from the input, and the module producing it.
+    Also read as a dict (``info["num_chs"]``), as timm's entries are."""
 
     num_chs: int
     reduction: int
     module: str
+
+    def __getitem__(self, key: str):
+        if key not in ("num_chs", "reduction", "module"):
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+class FeatureInfoList(list):
+    """Every feature level's `FeatureInfo`, with timm's ``features_only`` accessors, which answer for
+    the levels the model returns (``out_indices``): ``channels()``, ``reduction()``, ``module_name()``
+    and ``get_dicts()``, each for one of them with ``idx``."""
+
+    def __init__(self, infos: list[FeatureInfo], out_indices: tuple[int, ...]):
+        super().__init__(infos)
+        self.out_indices = out_indices
+
+    def _get(self, key: str, idx: int | None):
+        values = [self[i][key] for i in self.out_indices]
+        return values if idx is None else values[idx]
+
+    def channels(self, idx: int | None = None):
+        return self._get("num_chs", idx)
+
+    def reduction(self, idx: int | None = None):
+        return self._get("reduction", idx)
+
+    def module_name(self, idx: int | None = None):
+        return self._get("module", idx)
+
+    def get_dicts(self) -> list[dict]:
+        return [{"num_chs": self[i].num_chs, "reduction": self[i].reduction, "module": self[i].module} for i in self.out_indices]
 
 
 class _RestoreNormStats:
@@ -98,7 +130,6 @@ class StagedNet(nn.Module):
         for i, (chs, stride) in enumerate(zip(stage_chs, stage_strides)):
             reduction *= stride
             infos.append(FeatureInfo(chs, reduction, f"stages.{i}"))
-        self.feature_info: list[FeatureInfo] = infos
         self.num_features = infos[-1].num_chs
         self.features_only = features_only
         if out_indices is not None and not features_only:
@@ -115,6 +146,7 @@ class StagedNet(nn.Module):
         if bad:
             raise ValueError(f"out_indices {bad} out of range for {len(infos)} feature levels")
         self.out_indices = tuple(i % len(infos) for i in out_indices)
+        self.feature_info = FeatureInfoList(infos, self.out_indices)
         if not -1 <= frozen_stages <= len(stages):
             raise ValueError(f"frozen_stages must be in [-1, {len(stages)}], got {frozen_stages}")
         self.frozen_stages = frozen_stages
