@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cspnet
-from cspnet.darknet import DarknetNet, YoloLayer, build_model, parse_cfg, parse_cfg_text
+from cspnet.darknet import DarknetCfgError, DarknetNet, YoloLayer, build_model, parse_cfg, parse_cfg_text
 
 CFG_ROOT = Path(__file__).resolve().parents[2] / "shared" / "darknet-cfg"
 # Fails to build where Darknet fails too (share_index with unequal inputs); see test_darknet_cfg.py.
@@ -137,6 +137,14 @@ def test_maxpool_depth_is_maxout_over_channel_groups():
     x = torch.randn(1, 6, 7, 7)
     ref = torch.stack([torch.maximum(torch.maximum(x[:, g], x[:, g + 2]), x[:, g + 4]) for g in range(2)], 1)
     torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    # forward_maxpool_layer: output g is the max over input channels k = g, g + N, ... < C, whole groups or not
+    for n in (3, 4, 7):
+        model = tiny(f"[maxpool]\nmaxpool_depth=1\nout_channels={n}\n", c=7)
+        x = torch.randn(2, 7, 7, 7)
+        assert model.layers[0].out_shape == (n, 7, 7)
+        torch.testing.assert_close(model(x), torch.stack([x[:, g::n].amax(1) for g in range(n)], 1), rtol=0, atol=0)
+    with pytest.raises(DarknetCfgError, match=r"tiny.cfg:7: layer 0 \[maxpool\]: out_channels=8 exceeds the 7 input channels"):
+        tiny("[maxpool]\nmaxpool_depth=1\nout_channels=8\n", c=7)
 
 
 def test_conv_padding_stride_and_default_activation():

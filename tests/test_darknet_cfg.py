@@ -79,7 +79,7 @@ def test_crlf_cfg_from_the_repo_parses():
          ["layer 3 [sam]", "the input (4x32x32) and layer 1 (4x1x1) differ"]),
         ("[convolutional]\nfilters=4\n[avgpool]\n[convolutional]\nfilters=8\nsize=1\n[scale_channels]\nfrom=-3\n", 12,
          ["layer 3 [scale_channels]", "the input is 8x1x1 but scaling layer 0 (4x32x32) needs 4x1x1"]),
-        ("[maxpool]\nmaxpool_depth=1\nout_channels=2\n", 7, ["out_channels=2 must divide the 3 input channels"]),
+        ("[maxpool]\nmaxpool_depth=1\nout_channels=4\n", 7, ["out_channels=4 exceeds the 3 input channels"]),
         ("[net]\n", 5, ["a second [net] section"]),
         ("[dropout]\nprobability=1.5\n", 6, ["probability=1.5 must lie in [0, 1)"]),
         ("[upsample]\nstride=-2\n", 6, ["downsampling [upsample]"]),

@@ -220,10 +220,10 @@ class MaxPoolLayer(DarknetLayer):
         self.depth = bool(section.get_int("maxpool_depth", 0))
         if self.depth:
             out_channels = section.get_int("out_channels", 1, min_value=1)
-            if c % out_channels:
-                # Darknet's output channel g is the max over input channels g, g+N, ... < C; only
-                # whole groups are supported (`Maxout` assumes them).
-                raise section.error(f"out_channels={out_channels} must divide the {c} input channels", "out_channels")
+            if out_channels > c:
+                # output channel g is the max over input channels g, g+N, ... < C: none for g >= C
+                raise section.error(f"out_channels={out_channels} exceeds the {c} input channels; channels {c} and "
+                                    "above would take the max over no input channel", "out_channels")
             self.pool = Maxout(out_channels)
             self.out_shape = (out_channels, h, w)
             return
