@@ -257,6 +257,16 @@ def test_deploy_compile_true_uses_inductor_freezing():
     assert rel_err(compiled(x[:1]), ref[:1]) <= TOL  # another batch size: recompiled or dynamic, still right
 
 
+def test_dynamo_onnx_export_keeps_the_batch_axis_dynamic(tmp_path):
+    # torch.export makes a dimension of size 1 a constant: this graph, traced at batch 1, took batch 1 only.
+    model, _, _ = calibrated("cspresnet50_elastic")
+    path = export_onnx(model, tmp_path / "m.onnx", SIZE, exporter="dynamo")
+    x = torch.randn(3, 3, SIZE, SIZE)
+    (out,) = run_onnx(onnx_session(path), x)
+    with torch.no_grad():
+        assert rel_err(out, model(x)) <= TOL
+
+
 def test_torchscript_round_trip(tmp_path):
     model, x, ref = calibrated("cspdarknet53")
     path = export_torchscript(model, tmp_path / "m.pt", SIZE)

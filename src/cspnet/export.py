@@ -470,7 +470,9 @@ def export_onnx(
     if exporter not in ("auto", "legacy", "dynamo"):
         raise ValueError(f"unknown exporter {exporter!r}; expected auto, legacy or dynamo")
     net = export_model(model, fused)
-    x = _example_input(net, input_size, 1)
+    # torch.export treats a dimension of size 1 as the constant 1, so a graph traced at batch 1
+    # takes batch 1 only: a dynamic batch is traced at batch 2.
+    x = _example_input(net, input_size, 2 if dynamic_batch else 1)
     with torch.no_grad():
         names = _output_names(net(x))
     with atomic_path(path) as tmp:
