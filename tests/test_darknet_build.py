@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cspnet
 from cspnet.darknet import DarknetCfgError, DarknetNet, YoloLayer, build_model, parse_cfg, parse_cfg_text
+from cspnet.darknet.info import summarize
 
 CFG_ROOT = Path(__file__).resolve().parents[2] / "shared" / "darknet-cfg"
 # Fails to build where Darknet fails too (share_index with unequal inputs); see test_darknet_cfg.py.
@@ -160,6 +162,25 @@ def test_conv_padding_stride_and_default_activation():
     with torch.no_grad():
         y = first(torch.randn(1, 3, 7, 7) * 10)
     assert (y > 0).all() and (y < 1).all()  # darknet's default conv activation is logistic
+
+
+def test_dilated_conv_pads_by_padding_times_dilation(tmp_path):
+    text = ("[convolutional]\nfilters=2\nsize=3\nstride=2\npad=1\ndilation=2\nactivation=linear\n"
+            "[convolutional]\nfilters=2\nsize=1\ndilation=3\nactivation=linear\n")  # 1x1: dilation ignored
+    model = tiny(text, w=9, h=9)
+    conv = model.layers[0].conv
+    assert [layer.out_shape for layer in model.layers] == [(2, 5, 5), (2, 5, 5)] and model.layers[1].conv.dilation == (1, 1)
+    # im2col_cpu_ext with dilation 2 and padding 1 * 2 is an undilated 5x5 conv (zeros between the taps) padded by 2
+    spread = torch.zeros(2, 3, 5, 5)
+    spread[:, :, ::2, ::2] = conv.weight.detach()
+    x = torch.randn(1, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_layers(x, keep=[0])[0], F.conv2d(x, spread, conv.bias, 2, 2))
+    (tmp_path / "d.cfg").write_text(NET.format(w=9, h=9, c=3) + text)
+    assert [row.detail.split() for row in summarize(tmp_path / "d.cfg")[0]] == [["2", "3", "x", "3/", "2", "d2"],
+                                                                               ["2", "1", "x", "1/", "1"]]
+    with pytest.raises(DarknetCfgError, match=r"tiny.cfg:9: layer 0 \[convolutional\]: dilation=2 needs padding \(size - 1\) / 2"):
+        tiny("[convolutional]\nfilters=2\nsize=3\npadding=0\ndilation=2\n")
 
 
 def test_batchnorm_uses_darknet_eps_and_rolling_stats():

@@ -7,6 +7,8 @@ a forward pass; run at another input size, a layer that cannot take its inputs r
 RuntimeError naming its line. Semantics follow darknet's layer code (AlexeyAB fork, which trained CSPNet):
 
 - ``[convolutional]``: ``pad=1`` means padding ``size // 2``, else ``padding`` (default 0);
+  ``dilation=d`` (kernels above 1x1) convolves with padding ``padding * d`` (``im2col_cpu_ext``) and
+  needs ``2 * padding = size - 1``, the only padding where Darknet's undilated output size is right;
   without ``batch_normalize`` the conv has a bias; BN eps is darknet's 1e-5; the default
   activation is ``logistic`` (``parse_convolutional``).
 - ``[route] layers=a,b groups=G group_id=i``: channel group ``i`` of G of *each* listed layer,
@@ -90,8 +92,8 @@ class ConvLayer(DarknetLayer):
         stride = section.get_int("stride", 1, min_value=1)
         stride_x = section.get_int("stride_x", stride, min_value=1)
         stride_y = section.get_int("stride_y", stride, min_value=1)
-        if section.get_int("dilation", 1) != 1:
-            raise section.error("dilation other than 1 is not supported", "dilation")
+        # parse_convolutional ignores dilation for 1x1 kernels
+        dilation = section.get_int("dilation", 1, min_value=1) if size > 1 else 1
         padding = section.get_int("padding", 0, min_value=0)
         if section.get_int("pad", 0):
             padding = size // 2
@@ -99,21 +101,28 @@ class ConvLayer(DarknetLayer):
         batch_normalize = bool(section.get_int("batch_normalize", 0))
         if c % groups or filters % groups:
             raise section.error(f"groups={groups} must divide the input channels ({c}) and filters ({filters})", "groups")
+        # Darknet sizes the output as if undilated and convolves with padding * dilation (im2col_cpu_ext); the two
+        # agree only where the padding keeps the size (2 * padding = size - 1), elsewhere its buffers disagree
+        if dilation > 1 and 2 * padding != size - 1:
+            raise section.error(f"dilation={dilation} needs padding (size - 1) / 2 (pad=1 with an odd size): Darknet "
+                                f"sizes a dilated conv's output as if it were undilated", "dilation")
         out_h = (h + 2 * padding - size) // stride_y + 1
         out_w = (w + 2 * padding - size) // stride_x + 1
         self.out_shape = (filters, out_h, out_w)
         self.shared_from = shared.index if shared is not None else None
         if shared is None:
-            self.conv = nn.Conv2d(c, filters, size, (stride_y, stride_x), padding, groups=groups, bias=not batch_normalize)
+            self.conv = nn.Conv2d(c, filters, size, (stride_y, stride_x), padding * dilation, dilation, groups,
+                                  bias=not batch_normalize)
             self.bn = nn.BatchNorm2d(filters, eps=BN_EPS, momentum=BN_MOMENTUM) if batch_normalize else None
         else:
-            mine = (c, filters, (size, size), (stride_y, stride_x), (padding, padding), groups, batch_normalize)
+            mine = (c, filters, (size, size), (stride_y, stride_x), (padding * dilation,) * 2, (dilation,) * 2, groups,
+                    batch_normalize)
             theirs = (shared.conv.in_channels, shared.conv.out_channels, shared.conv.kernel_size, shared.conv.stride,
-                      shared.conv.padding, shared.conv.groups, shared.bn is not None)
+                      shared.conv.padding, shared.conv.dilation, shared.conv.groups, shared.bn is not None)
             if mine != theirs:
                 raise section.error(
                     f"share_index: layer {shared.index} has a different convolution "
-                    f"(in, filters, size, stride, padding, groups, batch_normalize) = {theirs}, here {mine}",
+                    f"(in, filters, size, stride, padding, dilation, groups, batch_normalize) = {theirs}, here {mine}",
                     "share_index",
                 )
             self.conv, self.bn = shared.conv, shared.bn

@@ -39,6 +39,7 @@ def _detail(layer: DarknetLayer) -> str:
     if isinstance(layer, ConvLayer):
         k, s = layer.conv.kernel_size, layer.conv.stride
         groups = f" g{layer.conv.groups}" if layer.conv.groups > 1 else ""
+        groups += f" d{layer.conv.dilation[0]}" if layer.conv.dilation[0] > 1 else ""
         shared = f" (shares {layer.shared_from})" if layer.shared_from is not None else ""
         stride = f"{s[0]}" if s[0] == s[1] else f"{s[1]}x{s[0]}"
         return f"{layer.conv.out_channels:5d} {k[0]} x {k[1]}/{stride:>2}{groups}{shared}"
