@@ -54,8 +54,15 @@ def test_progress_bar_shows_loss_accuracy_speed_and_eta_and_tensorboard_is_optio
         assert piece in err
     if importlib.util.find_spec("tensorboard") is None:
         assert "tensorboard is not installed" in err
-    else:
-        assert any((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
+    else:  # what `make test` installs: the event file holds the epoch's scalars
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        [events] = (tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*")
+        logged = EventAccumulator(str(events)).Reload()
+        assert {"train_loss", "val_top1", "lr"} <= set(logged.Tags()["scalars"])
+        metrics = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
+        row = dict(zip(metrics[0].split(","), metrics[1].split(",")))
+        assert logged.Scalars("val_top1")[0].value == pytest.approx(float(row["val_top1"]), rel=1e-6)
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path):
@@ -379,6 +386,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 # -- eval ---------------------------------------------------------------------------------------
+def test_evaluation_scores_top1_top5_and_loss_as_the_logits_say():
+    from cspnet.engine.classify import evaluate_classifier
+
+    data = load_digits_data(16, train_limit=32, test_limit=120)
+    torch.manual_seed(0)
+    model = cspnet.create_model("resnet10", num_classes=10, in_chans=1, drop_rate=0.0).eval()
+    result = evaluate_classifier(model, data, batch_size=32)
+    with torch.no_grad():  # independently: the whole test set in one batch
+        images = torch.stack([data.test[i][0] for i in range(len(data.test))])
+        labels = torch.tensor([int(data.test[i][1]) for i in range(len(data.test))])
+        logits = model(normalize(images, data.mean, data.std))
+    top5 = (logits.topk(5, 1).indices == labels[:, None]).any(1).float().mean().item()
+    assert result["top5"] == pytest.approx(top5) and result["top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert result["top5"] > result["top1"]  # an untrained model: top-5 holds far more than top-1
+
+
 def test_eval_prints_top1_top5_per_class_and_catches_wrong_heads(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "320", "--out", str(out)]) == 0
