@@ -267,6 +267,19 @@ def test_dynamo_onnx_export_keeps_the_batch_axis_dynamic(tmp_path):
         assert rel_err(out, model(x)) <= TOL
 
 
+def test_half_and_double_models_export_taking_their_dtype(tmp_path):
+    model, x, ref = calibrated("resnet10")
+    half = copy.deepcopy(model).half()
+    (out,) = run_onnx(onnx_session(export_onnx(half, tmp_path / "h.onnx", SIZE)), x.half())
+    assert out.dtype == torch.float16 and rel_err(out.float(), ref) <= 1e-2  # float16 keeps ~3 digits
+    double = copy.deepcopy(model).double()
+    traced = load_torchscript(export_torchscript(double, tmp_path / "d.pt", SIZE))
+    with torch.no_grad():
+        assert rel_err(traced(x.double()), double(x.double())) <= TOL
+    with pytest.raises(ValueError, match="a bfloat16 model needs opset 22 or newer"):
+        export_onnx(copy.deepcopy(model).bfloat16(), tmp_path / "b.onnx", SIZE)
+
+
 def test_torchscript_round_trip(tmp_path):
     model, x, ref = calibrated("cspdarknet53")
     path = export_torchscript(model, tmp_path / "m.pt", SIZE)

@@ -54,6 +54,7 @@ from .winograd import WinogradConvAct, eligible, weight_state, wide_enough
 
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 ONNX_OPSET = 17
+BFLOAT16_OPSET = 22  # the first opset whose Conv takes bfloat16
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,9 +429,9 @@ def _example_input(model: nn.Module, input_size: int | tuple[int, int], batch_si
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     in_chans = getattr(model, "in_chans", 3)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    return torch.randn(batch_size, in_chans, *input_size, device=device)
+    # The model's device and dtype: an fp16 / bf16 / fp64 model is exported taking that dtype.
+    like = next(model.parameters(), torch.empty(0))
+    return torch.randn(batch_size, in_chans, *input_size, device=like.device, dtype=like.dtype)
 
 
 def _output_names(outputs: Any) -> list[str]:
@@ -463,6 +464,8 @@ def export_onnx(
     ``features_only`` models). ``exporter``: ``legacy`` (TorchScript-based, fast), ``dynamo``
     (``torch.export``-based, opset >= 18), or ``auto``: legacy, and dynamo for the graphs the
     legacy tracer rejects (it needs sizes it can treat as constants).
+    The graph keeps the model's dtype: a float16 model takes float16 input. bfloat16 needs opset
+    22 or newer, and onnxruntime's CPU provider has no bfloat16 or float64 convolution.
     ``model`` is not modified.
     """
     if opset < 17:
@@ -473,6 +476,10 @@ def export_onnx(
     # torch.export treats a dimension of size 1 as the constant 1, so a graph traced at batch 1
     # takes batch 1 only: a dynamic batch is traced at batch 2.
     x = _example_input(net, input_size, 2 if dynamic_batch else 1)
+    if x.dtype == torch.bfloat16 and opset < BFLOAT16_OPSET:
+        raise ValueError(f"a bfloat16 model needs opset {BFLOAT16_OPSET} or newer (ONNX's Conv takes bfloat16 from there), "
+                         f"got {opset}; onnxruntime's CPU provider runs float16 and float32 models: export model.half() "
+                         "or model.float()")
     with torch.no_grad():
         names = _output_names(net(x))
     with atomic_path(path) as tmp:
