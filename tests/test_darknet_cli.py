@@ -97,6 +97,24 @@ def test_convert_refuses_a_cfg_that_computes_something_else(darknet_ref_weights,
     assert main(["darknet", "convert", str(relu), str(weights), str(out), "--model", "darknet_ref"]) == 2
     assert "compute different outputs" in capsys.readouterr().err and not out.exists()
     assert main(["darknet", "convert", str(relu), str(weights), str(out), "--model", "resnet10"]) == 2
-    assert "weighted layers cannot map onto" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "darknet-relu.cfg does not map onto model 'resnet10'" in err and "weighted layers cannot map onto" in err
+    assert "convert with --raw" in err
     assert main(["darknet", "convert", str(relu), str(weights), str(tmp_path / "x.pt")]) == 2
     assert "must be a .safetensors file" in capsys.readouterr().err
+
+
+def test_convert_a_fine_tuned_cfg_keeps_its_class_count_and_input_depth(tmp_path, capsys):
+    # darknet.cfg fine-tuned on 10 grey classes: another last conv (filters) and [net] channels
+    text = official("darknet_ref").read_text().replace("filters=1000", "filters=10").replace("channels=3", "channels=1")
+    cfg = tmp_path / "darknet-grey10.cfg"
+    cfg.write_text(text)
+    darknet = randomize(build_model(cfg, SIZE), seed=6)
+    weights = write_weights(darknet, tmp_path / "darknet-grey10.weights")
+    out = tmp_path / "grey10.safetensors"
+    assert main(["darknet", "convert", str(cfg), str(weights), str(out), "--model", "darknet_ref"]) == 0
+    assert f"cspnet.create_model('darknet_ref', num_classes=10, in_chans=1, pretrained='{out}')" in capsys.readouterr().out
+    native = cspnet.create_model("darknet_ref", num_classes=10, in_chans=1, pretrained=out).eval()
+    x = torch.randn(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        assert native(x).shape == (2, 10) and (native(x) - darknet.eval()(x)).abs().max() <= 1e-4

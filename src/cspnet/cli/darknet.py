@@ -24,7 +24,8 @@ def register(sub) -> None:
     conv = cmds.add_parser(
         "convert", help="read Darknet .weights and write cspnet safetensors",
         description="If the cfg is a registered model's official cfg (or --model names one), the file holds "
-                    "that native model's weights (load with cspnet.create_model(NAME, pretrained=OUT)); "
+                    "that native model's weights, with the cfg's class count (load with cspnet.create_model(NAME, "
+                    "num_classes=K, in_chans=C, pretrained=OUT), as printed); "
                     "otherwise, or with --raw, the cfg-built network's (cspnet.darknet.load_model(CFG, OUT)).")
     conv.add_argument("cfg", help="Darknet .cfg file")
     conv.add_argument("weights", help="Darknet .weights file (or a partial file such as x.conv.104)")
@@ -66,7 +67,8 @@ def run_convert(args) -> int:
         raise ValueError(f"output {args.out!r} must be a .safetensors file")
     result = convert_weights(args.cfg, args.weights, args.out, model=args.model, raw=args.raw, cutoff=args.cutoff)
     h = result.header
-    how = (f"cspnet.create_model({result.model!r}, pretrained={args.out!r})" if result.model
+    kwargs = "".join(f"{k}={v}, " for k, v in result.model_kwargs.items())
+    how = (f"cspnet.create_model({result.model!r}, {kwargs}pretrained={args.out!r})" if result.model
            else f"cspnet.darknet.load_model({args.cfg!r}, {args.out!r})")
     print(f"wrote {args.out}: {result.records} weighted layers from {args.weights} "
           f"(Darknet {h.major}.{h.minor}.{h.revision}, seen {h.seen}); load with {how}")

@@ -22,6 +22,7 @@ class DarknetConversion:
     header: WeightsHeader
     records: int
     model: str | None  # the registered model written, or None for the cfg-built layout
+    model_kwargs: dict[str, int] = dataclasses.field(default_factory=dict)  # create_model's, for the cfg's head and input
 
 
 def model_for_cfg(cfg_path: str | os.PathLike) -> str | None:
@@ -59,8 +60,9 @@ def convert_weights(
     """Read ``weights_path`` for ``cfg_path`` and write ``out_path`` (safetensors, atomically).
 
     Unless ``raw``, the weights go into the registered ``model`` (default: the one whose
-    ``darknet_cfg`` is this cfg's file name), after checking that the cfg-built network and the
-    native model compute the same function; otherwise the cfg-built network's state is written.
+    ``darknet_cfg`` is this cfg's file name), built with the cfg's class count and input channels
+    (a fine-tuned cfg's), after checking that the cfg-built network and the native model compute
+    the same function; otherwise the cfg-built network's state is written.
     With ``cutoff`` (or a ``.conv.N`` file) the layers after it keep their initial values.
     """
     from ..registry import create_model
@@ -84,9 +86,15 @@ def convert_weights(
         state = {k: v.clone() for k, v in darknet.state_dict().items()}
         path = save_weights(out_path, state, {**source, "layout": "darknet"})
         return DarknetConversion(path, header, records, None)
-    native = create_model(name)
-    check_records(darknet.weight_records(), native_records(native))
+    # a fine-tuned cfg has its own class count (the last conv's filters) and maybe another input depth
+    kwargs = {"num_classes": darknet.layers[-1].out_shape[0], "in_chans": darknet.in_chans}
+    native = create_model(name, **kwargs)
+    try:
+        check_records(darknet.weight_records(), native_records(native))
+    except DarknetWeightsError as e:
+        raise DarknetWeightsError(f"{os.path.basename(cfg_path)} does not map onto model {name!r} ({e}); convert "
+                                  "with --raw to keep the cfg-built network's layout") from None
     copy_records(darknet.weight_records(), native_records(native))
     _check_same_function(darknet, native, name)
     path = save_weights(out_path, native, {**model_metadata(native), **source, "layout": "native"})
-    return DarknetConversion(path, header, records, name)
+    return DarknetConversion(path, header, records, name, kwargs)
