@@ -283,3 +283,13 @@ def test_omega_weights_load_into_the_mish_model_and_are_refused_by_the_leaky_one
     assert official_cfg_named_by("csdarknet53-omega.conv.104") == "csdarknet53-omega.cfg"
     assert official_cfg_named_by("darknet53.weights") == "darknet53.cfg"  # not darknet.cfg
     assert official_cfg_named_by("my_backbone.weights") is None
+
+
+@pytest.mark.parametrize("name, cfg", [("cspresnet50", "csresnet50-omega.cfg"), ("cspresnext50", "csresnext50-omega.cfg")])
+def test_resnet_omega_weights_load_into_the_model_built_with_mish(name, cfg, tmp_path):
+    darknet = randomize(build_model(CFG_ROOT / "cfg" / cfg, SIZE))
+    path = write_weights(darknet, tmp_path / cfg.replace(".cfg", ".weights"))
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        model = cspnet.create_model(name, act="mish", darknet_weights=path).eval()
+        assert (model(x) - darknet(x)).abs().max() <= 1e-4
