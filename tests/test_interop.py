@@ -14,7 +14,7 @@ from torch import nn
 
 import cspnet
 from cspnet.cli import main as cli_main
-from cspnet.interop import convert_state, get_conversion, rename_keys
+from cspnet.interop import convert_file, convert_state, get_conversion, rename_keys
 from cspnet.weights import WeightsError, load_into, read_metadata
 
 timm = pytest.importorskip("timm")  # the optional extra cspnet[interop]; part of the test extra
@@ -180,9 +180,13 @@ def test_interop_does_not_need_timm_at_import():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_densenet_converter_accepts_torchvision_legacy_key_names():
-    # torchvision's published DenseNet files name layers 'norm.1', 'conv.2' (its loader renames them).
-    state = torchvision.models.densenet121(weights=None).state_dict()
-    legacy = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()}
+def test_torchvision_legacy_densenet_file_converts(tmp_path):
+    # torchvision's published DenseNet files name layers 'norm.1', 'conv.2' (its loader renames them) and,
+    # like its ResNet files, predate BatchNorm's num_batches_tracked buffers (torch's BatchNorm fills them in).
+    source = calibrate(torchvision.models.densenet121(weights=None))
+    legacy = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v
+              for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
-    assert convert_state("torchvision", "densenet121", legacy).keys() == convert_state("torchvision", "densenet121", state).keys()
+    torch.save(legacy, tmp_path / "densenet121.pth")
+    out = convert_file("torchvision", "densenet121", tmp_path / "densenet121.pth", tmp_path / "ours.safetensors")
+    assert_same_function(source, cspnet.create_model("densenet121", pretrained=out).eval())

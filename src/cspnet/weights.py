@@ -133,6 +133,10 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool 
     keep their values.
     """
     own = model.state_dict()
+    # Files saved before BatchNorm counted its batches (torchvision's published DenseNet and ResNet
+    # weights) lack `num_batches_tracked`; torch's BatchNorm loads them keeping its own count, as here.
+    uncounted = {k: own[k] for k in set(own) - set(state) if k.rsplit(".", 1)[-1] == "num_batches_tracked"}
+    state = {**state, **uncounted}
     missing = sorted(k for k in set(own) - set(state) if not (keep and k.startswith(keep)))
     unexpected = sorted(set(state) - set(own))
     mis_shaped = sorted(

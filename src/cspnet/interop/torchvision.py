@@ -17,7 +17,8 @@ torchvision's modules one for one)::
     classifier                                  head.fc
 
 torchvision's own DenseNet weight files predate its current module names (``norm.1`` for
-``norm1``); those keys are accepted too.
+``norm1``); those keys are accepted too. Its published DenseNet and ResNet files also predate
+BatchNorm's ``num_batches_tracked`` buffers, which `cspnet.weights.load_into` fills in as torch does.
 """
 from __future__ import annotations
 
