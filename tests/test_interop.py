@@ -175,6 +175,21 @@ def test_convert_cli_reads_pth_and_rejects_the_wrong_model(tmp_path, capsys):
     assert read_metadata(out)["model"] == "resnet50_tv"
 
 
+def test_timm_training_checkpoint_with_its_argparse_options_is_read(tmp_path):
+    # timm's CheckpointSaver stores the run's argparse.Namespace under "args" beside the state dict.
+    import argparse
+
+    from timm.utils import CheckpointSaver
+
+    model = cspnet.create_model("cspresnet10", num_classes=5)
+    args = argparse.Namespace(model="cspresnet10", lr=0.1, mean=None, input_size=[3, 224, 224], amp=True)
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args,
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path), max_history=1)
+    saver.save_checkpoint(0, metric=1.0)
+    again = cspnet.create_model("cspresnet10", num_classes=5, pretrained=tmp_path / "model_best.pth.tar")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
 def test_interop_does_not_need_timm_at_import():
     code = "import sys, cspnet, cspnet.interop, cspnet.cli; cspnet.interop.conversions(); assert 'timm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,6 +5,7 @@ files are read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -110,7 +111,10 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: not a file written by torch.save (it begins with {head!r})")
     if torch_save:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # timm's training checkpoints (CheckpointSaver) keep the run's options as an argparse.Namespace,
+            # a bag of attributes rebuilt without running code: allowed beside tensors and plain containers.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses anything but tensors and plain containers
             raise WeightsError(f"{path}: cannot be read safely with weights_only=True ({e})") from None
         for key in ("state_dict", "model", "model_state"):
