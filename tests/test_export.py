@@ -18,8 +18,8 @@ from cspnet.cli import main as cli_main
 from cspnet.detection import NECKS, create_detector
 from cspnet.export import (
     ConvAct, DeployedModel, OneDnnConvAct, OneDnnResidualBlock, deploy, export_onnx, export_safetensors,
-    export_torchscript, fuse, load_torchscript, onednn_available, onnx_session, run_onnx, unfolded_batchnorms,
-    use_onednn,
+    export_torchscript, fuse, load_torchscript, onednn_available, onnx_opset, onnx_session, run_onnx,
+    unfolded_batchnorms, use_onednn,
 )
 from cspnet.layers import ConvBnAct
 from cspnet.weights import load_into, load_state, read_metadata
@@ -306,6 +306,33 @@ def test_onnx_refuses_old_opsets_and_unknown_exporters(tmp_path):
     with pytest.raises(ValueError, match="exporter"):
         export_onnx(model, tmp_path / "m.onnx", SIZE, exporter="magic")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_onnx_file_holds_the_opset_asked_for(tmp_path, monkeypatch, capsys):
+    import onnx
+
+    model, x, ref = calibrated("resnet10")
+    path = tmp_path / "m.onnx"
+    # Above the legacy exporter's newest opset (20): the dynamo exporter writes it, no legacy attempt.
+    assert onnx_opset(export_onnx(model, path, SIZE, opset=21)) == 21
+    (out,) = run_onnx(onnx_session(path), x)
+    assert rel_err(out, ref) <= TOL
+    with pytest.warns(UserWarning, match="written at opset 18, not 17"):
+        assert onnx_opset(export_onnx(model, path, SIZE, exporter="dynamo")) == 18
+    newest = onnx.defs.onnx_opset_version()
+    with pytest.raises(ValueError, match=f"opset {newest + 1} is out of range: use 17 to {newest}"):
+        export_onnx(model, tmp_path / "new.onnx", SIZE, opset=newest + 1)
+    with pytest.raises(ValueError, match="the legacy exporter writes opsets up to 20, not 21"):
+        export_onnx(model, tmp_path / "new.onnx", SIZE, opset=21, exporter="legacy")
+    assert cli_main(["export", "resnet10", "--opset", str(newest + 1), "--out", str(tmp_path / "new.onnx")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
+
+    # The dynamo exporter keeps opset 18 when it cannot convert its graph: such a file is refused.
+    export = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **kw: export(*a, **{**kw, "opset_version": 18}))
+    with pytest.raises(ValueError, match="wrote opset 18, not the 22 asked for"):
+        export_onnx(model, tmp_path / "new.onnx", SIZE, opset=22)
+    assert not (tmp_path / "new.onnx").exists()
 
 
 def test_export_cli(tmp_path, capsys):

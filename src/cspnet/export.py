@@ -24,9 +24,9 @@ Exports (all written atomically: temp file, then ``os.replace``):
 
 - ONNX with a dynamic batch axis through the TorchScript-based exporter (``dynamo=False``,
   opset 17). It exports cspdarknet53 in ~2 s where the dynamo exporter takes ~25 s, with the
-  same outputs (within 1.2e-5 of eager on this machine). Graphs the legacy tracer rejects go
-  through the dynamo exporter (opset >= 18). The model is BN-folded first, so the graph is
-  conv + activation only.
+  same outputs (within 1.2e-5 of eager on this machine). Graphs the legacy tracer rejects, and
+  opsets above 20 (the legacy exporter's newest), go through the dynamo exporter (opset >= 18).
+  The model is BN-folded first, so the graph is conv + activation only.
 - TorchScript by tracing the fused model (``torch.jit.trace``; the models' shape-dependent
   branches depend on channel counts and strides only, never on the batch size).
 - safetensors of the (unfused) state dict with the model name and config as metadata, so
@@ -53,7 +53,9 @@ from .weights import model_metadata, save_weights
 from .winograd import WinogradConvAct, eligible, weight_state, wide_enough
 
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
-ONNX_OPSET = 17
+ONNX_OPSET = 17  # the oldest opset exports are made and tested at
+LEGACY_EXPORTER_MAX_OPSET = 20  # the newest opset torch.onnx's TorchScript-based exporter writes
+DYNAMO_EXPORTER_MIN_OPSET = 18  # the oldest opset torch.onnx's dynamo exporter writes
 BFLOAT16_OPSET = 22  # the first opset whose Conv takes bfloat16
 
 
@@ -461,17 +463,26 @@ def export_onnx(
     """Write ``model`` as ONNX with input ``input`` (N, C, H, W) and a dynamic batch axis.
 
     Outputs are named ``output`` (one tensor) or ``output0``, ``output1`` … (a list, e.g.
-    ``features_only`` models). ``exporter``: ``legacy`` (TorchScript-based, fast), ``dynamo``
-    (``torch.export``-based, opset >= 18), or ``auto``: legacy, and dynamo for the graphs the
-    legacy tracer rejects (it needs sizes it can treat as constants).
+    ``features_only`` models). ``exporter``: ``legacy`` (TorchScript-based, fast, opset <= 20),
+    ``dynamo`` (``torch.export``-based, opset >= 18), or ``auto``: legacy, and dynamo for the
+    graphs the legacy tracer rejects (it needs sizes it can treat as constants) and for opsets
+    above 20. ``opset`` runs from 17 to the newest the installed onnx defines; the file is checked
+    to hold it, and a warning says so when the dynamo exporter wrote 18 for 17.
     The graph keeps the model's dtype: a float16 model takes float16 input. bfloat16 needs opset
     22 or newer, and onnxruntime's CPU provider has no bfloat16 or float64 convolution.
     ``model`` is not modified.
     """
-    if opset < 17:
-        raise ValueError(f"opset {opset} is too old; use 17 or newer")
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not ONNX_OPSET <= opset <= newest:
+        raise ValueError(f"opset {opset} is out of range: use {ONNX_OPSET} to {newest} "
+                         f"(the newest the installed onnx {onnx.__version__} defines)")
     if exporter not in ("auto", "legacy", "dynamo"):
         raise ValueError(f"unknown exporter {exporter!r}; expected auto, legacy or dynamo")
+    if exporter == "legacy" and opset > LEGACY_EXPORTER_MAX_OPSET:
+        raise ValueError(f"the legacy exporter writes opsets up to {LEGACY_EXPORTER_MAX_OPSET}, not {opset}; "
+                         "use exporter='dynamo' or 'auto'")
     net = export_model(model, fused)
     # torch.export treats a dimension of size 1 as the constant 1, so a graph traced at batch 1
     # takes batch 1 only: a dynamic batch is traced at batch 2.
@@ -483,24 +494,39 @@ def export_onnx(
     with torch.no_grad():
         names = _output_names(net(x))
     with atomic_path(path) as tmp:
-        if exporter in ("auto", "legacy"):
+        if exporter == "legacy" or (exporter == "auto" and opset <= LEGACY_EXPORTER_MAX_OPSET):
             try:
-                _export_onnx_legacy(net, x, tmp, opset, names, dynamic_batch)
+                asked = _export_onnx_legacy(net, x, tmp, opset, names, dynamic_batch)
             except Exception as legacy_error:  # the legacy tracer's failures have no common base class
                 if exporter == "legacy":
                     raise
                 try:
-                    _export_onnx_dynamo(net, x, tmp, max(opset, 18), names, dynamic_batch)
+                    asked = _export_onnx_dynamo(net, x, tmp, opset, names, dynamic_batch)
                 except Exception as dynamo_error:
                     raise ValueError(
                         f"ONNX export failed with both exporters: legacy: {legacy_error}; dynamo: {dynamo_error}"
                     ) from dynamo_error
         else:
-            _export_onnx_dynamo(net, x, tmp, max(opset, 18), names, dynamic_batch)
+            asked = _export_onnx_dynamo(net, x, tmp, opset, names, dynamic_batch)
+        written = onnx_opset(tmp)
+        if written != asked:
+            raise ValueError(f"{path}: the exporter wrote opset {written}, not the {asked} asked for; nothing written")
+    if written != opset:
+        warnings.warn(f"{path}: written at opset {written}, not {opset}: the dynamo exporter (exporter={exporter!r}) "
+                      f"writes opset {DYNAMO_EXPORTER_MIN_OPSET} or newer", stacklevel=2)
     return Path(path)
 
 
-def _export_onnx_legacy(net: nn.Module, x: torch.Tensor, path: Path, opset: int, names: list[str], dynamic_batch: bool) -> None:
+def onnx_opset(path: str | os.PathLike) -> int:
+    """The opset of an ONNX file's standard operators."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _export_onnx_legacy(net: nn.Module, x: torch.Tensor, path: Path, opset: int, names: list[str], dynamic_batch: bool) -> int:
+    """Write ``path`` with the TorchScript-based exporter; return the opset asked of it."""
     axes = {n: {0: "batch"} for n in ["input", *names]} if dynamic_batch else None
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated in favour of dynamo=True, which is ~15x
@@ -513,14 +539,22 @@ def _export_onnx_legacy(net: nn.Module, x: torch.Tensor, path: Path, opset: int,
             net, (x,), str(path), dynamo=False, opset_version=opset,
             input_names=["input"], output_names=names, dynamic_axes=axes,
         )
+    return opset
 
 
-def _export_onnx_dynamo(net: nn.Module, x: torch.Tensor, path: Path, opset: int, names: list[str], dynamic_batch: bool) -> None:
+def _export_onnx_dynamo(net: nn.Module, x: torch.Tensor, path: Path, opset: int, names: list[str], dynamic_batch: bool) -> int:
+    """Write ``path`` with the ``torch.export``-based exporter; return the opset asked of it.
+
+    It builds an opset-18 graph and converts it to a newer opset asked for (keeping 18 when the
+    conversion fails, which `export_onnx` then catches); an older one is written as 18.
+    """
+    opset = max(opset, DYNAMO_EXPORTER_MIN_OPSET)
     shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     torch.onnx.export(
         net, (x,), str(path), dynamo=True, opset_version=opset, input_names=["input"], output_names=names,
         dynamic_shapes=shapes, external_data=False, verbose=False,
     )
+    return opset
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):

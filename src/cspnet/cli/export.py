@@ -28,7 +28,9 @@ def register(sub) -> None:
                         "the decoded boxes before NMS, is what gets exported")
     p.add_argument("--num-classes", type=NON_NEGATIVE_INT, default=None, help="classifier classes (default 1000) or detector classes (80)")
     p.add_argument("--input-size", type=POSITIVE_INT, default=None, help="example input size for tracing (default: the model's)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument("--opset", type=int, default=17,
+                   help="ONNX opset: 17 (default) up to the newest the installed onnx defines; above 20 the dynamo "
+                        "exporter writes it")
     p.add_argument("--no-fuse", action="store_true", help="keep BatchNorm layers in ONNX / TorchScript graphs")
     p.add_argument("--no-check", action="store_true", help="skip running the export against PyTorch")
     p.set_defaults(func=run)
@@ -125,7 +127,7 @@ def _check(fmt: str, path: Path, model, input_size: int) -> float:
 
 
 def run(args) -> int:
-    from ..export import export
+    from ..export import export, onnx_opset
 
     out = Path(args.out)
     fmt = args.format or SUFFIXES.get(out.suffix)
@@ -139,7 +141,8 @@ def run(args) -> int:
     elif fmt == "torchscript":
         kwargs = {"fused": not args.no_fuse}
     path = export(model, out, fmt, input_size, **kwargs)
-    line = f"wrote {path} ({fmt}, {path.stat().st_size / 1e6:.1f} MB)"
+    kind = f"onnx opset {onnx_opset(path)}" if fmt == "onnx" else fmt
+    line = f"wrote {path} ({kind}, {path.stat().st_size / 1e6:.1f} MB)"
     if fmt != "safetensors" and not args.no_check:
         err = _check(fmt, path, model, input_size)
         line += f"; max |export - torch| / output scale at batch 2: {err:.1e}"
