@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import cspnet
-from cspnet.weights import WeightsError, load_into, load_pretrained, load_state, model_metadata, read_metadata, save_weights
+from cspnet.weights import (
+    WeightsError, is_torch_save_file, load_into, load_pretrained, load_state, model_metadata, read_metadata, save_weights,
+)
 
 SIZE = 64
 EXPLOITED = []
@@ -204,3 +206,18 @@ def test_a_safetensors_file_is_never_taken_for_a_torch_save_file(tmp_path):
     assert list(load_state(path)) == ["x" * n]
     torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     assert torch.equal(load_state(tmp_path / "legacy.pth")["w"], torch.ones(2))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 3")
+def test_legacy_torch_save_files_are_recognised_in_every_pickle_protocol(tmp_path):
+    # The legacy format pickles its magic number first; from protocol 4 a FRAME opcode comes before it.
+    for protocol in (2, 3, 4, 5):
+        path = tmp_path / f"protocol{protocol}.pth"
+        torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+        assert is_torch_save_file(path)
+        if protocol <= 3:
+            assert torch.equal(load_state(path)["w"], torch.ones(2))
+        else:  # torch's weights-only unpickler knows protocols 2 and 3 only
+            with pytest.raises(WeightsError, match=f"written by torch.save with pickle protocol {protocol}, which "
+                                                   r"torch.load\(weights_only=True\) cannot read"):
+                load_state(path)

@@ -21,9 +21,13 @@ from .files import atomic_path
 
 METADATA_KEY = "cspnet"
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")  # torch.save files, read with weights_only=True
-# torch.save's zip archive, or its legacy format: pickle protocol 2 opening with its magic number as a
-# 10-byte long. A safetensors file opens with its header's length, which never looks like either.
-_TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80\x02\x8a\x0a")
+# torch.save writes a zip archive, or in its legacy format a pickle of its magic number first (torch/
+# serialization.py's MAGIC_NUMBER, a 10-byte LONG1) after the pickle's PROTO opcode and, from protocol 4,
+# a FRAME opcode with its 8-byte length. A safetensors file opens with its header's length, which never
+# looks like either.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PROTO, _FRAME = b"\x80", b"\x95"  # pickle opcodes: PROTO takes 1 byte, FRAME 8
+_LEGACY_MAGIC = b"\x8a\x0a" + 0x1950A86A20F9469CFC6C.to_bytes(10, "little")
 
 
 class WeightsError(ValueError):
@@ -78,12 +82,21 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def _first_bytes(path: Path) -> bytes:
     with open(path, "rb") as f:
-        return f.read(4)
+        return f.read(2 + 9 + len(_LEGACY_MAGIC))  # PROTO n, FRAME length, the legacy magic number
+
+
+def _written_by_torch_save(head: bytes) -> bool:
+    if head.startswith(_ZIP_MAGIC):
+        return True
+    if not head.startswith(_PROTO) or head[1:2] not in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return False
+    body = head[2 + 9:] if head[2:3] == _FRAME else head[2:]
+    return body.startswith(_LEGACY_MAGIC)
 
 
 def is_torch_save_file(path: Path) -> bool:
     """Whether ``path`` was written by ``torch.save`` (by its first bytes, whatever its name)."""
-    return _first_bytes(path).startswith(_TORCH_SAVE_MAGIC)
+    return _written_by_torch_save(_first_bytes(path))
 
 
 def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,10 +119,14 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: a Darknet weights file; read it with create_model(name, darknet_weights=...) or "
                            "convert it first: cspnet darknet convert CFG WEIGHTS OUT.safetensors")
     head = _first_bytes(path)
-    torch_save = head.startswith(_TORCH_SAVE_MAGIC)
+    torch_save = _written_by_torch_save(head)
     if path.suffix in _PICKLE_SUFFIXES and not torch_save:
-        raise WeightsError(f"{path}: not a file written by torch.save (it begins with {head!r})")
+        raise WeightsError(f"{path}: not a file written by torch.save (it begins with {head[:4]!r})")
     if torch_save:
+        if head.startswith(_PROTO) and head[1] > 3:  # the legacy format's pickle protocol, in its 2nd byte
+            raise WeightsError(f"{path}: written by torch.save with pickle protocol {head[1]}, which torch.load("
+                               "weights_only=True) cannot read (it takes protocols 2 and 3); where the file is trusted, "
+                               "save it again: torch.save(torch.load(path, weights_only=False), new_path)")
         try:
             # timm's training checkpoints (CheckpointSaver) keep the run's options as an argparse.Namespace,
             # a bag of attributes rebuilt without running code: allowed beside tensors and plain containers.
