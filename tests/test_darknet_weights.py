@@ -286,10 +286,13 @@ def test_omega_weights_load_into_the_mish_model_and_are_refused_by_the_leaky_one
 
 
 @pytest.mark.parametrize("name, cfg", [("cspresnet50", "csresnet50-omega.cfg"), ("cspresnext50", "csresnext50-omega.cfg")])
-def test_resnet_omega_weights_load_into_the_model_built_with_mish(name, cfg, tmp_path):
+def test_resnet_omega_weights_load_into_the_omega_models_and_are_refused_by_the_leaky_ones(name, cfg, tmp_path):
     darknet = randomize(build_model(CFG_ROOT / "cfg" / cfg, SIZE))
     path = write_weights(darknet, tmp_path / cfg.replace(".cfg", ".weights"))
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
-        model = cspnet.create_model(name, act="mish", darknet_weights=path).eval()
-        assert (model(x) - darknet(x)).abs().max() <= 1e-4
+        for model in (cspnet.create_model(f"{name}_omega", darknet_weights=path),
+                      cspnet.create_model(name, act="mish", darknet_weights=path)):  # the same network
+            assert (model.eval()(x) - darknet(x)).abs().max() <= 1e-4
+    with pytest.raises(DarknetWeightsError, match=f"load it into model '{name}_omega'"):
+        cspnet.create_model(name, darknet_weights=path)

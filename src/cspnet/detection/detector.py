@@ -26,9 +26,8 @@ from .necks import NECKS, build_neck, neck_inputs
 # downsampling (256 ch at stride 8, 512 at 16), not the 512 / 1024-ch concats before them.
 # csresnext50 (layers 38, 65) and csdarknet53 (54, 85) tap the stage outputs themselves. The
 # stride-4 tap, which only EFM reads, follows the same rule for cspresnet50.
-CFG_TAPS: dict[str, dict[int, str]] = {
-    "cspresnet50": {4: "stages.1.down.0", 8: "stages.2.down.0", 16: "stages.3.down.0"},
-}
+_CSPRESNET50_TAPS = {4: "stages.1.down.0", 8: "stages.2.down.0", 16: "stages.3.down.0"}
+CFG_TAPS: dict[str, dict[int, str]] = {"cspresnet50": _CSPRESNET50_TAPS, "cspresnet50_omega": _CSPRESNET50_TAPS}
 # Neck width at the coarsest level: 512 in the official cfgs (128 / 256 / 512); EFM and GFM were
 # designed for small backbones (paper Table 2: CSPPeleeNet), so they default to half of it.
 DEFAULT_WIDTH = {"fpn": 512, "panet": 512, "efm": 256, "efm-sam": 256, "efm-spp": 256, "gfm": 256}

@@ -1,12 +1,14 @@
 """ResNet / ResNeXt and their CSP forms, exact to the official Darknet cfgs.
 
 ``resnet50.cfg``, ``resnext50.cfg``, ``resnet10.cfg``, ``csresnet50.cfg`` and ``csresnext50.cfg``
-in WongKinYiu/CrossStagePartialNetworks. As in those cfgs there are no projection shortcuts:
+in WongKinYiu/CrossStagePartialNetworks, and the ``-omega`` cfgs of the CSP two (the same networks
+with Mish). As in those cfgs there are no projection shortcuts:
 a block whose input is narrower (or larger) than its output adds it partially (Darknet's
 ``[shortcut]``, see `cspnet.layers.darknet_add`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -165,6 +167,14 @@ MODELS = (
               darknet_cfg="resnext50.cfg", description="ResNeXt-50 32x4d as in resnext50.cfg"),
     ModelSpec("cspresnext50", "resnet", CSPRESNEXT50, build_resnet, PaperFigures(20.50, 7.93, 256, "repo README", 77.9),
               twin="resnext50", darknet_cfg="csresnext50.cfg", description="CSPResNeXt-50 (csresnext50.cfg)"),
+    # -omega: the same convolutions with Mish, so the README's params / BFLOPs hold; top-1 from the
+    # repo's imagenet/results.md (trained with CutMix, Mosaic and label smoothing too)
+    ModelSpec("cspresnet50_omega", "resnet", dataclasses.replace(CSPRESNET50, act="mish"), build_resnet,
+              PaperFigures(21.57, 8.97, 256, "repo README, results.md", 78.1), darknet_cfg="csresnet50-omega.cfg",
+              description="CSPResNet-50 with Mish (csresnet50-omega.cfg)"),
+    ModelSpec("cspresnext50_omega", "resnet", dataclasses.replace(CSPRESNEXT50, act="mish"), build_resnet,
+              PaperFigures(20.50, 7.93, 256, "repo README, results.md", 79.8), darknet_cfg="csresnext50-omega.cfg",
+              description="CSPResNeXt-50 with Mish (csresnext50-omega.cfg)"),
     ModelSpec("resnet10", "resnet", RESNET10, build_resnet,
               PaperFigures(5.24, 2.273, 256, "repo README", 63.5, bflops_decimals=3),
               darknet_cfg="resnet10.cfg", description="ResNet-10 (resnet10.cfg)"),
