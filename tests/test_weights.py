@@ -221,3 +221,21 @@ def test_legacy_torch_save_files_are_recognised_in_every_pickle_protocol(tmp_pat
             with pytest.raises(WeightsError, match=f"written by torch.save with pickle protocol {protocol}, which "
                                                    r"torch.load\(weights_only=True\) cannot read"):
                 load_state(path)
+
+
+def test_state_dicts_of_compiled_and_wrapped_models_load(tmp_path):
+    # torch.compile prefixes every key with "_orig_mod.", DataParallel / DDP with "module.", in either nesting.
+    from safetensors.torch import save_file
+
+    model = cspnet.create_model("cspresnet10")
+    compiled = torch.compile(model).state_dict()  # compiles nothing until called
+    assert next(iter(compiled)).startswith("_orig_mod.")
+    files = {"compiled.pth": compiled, "ddp_compiled.pth": {f"module.{k}": v for k, v in compiled.items()},
+             "compiled.safetensors": {k: v.contiguous() for k, v in compiled.items()}}
+    for name, state in files.items():
+        if name.endswith(".pth"):
+            torch.save(state, tmp_path / name)
+        else:
+            save_file(state, str(tmp_path / name))
+        again = cspnet.create_model("cspresnet10", pretrained=tmp_path / name)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())), name

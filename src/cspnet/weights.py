@@ -99,15 +99,24 @@ def is_torch_save_file(path: Path) -> bool:
     return _written_by_torch_save(_first_bytes(path))
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+
+
 def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keys without the ``module.`` prefix of a model saved inside DataParallel / DDP."""
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    """The keys without the prefixes of a model saved inside wrappers: ``module.`` (DataParallel / DDP) and
+    ``_orig_mod.`` (``torch.compile``), however nested."""
+    def bare(key: str) -> str:
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        return key
+
+    return {bare(k): v for k, v in state.items()}
 
 
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from a safetensors file or (never unpickling) from a ``torch.save`` file
-    (``.pth``, ``.pt``, ``.bin``, ``.ckpt``, ``.pth.tar``; a ``state_dict`` / ``model`` entry is taken,
-    and DataParallel's ``module.`` prefix dropped)."""
+    (``.pth``, ``.pt``, ``.bin``, ``.ckpt``, ``.pth.tar``; a ``state_dict`` / ``model`` entry is taken);
+    the prefixes of DataParallel / DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) are dropped."""
     path = Path(path)
     if path.is_dir():
         raise WeightsError(f"{path}: a folder, not a weights file (a training run's weights are {path / 'last.safetensors'})")
@@ -141,7 +150,7 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path}: does not hold a flat state dict of tensors")
         return strip_wrapper_prefix(obj)
     try:
-        return load_file(str(path))
+        return strip_wrapper_prefix(load_file(str(path)))
     except (SafetensorsError, OSError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
 

@@ -89,8 +89,8 @@ def get_conversion(library: str, source: str) -> Conversion:
 
 
 def convert_state(library: str, source: str, state: StateDict) -> StateDict:
-    """Map ``library``'s ``source`` state dict onto its cspnet model's keys and layouts (a DataParallel /
-    DDP ``module.`` prefix is dropped)."""
+    """Map ``library``'s ``source`` state dict onto its cspnet model's keys and layouts (the ``module.`` /
+    ``_orig_mod.`` prefixes of DataParallel / DDP and ``torch.compile`` are dropped)."""
     state = strip_wrapper_prefix(state)
     return get_conversion(library, source).convert(state)
 
