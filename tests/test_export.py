@@ -464,3 +464,12 @@ def test_profile_refuses_a_deployed_model():
     model = cspnet.create_model("cspresnet10").eval()
     with pytest.raises(ValueError, match="profile the model before deploying it"):
         cspnet.profile(deploy(model), SIZE)
+
+
+def test_export_refuses_a_deployed_model(tmp_path):
+    # Its oneDNN kernels run under inference_mode (no exporter traces them) and its weights are folded.
+    deployed = deploy(cspnet.create_model("resnet10"))
+    for export_fn, name in ((export_onnx, "m.onnx"), (export_torchscript, "m.pt"), (export_safetensors, "m.safetensors")):
+        with pytest.raises(ValueError, match="export the model before deploying it"):
+            export_fn(deployed, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []

@@ -444,8 +444,17 @@ def _output_names(outputs: Any) -> list[str]:
     raise ValueError(f"can only export models returning a tensor or a list of tensors, got {type(outputs).__name__}")
 
 
+def _refuse_deployed(model: nn.Module) -> None:
+    deployed = (DeployedModel, OneDnnConvAct, OneDnnResidualBlock, WinogradConvAct)
+    if any(isinstance(m, deployed) for m in model.modules()):
+        raise ValueError("a deployed model (cspnet.deploy) runs fused oneDNN kernels under inference_mode, which "
+                         "no exporter traces, and holds folded weights only; export the model before deploying it "
+                         "(ONNX and TorchScript exports fold BatchNorm themselves)")
+
+
 def export_model(model: nn.Module, fused: bool = True) -> nn.Module:
     """The module exports are made from: an eval-mode copy of ``model``, BN-folded if ``fused``."""
+    _refuse_deployed(model)
     net = copy.deepcopy(model).eval()
     return fuse(net) if fused else net
 
@@ -600,7 +609,7 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict
     ``cspnet.create_model(name, pretrained=path)`` reads a classifier back (checking the name
     and config); ``cspnet.weights.load_into`` reads any model back.
     """
-
+    _refuse_deployed(model)
     return save_weights(path, model, {**model_metadata(model), **(metadata or {})})
 
 
