@@ -371,15 +371,19 @@ def test_export_cli_takes_the_model_of_a_training_run(tmp_path, capsys):
                      "--threads", "1", "--out", str(run)]) == 0
     capsys.readouterr()
     path = tmp_path / "run.onnx"
-    assert cli_main(["export", "--checkpoint", str(run), "--ema", "--out", str(path)]) == 0
+    raw_path = tmp_path / "raw.onnx"
+    assert cli_main(["export", "--checkpoint", str(run), "--out", str(path)]) == 0  # the EMA weights, which were scored
     assert float(capsys.readouterr().out.rsplit(":", 1)[1]) <= TOL
+    assert cli_main(["export", "--checkpoint", str(run), "--raw-weights", "--out", str(raw_path)]) == 0
+    capsys.readouterr()
     from cspnet.engine.classify import load_classifier
 
-    model, _ = load_classifier(run, ema=True)
     x = torch.randn(2, 1, 24, 24)
-    (onnx_out,) = run_onnx(onnx_session(path), x)
+    (onnx_out,), (raw_out,) = run_onnx(onnx_session(path), x), run_onnx(onnx_session(raw_path), x)
     with torch.no_grad():
-        assert onnx_out.shape == (2, 10) and rel_err(onnx_out, model(x)) <= TOL
+        ema_ref, raw_ref = load_classifier(run, ema=True)[0](x), load_classifier(run, ema=False)[0](x)
+        assert onnx_out.shape == (2, 10) and rel_err(onnx_out, ema_ref) <= TOL and rel_err(raw_out, raw_ref) <= TOL
+        assert rel_err(ema_ref, raw_ref) > 100 * TOL
     # a detection run: its detector, classes and input size
     det_run = tmp_path / "det"
     assert cli_main(["detect", "train", "--model", "cspresnet10", "--backbone-width", "0.25", "--neck-width", "32",

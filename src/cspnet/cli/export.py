@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .argtypes import NON_NEGATIVE_INT, POSITIVE_INT
+from .train import add_weights_args, weights_choice
 
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".safetensors": "safetensors"}
 
@@ -18,7 +19,7 @@ def register(sub) -> None:
                    help="instead of MODEL: the trained model of a run directory (cspnet train or cspnet detect train), "
                         "with its width, options, channels, classes and input size")
     p.add_argument("--name", default=None, help="with --checkpoint: last or best (default: last; detection: best if any)")
-    p.add_argument("--ema", action="store_true", help="with --checkpoint (classification): the EMA weights")
+    add_weights_args(p)  # with --checkpoint, classification: EMA (the default when kept) or raw weights
     p.add_argument("--format", choices=("onnx", "torchscript", "safetensors"), default=None,
                    help="default: from the --out suffix (.onnx, .pt/.ts, .safetensors)")
     p.add_argument("--out", required=True, help="output file")
@@ -49,13 +50,13 @@ def _from_run(args):
     if "detector" in run:
         from ..detection.train import load_detector
 
-        if args.ema:
-            raise ValueError("--ema is for classification runs; a detection run's EMA weights are its weights")
+        if args.ema or args.raw_weights:
+            raise ValueError("--ema / --raw-weights are for classification runs; a detection run's EMA weights are its weights")
         model, run = load_detector(args.checkpoint, args.name)
         return model, args.input_size or run["img_size"]
     from ..engine.classify import load_classifier
 
-    model, run = load_classifier(args.checkpoint, args.name or "last", ema=args.ema)
+    model, run = load_classifier(args.checkpoint, args.name or "last", ema=weights_choice(args))
     return model, args.input_size or run["data"]["img_size"]
 
 
@@ -99,8 +100,8 @@ def _build(args):
         return _from_run(args)
     if args.model is None:
         raise ValueError("give a registered MODEL or --checkpoint RUN")
-    if args.name or args.ema:
-        raise ValueError("--name and --ema go with --checkpoint RUN")
+    if args.name or args.ema or args.raw_weights:
+        raise ValueError("--name, --ema and --raw-weights go with --checkpoint RUN")
     spec = get_spec(args.model)
     if args.detector:
         return _detector(args), args.input_size or 416
