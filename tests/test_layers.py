@@ -5,7 +5,7 @@ from torch import nn
 
 from cspnet.blocks import DarkBlock
 from cspnet.export import fuse
-from cspnet.layers import ConvBnAct, ConvOutputBatchNorm2d, Shortcut, darknet_add
+from cspnet.layers import ConvBnAct, ConvOutputBatchNorm2d, Shortcut, darknet_add, memory_efficient
 
 
 @pytest.mark.parametrize("shortcut_shape", [(2, 8, 6, 6), (2, 12, 6, 6), (2, 8, 12, 12)])
@@ -70,18 +70,30 @@ def module_in_chs(module: nn.Module) -> int:
     return next(m for m in module.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
-def test_a_hook_on_the_conv_sees_its_real_output_though_the_bn_works_in_place():
+@pytest.mark.parametrize("where", ["conv", "bn", "bn_pre", "memory_efficient"])
+def test_hooks_see_the_real_conv_output_though_the_bn_works_in_place(where):
     layer = calibrated(ConvBnAct(3, 8, 3, act="leaky")).eval()
     side = int((ConvOutputBatchNorm2d.IN_PLACE_MIN_NUMEL / 8) ** 0.5) + 1  # the BN would work in place
     x = torch.randn(1, 3, side, side)
     kept = []
-    layer.conv.register_forward_hook(lambda module, inputs, output: kept.append(output))
+    if where == "conv":
+        layer.conv.register_forward_hook(lambda module, inputs, output: kept.append(output))
+    elif where == "bn":  # e.g. BN-statistics calibration reading the BN's input
+        layer.bn.register_forward_hook(lambda module, inputs, output: kept.append(inputs[0]))
+    elif where == "bn_pre":
+        layer.bn.register_forward_pre_hook(lambda module, inputs: kept.append(inputs[0]))
+    else:  # a memory-efficient model being validated
+        memory_efficient(layer)
+        layer.conv.register_forward_hook(lambda module, inputs, output: kept.append(output))
     with torch.no_grad():
-        layer(x)
+        out = layer(x)
         assert torch.equal(kept[0], layer.conv(x))
+        reference = calibrated(ConvBnAct(3, 8, 3, act="leaky")).eval()
+        reference.load_state_dict(layer.state_dict())
+        assert torch.allclose(out, reference(x), rtol=1e-5, atol=1e-5)
 
 
-def test_conv_output_batchnorm_normalizes_in_place_only_in_eval_without_autograd():
+def test_conv_output_batchnorm_is_batchnorm_and_conv_bn_act_normalizes_in_place_only_in_eval_without_autograd():
     torch.manual_seed(0)
     layer = calibrated(ConvBnAct(3, 8, 3, act="leaky"))
     assert isinstance(layer.bn, ConvOutputBatchNorm2d) and isinstance(layer.bn, nn.BatchNorm2d)
@@ -92,21 +104,25 @@ def test_conv_output_batchnorm_normalizes_in_place_only_in_eval_without_autograd
     expected = reference(y)
     with torch.no_grad():
         y_copy = y.clone()
-        out = layer.bn(y_copy)
-        assert out.data_ptr() == y_copy.data_ptr()  # normalized in place
-        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
-        small = y[:, :, :5, :5].clone()  # below the threshold: a new map, exactly nn.BatchNorm2d
-        out = layer.bn(small)
-        assert out.data_ptr() != small.data_ptr() and torch.equal(out, reference(small))
-    # Recording autograd, or training: exactly nn.BatchNorm2d, input untouched, statistics updated.
-    y_copy = y.clone()
-    assert torch.equal(layer.bn(y_copy), expected) and torch.equal(y_copy, y)
-    layer.bn.train()
-    before = layer.bn.running_mean.clone()
+        assert torch.equal(layer.bn(y_copy), expected) and torch.equal(y_copy, y)  # as a module: never in place
+        assert layer.bn.can_normalize_in_place(y)
+        out = layer.bn.normalize_in_place(y_copy)
+        assert out.data_ptr() == y_copy.data_ptr() and torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+        assert not layer.bn.can_normalize_in_place(y[:, :, :5, :5])  # below the threshold
+    assert not layer.bn.can_normalize_in_place(y)  # recording autograd
     with torch.no_grad():
-        out = layer.bn(y.clone())
-    assert torch.allclose(out.mean((0, 2, 3)), layer.bn.bias, atol=1e-5)
-    assert not torch.equal(layer.bn.running_mean, before)
+        assert not layer.bn.train().can_normalize_in_place(y)
+    # ConvBnAct takes the in-place form exactly when the BN may
+    calls = []
+    real = layer.bn.normalize_in_place
+    layer.bn.normalize_in_place = lambda t: calls.append(t.shape) or real(t)
+    x = torch.randn(1, 3, side, side)
+    with torch.no_grad():
+        layer.eval()(x)
+        layer.eval()(x[:, :, :9, :9])
+        layer.train()(x[:, :, :9, :9])
+    layer.eval()(x[:, :, :9, :9])
+    assert calls == [(1, 8, side, side)]
 
 
 def test_conv_bn_act_layers_fold_and_match_with_the_inplace_batchnorm():

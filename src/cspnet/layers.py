@@ -14,7 +14,10 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks  # hooks registered with register_module_forward_hook
+from torch.nn.modules.module import (  # hooks registered with register_module_forward_(pre_)hook
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 from torch.utils.weak import WeakIdKeyDictionary
 
 ACTIVATIONS = ("leaky", "leaky_0.01", "mish", "swish", "relu", "relu6", "logistic", "linear")
@@ -67,16 +70,15 @@ def make_act(name: str) -> nn.Module:
 
 
 class ConvOutputBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` for the output of the convolution just before it (`ConvBnAct`).
+    """``nn.BatchNorm2d`` for the output of the convolution just before it (`ConvBnAct`), with an
+    in-place form for that output.
 
-    In eval mode with no autograd graph recorded it normalizes a large map in place, as
-    ``x * scale + shift`` with per-channel factors (equal to ``nn.BatchNorm2d`` up to float
-    rounding, ~3e-7 relative), so the conv+BN pair allocates one such map, not two. The conv
-    output is fresh and nothing else reads it (`ConvBnAct` hands the BN a copy when a forward
-    hook on the conv could keep it), so overwriting it is safe. Otherwise (training,
-    autograd recording, or a map below ``IN_PLACE_MIN_NUMEL``) it is exactly ``nn.BatchNorm2d``;
-    its parameters and buffers are the same, so state dicts, converters and BN folding see a
-    plain BatchNorm2d.
+    Called as a module it is exactly ``nn.BatchNorm2d`` (its parameters and buffers are the same, so
+    state dicts, converters and BN folding see a plain BatchNorm2d). `ConvBnAct`, which owns the
+    fresh conv output, normalizes a large map in place in eval mode with no autograd graph recorded
+    (`normalize_in_place`: ``x * scale + shift`` with per-channel factors, equal to
+    ``nn.BatchNorm2d`` up to float rounding, ~3e-7 relative), so the conv+BN pair allocates one such
+    map, not two.
     """
 
     # Why only large maps: glibc serves allocations below its mmap threshold (adaptive, up to
@@ -87,15 +89,24 @@ class ConvOutputBatchNorm2d(nn.BatchNorm2d):
     # both batch sizes get the faster form.
     IN_PLACE_MIN_NUMEL = 1 << 22
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
+    def can_normalize_in_place(self, x: torch.Tensor) -> bool:
+        """Eval mode, no autograd recording, running statistics and affine factors, a large map."""
+        return not (
             self.training or torch.is_grad_enabled() or self.running_mean is None or not self.affine
             or x.numel() < self.IN_PLACE_MIN_NUMEL
-        ):
-            return super().forward(x)
+        )
+
+    def normalize_in_place(self, x: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``x`` with its eval-mode normalization; for a map nothing else reads."""
         scale = self.weight * torch.rsqrt(self.running_var + self.eps)
         shift = self.bias - self.running_mean * scale
         return x.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
+
+
+def _observed(*modules: nn.Module) -> bool:
+    """Whether a hook could see (and keep) the maps passing through ``modules``."""
+    return bool(_global_forward_hooks or _global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 # Memory-efficient training (`memory_efficient`). Autograd normally keeps two maps per Conv-BN-act
@@ -283,8 +294,9 @@ class ConvBnAct(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.memory_efficient:
             y = self.conv(x)
-            if self.conv._forward_hooks or _global_forward_hooks:
-                y = y.clone()  # a hook may keep the conv output: the BN must not normalise it in place
+            # the conv output is fresh and read by the BN alone, unless a hook on either sees it
+            if self.bn.can_normalize_in_place(y) and not _observed(self.conv, self.bn):
+                return self.act(self.bn.normalize_in_place(y))
             return self.act(self.bn(y))
         with saving_recipes():  # the input, if recomputable, is saved as its recipe
             x = self.conv(x)
