@@ -10,10 +10,12 @@ from torch import nn
 
 import cspnet
 from cspnet.bench import (
-    FIXED_MMAP_THRESHOLD, NO_SLOWDOWN_TARGET, OURS_MEMORY_EFFICIENT, TIMM_EQUIVALENTS, BenchConfig, Clock, build,
-    check_targets, flops_saving, make_groups, measure_peak, quick_config, run_benchmarks, run_interleaved,
-    saved_activation_bytes, to_markdown, worker_env,
+    FIXED_MMAP_THRESHOLD, NO_SLOWDOWN_TARGET, OURS_MEMORY_EFFICIENT, TIMM_EQUIVALENTS, BenchConfig, Clock, Timing,
+    build, check_targets, flops_saving, make_groups, measure_peak, quick_config, run_benchmarks, run_interleaved,
+    saved_activation_bytes, to_markdown, winograd_layers_run, worker_env,
 )
+from cspnet.export import ConvAct, OneDnnConvAct, deploy, onednn_available
+from cspnet.winograd import WinogradConvAct
 from cspnet.cli import main as cli_main
 
 
@@ -124,13 +126,40 @@ def test_timm_models_run_side_by_side():
     eager = checks["eager >= 1.0x timm eager"]
     assert eager.value == pytest.approx(report.best_eager("darknet53", "timm", 1) / report.best_eager("darknet53", "ours", 1))
     deploy = checks["deploy (best of plain, Winograd) >= 1.3x timm eager"]
-    best_deploy = min(report.median("darknet53", "ours", v, 1) for v in ("deploy", "deploy_winograd"))
-    assert deploy.value == pytest.approx(report.best_eager("darknet53", "timm", 1) / best_deploy)
+    # At batch 1 (64 px) Winograd gains on no layer, so deploy+W ran the plain network: the target takes plain deploy.
+    assert report.winograd_count("darknet53", 1) == 0
+    assert deploy.value == pytest.approx(report.best_eager("darknet53", "timm", 1) / report.median("darknet53", "ours", "deploy", 1))
     assert deploy.passed == (deploy.value >= 1.3)
     g = report.gflops_per_s("darknet53", "ours", "deploy", 1)
     assert g == pytest.approx(2 * report.profiles["ours:darknet53"]["macs"] / (report.median("darknet53", "ours", "deploy", 1) / 1e3) / 1e9)
     md = to_markdown(report)
     assert "| darknet53 | darknet53 |" in md  # the mapping table
+
+
+def test_deploy_target_takes_winograd_only_where_it_computed_a_layer():
+    report = _report_with_timings([500.0] * 7, [650.0] * 7)
+    report.timings += [Timing("darknet53", "ours", "deploy", 8, [500.0] * 7),
+                       Timing("darknet53", "ours", "deploy_winograd", 8, [480.0] * 7)]
+    deploy = lambda: next(c for c in check_targets(report) if c.target.startswith("deploy (best"))  # noqa: E731
+    # No layer computed by Winograd: deploy+W timed the plain network again, and its lower time is noise.
+    report.winograd_layers["darknet53, batch 8"] = 0
+    assert deploy().value == pytest.approx(650 / 500)
+    assert "| 500.0 | 480.0 | 0 |" in to_markdown(report)  # deploy, deploy+W, W layers
+    report.winograd_layers["darknet53, batch 8"] = 12
+    assert deploy().value == pytest.approx(650 / 480)
+    assert "| 500.0 | 480.0 | 12 |" in to_markdown(report)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="Winograd runs on the oneDNN deploy path")
+def test_winograd_layers_run_counts_the_layers_winograd_computed(monkeypatch):
+    # Two layers are swapped; each decides per input. Its Winograd kernels are replaced by zeros so that
+    # nothing compiles: what is counted is which path each layer took.
+    layers = [WinogradConvAct(OneDnnConvAct(ConvAct(nn.Conv2d(c, 128, 3, padding=1), nn.ReLU()), ("relu", [])))
+              for c in (64, 128)]
+    net = deploy(nn.Sequential(*layers), onednn=False)
+    monkeypatch.setattr(WinogradConvAct, "run", lambda self, x, algorithm: torch.zeros(x.shape[0], 128, *x.shape[2:]))
+    assert winograd_layers_run(net, torch.randn(1, 64, 28, 28)) == 0  # batch 1: too few tiles, both run direct
+    assert winograd_layers_run(net, torch.randn(8, 64, 28, 28)) == 2
 
 
 # The correspondence claims of TIMM_EQUIVALENTS, checked against timm's own parameter counts.
