@@ -202,6 +202,15 @@ def test_groups_pair_each_model_with_its_twin_once():
     assert make_groups(("cspresnet50", "resnet50", "cspdarknet53"), twins=True) == [
         ["cspresnet50", "resnet50"], ["cspdarknet53", "darknet53"]]
     assert make_groups(("cspresnet50",), twins=False) == [["cspresnet50"]]
+    # The twin listed first still pairs with its CSP model, CSP model first (check_targets reads them so).
+    assert make_groups(("resnet10", "cspresnet10"), twins=True) == [["cspresnet10", "resnet10"]]
+    assert make_groups(("darknet53", "cspresnet50", "cspdarknet53", "resnet50"), twins=True) == [
+        ["cspdarknet53", "darknet53"], ["cspresnet50", "resnet50"]]
+    # A CSP model that is also an elastic model's twin pairs once, with whichever was listed first.
+    assert make_groups(("cspdarknet53", "cspdarknet53_elastic"), twins=True) == [
+        ["cspdarknet53", "darknet53"], ["cspdarknet53_elastic"]]
+    assert make_groups(("cspdarknet53_elastic", "cspdarknet53"), twins=True) == [["cspdarknet53_elastic", "cspdarknet53"]]
+    assert make_groups(("resnet10", "cspresnet10"), twins=False) == [["resnet10"], ["cspresnet10"]]
     with pytest.raises(ValueError, match="did you mean"):
         make_groups(("cspresnet5O",), twins=True)
 

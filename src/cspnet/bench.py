@@ -420,17 +420,28 @@ def build(impl: str, name: str) -> nn.Module:
 
 
 def make_groups(models: tuple[str, ...], twins: bool) -> list[list[str]]:
-    """Each model with its plain twin (when it has one), every model once."""
+    """Each model with its plain twin (when it has one), as [CSP model, twin], every model once.
+
+    A twin listed before its CSP model joins that model's group all the same; groups come in the
+    order their first member was listed. A model already paired is not paired again (a CSP
+    model that is also an elastic model's twin pairs with whichever was listed first).
+    """
     for name in models:
         get_spec(name)  # unknown names fail here, with suggestions
+    csp_of: dict[str, str] = {}  # twin -> its CSP model
+    paired: set[str] = set()
+    for name in models:
+        twin = get_spec(name).twin if twins else None
+        if twin and twin != name and not {name, twin} & paired:
+            csp_of[twin] = name
+            paired.update((name, twin))
+    twin_of = {csp: twin for twin, csp in csp_of.items()}
     groups, seen = [], set()
     for name in models:
-        if name in seen:
+        csp = csp_of.get(name, name)
+        if csp in seen:
             continue
-        group = [name]
-        twin = get_spec(name).twin if twins else None
-        if twin and twin not in seen and twin != name:
-            group.append(twin)
+        group = [csp] + ([twin_of[csp]] if csp in twin_of else [])
         seen.update(group)
         groups.append(group)
     return groups
