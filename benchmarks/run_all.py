@@ -29,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
-    from cspnet.bench import DEFAULT_MODELS, BenchConfig, run_benchmarks, to_markdown, write_report
+    from cspnet.bench import DEFAULT_MODELS, BenchConfig, report_json_path, run_benchmarks, to_markdown, write_report
+
+    try:
+        report_json_path(args.out)  # refused now, not after a run of many minutes
+    except ValueError as e:
+        p.error(str(e))
 
     models = DEFAULT_MODELS + (CONTROLS if args.controls else ())
     config = BenchConfig(models=models, repeats=args.repeats, threads=args.threads, device=args.device)

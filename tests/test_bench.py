@@ -12,7 +12,7 @@ import cspnet
 from cspnet.bench import (
     FIXED_MMAP_THRESHOLD, NO_SLOWDOWN_TARGET, OURS_MEMORY_EFFICIENT, TIMM_EQUIVALENTS, BenchConfig, Clock, Timing,
     build, check_targets, flops_saving, make_groups, measure_peak, quick_config, run_benchmarks, run_interleaved,
-    saved_activation_bytes, to_markdown, winograd_layers_run, worker_env,
+    saved_activation_bytes, to_markdown, winograd_layers_run, worker_env, write_report,
 )
 from cspnet.export import ConvAct, OneDnnConvAct, deploy, onednn_available
 from cspnet.winograd import WinogradConvAct
@@ -86,6 +86,25 @@ def test_quick_suite_via_cli_records_every_measurement(tmp_path, capsys):
     assert rss["value"] == pytest.approx(lean("cspresnet10") / lean("resnet10"))
     assert f"{100 * saving:.1f}%" in text
     assert "mmap threshold fixed at 128 KiB" in text
+
+
+def test_a_json_report_path_is_refused_before_the_run(tmp_path, capsys, benchmark_script):
+    # The raw numbers go beside the report as .json: a .json report path would be both files.
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", "--quick", "cspresnet10", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "ends in .json" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):
+        benchmark_script("run_all").main(["--out", str(out)])
+    assert "ends in .json" in capsys.readouterr().err
+    report = _report_with_timings([100.0] * 7, [100.0] * 7)
+    with pytest.raises(ValueError, match="ends in .json"):
+        write_report(report, out)
+    assert not out.exists()
+    assert write_report(report, tmp_path / "bench") == tmp_path / "bench"  # no suffix: the JSON is bench.json
+    assert (tmp_path / "bench").read_text().startswith("# Benchmarks")
+    assert json.loads((tmp_path / "bench.json").read_text())["groups"] == [["darknet53"]]
 
 
 # A 30 MiB block is mapped; freeing it raises glibc's adaptive mmap threshold, so the next 20 MiB

@@ -1102,11 +1102,23 @@ def _memory_table(report: BenchReport) -> list[str]:
     return lines
 
 
-def write_report(report: BenchReport, path: str | os.PathLike, title: str = "Benchmarks", preamble: str = "") -> Path:
-    """Write the Markdown report (and the raw numbers as JSON beside it), atomically."""
+def report_json_path(path: str | os.PathLike) -> Path:
+    """Where `write_report` puts the raw numbers of the Markdown report ``path``: beside it, as .json.
+
+    A ``.json`` report path is refused: the JSON would be written over the report.
+    """
     path = Path(path)
+    if path.suffix.lower() == ".json":
+        raise ValueError(f"the report path {path} ends in .json, the name of the raw numbers written beside the "
+                         f"Markdown report; give the Markdown path (e.g. {path.with_suffix('.md')})")
+    return path.with_suffix(".json")
+
+
+def write_report(report: BenchReport, path: str | os.PathLike, title: str = "Benchmarks", preamble: str = "") -> Path:
+    """Write the Markdown report (and the raw numbers as JSON beside it, `report_json_path`), atomically."""
+    path, json_path = Path(path), report_json_path(path)
     text = f"# {title}\n\n" + (preamble.strip() + "\n\n" if preamble.strip() else "") + to_markdown(report) + "\n"
-    for target, content in ((path, text), (path.with_suffix(".json"), json.dumps(report.as_dict(), indent=1) + "\n")):
+    for target, content in ((path, text), (json_path, json.dumps(report.as_dict(), indent=1) + "\n")):
         atomic_write_text(target, content)
     return path
 

@@ -1,6 +1,7 @@
 """``cspnet bench``: the side-by-side speed and memory suite (see `cspnet.bench`)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -8,7 +9,8 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="speed and memory: eager vs deploy vs onnxruntime vs timm, CSP vs plain twin")
     p.add_argument("models", nargs="*", help="models (default: cspresnet50 cspresnext50 cspdarknet53); twins are added")
     p.add_argument("--quick", action="store_true", help="seconds-long run at 64 px (checks the bookkeeping, not speed)")
-    p.add_argument("--out", default=None, help="write the Markdown report here (and the raw numbers as .json beside it)")
+    p.add_argument("--out", type=report_path, default=None,
+                   help="write the Markdown report here (and the raw numbers as .json beside it; so not a .json path)")
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--train-batch", type=int, default=None)
@@ -32,6 +34,17 @@ def register(sub) -> None:
                    help="measure peak RSS with glibc's adaptive malloc, which keeps freed blocks (default: a fixed "
                         "mmap threshold, so RSS follows the live tensors)")
     p.set_defaults(func=run)
+
+
+def report_path(text: str) -> Path:
+    """--out, refused while parsing (not after the run) where the JSON beside it would overwrite it."""
+    from ..bench import report_json_path
+
+    try:
+        report_json_path(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return Path(text)
 
 
 def config_from_args(args):
