@@ -107,6 +107,18 @@ def test_a_json_report_path_is_refused_before_the_run(tmp_path, capsys, benchmar
     assert json.loads((tmp_path / "bench.json").read_text())["groups"] == [["darknet53"]]
 
 
+def test_memory_step_column_says_it_counts_gradients_and_momentum():
+    # rss_model is read before the first step, and SGD allocates its momentum buffers at that step: the
+    # step column is peak minus the built model, not minus "model & optimizer".
+    report = _report_with_timings([100.0] * 7, [100.0] * 7)
+    report.memory["ours:darknet53"] = {"rss_peak": 900.0, "rss_base": 500.0, "rss_model": 600.0, "train": 400.0,
+                                       "step": 300.0, "tensor_peak": 380.0, "activations": 200.0}
+    text = to_markdown(report)
+    assert "| step (peak − model built) |" in text and "model & optimizer" not in text
+    assert "| 900 | 500 | 400 | 300 | 380 | 200 |" in text
+    assert "gradients and SGD momentum (allocated at the first step) count in it" in text
+
+
 # A 30 MiB block is mapped; freeing it raises glibc's adaptive mmap threshold, so the next 20 MiB
 # block comes from the heap and stays resident after it is freed.
 _FREED_BLOCK_RSS = """

@@ -523,14 +523,16 @@ def measure_memory(impl: str, name: str, batch: int, input_size: int, device: st
                    memory_efficient: bool = False) -> dict[str, Any]:
     """Memory of training ``name`` in this process (call it in a fresh one: see `memory_in_subprocess`).
 
-    Returns MiB: ``rss_base`` (after imports), ``rss_model`` (model + optimizer built),
-    ``rss_peak`` (peak RSS, ``VmHWM`` reset after the imports, over ``steps`` training steps), ``train`` = peak - base
-    (parameters, gradients, optimizer state, activations, workspace), ``step`` = peak - model,
+    Returns MiB: ``rss_base`` (after imports), ``rss_model`` (model, batch and optimizer built, before
+    the first step: SGD allocates its momentum at its first step), ``rss_peak`` (peak RSS, ``VmHWM``
+    reset after the imports, over ``steps`` training steps), ``train`` = peak - base (parameters,
+    gradients, optimizer state, activations, workspace), ``step`` = peak - model (all of those but
+    the parameters),
     ``tensor_peak`` (live tensors at the peak of one more step, see `tensor_peak_bytes`: the
     same as ``train`` without the allocator's cached free memory) and ``activations`` (held
     for backward, see `saved_activation_bytes`); on CUDA also ``cuda_peak``
     (``max_memory_allocated`` during the steps) and ``cuda_step`` (that minus the memory held
-    before them). ``memory_efficient`` trains our model with `cspnet.layers.memory_efficient`.
+    before them, so it too counts gradients and momentum). ``memory_efficient`` trains our model with `cspnet.layers.memory_efficient`.
     ``malloc_mmap_threshold`` is glibc's fixed mmap threshold this process runs with, if any (see
     ``MMAP_THRESHOLD_ENV``).
     """
@@ -1074,7 +1076,7 @@ def _memory_table(report: BenchReport) -> list[str]:
     c = report.config
     cuda = any("cuda_peak" in m for m in report.memory.values())
     lines = [f"## Training memory, batch {c.train_batch}, {c.input_size}x{c.input_size} (MiB; fresh process per model)", "",
-             "| impl | model | params (M) | peak RSS | after imports | train (peak − imports) | step (peak − model & optimizer) "
+             "| impl | model | params (M) | peak RSS | after imports | train (peak − imports) | step (peak − model built) "
              "| live tensors at peak | held for backward | CIO (M elements) |" + (" CUDA peak | CUDA step |" if cuda else ""),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else "")]
     for key, m in report.memory.items():
@@ -1094,7 +1096,9 @@ def _memory_table(report: BenchReport) -> list[str]:
                 if c.return_freed_memory else
                 "Peak RSS: glibc's default malloc, which keeps freed blocks (how many depends on the order of "
                 "allocations)")
-    lines += ["", f"{rss_note}. Live tensors: torch.profiler's memory timeline over one more step (parameters, "
+    lines += ["", f"{rss_note}. Step: peak RSS less the RSS once the model, its batch and the optimizer were built, "
+              "before the first step, so gradients and SGD momentum (allocated at the first step) count in it as "
+              "well as activations and workspace" + (" (CUDA step likewise)" if cuda else "") + ". Live tensors: torch.profiler's memory timeline over one more step (parameters, "
               "gradients, optimizer state, activations). Held for backward: bytes the forward pass allocates and "
               "still holds when it returns. "
               f"{OURS_MEMORY_EFFICIENT}: `cspnet.layers.memory_efficient` (activation outputs and concatenations rebuilt in backward). "
