@@ -148,6 +148,34 @@ def test_fuse_keeps_forward_hooks_of_replaced_layers():
     assert len(seen) == 1
 
 
+def test_deploy_keeps_every_kind_of_forward_hook_firing_with_the_eager_outputs():
+    # A kwargs hook must still be called with kwargs, and the residual blocks' conv3 and add must
+    # still run as modules when hooked (the fused block computes them inside one kernel).
+    torch.manual_seed(0)
+    model = calibrate(cspnet.create_model("cspresnet50", num_classes=10))
+    block = model.stages[1].blocks[0]
+    seen = {}
+
+    def keep(name):
+        return lambda module, args, output: seen.setdefault(name, output.clone())
+
+    def keep_with_kwargs(module, args, kwargs, output):  # called without kwargs, it raises
+        seen.setdefault("conv2_kwargs", output.clone())
+
+    handles = [block.conv3.register_forward_hook(keep("conv3")), block.add.register_forward_hook(keep("add")),
+               block.conv2.register_forward_hook(keep_with_kwargs, with_kwargs=True)]
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        model(x)
+    eager, seen = seen, {}
+    with torch.no_grad():
+        deploy(model)(x)
+    assert seen.keys() == eager.keys() == {"conv3", "add", "conv2_kwargs"}
+    assert all(rel_err(seen[k], eager[k]) <= TOL for k in seen)
+    for h in handles:
+        h.remove()
+
+
 def test_detector_with_cfg_taps_deploys():
     # cspresnet50's detector reads two maps through forward hooks on layers that deploy replaces.
     torch.manual_seed(0)

@@ -48,7 +48,7 @@ from torch.nn.utils import fuse_conv_bn_eval
 
 from .blocks import ResidualBlock
 from .files import atomic_path
-from .layers import ConvBnAct
+from .layers import ConvBnAct, hooked
 from .weights import model_metadata, save_weights
 from .winograd import WinogradConvAct, eligible, weight_state, wide_enough
 
@@ -91,6 +91,11 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fuse_conv_bn_eval(conv.eval(), bn.eval())
 
 
+# Where nn.Module keeps its forward hooks: the hooks, and the ids of those taking kwargs / always called.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 def _replace(parent: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` in place of ``parent.name``, moving the old module's forward hooks onto it.
 
@@ -98,10 +103,9 @@ def _replace(parent: nn.Module, name: str, new: nn.Module) -> None:
     and the replacement computes the same output, so the hooks stay valid.
     """
     old = parent._modules[name]
-    new._forward_pre_hooks.update(old._forward_pre_hooks)
-    new._forward_hooks.update(old._forward_hooks)
-    old._forward_pre_hooks.clear()
-    old._forward_hooks.clear()
+    for hooks in _HOOK_DICTS:
+        getattr(new, hooks).update(getattr(old, hooks))
+        getattr(old, hooks).clear()
     parent._modules[name] = new
 
 
@@ -264,6 +268,7 @@ def use_onednn(model: nn.Module) -> nn.Module:
             if (
                 isinstance(child, ResidualBlock) and _known_layout(child, OneDnnResidualBlock.CHILDREN)
                 and isinstance(child.conv3, OneDnnConvAct) and child.conv3.attr == "none"
+                and not hooked(child.conv3, child.add)  # the fused kernel runs neither as a module
             ):
                 _replace(parent, name, OneDnnResidualBlock(child))
     return model

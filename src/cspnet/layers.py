@@ -103,8 +103,9 @@ class ConvOutputBatchNorm2d(nn.BatchNorm2d):
         return x.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
 
 
-def _observed(*modules: nn.Module) -> bool:
-    """Whether a hook could see (and keep) the maps passing through ``modules``."""
+def hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook (of the modules, or global) could see the maps passing
+    through ``modules`` (and keep them)."""
     return bool(_global_forward_hooks or _global_forward_pre_hooks) or any(
         m._forward_hooks or m._forward_pre_hooks for m in modules)
 
@@ -295,7 +296,7 @@ class ConvBnAct(nn.Sequential):
         if not self.memory_efficient:
             y = self.conv(x)
             # the conv output is fresh and read by the BN alone, unless a hook on either sees it
-            if self.bn.can_normalize_in_place(y) and not _observed(self.conv, self.bn):
+            if self.bn.can_normalize_in_place(y) and not hooked(self.conv, self.bn):
                 return self.act(self.bn.normalize_in_place(y))
             return self.act(self.bn(y))
         with saving_recipes():  # the input, if recomputable, is saved as its recipe
