@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
-    from cspnet.bench import DEFAULT_MODELS, BenchConfig, run_benchmarks, to_markdown, write_report
+    from cspnet.bench import DEFAULT_MODELS, BenchConfig, report_json_path, run_benchmarks, to_markdown, write_report
+
+    if args.out:
+        try:
+            report_json_path(args.out)  # refused now, not after a run of many minutes
+        except ValueError as e:
+            p.error(str(e))
 
     config = BenchConfig(
         models=DEFAULT_MODELS, input_size=224, batch_sizes=(1, 8), train_batch=8,
