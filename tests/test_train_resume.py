@@ -92,6 +92,8 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     # the run really trained (not a trivially equal copy of the initial weights)
     row = json.loads((ddp / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["train_acc"] > 0.3
+    header = lambda run: (run / "metrics.csv").read_text().splitlines()[0]  # noqa: E731
+    assert header(ddp) == header(single)  # the same columns in the same order
     # both processes scored rank 0's model, the one saved: its BN running statistics, not each
     # process's own (DDP leaves every process with those of its own last chunk)
     model, _ = load_classifier(ddp)

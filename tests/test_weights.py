@@ -221,6 +221,10 @@ def test_legacy_torch_save_files_are_recognised_in_every_pickle_protocol(tmp_pat
             with pytest.raises(WeightsError, match=f"written by torch.save with pickle protocol {protocol}, which "
                                                    r"torch.load\(weights_only=True\) cannot read"):
                 load_state(path)
+    zipped = tmp_path / "zip_protocol4.pth"  # torch.save's default format, pickled with protocol 4
+    torch.save({"w": torch.ones(2)}, zipped, pickle_protocol=4)
+    with pytest.raises(WeightsError, match=r"zip_protocol4.pth: written by torch.save with pickle protocol 4 or 5.*save it again"):
+        load_state(zipped)
 
 
 def test_state_dicts_of_compiled_and_wrapped_models_load(tmp_path):
@@ -239,3 +243,18 @@ def test_state_dicts_of_compiled_and_wrapped_models_load(tmp_path):
             save_file(state, str(tmp_path / name))
         again = cspnet.create_model("cspresnet10", pretrained=tmp_path / name)
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())), name
+
+
+def test_written_files_get_the_permissions_open_would_give(tmp_path):
+    # safetensors creates its files owner-only; other users of a shared machine could not read the weights
+    import os
+
+    from cspnet.files import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        weights = save_weights(tmp_path / "w.safetensors", {"x": torch.zeros(2)})
+        text = atomic_write_text(tmp_path / "t.json", "{}")
+        assert (weights.stat().st_mode & 0o777) == (text.stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(mask)

@@ -20,12 +20,20 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[P
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
+        # as open() would have made it: some writers (safetensors) create their files owner-only
+        os.chmod(tmp, 0o666 & ~_umask())
         if durable:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -132,16 +132,19 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix in _PICKLE_SUFFIXES and not torch_save:
         raise WeightsError(f"{path}: not a file written by torch.save (it begins with {head[:4]!r})")
     if torch_save:
+        resave = "where the file is trusted, save it again: torch.save(torch.load(path, weights_only=False), new_path)"
         if head.startswith(_PROTO) and head[1] > 3:  # the legacy format's pickle protocol, in its 2nd byte
             raise WeightsError(f"{path}: written by torch.save with pickle protocol {head[1]}, which torch.load("
-                               "weights_only=True) cannot read (it takes protocols 2 and 3); where the file is trusted, "
-                               "save it again: torch.save(torch.load(path, weights_only=False), new_path)")
+                               f"weights_only=True) cannot read (it takes protocols 2 and 3); {resave}")
         try:
             # timm's training checkpoints (CheckpointSaver) keep the run's options as an argparse.Namespace,
             # a bag of attributes rebuilt without running code: allowed beside tensors and plain containers.
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses anything but tensors and plain containers
+            if "Unsupported operand" in str(e):  # a pickle opcode of protocol 4 / 5 (FRAME …) in a zip file
+                raise WeightsError(f"{path}: written by torch.save with pickle protocol 4 or 5, which torch.load("
+                                   f"weights_only=True) cannot read (it takes protocols 2 and 3); {resave}") from None
             raise WeightsError(f"{path}: cannot be read safely with weights_only=True ({e})") from None
         for key in ("state_dict", "model", "model_state"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):

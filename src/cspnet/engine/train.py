@@ -421,7 +421,7 @@ def fit(
 def _global_sums(sums: dict[str, float], dist: DistInfo) -> dict[str, float]:
     if not dist.enabled:
         return dict(sums)
-    keys = sorted(sums)
+    keys = list(sums)  # every process adds them in the same order; the metrics keep it (loss, then acc …)
     t = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64), dist)
     return dict(zip(keys, t.tolist()))
 
