@@ -23,6 +23,7 @@ test: setup
 	$(PY) -m pytest -q -n 2
 
 demo: setup
+	rm -rf runs/demo  # the previous demo's runs; cspnet compare refuses to train over trained runs
 	$(PY) -m cspnet compare --out runs/demo
 	@echo "report: runs/demo/report.md"
 

@@ -46,6 +46,11 @@ def test_compare_writes_report_and_plots(tmp_path, capsys):
             assert im.format == "PNG" and im.size[0] >= 600
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["report"].endswith("report.md")
+    # the trained runs are not overwritten by another comparison into the same folder
+    before = (out / names[0] / "last.safetensors").read_bytes()
+    assert main(["compare", "--data", DATA, "--train-limit", "320", "--epochs", "1", "--out", str(out)]) == 2
+    assert f"holds trained runs of {', '.join(names)} from an earlier comparison" in capsys.readouterr().err
+    assert (out / names[0] / "last.safetensors").read_bytes() == before
 
 
 def test_benchmarks_measure_speed_and_memory_growth_with_batch():

@@ -198,6 +198,10 @@ def run_compare_models(
         raise ValueError(f"compare needs different models, got {list(models)}")
     for name in models:
         get_spec(name)  # unknown names fail before any training
+    trained = [name for name in models if any((out / name / f"{c}.json").is_file() for c in ("last", "best"))]
+    if trained:  # a comparison's models are work too: never overwritten
+        raise ValueError(f"{out}: holds trained runs of {', '.join(trained)} from an earlier comparison; "
+                         "give another --out, or delete the folder to run it again")
     out.mkdir(parents=True, exist_ok=True)
     jobs = max(1, min(jobs, len(models)))
     threads = torch.get_num_threads()
