@@ -121,6 +121,9 @@ def train_set_run(name: str, out: Path, minutes: float, seed: int = 0) -> dict:
     except TimeBudgetSpent:
         stopped_early = True
     wall = time.perf_counter() - started
+    if not (out / run_name / "last.json").is_file():
+        raise SystemExit(f"{name}: the {minutes:g}-minute budget ended before the first epoch finished "
+                         f"({steps_per_epoch} steps at ~{rate:.1f} steps/s); give more --minutes")
     best, _ = load_detector(out / run_name)
     metrics = evaluate_detector(best, val, gt, batch_size=bs)
     history = [json.loads(x) for x in (out / run_name / "metrics.jsonl").read_text().splitlines()]
