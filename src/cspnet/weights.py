@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,9 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             # timm's training checkpoints (CheckpointSaver) keep the run's options as an argparse.Namespace,
             # a bag of attributes rebuilt without running code: allowed beside tensors and plain containers.
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+                # torch warns about a protocol its reader may not know; the error below says it plainly
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses anything but tensors and plain containers
             if "Unsupported operand" in str(e):  # a pickle opcode of protocol 4 / 5 (FRAME …) in a zip file
