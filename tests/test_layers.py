@@ -137,3 +137,17 @@ def test_conv_bn_act_layers_fold_and_match_with_the_inplace_batchnorm():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     with torch.no_grad():
         assert torch.allclose(fused(x), slow, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("swap", ["sync", "identity"])
+def test_conv_bn_act_runs_with_its_batchnorm_swapped_for_another_kind(swap):
+    # SyncBatchNorm for DDP, or a BN removed by hand: neither has the in-place form
+    layer = calibrated(ConvBnAct(3, 8, 3, act="leaky")).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = layer.act(layer.bn(layer.conv(x))) if swap == "sync" else layer.act(layer.conv(x))
+        if swap == "sync":
+            layer = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(layer))[0].eval()
+        else:
+            layer.bn = nn.Identity()
+        assert torch.allclose(layer(x), expected, atol=1e-6)

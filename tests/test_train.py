@@ -556,6 +556,7 @@ def test_ema_weights_are_evaluated_and_kept(tmp_path, capsys):
     for kwargs, want in (({}, ema["ema.weights.head.fc.weight"]), ({"ema": False}, raw["head.fc.weight"])):
         model, run = load_classifier(out, **kwargs)
         assert torch.equal(model.head.fc.weight, want) and run["weights"] == ("raw" if kwargs else "ema")
+        assert all(p.requires_grad for p in model.parameters())  # the model, not the EMA's frozen copy
     # a run without an EMA gives its only weights, and no EMA when one is asked for
     plain = tmp_path / "plain"
     assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "64",

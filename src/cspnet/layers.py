@@ -296,7 +296,8 @@ class ConvBnAct(nn.Sequential):
         if not self.memory_efficient:
             y = self.conv(x)
             # the conv output is fresh and read by the BN alone, unless a hook on either sees it
-            if self.bn.can_normalize_in_place(y) and not hooked(self.conv, self.bn):
+            in_place = isinstance(self.bn, ConvOutputBatchNorm2d) and self.bn.can_normalize_in_place(y)  # not a swapped-in BN
+            if in_place and not hooked(self.conv, self.bn):
                 return self.act(self.bn.normalize_in_place(y))
             return self.act(self.bn(y))
         with saving_recipes():  # the input, if recomputable, is saved as its recipe

@@ -198,7 +198,9 @@ def load_classifier(out_dir: str | os.PathLike, name: str | None = "last", *, em
     model = rebuild_model(model_rec)
     holder = ModelEMA(model) if ema else None
     load_checkpoint(out_dir, model=model, ema=holder, name=name, restore_rng=False)
-    return (holder.module if holder else model).eval(), run
+    if holder is not None:  # the EMA copy's parameters are frozen: hand back the model itself, holding them
+        model.load_state_dict(holder.module.state_dict())
+    return model.eval(), run
 
 
 @torch.inference_mode()
