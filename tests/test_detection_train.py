@@ -315,3 +315,38 @@ def test_resume_with_another_input_size_names_only_what_differs(tmp_path):
     message = str(e.value)
     assert "img_size: checkpoint 64 vs now 96" in message and "anchors: checkpoint" in message
     assert "neck_width" not in message and "backbone" not in message.split("(", 1)[1]
+
+
+def _tiny_run(out, recipe: DetectRecipe, epochs: int, resume: bool = False):
+    records, names = make_scenes(4, seed=3, size=64, objects=(1, 3))
+    data = DetectionDataset(records, names, 64)
+    torch.manual_seed(0)
+    det = create_detector("cspresnet10", "panet", num_classes=10, backbone_width=0.25, neck_width=32)
+    cfg = TrainConfig(epochs=epochs, batch_size=2, optimizer="adamw", lr=2e-3, seed=0)
+    return train_detector(det, data, data, coco_ground_truth(records, names), out, cfg, recipe, progress=False, resume=resume)
+
+
+def test_resumed_run_evaluates_the_epochs_an_uninterrupted_one_does(tmp_path, monkeypatch):
+    from cspnet.detection import train as train_mod
+    from cspnet.engine.checkpoint import read_checkpoint_record
+
+    recipe = DetectRecipe(eval_every=2)  # epochs 2 and 3 (the last) are evaluated
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    _tiny_run(straight, recipe, 3)
+    evaluate, calls = train_mod.DetectionTask.evaluate, []
+
+    def dying(self, model, dist):  # the run is cut in epoch 2, after epoch 1 was checkpointed
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return evaluate(self, model, dist)
+
+    monkeypatch.setattr(train_mod.DetectionTask, "evaluate", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        _tiny_run(broken, recipe, 3)
+    monkeypatch.setattr(train_mod.DetectionTask, "evaluate", evaluate)
+    _tiny_run(broken, recipe, 3, resume=True)
+    histories = [[json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] for out in (straight, broken)]
+    assert [[h["epoch"] for h in rows if "val_AP50" in h] for rows in histories] == [[2, 3], [2, 3]]
+    assert histories[0][1]["val_AP50"] == histories[1][1]["val_AP50"]
+    assert read_checkpoint_record(straight, "best")["state"]["epoch"] == read_checkpoint_record(broken, "best")["state"]["epoch"]

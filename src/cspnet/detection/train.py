@@ -127,7 +127,7 @@ class DetectionTask:
 
     def __init__(self, model: Detector, train: DetectionDataset, val: DetectionDataset | None = None,
                  val_gt: dict | None = None, category_ids=None, recipe: DetectRecipe = DetectRecipe(),
-                 epochs: int | None = None, out_dir: str | os.PathLike | None = None):
+                 epochs: int | None = None, out_dir: str | os.PathLike | None = None, epochs_done: int = 0):
         if (val is None) != (val_gt is None):
             raise ValueError("give both the validation set and its COCO ground truth, or neither")
         self.data = train
@@ -140,7 +140,8 @@ class DetectionTask:
             model.layout, model.num_classes, recipe.box_loss, recipe.ignore_thresh, recipe.iou_thresh,
             recipe.label_smoothing, recipe.box_weight, recipe.obj_weight, recipe.cls_weight, scale_x_y=model.scale_x_y,
         )
-        self._evals = 0
+        # the run's epoch, not this process's: a resumed run evaluates the epochs an uninterrupted one does
+        self._epoch = epochs_done
         self._deadline = None if recipe.time_limit is None else time.monotonic() + recipe.time_limit
 
     def collate(self, samples: list[int]) -> list[int]:
@@ -166,11 +167,11 @@ class DetectionTask:
         return loss, {k: v * n for k, v in parts.items()}
 
     def evaluate(self, model: nn.Module, dist: DistInfo) -> dict[str, Any]:
-        self._evals += 1
+        self._epoch += 1
         if self.val is None:
             return {}
-        last = self.epochs is not None and self._evals >= self.epochs
-        if self._evals % self.recipe.eval_every and not last:
+        last = self.epochs is not None and self._epoch >= self.epochs
+        if self._epoch % self.recipe.eval_every and not last:
             return {}
         r = self.recipe
         metrics = evaluate_detector(model, self.val, self.val_gt, self.category_ids, r.eval_batch_size, r.eval_conf, r.eval_iou)
@@ -210,8 +211,11 @@ def train_detector(
         "img_size": train.img_size, "category_ids": list(category_ids) if category_ids is not None else None,
         "recipe": dataclasses.asdict(recipe), **(run_info or {}),
     }
+    epochs_done = 0
     if resume and (out_dir / "last.json").is_file():
-        saved = read_checkpoint_record(out_dir)["state"].get("run", {})
+        saved_state = read_checkpoint_record(out_dir)["state"]
+        epochs_done = saved_state["epoch"]
+        saved = saved_state.get("run", {})
         # what the weights and the loss depend on: the detector config, the input size, the classes
         then, now = ({**run.get("detector", {}), "img_size": run.get("img_size"), "class_names": run.get("class_names")}
                      for run in (saved, info))
@@ -219,7 +223,7 @@ def train_detector(
         if diffs:
             raise CheckpointError(f"{out_dir / 'last.json'}: --resume with another detector or input would not continue the "
                                   f"same run ({'; '.join(diffs)})")
-    task = DetectionTask(model, train, val, val_gt, category_ids, recipe, cfg.epochs, out_dir)
+    task = DetectionTask(model, train, val, val_gt, category_ids, recipe, cfg.epochs, out_dir, epochs_done)
     return fit(task, model, cfg, out_dir, resume=resume, progress=progress, run_info=info, desc=f"{model.model_name} ")
     # a TimeBudgetSpent from `DetectionTask.prepare` propagates: the checkpoints of the last
     # finished epoch are in out_dir (`load_detector` reads them; ``resume`` continues the run)
