@@ -350,3 +350,13 @@ def test_resumed_run_evaluates_the_epochs_an_uninterrupted_one_does(tmp_path, mo
     assert [[h["epoch"] for h in rows if "val_AP50" in h] for rows in histories] == [[2, 3], [2, 3]]
     assert histories[0][1]["val_AP50"] == histories[1][1]["val_AP50"]
     assert read_checkpoint_record(straight, "best")["state"]["epoch"] == read_checkpoint_record(broken, "best")["state"]["epoch"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("eval_every", 0), ("eval_every", -1), ("eval_every", 1.5), ("eval_batch_size", 0), ("eval_conf", 2.0),
+    ("eval_conf", float("nan")), ("eval_iou", 0.0), ("time_limit", -5.0), ("time_limit", 0), ("time_limit", float("nan")),
+])
+def test_detect_recipe_refuses_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"DetectRecipe.{field} must be"):
+        DetectRecipe(**{field: value})
+    DetectRecipe(time_limit=3600, eval_conf=0.0, eval_iou=1.0, eval_every=3)  # the edges that make sense pass

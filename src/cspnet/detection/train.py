@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -50,6 +51,19 @@ class DetectRecipe:
     eval_iou: float = 0.6
     eval_batch_size: int = 16
     time_limit: float | None = None  # seconds; training stops at the first step after it
+
+    def __post_init__(self):
+        # checked here, not an epoch later when the first evaluation or the time check uses them
+        if not (isinstance(self.eval_every, int) and self.eval_every >= 1):
+            raise ValueError(f"DetectRecipe.eval_every must be an integer >= 1, got {self.eval_every!r}")
+        if not (isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1):
+            raise ValueError(f"DetectRecipe.eval_batch_size must be an integer >= 1, got {self.eval_batch_size!r}")
+        if not 0 <= self.eval_conf <= 1:
+            raise ValueError(f"DetectRecipe.eval_conf must be a score threshold in [0, 1], got {self.eval_conf!r}")
+        if not 0 < self.eval_iou <= 1:
+            raise ValueError(f"DetectRecipe.eval_iou must be an IoU in (0, 1], got {self.eval_iou!r}")
+        if self.time_limit is not None and not 0 < self.time_limit < math.inf:
+            raise ValueError(f"DetectRecipe.time_limit must be a positive number of seconds or None, got {self.time_limit!r}")
 
 
 class TimeBudgetSpent(RuntimeError):
