@@ -360,3 +360,27 @@ def test_detect_recipe_refuses_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"DetectRecipe.{field} must be"):
         DetectRecipe(**{field: value})
     DetectRecipe(time_limit=3600, eval_conf=0.0, eval_iou=1.0, eval_every=3)  # the edges that make sense pass
+
+
+def test_cli_run_cut_between_best_and_last_of_epoch_1_can_be_trained_again(tmp_path, capsys, monkeypatch):
+    from cspnet.engine import train as engine_train
+
+    out = tmp_path / "run"
+    save = engine_train.save_checkpoint
+
+    def dying(*args, **kwargs):  # killed after epoch 1's `best` committed, before its `last`
+        if kwargs.get("name") == "last":
+            raise RuntimeError("killed")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(engine_train, "save_checkpoint", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        _cli_train(out, "--epochs", "1")
+    monkeypatch.setattr(engine_train, "save_checkpoint", save)
+    assert (out / "best.json").is_file() and not (out / "last.json").exists()
+    assert _cli_train(out, "--epochs", "1", "--resume") == 2
+    assert "nothing to resume; train again without --resume" in capsys.readouterr().err
+    assert _cli_train(out, "--epochs", "1") == 0
+    assert (out / "last.json").is_file()
+    assert _cli_train(out, "--epochs", "1") == 2  # a finished run is still refused
+    assert "continue it with --resume" in capsys.readouterr().err

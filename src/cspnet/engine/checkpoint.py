@@ -271,11 +271,27 @@ def read_run_record(out_dir: str | os.PathLike, name: str | None = None,
 
 
 def check_run_dir(out_dir: str | os.PathLike, resume: bool) -> None:
-    """Refuse to start a new run in a folder holding a run's checkpoints: its work would be overwritten."""
+    """Refuse to start a new run in a folder holding a run's checkpoints (its work would be overwritten),
+    and a resume that has no ``last`` to continue from.
+
+    The loop writes ``best`` before ``last``: a run cut in between in its first epoch leaves ``best``
+    alone, of an epoch that never finished. Such a folder may be trained into again (the epoch is
+    repeated); a ``best`` of a later epoch without ``last`` is another run's result and is kept.
+    """
     out_dir = Path(out_dir)
-    if not resume and any((out_dir / f"{name}.json").is_file() for name in ("last", "best")):
-        raise CheckpointError(f"{out_dir}: holds the checkpoints of a training run; continue it with --resume "
-                              "or train into another --out")
+    if (out_dir / "last.json").is_file():
+        if not resume:
+            raise CheckpointError(f"{out_dir}: holds the checkpoints of a training run; continue it with --resume "
+                                  "or train into another --out")
+        return
+    if not (out_dir / "best.json").is_file():
+        return  # a new run; a --resume finds nothing to resume and says so
+    if read_checkpoint_record(out_dir, "best")["state"].get("epoch", 0) > 1:
+        raise CheckpointError(f"{out_dir}: holds the best checkpoint of a training run but no last one to continue from; "
+                              "train into another --out")
+    if resume:
+        raise CheckpointError(f"{out_dir}: holds only the best checkpoint of a first epoch cut before last was written: "
+                              "nothing to resume; train again without --resume (the first epoch is repeated)")
 
 
 def _committed_file(out_dir: Path, name: str, token: str, which: int) -> Path:
