@@ -384,3 +384,40 @@ def test_cli_run_cut_between_best_and_last_of_epoch_1_can_be_trained_again(tmp_p
     assert (out / "last.json").is_file()
     assert _cli_train(out, "--epochs", "1") == 2  # a finished run is still refused
     assert "continue it with --resume" in capsys.readouterr().err
+
+
+def test_cli_checkpoint_every_keeps_the_steps_of_a_cut_epoch(tmp_path, monkeypatch):
+    from cspnet.detection import train as train_mod
+    from cspnet.engine.checkpoint import read_checkpoint_record
+
+    prepare, calls = train_mod.DetectionTask.prepare, []
+
+    def dying(self, batch, **kwargs):  # killed at the second of the epoch's two steps
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return prepare(self, batch, **kwargs)
+
+    monkeypatch.setattr(train_mod.DetectionTask, "prepare", dying)
+    with pytest.raises(RuntimeError, match="killed"):
+        _cli_train(tmp_path, "--epochs", "1", "--checkpoint-every", "1")
+    state = read_checkpoint_record(tmp_path)["state"]
+    assert state["train_config"]["checkpoint_every"] == 1 and (state["step"], state["epoch"]) == (1, 0)
+
+
+def test_time_limit_stop_says_where_the_run_resumes(tmp_path, monkeypatch):
+    import time
+
+    from cspnet.detection import train as train_mod
+
+    prepare, calls = train_mod.DetectionTask.prepare, []
+
+    def late(self, batch, **kwargs):  # the budget is spent when epoch 2 starts
+        calls.append(1)
+        if len(calls) == 3:
+            self._deadline = time.monotonic() - 1
+        return prepare(self, batch, **kwargs)
+
+    monkeypatch.setattr(train_mod.DetectionTask, "prepare", late)
+    with pytest.raises(train_mod.TimeBudgetSpent, match=r"resume continues the run from .*last\.json after step 2 \(1 epoch"):
+        _tiny_run(tmp_path, DetectRecipe(time_limit=3600), 2)

@@ -61,6 +61,7 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=POSITIVE_INT, default=30)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--checkpoint-every", type=NON_NEGATIVE_INT, default=0, help="also checkpoint every N optimizer steps")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
     p.add_argument("--lr", type=POSITIVE, default=2e-3)
@@ -210,7 +211,7 @@ def run_train(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                       weight_decay=args.weight_decay, burn_in=args.burn_in, burn_in_power=1.0, ema_decay=args.ema,
                       grad_clip=10.0, seed=args.seed, num_workers=args.workers, min_lr_ratio=0.05,
-                      memory_efficient=args.memory_efficient)
+                      memory_efficient=args.memory_efficient, checkpoint_every=args.checkpoint_every)
     recipe = DetectRecipe(box_loss=args.box_loss, label_smoothing=args.label_smoothing, eval_every=args.eval_every)
     run_info = {"data": {"train": source_record(train_args, train_src), "val": source_record(val_args, val_src) if val_src else None},
                 "backbone_weights": args.backbone_weights}

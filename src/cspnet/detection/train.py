@@ -67,7 +67,7 @@ class DetectRecipe:
 
 
 class TimeBudgetSpent(RuntimeError):
-    """Raised when ``DetectRecipe.time_limit`` has passed; the last epoch's checkpoints are kept."""
+    """Raised when ``DetectRecipe.time_limit`` has passed; the run's last checkpoint is kept and the message says where."""
 
 
 class _Indices(Dataset):
@@ -163,7 +163,7 @@ class DetectionTask:
 
     def prepare(self, batch: list[int], *, device: torch.device, seed: int):
         if self._deadline is not None and time.monotonic() > self._deadline:
-            raise TimeBudgetSpent(f"the time limit of {self.recipe.time_limit:.0f} s is spent")
+            raise TimeBudgetSpent(f"the time limit of {self.recipe.time_limit:.0f} s is spent; {self._resume_point()}")
         items = []
         with torch.random.fork_rng(devices=[]):
             for k, i in enumerate(batch):
@@ -173,6 +173,14 @@ class DetectionTask:
         for t in targets:
             t["boxes"], t["labels"] = t["boxes"].to(device), t["labels"].to(device)
         return images.to(device), targets
+
+    def _resume_point(self) -> str:
+        """Where ``resume`` continues the stopped run: its last checkpoint, if one was written."""
+        if self.out_dir is None or not (self.out_dir / "last.json").is_file():
+            return "no checkpoint was written yet: nothing to resume"
+        state = read_checkpoint_record(self.out_dir)["state"]
+        return (f"resume continues the run from {self.out_dir / 'last.json'} after step {state['step']} "
+                f"({state['epoch']} epoch(s) finished)")
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         images, targets = batch
@@ -239,8 +247,8 @@ def train_detector(
                                   f"same run ({'; '.join(diffs)})")
     task = DetectionTask(model, train, val, val_gt, category_ids, recipe, cfg.epochs, out_dir, epochs_done)
     return fit(task, model, cfg, out_dir, resume=resume, progress=progress, run_info=info, desc=f"{model.model_name} ")
-    # a TimeBudgetSpent from `DetectionTask.prepare` propagates: the checkpoints of the last
-    # finished epoch are in out_dir (`load_detector` reads them; ``resume`` continues the run)
+    # a TimeBudgetSpent from `DetectionTask.prepare` propagates: the last checkpoint (of the last finished
+    # epoch, or of a ``cfg.checkpoint_every`` step) is in out_dir (`load_detector` reads it; ``resume`` continues the run)
 
 
 def load_detector(out_dir: str | os.PathLike, name: str | None = None) -> tuple[Detector, dict[str, Any]]:
