@@ -421,3 +421,19 @@ def test_time_limit_stop_says_where_the_run_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod.DetectionTask, "prepare", late)
     with pytest.raises(train_mod.TimeBudgetSpent, match=r"resume continues the run from .*last\.json after step 2 \(1 epoch"):
         _tiny_run(tmp_path, DetectRecipe(time_limit=3600), 2)
+
+
+def test_cli_predict_skips_unreadable_images_and_writes_the_others(tmp_path, capsys):
+    _tiny_run(tmp_path / "run", DetectRecipe(), 1)
+    good, bad = tmp_path / "scene.png", tmp_path / "bad.png"
+    Image.fromarray(make_scenes(1, seed=9, size=64)[0][0].image).save(good)
+    bad.write_text("not an image")
+    out = tmp_path / "pred"
+    argv = ["detect", "predict", "--checkpoint", str(tmp_path / "run"), str(bad), str(good), "--out", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["images"] == 1 and len(summary["skipped"]) == 1 and str(bad) in summary["skipped"][0]
+    assert f"skipped: {bad}: cannot read image" in captured.err
+    assert [r["image"] for r in json.loads((out / "detections.json").read_text())] == [str(good)]
+    assert (out / "scene_det.png").is_file() and not (out / "bad_det.png").exists()

@@ -100,7 +100,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.set_defaults(func=run_eval)
 
-    p = dsub.add_parser("predict", help="detect objects in images; write drawn images and detections.json")
+    p = dsub.add_parser("predict", help="detect objects in images; write drawn images and detections.json "
+                                        "(unreadable images are skipped and listed)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--name", default=None)
     p.add_argument("images", nargs="+", help="image files")
@@ -256,9 +257,12 @@ def run_predict(args) -> int:
     from ..detection.train import load_detector
 
     model, run = load_detector(args.checkpoint, args.name)
+    skipped: list[str] = []
     results = predict_files(model, [Path(p) for p in args.images], Path(args.out), run["img_size"],
-                            tuple(run["class_names"]), args.conf, args.iou)
-    print(json.dumps({"out": str(args.out), "images": len(results),
+                            tuple(run["class_names"]), args.conf, args.iou, skipped=skipped)
+    for reason in skipped:
+        print(f"skipped: {reason}", file=sys.stderr)
+    print(json.dumps({"out": str(args.out), "images": len(results), "skipped": skipped,
                       "detections": sum(len(r["detections"]) for r in results)}))
     return 0
 

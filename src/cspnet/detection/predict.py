@@ -43,8 +43,11 @@ def detect_image(model: Detector, image: np.ndarray, img_size: int, conf_thresh:
 
 
 def predict_files(model: Detector, paths: list[Path], out_dir: Path, img_size: int, class_names: tuple[str, ...],
-                  conf_thresh: float = 0.25, iou_thresh: float = 0.45) -> list[dict]:
+                  conf_thresh: float = 0.25, iou_thresh: float = 0.45, skipped: list[str] | None = None) -> list[dict]:
     """Detect in every image; write ``<stem>_det.png`` with boxes drawn and ``detections.json``.
+
+    An unreadable image raises a ValueError naming it, or, when a ``skipped`` list is given, is left
+    out and its error appended there: the other images' results are still written.
 
     Inputs sharing a stem (``a/x.png``, ``b/x.png``) get ``x_det.png``, ``x_2_det.png`` … in the order
     given. Each entry of the JSON: ``{"image": path, "width", "height", "drawn": the drawn image's path,
@@ -54,7 +57,13 @@ def predict_files(model: Detector, paths: list[Path], out_dir: Path, img_size: i
     results = []
     taken: set[str] = set()
     for path in paths:
-        image = _read_rgb(path)
+        try:
+            image = _read_rgb(path)
+        except ValueError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+            continue
         det = detect_image(model, image, img_size, conf_thresh, iou_thresh)
         names = [f"{class_names[int(c)]} {s:.2f}" for c, s in zip(det["labels"], det["scores"])]
         drawn = torch.from_numpy(image.copy()).permute(2, 0, 1)
