@@ -8,6 +8,7 @@ the fused model is as close to float64 as eager is.
 import copy
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -172,6 +173,29 @@ def test_deploy_keeps_every_kind_of_forward_hook_firing_with_the_eager_outputs()
         deploy(model)(x)
     assert seen.keys() == eager.keys() == {"conv3", "add", "conv2_kwargs"}
     assert all(rel_err(seen[k], eager[k]) <= TOL for k in seen)
+    for h in handles:
+        h.remove()
+
+
+@pytest.mark.parametrize("transform", [fuse, partial(deploy, copy_model=False)], ids=["fuse", "deploy"])
+def test_hooks_inside_a_conv_bn_act_keep_seeing_their_maps_and_handles_still_remove_hooks(transform):
+    torch.manual_seed(0)
+    model = calibrate(cspnet.create_model("cspresnet10", num_classes=10))
+    layer = model.stages[1].down[0]  # a ConvBnAct
+    seen = {}
+    handles = [getattr(layer, part).register_forward_hook(lambda m, i, o, part=part: seen.setdefault(part, o.clone()))
+               for part in ("conv", "bn", "act")]
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        model(x)
+    eager, seen = seen, {}
+    # a hook on a whole layer moves onto its replacement; its handle must still remove it there
+    moved = model.stages[2].down[0].register_forward_hook(lambda m, i, o: seen.setdefault("moved", o))
+    transformed = transform(model)
+    moved.remove()
+    with torch.no_grad():
+        transformed(x)
+    assert seen.keys() == {"conv", "bn", "act"} and all(rel_err(seen[k], eager[k]) <= TOL for k in seen)
     for h in handles:
         h.remove()
 

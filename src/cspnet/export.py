@@ -103,9 +103,9 @@ def _replace(parent: nn.Module, name: str, new: nn.Module) -> None:
     and the replacement computes the same output, so the hooks stay valid.
     """
     old = parent._modules[name]
-    for hooks in _HOOK_DICTS:
-        getattr(new, hooks).update(getattr(old, hooks))
-        getattr(old, hooks).clear()
+    for hooks in _HOOK_DICTS:  # the dicts themselves, so that the hooks' handles still remove them
+        setattr(new, hooks, getattr(old, hooks))
+        setattr(old, hooks, type(getattr(old, hooks))())
     parent._modules[name] = new
 
 
@@ -115,20 +115,22 @@ def fuse(model: nn.Module) -> nn.Module:
 
     Each `ConvBnAct` becomes a `ConvAct` (conv with bias, then the activation); inside any
     other ``nn.Sequential`` a (Conv2d, BatchNorm2d) pair becomes (fused Conv2d, Identity).
-    A BatchNorm that follows something else (a DenseNet pre-activation BN, say) stays.
+    A BatchNorm that follows something else (a DenseNet pre-activation BN, say) stays, and so does a
+    pair whose conv or BN has a forward hook (folded, the hook would see another map or none).
     The model is switched to eval mode: folding freezes the running statistics, so a fused
     model is for inference only.
     """
     model.eval()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, ConvBnAct) and _foldable(child.conv, child.bn):
+            # a hooked conv, BN or activation inside would see other maps, or none, once folded: kept
+            if isinstance(child, ConvBnAct) and _foldable(child.conv, child.bn) and not hooked(*child.children()):
                 _replace(parent, name, ConvAct(_fold(child.conv, child.bn), child.act))
         if isinstance(parent, nn.Sequential) and not isinstance(parent, ConvBnAct):
             names = [n for n, _ in parent.named_children()]
             for first, second in zip(names, names[1:]):
                 conv, bn = parent._modules[first], parent._modules[second]
-                if _foldable(conv, bn):
+                if _foldable(conv, bn) and not hooked(conv, bn):
                     _replace(parent, first, _fold(conv, bn))
                     _replace(parent, second, nn.Identity())
     return model
@@ -259,7 +261,7 @@ def use_onednn(model: nn.Module) -> nn.Module:
         raise ValueError("this PyTorch build has no oneDNN fused convolution kernel (torch.ops.mkldnn)")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, ConvAct):
+            if isinstance(child, ConvAct) and not hooked(*child.children()):  # the kernel runs neither as a module
                 post_op = _onednn_post_op(child.act)
                 if post_op is not None and child.conv.padding_mode == "zeros" and not isinstance(child.conv.padding, str):
                     _replace(parent, name, OneDnnConvAct(child, post_op))
