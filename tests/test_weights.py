@@ -245,16 +245,19 @@ def test_state_dicts_of_compiled_and_wrapped_models_load(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())), name
 
 
-def test_written_files_get_the_permissions_open_would_give(tmp_path):
+def test_written_files_get_the_permissions_open_would_give(tmp_path, monkeypatch):
     # safetensors creates its files owner-only; other users of a shared machine could not read the weights
     import os
 
     from cspnet.files import atomic_write_text
 
-    mask = os.umask(0o022)
+    set_umask = os.umask
+    mask = set_umask(0o022)
     try:
+        # the umask is read, never set: for a moment another thread's new files would be world-writable
+        monkeypatch.setattr(os, "umask", lambda *_: pytest.fail("os.umask called"))
         weights = save_weights(tmp_path / "w.safetensors", {"x": torch.zeros(2)})
         text = atomic_write_text(tmp_path / "t.json", "{}")
         assert (weights.stat().st_mode & 0o777) == (text.stat().st_mode & 0o777) == 0o644
     finally:
-        os.umask(mask)
+        set_umask(mask)

@@ -31,7 +31,16 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[P
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
+    """The process's umask, read without changing it (Linux's /proc); else by setting and restoring it,
+    which another thread creating a file in between would see."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 
