@@ -617,7 +617,20 @@ def test_resume_on_other_data_is_refused_naming_the_field(tmp_path, capsys):
     assert main([*args, "--img-size", "16", "--test-limit", "30", "--resume"]) == 0
 
 
-def test_fp16_resume_restores_the_gradient_scaler(tmp_path, monkeypatch):
+def test_resume_of_a_folder_run_that_recorded_its_path_as_given(tmp_path, monkeypatch):
+    # runs before folders were named by their absolute path recorded "ds"; resuming from the same place works
+    from cspnet.engine.checkpoint import CheckpointError
+    from cspnet.engine.train import _check_resume_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(epochs=1)
+    saved = {"train_config": cfg.as_dict(), "run": {"data": {"name": "ds", "img_size": 16}}}
+    _check_resume_config(saved, cfg, {"data": {"name": str(tmp_path / "ds"), "img_size": 16}}, "last.json")
+    with pytest.raises(CheckpointError, match="data.name: checkpoint 'ds' vs now"):
+        _check_resume_config(saved, cfg, {"data": {"name": str(tmp_path / "other"), "img_size": 16}}, "last.json")
+
+
+def test_fp16_resume_restores_the_gradient_scaler(tmp_path, monkeypatch, capsys):
     """fp16 runs on CUDA; torch's CPU autocast and GradScaler('cpu') run the same code path here."""
     import contextlib
 
@@ -658,6 +671,16 @@ def test_fp16_resume_restores_the_gradient_scaler(tmp_path, monkeypatch):
     assert scalers[-1].get_scale() == whole_scale
     a, b = load_state(tmp_path / "whole" / "last.safetensors"), load_state(tmp_path / "cut" / "last.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    # a checkpoint of a version that kept no scaler state still resumes, with a fresh scaler and a warning
+    StopsInEpoch2.calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        fit(StopsInEpoch2(data), model(), cfg, tmp_path / "old", progress=False)
+    record_path = tmp_path / "old" / "last.json"
+    record = json.loads(record_path.read_text())
+    del record["scaler"]
+    record_path.write_text(json.dumps(record))
+    fit(ClassificationTask(data), model(), cfg, tmp_path / "old", resume=True, progress=False)
+    assert "saved without the fp16 gradient scaler's state" in capsys.readouterr().err
 
 
 def test_a_crash_while_best_is_written_does_not_lose_it(tmp_path, monkeypatch):

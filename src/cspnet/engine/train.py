@@ -229,7 +229,12 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, run_info: dict[str, Any], source: str) -> None:
     """Refuse a resume whose training config, task recipe, model or data differs from the checkpoint's."""
-    then_run = saved.get("run") or {}
+    then_run = dict(saved.get("run") or {})
+    then_data, now_data = then_run.get("data"), run_info.get("data")
+    if isinstance(then_data, dict) and isinstance(now_data, dict) and then_data.get("name") != now_data.get("name"):
+        # runs before image folders were named by their absolute path recorded the path as given
+        if Path(str(then_data.get("name"))).resolve() == Path(str(now_data.get("name"))):
+            then_run["data"] = {**then_data, "name": now_data["name"]}
     parts = [("", saved.get("train_config", {}), cfg.as_dict())]
     parts += [(f"{key}.", then_run[key], run_info[key]) for key in ("recipe", "model", "data")
               if isinstance(run_info.get(key), dict) and isinstance(then_run.get(key), dict)]
@@ -292,8 +297,15 @@ def fit(
     if resume:
         if not (out_dir / "last.json").is_file():
             raise CheckpointError(f"{out_dir / 'last.json'}: nothing to resume")
-        _check_resume_config(read_checkpoint_record(out_dir)["state"], cfg, run_info or {}, str(out_dir / "last.json"))
-        state = load_checkpoint(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler)
+        record = read_checkpoint_record(out_dir)
+        _check_resume_config(record["state"], cfg, run_info or {}, str(out_dir / "last.json"))
+        saved_scaler = scaler
+        if scaler is not None and "scaler" not in record:
+            saved_scaler = None  # an fp16 checkpoint of a version that kept no scaler state
+            print(f"{out_dir / 'last.json'}: saved without the fp16 gradient scaler's state (an older cspnet); the "
+                  "resumed run starts a fresh scaler, so its steps are not exactly those of an uninterrupted run",
+                  file=sys.stderr)
+        state = load_checkpoint(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=saved_scaler)
         if state.get("steps_per_epoch") != steps_per_epoch:
             raise CheckpointError(f"{out_dir / 'last.json'}: the training set changed ({state.get('steps_per_epoch')} steps per epoch then, {steps_per_epoch} now)")
         if not dist.is_main:  # the saved partial-epoch sums are global; count them once
