@@ -67,13 +67,19 @@ def test_feature_info_answers_timms_accessors_for_the_levels_returned():
     with torch.no_grad():
         maps = model(torch.randn(1, 3, SIZE, SIZE))
     info = model.feature_info
-    assert info.channels() == [m.shape[1] for m in maps] and info.channels(-1) == maps[-1].shape[1]
-    assert info.reduction() == [SIZE // m.shape[-1] for m in maps]
-    assert info.module_name() == ["stages.0", "stages.2"]
+    # timm's rules: no idx -> the levels returned; an int or a list -> any level(s), whatever out_indices says
+    assert info.channels() == [m.shape[1] for m in maps] and info.channels(3) == maps[-1].shape[1]
+    assert info.reduction() == [SIZE // m.shape[-1] for m in maps] and info.reduction(0) == 4
+    assert info.module_name() == ["stages.0", "stages.2"] and info.module_name([0, 1]) == ["stem", "stages.0"]
     assert info.get_dicts()[1] == {"num_chs": maps[1].shape[1], "reduction": SIZE // maps[1].shape[-1], "module": "stages.2"}
-    assert len(info) == 5 and info[0]["num_chs"] == info[0].num_chs  # every level, entries read like timm's dicts
+    assert info.get_dicts(keys=["num_chs"], idx=1) == {"num_chs": maps[0].shape[1]}
+    assert len(info) == 5 and info[0]["num_chs"] == info[0].num_chs == info[0].get("num_chs")  # entries read as dicts
     with pytest.raises(KeyError):
         info[0]["stride"]
+    timm = pytest.importorskip("timm")  # the same answers as timm's own FeatureInfo
+    theirs = timm.create_model("cspresnet50", features_only=True, out_indices=(1, 3), pretrained=False).feature_info
+    for call in (lambda f: f.channels(), lambda f: f.reduction(4), lambda f: len(f.get_dicts(idx=[0, 2])), lambda f: f.get_dicts(keys=["num_chs"])):
+        assert type(call(theirs)) is type(call(info))
 
 
 def test_stages_after_the_last_level_asked_for_do_not_run():

@@ -31,31 +31,44 @@ class FeatureInfo:
             raise KeyError(key)
         return getattr(self, key)
 
+    def get(self, key: str, default=None):
+        return self[key] if key in ("num_chs", "reduction", "module") else default
+
 
 class FeatureInfoList(list):
-    """Every feature level's `FeatureInfo`, with timm's ``features_only`` accessors, which answer for
-    the levels the model returns (``out_indices``): ``channels()``, ``reduction()``, ``module_name()``
-    and ``get_dicts()``, each for one of them with ``idx``."""
+    """Every feature level's `FeatureInfo`, with the accessors of timm's ``FeatureInfo``: without
+    ``idx`` they answer for the levels the model returns (``out_indices``); an int ``idx`` picks any
+    level, and a list or tuple several (``channels()``, ``reduction()``, ``module_name()``, ``get(key)``,
+    ``get_dicts(keys)``)."""
 
     def __init__(self, infos: list[FeatureInfo], out_indices: tuple[int, ...]):
         super().__init__(infos)
         self.out_indices = out_indices
 
-    def _get(self, key: str, idx: int | None):
-        values = [self[i][key] for i in self.out_indices]
-        return values if idx is None else values[idx]
+    def _levels(self, idx):
+        return self.out_indices if idx is None else idx
 
-    def channels(self, idx: int | None = None):
-        return self._get("num_chs", idx)
+    def get(self, key: str, idx: int | list[int] | tuple[int, ...] | None = None):
+        levels = self._levels(idx)
+        if isinstance(levels, (tuple, list)):
+            return [self[i][key] for i in levels]
+        return self[levels][key]
 
-    def reduction(self, idx: int | None = None):
-        return self._get("reduction", idx)
+    def channels(self, idx=None):
+        return self.get("num_chs", idx)
 
-    def module_name(self, idx: int | None = None):
-        return self._get("module", idx)
+    def reduction(self, idx=None):
+        return self.get("reduction", idx)
 
-    def get_dicts(self) -> list[dict]:
-        return [{"num_chs": self[i].num_chs, "reduction": self[i].reduction, "module": self[i].module} for i in self.out_indices]
+    def module_name(self, idx=None):
+        return self.get("module", idx)
+
+    def get_dicts(self, keys: list[str] | None = None, idx=None):
+        keys = keys or ["num_chs", "reduction", "module"]
+        levels = self._levels(idx)
+        if isinstance(levels, (tuple, list)):
+            return [{k: self[i][k] for k in keys} for i in levels]
+        return {k: self[levels][k] for k in keys}
 
 
 class _RestoreNormStats:
