@@ -239,6 +239,11 @@ def test_a_layer_that_cannot_run_at_another_input_size_names_its_cfg_line():
                        r"at input 7x7 \(shapes were checked at 8x8; build_model\(cfg, input_size\) checks another size\): "
                        r"Sizes of tensors must match"):
         model(torch.randn(1, 3, 7, 7))
+    # out of memory is no shape error: it passes as torch raised it
+    model.layers[4].register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError("no memory")))
+    for size in (8, 7):
+        with pytest.raises(torch.OutOfMemoryError, match="^no memory$"):
+            model(torch.randn(1, 3, size, size))
 
 
 def test_connected_upsample_scale_channels_and_sam():
