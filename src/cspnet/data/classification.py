@@ -272,15 +272,17 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
 UNSIGNED_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _to_8_bits(im, path: str):
+def _to_8_bits(im, path: str, file_format: str | None = None):
     """A 16-bit image scaled by its range to 8 bits (65535 -> 255); ``convert`` would clip it at 255.
+    A PNG in mode ``I`` is 16-bit too (PNG has no wider samples; older Pillow versions open 16-bit
+    grey PNGs so).
 
     32-bit integer and floating-point images (PIL modes ``I``, ``F`` …) have no fixed range to scale
     by: they raise `CorruptImageError` naming the file. Other images are returned as they are.
     """
     from PIL import Image
 
-    if im.mode in UNSIGNED_16_BIT_MODES:
+    if im.mode in UNSIGNED_16_BIT_MODES or (im.mode == "I" and file_format == "PNG"):
         wide = np.asarray(im).astype(np.uint32)
         return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
     if im.mode.startswith(("I", "F")):
@@ -301,11 +303,12 @@ def decode_image(path: str, img_size: int, in_chans: int) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             # as a viewer shows it: cameras store a portrait photo as landscape plus an orientation tag
+            file_format = im.format
             im = ImageOps.exif_transpose(im)  # a decoded copy
     # PIL's DecompressionBombError (too many pixels to decode safely) is no OSError
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise CorruptImageError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
-    im = _to_8_bits(im, path).convert("L" if in_chans == 1 else "RGB")
+    im = _to_8_bits(im, path, file_format).convert("L" if in_chans == 1 else "RGB")
     tf = v2.Compose([v2.PILToTensor(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
     return tf(im)
 
