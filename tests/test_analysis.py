@@ -287,9 +287,14 @@ def test_ablation_resumes_skipping_finished_runs(tiny_ablation):
     out, data, cfg, kwargs, rows = tiny_ablation
     table = (out / "ablation.md").read_text()
     (out / "runs" / "csp-g0.25" / "result.json").unlink()  # as if killed after training, before the result
+    old = out / "runs" / "plain" / "result.json"  # a result finished before rows recorded paper_arch
+    saved = json.loads(old.read_text())
+    del saved["row"]["paper_arch"]
+    old.write_text(json.dumps(saved))
     again = run_ablation("cspdensenet121", data, cfg, ClassifyRecipe(), out, **kwargs)
     assert [r["status"] for r in again] == ["skipped"] * 3 + ["resumed", "skipped"]
     assert [r["top1"] for r in again] == [r["top1"] for r in rows]
+    assert [r["paper_arch"] for r in again] == [False] * 5  # DenseNet: not paper Table 1's network
     assert (out / "ablation.md").read_text() == table
     with pytest.raises(ValueError, match="finished with a different train"):
         run_ablation("cspdensenet121", data, TrainConfig(epochs=2, batch_size=16, lr=0.05), ClassifyRecipe(), out, **kwargs)

@@ -96,13 +96,16 @@ def _measure(run: AblationRun, data: ClassificationData, width: float, options: 
     model = build_model(run.model, num_classes=data.num_classes, in_chans=data.in_chans, width=width, options=options)
     prof = profile(model, data.img_size, data.in_chans)
     imagenet = build_model(run.model, num_classes=1000, in_chans=3, width=width, options=options)
-    # Table 1's figures belong beside a row only when it measures the paper's own network: PeleeNet or
-    # CSPPeleeNet at full width, 224 x 224, nothing but fusion and γ changed (not swish, SE, ...)
-    overrides = set(options) - {"fusion", "part_ratio"}
-    paper_arch = run.model in PAPER_MODELS and width == 1.0 and not overrides and paper_size == 224
     return {"params": prof.params, "conv_params": prof.conv_params, "bflops": prof.bflops, "macs": prof.macs,
             "paper_size": paper_size, "bflops_paper_size": profile(imagenet, paper_size, 3).bflops,
-            "paper_arch": paper_arch}
+            "paper_arch": _is_paper_arch(run, width, options, paper_size)}
+
+
+def _is_paper_arch(run: AblationRun, width: float, options: dict, paper_size: int) -> bool:
+    """Whether the run measures the network of paper Table 1, so that its figures belong beside the row:
+    PeleeNet or CSPPeleeNet at full width, 224 x 224, nothing but fusion and γ changed (not swish, SE …)."""
+    overrides = set(options) - {"fusion", "part_ratio"}
+    return run.model in PAPER_MODELS and width == 1.0 and not overrides and paper_size == 224
 
 
 def run_ablation(
@@ -200,7 +203,8 @@ def _train_or_reuse(run: AblationRun, i: int, n: int, data, train_cfg, recipe, o
             diff = sorted(k for k in signature if saved.get("signature", {}).get(k) != signature[k])
             raise ValueError(f"{result_path}: finished with a different {', '.join(diff)}; use another --out "
                              "or delete the run directory to retrain it")
-        return {**saved["row"], "status": "skipped"}
+        # rows finished before they recorded it are given `paper_arch` here
+        return {**saved["row"], "paper_arch": _is_paper_arch(run, width, options, paper_size), "status": "skipped"}
     resume = (run_dir / "last.json").is_file()
     measured = _measure(run, data, width, options, paper_size)
     model = rebuild_model(record, seed=train_cfg.seed)
@@ -227,7 +231,7 @@ _FUSION_LABEL = {"none": "— (plain)", "fusion_first": "fusion first", "fusion_
 
 def format_ablation_table(rows: list[dict], data: ClassificationData | None = None) -> str:
     """Paper Table 1's layout (γ, fusion, params, BFLOPs, top-1) with ratios to the plain model and,
-    for the PeleeNet family, the paper's own ImageNet figures beside ours."""
+    beside rows that measure the paper's own network (`_is_paper_arch`), the paper's ImageNet figures."""
     plain = next((r for r in rows if r["fusion"] == "none"), None)
     size = f"{data.img_size}x{data.img_size}" if data else "train size"
     paper_size = rows[0]["paper_size"] if rows else 224
