@@ -1,4 +1,5 @@
 """Detection training end to end: a tiny detector overfits scenes; the CLI trains, resumes, evaluates, predicts."""
+import contextlib
 import json
 
 import numpy as np
@@ -21,6 +22,29 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+
+@contextlib.contextmanager
+def _killed_at_evaluation(monkeypatch, n: int):
+    """Inside the block, the n-th `DetectionTask.evaluate` call raises, as a run killed in epoch n (after
+    epoch n - 1 was checkpointed) would stop; the block must end so."""
+    from cspnet.detection import train as train_mod
+
+    evaluate, calls = train_mod.DetectionTask.evaluate, []
+
+    def dying(self, model, dist):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("killed")
+        return evaluate(self, model, dist)
+
+    monkeypatch.setattr(train_mod.DetectionTask, "evaluate", dying)
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            yield
+    finally:
+        monkeypatch.setattr(train_mod.DetectionTask, "evaluate", evaluate)
 
 
 def test_tiny_detector_overfits_a_handful_of_scenes(tmp_path):
@@ -51,25 +75,13 @@ def _cli_train(out, *extra):
 
 @pytest.mark.slow
 def test_cli_train_resume_eval_predict(tmp_path, capsys, monkeypatch):
-    from cspnet.detection import train as train_mod
     from cspnet.weights import load_state
 
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert _cli_train(straight, "--epochs", "2") == 0
     # a run killed during epoch 2 (after epoch 1 was checkpointed) and resumed ends with the same weights
-    evaluate = train_mod.DetectionTask.evaluate
-    calls = []
-
-    def dying(self, model, dist):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return evaluate(self, model, dist)
-
-    monkeypatch.setattr(train_mod.DetectionTask, "evaluate", dying)
-    with pytest.raises(RuntimeError, match="killed"):
+    with _killed_at_evaluation(monkeypatch, 2):
         _cli_train(broken, "--epochs", "2")
-    monkeypatch.setattr(train_mod.DetectionTask, "evaluate", evaluate)
     assert [json.loads(x)["epoch"] for x in (broken / "metrics.jsonl").read_text().splitlines()] == [1]
     assert _cli_train(broken, "--epochs", "3", "--resume") == 2  # another recipe: refused, not silently mixed
     assert "different recipe" in capsys.readouterr().err
@@ -327,24 +339,13 @@ def _tiny_run(out, recipe: DetectRecipe, epochs: int, resume: bool = False):
 
 
 def test_resumed_run_evaluates_the_epochs_an_uninterrupted_one_does(tmp_path, monkeypatch):
-    from cspnet.detection import train as train_mod
     from cspnet.engine.checkpoint import read_checkpoint_record
 
     recipe = DetectRecipe(eval_every=2)  # epochs 2 and 3 (the last) are evaluated
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     _tiny_run(straight, recipe, 3)
-    evaluate, calls = train_mod.DetectionTask.evaluate, []
-
-    def dying(self, model, dist):  # the run is cut in epoch 2, after epoch 1 was checkpointed
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return evaluate(self, model, dist)
-
-    monkeypatch.setattr(train_mod.DetectionTask, "evaluate", dying)
-    with pytest.raises(RuntimeError, match="killed"):
+    with _killed_at_evaluation(monkeypatch, 2):  # the run is cut in epoch 2, after epoch 1 was checkpointed
         _tiny_run(broken, recipe, 3)
-    monkeypatch.setattr(train_mod.DetectionTask, "evaluate", evaluate)
     _tiny_run(broken, recipe, 3, resume=True)
     histories = [[json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] for out in (straight, broken)]
     assert [[h["epoch"] for h in rows if "val_AP50" in h] for rows in histories] == [[2, 3], [2, 3]]
