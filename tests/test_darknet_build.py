@@ -244,6 +244,10 @@ def test_a_layer_that_cannot_run_at_another_input_size_names_its_cfg_line():
     for size in (8, 7):
         with pytest.raises(torch.OutOfMemoryError, match="^no memory$"):
             model(torch.randn(1, 3, size, size))
+    model.layers[4]._forward_pre_hooks.clear()  # the CPU allocator's failure is a plain RuntimeError
+    model.layers[4].register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("DefaultCPUAllocator: can't allocate memory")))
+    with pytest.raises(RuntimeError, match="^DefaultCPUAllocator"):
+        model(torch.randn(1, 3, 7, 7))
 
 
 def test_connected_upsample_scale_channels_and_sam():

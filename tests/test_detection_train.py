@@ -431,7 +431,9 @@ def test_cli_predict_skips_unreadable_images_and_writes_the_others(tmp_path, cap
     bad.write_text("not an image")
     out = tmp_path / "pred"
     argv = ["detect", "predict", "--checkpoint", str(tmp_path / "run"), str(bad), str(good), "--out", str(out)]
-    assert main(argv) == 0
+    assert main(argv) == 2  # as cspnet predict: an unreadable image is an error unless --skip-corrupt
+    assert f"{bad}: cannot read image" in capsys.readouterr().err
+    assert main([*argv, "--skip-corrupt"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["images"] == 1 and len(summary["skipped"]) == 1 and str(bad) in summary["skipped"][0]

@@ -200,6 +200,30 @@ def test_hooks_inside_a_conv_bn_act_keep_seeing_their_maps_and_handles_still_rem
         h.remove()
 
 
+def test_fuse_folds_under_global_hooks_and_past_a_hooked_activation():
+    # tools hold process-wide hooks (torch's ModuleTracker); activation statistics hook every activation:
+    # neither sees a different map once the BN is folded, so neither stops folding
+    from torch.nn.modules.module import register_module_forward_hook
+
+    torch.manual_seed(0)
+    model = calibrate(cspnet.create_model("cspresnet10", num_classes=10))
+    act = model.stages[1].down[0].act
+    seen = []
+    act.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        model(x)
+    handle = register_module_forward_hook(lambda m, i, o: None)
+    try:
+        fuse(model)
+    finally:
+        handle.remove()
+    assert unfolded_batchnorms(model) == [] and isinstance(model.stages[1].down[0], ConvAct)
+    with torch.no_grad():
+        model(x)
+    assert len(seen) == 2 and rel_err(seen[1], seen[0]) <= TOL
+
+
 def test_detector_with_cfg_taps_deploys():
     # cspresnet50's detector reads two maps through forward hooks on layers that deploy replaces.
     torch.manual_seed(0)

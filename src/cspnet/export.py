@@ -96,6 +96,10 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
+def _own_hooks(*modules: nn.Module) -> bool:
+    return hooked(*modules, include_global=False)
+
+
 def _replace(parent: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` in place of ``parent.name``, moving the old module's forward hooks onto it.
 
@@ -116,21 +120,22 @@ def fuse(model: nn.Module) -> nn.Module:
     Each `ConvBnAct` becomes a `ConvAct` (conv with bias, then the activation); inside any
     other ``nn.Sequential`` a (Conv2d, BatchNorm2d) pair becomes (fused Conv2d, Identity).
     A BatchNorm that follows something else (a DenseNet pre-activation BN, say) stays, and so does a
-    pair whose conv or BN has a forward hook (folded, the hook would see another map or none).
+    pair whose conv or BN has a forward hook of its own (folded, the hook would see another map or none).
     The model is switched to eval mode: folding freezes the running statistics, so a fused
     model is for inference only.
     """
     model.eval()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            # a hooked conv, BN or activation inside would see other maps, or none, once folded: kept
-            if isinstance(child, ConvBnAct) and _foldable(child.conv, child.bn) and not hooked(*child.children()):
+            # a hooked conv or BN inside would see another map, or none, once folded: kept. (Global hooks
+            # do not stop folding: tools such as torch's ModuleTracker hold them while a model is deployed.)
+            if isinstance(child, ConvBnAct) and _foldable(child.conv, child.bn) and not _own_hooks(child.conv, child.bn):
                 _replace(parent, name, ConvAct(_fold(child.conv, child.bn), child.act))
         if isinstance(parent, nn.Sequential) and not isinstance(parent, ConvBnAct):
             names = [n for n, _ in parent.named_children()]
             for first, second in zip(names, names[1:]):
                 conv, bn = parent._modules[first], parent._modules[second]
-                if _foldable(conv, bn) and not hooked(conv, bn):
+                if _foldable(conv, bn) and not _own_hooks(conv, bn):
                     _replace(parent, first, _fold(conv, bn))
                     _replace(parent, second, nn.Identity())
     return model
@@ -261,7 +266,7 @@ def use_onednn(model: nn.Module) -> nn.Module:
         raise ValueError("this PyTorch build has no oneDNN fused convolution kernel (torch.ops.mkldnn)")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, ConvAct) and not hooked(*child.children()):  # the kernel runs neither as a module
+            if isinstance(child, ConvAct) and not _own_hooks(*child.children()):  # the kernel runs neither as a module
                 post_op = _onednn_post_op(child.act)
                 if post_op is not None and child.conv.padding_mode == "zeros" and not isinstance(child.conv.padding, str):
                     _replace(parent, name, OneDnnConvAct(child, post_op))
@@ -270,7 +275,7 @@ def use_onednn(model: nn.Module) -> nn.Module:
             if (
                 isinstance(child, ResidualBlock) and _known_layout(child, OneDnnResidualBlock.CHILDREN)
                 and isinstance(child.conv3, OneDnnConvAct) and child.conv3.attr == "none"
-                and not hooked(child.conv3, child.add)  # the fused kernel runs neither as a module
+                and not _own_hooks(child.conv3, child.add)  # the fused kernel runs neither as a module
             ):
                 _replace(parent, name, OneDnnResidualBlock(child))
     return model

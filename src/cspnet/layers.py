@@ -103,10 +103,10 @@ class ConvOutputBatchNorm2d(nn.BatchNorm2d):
         return x.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
 
 
-def hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook or pre-hook (of the modules, or global) could see the maps passing
-    through ``modules`` (and keep them)."""
-    return bool(_global_forward_hooks or _global_forward_pre_hooks) or any(
+def hooked(*modules: nn.Module, include_global: bool = True) -> bool:
+    """Whether a forward hook or pre-hook of the modules (or, with ``include_global``, a global one)
+    could see the maps passing through ``modules`` (and keep them)."""
+    return (include_global and bool(_global_forward_hooks or _global_forward_pre_hooks)) or any(
         m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 

@@ -100,12 +100,13 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.set_defaults(func=run_eval)
 
-    p = dsub.add_parser("predict", help="detect objects in images; write drawn images and detections.json "
-                                        "(unreadable images are skipped and listed)")
+    p = dsub.add_parser("predict", help="detect objects in images; write drawn images and detections.json")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--name", default=None)
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="leave out (and name) unreadable images instead of failing, as cspnet predict does")
     p.add_argument("--conf", type=PROBABILITY, default=0.25)
     p.add_argument("--iou", type=IOU, default=0.45)
     p.set_defaults(func=run_predict)
@@ -257,9 +258,10 @@ def run_predict(args) -> int:
     from ..detection.train import load_detector
 
     model, run = load_detector(args.checkpoint, args.name)
-    skipped: list[str] = []
+    skipped: list[str] | None = [] if args.skip_corrupt else None
     results = predict_files(model, [Path(p) for p in args.images], Path(args.out), run["img_size"],
                             tuple(run["class_names"]), args.conf, args.iou, skipped=skipped)
+    skipped = skipped or []
     for reason in skipped:
         print(f"skipped: {reason}", file=sys.stderr)
     print(json.dumps({"out": str(args.out), "images": len(results), "skipped": skipped,

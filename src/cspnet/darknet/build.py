@@ -513,7 +513,8 @@ class DarknetNet(nn.Module):
             try:
                 x = layer(x, *extra) if layer.takes_input else layer(*extra)
             except RuntimeError as e:
-                if isinstance(e, torch.OutOfMemoryError) or image_hw == tuple(self.input_size):
+                out_of_memory = isinstance(e, torch.OutOfMemoryError) or "allocate" in str(e)  # CUDA's, or the CPU's
+                if out_of_memory or image_hw == tuple(self.input_size):
                     raise  # not a shape the build did not check: torch's own error says what happened
                 previous = [f"{f'layer {i - 1}' if i else 'the image'} {_fmt(x.shape[1:])}"] if layer.takes_input else []
                 inputs = previous + [f"layer {j} {_fmt(outputs[j].shape[1:])}" for j in layer.sources]
