@@ -190,13 +190,13 @@ def test_16_bit_images_are_scaled_not_clipped_and_wider_ones_are_named(tmp_path)
     with pytest.raises(CorruptImageError, match=r"f32.tif: a 'F' image .*8 or 16 bits"):
         decode_image(str(tmp_path / "f32.tif"), 8, 1)
     # older Pillow versions open a 16-bit grey PNG in mode "I": a PNG holds no wider samples
-    from cspnet.data.classification import _to_8_bits
+    from cspnet.data.classification import to_8_bits
 
     as_i = Image.open(tmp_path / "g16.png").convert("I")
-    scaled = np.asarray(_to_8_bits(as_i, "g16.png", "PNG"))
+    scaled = np.asarray(to_8_bits(as_i, "g16.png", "PNG"))
     assert np.abs(scaled.astype(int) - (ramp / 257).round()).max() <= 1
     with pytest.raises(CorruptImageError, match="'I' image"):
-        _to_8_bits(as_i, "x.tif", "TIFF")  # a 32-bit TIFF has no fixed range
+        to_8_bits(as_i, "x.tif", "TIFF")  # a 32-bit TIFF has no fixed range
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -336,3 +336,14 @@ def test_tree_tiles_leave_pils_decompression_bomb_guard_alone(monkeypatch):
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         tree_tiles("train")
     assert Image.MAX_IMAGE_PIXELS == 6_000_000
+
+
+def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    record = D.DetectionRecord(0, "g16.png", 32, 32, np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
+                               path=str(tmp_path / "g16.png"))
+    from cspnet.detection.predict import _read_rgb
+
+    for image in (record.load(), _read_rgb(tmp_path / "g16.png")):  # training / evaluation, and predict
+        assert image.shape == (32, 32, 3) and np.abs(image[..., 0].astype(int) - (ramp / 257).round()).max() <= 1

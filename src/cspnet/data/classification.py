@@ -272,7 +272,7 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
 UNSIGNED_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _to_8_bits(im, path: str, file_format: str | None = None):
+def to_8_bits(im, path: str, file_format: str | None = None):
     """A 16-bit image scaled by its range to 8 bits (65535 -> 255); ``convert`` would clip it at 255.
     A PNG in mode ``I`` is 16-bit too (PNG has no wider samples; older Pillow versions open 16-bit
     grey PNGs so).
@@ -308,7 +308,7 @@ def decode_image(path: str, img_size: int, in_chans: int) -> torch.Tensor:
     # PIL's DecompressionBombError (too many pixels to decode safely) is no OSError
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise CorruptImageError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
-    im = _to_8_bits(im, path, file_format).convert("L" if in_chans == 1 else "RGB")
+    im = to_8_bits(im, path, file_format).convert("L" if in_chans == 1 else "RGB")
     tf = v2.Compose([v2.PILToTensor(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
     return tf(im)
 

@@ -84,7 +84,7 @@ class DetectionRecord:
         try:
             with Image.open(self.path) as im:
                 size = im.size
-                image = np.asarray(im.convert("RGB"))
+                image = np.asarray(classification.to_8_bits(im, where, im.format).convert("RGB"))  # 16-bit scaled
         except UNREADABLE_IMAGE as e:
             raise AnnotationError(f"{where} cannot be read ({e})") from None
         if size != (self.width, self.height):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
+from ..data.classification import to_8_bits
 from ..data.detection import UNREADABLE_IMAGE, letterbox, sanitize_boxes
 from ..files import atomic_path, atomic_write_text
 from .detector import Detector
@@ -17,7 +18,7 @@ from .detector import Detector
 def _read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(to_8_bits(im, str(path), im.format).convert("RGB"))  # 16-bit scaled, not clipped
     except UNREADABLE_IMAGE as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
 
