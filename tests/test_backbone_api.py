@@ -71,8 +71,10 @@ def test_feature_info_answers_timms_accessors_for_the_levels_returned():
     assert info.channels() == [m.shape[1] for m in maps] and info.channels(3) == maps[-1].shape[1]
     assert info.reduction() == [SIZE // m.shape[-1] for m in maps] and info.reduction(0) == 4
     assert info.module_name() == ["stages.0", "stages.2"] and info.module_name([0, 1]) == ["stem", "stages.0"]
-    assert info.get_dicts()[1] == {"num_chs": maps[1].shape[1], "reduction": SIZE // maps[1].shape[-1], "module": "stages.2"}
-    assert info.get_dicts(keys=["num_chs"], idx=1) == {"num_chs": maps[0].shape[1]}
+    assert info.get_dicts()[1] == {"num_chs": maps[1].shape[1], "reduction": SIZE // maps[1].shape[-1], "module": "stages.2",
+                                   "index": 3}
+    assert info.get_dicts(keys=["num_chs"], idx=1) == {"num_chs": maps[0].shape[1]} and info.get_dicts(keys=[]) == [{}, {}]
+    assert info.get("index") == [1, 3]
     assert len(info) == 5 and info[0]["num_chs"] == info[0].num_chs == info[0].get("num_chs")  # entries read as dicts
     with pytest.raises(KeyError):
         info[0]["stride"]

@@ -25,14 +25,18 @@ class FeatureInfo:
     num_chs: int
     reduction: int
     module: str
+    index: int  # the level's number (0: the stem), as timm's entries carry it
 
     def __getitem__(self, key: str):
-        if key not in ("num_chs", "reduction", "module"):
+        if key not in _FEATURE_KEYS:
             raise KeyError(key)
         return getattr(self, key)
 
     def get(self, key: str, default=None):
-        return self[key] if key in ("num_chs", "reduction", "module") else default
+        return self[key] if key in _FEATURE_KEYS else default
+
+
+_FEATURE_KEYS = ("num_chs", "reduction", "module", "index")
 
 
 class FeatureInfoList(list):
@@ -64,7 +68,7 @@ class FeatureInfoList(list):
         return self.get("module", idx)
 
     def get_dicts(self, keys: list[str] | None = None, idx=None):
-        keys = keys or ["num_chs", "reduction", "module"]
+        keys = _FEATURE_KEYS if keys is None else keys
         levels = self._levels(idx)
         if isinstance(levels, (tuple, list)):
             return [{k: self[i][k] for k in keys} for i in levels]
@@ -138,11 +142,11 @@ class StagedNet(nn.Module):
         self.in_chans = in_chans
         self.stem = stem
         self.stages = nn.ModuleList(stages)
-        infos = [FeatureInfo(stem_chs, stem_stride, "stem")]
+        infos = [FeatureInfo(stem_chs, stem_stride, "stem", 0)]
         reduction = stem_stride
         for i, (chs, stride) in enumerate(zip(stage_chs, stage_strides)):
             reduction *= stride
-            infos.append(FeatureInfo(chs, reduction, f"stages.{i}"))
+            infos.append(FeatureInfo(chs, reduction, f"stages.{i}", i + 1))
         self.num_features = infos[-1].num_chs
         self.features_only = features_only
         if out_indices is not None and not features_only:
