@@ -27,6 +27,7 @@ import torch
 
 from .bench import sgd_train_step, warm_up_runtime
 from .data import ClassificationData
+from .engine.checkpoint import CheckpointError, check_run_dir
 from .engine.classify import ClassificationTask, ClassifyRecipe
 from .engine.distributed import DistInfo, resolve_device
 from .engine.models import model_record, rebuild_model
@@ -198,8 +199,13 @@ def run_compare_models(
         raise ValueError(f"compare needs different models, got {list(models)}")
     for name in models:
         get_spec(name)  # unknown names fail before any training
-    trained = [name for name in models if any((out / name / f"{c}.json").is_file() for c in ("last", "best"))]
-    if trained:  # a comparison's models are work too: never overwritten
+    trained = []
+    for name in models:  # a comparison's models are work too: never overwritten (the rule of `cspnet train`)
+        try:
+            check_run_dir(out / name, resume=False)
+        except CheckpointError:
+            trained.append(name)
+    if trained:
         raise ValueError(f"{out}: holds trained runs of {', '.join(trained)} from an earlier comparison; "
                          "give another --out, or delete the folder to run it again")
     out.mkdir(parents=True, exist_ok=True)
