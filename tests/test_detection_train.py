@@ -1,6 +1,7 @@
 """Detection training end to end: a tiny detector overfits scenes; the CLI trains, resumes, evaluates, predicts."""
 import contextlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -440,3 +441,32 @@ def test_cli_predict_skips_unreadable_images_and_writes_the_others(tmp_path, cap
     assert f"skipped: {bad}: cannot read image" in captured.err
     assert [r["image"] for r in json.loads((out / "detections.json").read_text())] == [str(good)]
     assert (out / "scene_det.png").is_file() and not (out / "bad_det.png").exists()
+
+
+def test_cli_train_loads_and_augments_in_the_workers_with_the_same_result(tmp_path, monkeypatch):
+    """--workers 2 reads and augments the training images in 2 DataLoader processes; each image's draws come
+    from its own seed (the loop's chunk seed + its place in the chunk), so the run equals --workers 0 to the bit."""
+    from cspnet.data import detection as data_mod
+    from cspnet.weights import load_state
+
+    getitem, log = data_mod.DetectionDataset.__getitem__, tmp_path / "loaded_by.txt"
+
+    def logged(self, i):
+        if self.augment is not None:  # a training image (evaluation reads the validation set in the main process)
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()}\n")
+        return getitem(self, i)
+
+    monkeypatch.setattr(data_mod.DetectionDataset, "__getitem__", logged)
+    assert _cli_train(tmp_path / "w0", "--epochs", "1", "--workers", "0") == 0
+    loaded_by_w0 = set(log.read_text().split())
+    log.unlink()
+    assert _cli_train(tmp_path / "w2", "--epochs", "1", "--workers", "2") == 0
+    loaded_by_w2 = set(log.read_text().split())
+    assert loaded_by_w0 == {str(os.getpid())}
+    assert len(loaded_by_w2) == 2 and str(os.getpid()) not in loaded_by_w2  # the two steps' chunks, one per worker
+    w0, w2 = (json.loads((tmp_path / run / "metrics.jsonl").read_text()) for run in ("w0", "w2"))
+    for key in ("train_loss", "train_box", "train_obj", "train_cls", "val_AP", "val_AP50"):
+        assert w0[key] == w2[key], key
+    a, b = load_state(tmp_path / "w0" / "last.safetensors"), load_state(tmp_path / "w2" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

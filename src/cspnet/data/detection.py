@@ -477,9 +477,9 @@ class DetectionDataset(Dataset):
     (M, 4) xyxy in input pixels, ``labels`` (M,), ``image_id``, ``ratio`` (input / original pixels)
     and ``orig_size`` (h, w). Crowd boxes are not trained on. ``augment=None`` gives the evaluation
     pipeline. ``report`` counts the boxes clipped / dropped by the evaluation pipeline. Random
-    draws use torch's global generator: training reads items in `detection.train.DetectionTask.prepare`,
-    in the main process, which seeds it per sample from the loop's chunk seed (under ``fork_rng``)
-    so that a resumed run repeats the same augmentation.
+    draws use torch's global generator: training reads items through `detection.train.DetectionTask`'s
+    ``train_set``, which seeds it per item from the loop's chunk seed (under ``fork_rng``, in whichever
+    DataLoader process reads the item) so that a resumed run repeats the same augmentation.
     """
 
     def __init__(

@@ -1,11 +1,13 @@
 """Detection as a task of the shared training loop (`cspnet.engine.train.fit`), and evaluation.
 
-`DetectionTask` tells the loop what a detection batch is: ``prepare`` draws each image's
-augmentation (mosaic, scale / translate, flips, HSV) from torch's generator seeded with the
-chunk seed the loop hands out, so a resumed run repeats the same augmented images; ``loss`` is
-`YoloLoss`; ``evaluate`` runs COCOeval (pycocotools) on the validation set and reports ``AP50`` as
-the metric that picks the ``best`` checkpoint. Checkpoints, resume, EMA, progress bars and the
-metric files are the loop's; this module adds ``detection_curves.png`` (loss parts and AP).
+`DetectionTask` tells the loop what a detection batch is: its training items are loaded and
+augmented (mosaic, scale / translate, flips, HSV) where the DataLoader reads them (its workers,
+with ``num_workers``), each from torch's generator seeded with the item seed the loop derives from
+its chunk seed (``seeded_items``), so a resumed run repeats the same augmented images and the number
+of workers changes nothing; ``loss`` is `YoloLoss`; ``evaluate`` runs COCOeval (pycocotools) on the
+validation set and reports ``AP50`` as the metric
+that picks the ``best`` checkpoint. Checkpoints, resume, EMA, progress bars
+and the metric files are the loop's; this module adds ``detection_curves.png`` (loss parts and AP).
 """
 from __future__ import annotations
 
@@ -70,17 +72,21 @@ class TimeBudgetSpent(RuntimeError):
     """Raised when ``DetectRecipe.time_limit`` has passed; the run's last checkpoint is kept and the message says where."""
 
 
-class _Indices(Dataset):
-    """The loop samples indices; `DetectionTask.prepare` loads and augments them with a seed."""
+class _SeededItems(Dataset):
+    """Training items by ``(index, seed)`` (the loop's `item_seeds`): image ``index`` loaded and augmented
+    with torch's generator seeded with ``seed``, whichever process (DataLoader worker) reads it."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, data: DetectionDataset):
+        self.data = data
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.data)
 
-    def __getitem__(self, i: int) -> int:
-        return i
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # `DetectionDataset` draws its augmentation from torch's generator
+            return self.data[index]
 
 
 @torch.no_grad()
@@ -138,14 +144,14 @@ class DetectionTask:
     """Training batches, loss and COCO evaluation of a detector, for `cspnet.engine.train.fit`."""
 
     metric = "AP50"
+    seeded_items = True
 
     def __init__(self, model: Detector, train: DetectionDataset, val: DetectionDataset | None = None,
                  val_gt: dict | None = None, category_ids=None, recipe: DetectRecipe = DetectRecipe(),
                  epochs: int | None = None, out_dir: str | os.PathLike | None = None, epochs_done: int = 0):
         if (val is None) != (val_gt is None):
             raise ValueError("give both the validation set and its COCO ground truth, or neither")
-        self.data = train
-        self.train_set = _Indices(len(train))
+        self.train_set = _SeededItems(train)
         self.val, self.val_gt, self.category_ids = val, val_gt, category_ids
         self.recipe = recipe
         self.epochs = epochs
@@ -158,21 +164,17 @@ class DetectionTask:
         self._epoch = epochs_done
         self._deadline = None if recipe.time_limit is None else time.monotonic() + recipe.time_limit
 
-    def collate(self, samples: list[int]) -> list[int]:
-        return list(samples)
+    def collate(self, samples: list) -> tuple[torch.Tensor, list[dict]]:
+        return collate_detection(samples)
 
-    def prepare(self, batch: list[int], *, device: torch.device, seed: int):
+    def prepare(self, batch: tuple[torch.Tensor, list[dict]], *, device: torch.device, seed: int):
+        # the images were augmented when loaded (`_SeededItems`); ``seed`` is not needed here
         if self._deadline is not None and time.monotonic() > self._deadline:
             raise TimeBudgetSpent(f"the time limit of {self.recipe.time_limit:.0f} s is spent; {self._resume_point()}")
-        items = []
-        with torch.random.fork_rng(devices=[]):
-            for k, i in enumerate(batch):
-                torch.manual_seed((seed + k) % 2**63)  # the sample's augmentation: a function of the chunk seed
-                items.append(self.data[i])
-        images, targets = collate_detection(items)
+        images, targets = batch
         for t in targets:
-            t["boxes"], t["labels"] = t["boxes"].to(device), t["labels"].to(device)
-        return images.to(device), targets
+            t["boxes"], t["labels"] = t["boxes"].to(device, non_blocking=True), t["labels"].to(device, non_blocking=True)
+        return images.to(device, non_blocking=True), targets
 
     def _resume_point(self) -> str:
         """Where ``resume`` continues the stopped run: its last checkpoint, if one was written."""

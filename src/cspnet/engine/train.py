@@ -10,9 +10,12 @@ Each epoch's sample order is a pure function of ``(seed, epoch)``. A global batc
 ``batch_size`` samples is cut into ``world_size * accum_steps`` equal *chunks*; process ``r``
 runs chunks ``r * accum_steps ... (r + 1) * accum_steps - 1``. Every chunk gets its own seed,
 ``chunk_seed(seed, epoch, step, chunk)``, from which the task draws its augmentation and which
-seeds torch's global RNG (dropout) before the chunk's forward pass. So nothing depends on what
-ran before in the process: a resumed run skips the steps already done and continues with the
-very same numbers, and one process with ``accum_steps = k`` computes what ``k`` DDP processes do.
+seeds torch's global RNG (dropout) before the chunk's forward pass. A task that augments single
+items where they are loaded (``seeded_items``, e.g. detection's mosaic, in the DataLoader workers)
+gets each item's seed from the same chunk seed (`item_seeds`), so ``--workers`` changes nothing
+either. So nothing depends on what ran before in the process: a resumed run skips the steps
+already done and continues with the very same numbers, and one process with ``accum_steps = k``
+computes what ``k`` DDP processes do.
 """
 from __future__ import annotations
 
@@ -50,6 +53,10 @@ class Task(Protocol):
     """What the training loop needs from a problem (classification, detection …).
 
     - ``train_set``: a map-style dataset; ``collate(samples)`` builds a batch from its items.
+    - ``seeded_items`` (optional, default False): when True, the loop asks ``train_set`` for
+      ``(index, seed)`` pairs (`item_seeds`) instead of indices, and the item draws every random
+      number from generators seeded with its ``seed``. Loading and augmenting then run in the
+      DataLoader workers (``num_workers``) and still depend on nothing but the chunk seed.
     - ``prepare(batch, device=, seed=)``: move a batch to ``device`` and augment it, drawing every
       random number from generators seeded with ``seed`` (never from global RNGs).
     - ``loss(model, batch) -> (loss, stats)``: the mean loss of the batch and per-batch *sums* to
@@ -129,6 +136,11 @@ RESUMABLE_CHANGES = ("checkpoint_every", "num_workers", "memory_efficient", "eva
 def chunk_seed(seed: int, epoch: int, step: int, chunk: int) -> int:
     """A well-mixed 63-bit seed for one chunk of one step."""
     return int(np.random.SeedSequence([seed, epoch, step, chunk]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def item_seeds(indices: list[int], seed: int) -> list[tuple[int, int]]:
+    """The items of a chunk with seed ``seed`` as ``(index, item seed)``: the k-th item's seed is ``seed + k``."""
+    return [(i, (seed + k) % 2**63) for k, i in enumerate(indices)]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -330,11 +342,11 @@ def fit(
         epoch = state["step"] // steps_per_epoch
         first = state["step"] - epoch * steps_per_epoch
         order = epoch_order(n_train, cfg.seed, epoch)
-        my_chunks = [
-            order[s * cfg.batch_size + c * chunk: s * cfg.batch_size + (c + 1) * chunk].tolist()
-            for s in range(first, steps_per_epoch)
-            for c in range(dist.rank * cfg.accum_steps, (dist.rank + 1) * cfg.accum_steps)
-        ]
+        chunk_ids = [(s, c) for s in range(first, steps_per_epoch)
+                     for c in range(dist.rank * cfg.accum_steps, (dist.rank + 1) * cfg.accum_steps)]
+        my_chunks = [order[s * cfg.batch_size + c * chunk: s * cfg.batch_size + (c + 1) * chunk].tolist() for s, c in chunk_ids]
+        if getattr(task, "seeded_items", False):
+            my_chunks = [item_seeds(ids, chunk_seed(cfg.seed, epoch, s, c)) for ids, (s, c) in zip(my_chunks, chunk_ids)]
         loader = DataLoader(task.train_set, batch_sampler=my_chunks, num_workers=cfg.num_workers,
                             collate_fn=task.collate, persistent_workers=False, pin_memory=device.type == "cuda")
         train_model.train()
