@@ -54,6 +54,12 @@ def assert_same_function(source: nn.Module, ours: nn.Module) -> None:
     assert (got - want).abs().max().item() <= 1e-4
 
 
+def assert_close_maps(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape
+    # float rounding: 1e-4 of the map's scale (deep stage maps reach |x| ~ 5-10)
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
 def _torchvision_densenets():
     names = ("densenet121", "densenet169", "densenet201")
     return [n for n in names if ("torchvision", n) in cspnet.interop.conversions()]
@@ -100,8 +106,7 @@ def test_features_only_timm_variant_matches_timm_stage_maps():
         y = source.stem(x)
         for i, stage in enumerate(source.stages):
             y = stage(y)
-            # float rounding: 1e-4 of the map's scale (deep stage maps reach |x| ~ 5-10)
-            assert (feats[i] - y).abs().max().item() <= 1e-4 * max(1.0, y.abs().max().item())
+            assert_close_maps(feats[i], y)
 
 
 def test_shared_expansion_then_slice_equals_two_split_convs():
@@ -205,3 +210,24 @@ def test_torchvision_legacy_densenet_file_converts(tmp_path):
     torch.save(legacy, tmp_path / "densenet121.pth")
     out = convert_file("torchvision", "densenet121", tmp_path / "densenet121.pth", tmp_path / "ours.safetensors")
     assert_same_function(source, cspnet.create_model("densenet121", pretrained=out).eval())
+
+
+@pytest.mark.parametrize("feature_cls", [None, "hook", "getter"])  # FeatureListNet, FeatureHookNet, FeatureGetterNet
+def test_timm_features_only_weights_give_timm_feature_maps(feature_cls):
+    levels = (1, 2, 3, 4)  # level 0 differs: timm's is the ResNeXt stem conv before the pool, cspnet's after
+    source = calibrate(timm.create_model("cspresnext50", pretrained=False, features_only=True, out_indices=levels,
+                                         feature_cls=feature_cls))
+    assert "head.fc.weight" not in source.state_dict()
+    ours = cspnet.create_model("cspresnext50_timm", features_only=True, out_indices=levels).eval()
+    load_into(ours, convert_state("timm", "cspresnext50", source.state_dict()))
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        for got, want in zip(ours(x), source(x), strict=True):
+            assert_close_maps(got, want)
+
+
+def test_a_timm_feature_wrapper_key_with_no_counterpart_is_named():
+    state = timm.create_model("cspresnext50", pretrained=False, features_only=True).state_dict()
+    state = {"neck_fpn.conv.weight": torch.zeros(1), **state}
+    with pytest.raises(WeightsError, match=r"no counterpart in cspnet: neck_fpn\.conv\.weight$"):
+        convert_state("timm", "cspresnext50", state)

@@ -10,6 +10,10 @@ Key correspondence (timm -> cspnet)::
     stages.i.conv_transition        stages.i.transition    (input halves swapped, see below)
     head.fc                         head.fc
 
+The state dicts of timm's ``features_only=True`` models convert too: they name the stem and
+stages ``stem_conv1`` / ``stages_i`` (FeatureListNet, FeatureHookNet) or ``model.stem.conv1`` /
+``model.stages.i`` (FeatureGetterNet), and hold no head.
+
 timm's stage concatenates ``[cross, blocks]`` and `CrossStage` ``[blocks, cross]``; both halves
 are ``exp_chs // 2`` wide, so swapping the two halves of the transition conv's input channels
 gives the same output.
@@ -30,13 +34,15 @@ _TRANSITION_WEIGHT = re.compile(r"^stages\.\d+\.transition\.conv\.weight$")
 
 
 def _rules(stem: str) -> tuple[tuple[str, str], ...]:
+    # `[._]` and `model.`: the names of timm's features_only wrappers (module docstring)
+    stage = r"^(?:model\.)?stages[._](\d+)\."
     return (
-        (r"^stem\.conv1\.", stem),
-        (r"^stages\.(\d+)\.conv_down\.", r"stages.\1.down."),
-        (r"^stages\.(\d+)\.conv_exp\.", r"stages.\1.base."),
-        (r"^stages\.(\d+)\.conv_transition_b\.", r"stages.\1.partial_transition."),
-        (r"^stages\.(\d+)\.conv_transition\.", r"stages.\1.transition."),
-        (r"^stages\.(\d+)\.blocks\.(\d+)\.(conv[123])\.", r"stages.\1.blocks.\2.\3."),
+        (r"^(?:model\.)?stem[._]conv1\.", stem),
+        (stage + r"conv_down\.", r"stages.\1.down."),
+        (stage + r"conv_exp\.", r"stages.\1.base."),
+        (stage + r"conv_transition_b\.", r"stages.\1.partial_transition."),
+        (stage + r"conv_transition\.", r"stages.\1.transition."),
+        (stage + r"blocks\.(\d+)\.(conv[123])\.", r"stages.\1.blocks.\2.\3."),
         (r"^head\.fc\.", "head.fc."),
     )
 
