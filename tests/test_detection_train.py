@@ -2,6 +2,8 @@
 import contextlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -458,10 +460,10 @@ def test_cli_train_loads_and_augments_in_the_workers_with_the_same_result(tmp_pa
         return getitem(self, i)
 
     monkeypatch.setattr(data_mod.DetectionDataset, "__getitem__", logged)
-    assert _cli_train(tmp_path / "w0", "--epochs", "1", "--workers", "0") == 0
+    assert _cli_train(tmp_path / "w0", "--epochs", "1", "--workers", "0", "--device", "cpu") == 0
     loaded_by_w0 = set(log.read_text().split())
     log.unlink()
-    assert _cli_train(tmp_path / "w2", "--epochs", "1", "--workers", "2") == 0
+    assert _cli_train(tmp_path / "w2", "--epochs", "1", "--workers", "2", "--device", "cpu") == 0
     loaded_by_w2 = set(log.read_text().split())
     assert loaded_by_w0 == {str(os.getpid())}
     assert len(loaded_by_w2) == 2 and str(os.getpid()) not in loaded_by_w2  # the two steps' chunks, one per worker
@@ -470,3 +472,74 @@ def test_cli_train_loads_and_augments_in_the_workers_with_the_same_result(tmp_pa
         assert w0[key] == w2[key], key
     a, b = load_state(tmp_path / "w0" / "last.safetensors"), load_state(tmp_path / "w2" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_train_bf16_on_the_cpu_and_refuses_fp16_there(tmp_path, capsys):
+    from cspnet.engine.checkpoint import read_checkpoint_record
+
+    assert _cli_train(tmp_path / "fp32", "--epochs", "1", "--device", "cpu") == 0
+    assert _cli_train(tmp_path / "bf16", "--epochs", "1", "--device", "cpu", "--amp", "bf16") == 0
+    fp32, bf16 = (json.loads((tmp_path / run / "metrics.jsonl").read_text()) for run in ("fp32", "bf16"))
+    # the same images and weights computed in bfloat16: close to the float32 loss, yet not equal to it
+    assert bf16["train_loss"] != fp32["train_loss"] and bf16["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.05)
+    assert read_checkpoint_record(tmp_path / "bf16")["state"]["train_config"]["amp"] == "bf16"
+    capsys.readouterr()
+    assert _cli_train(tmp_path / "fp16", "--epochs", "1", "--device", "cpu", "--amp", "fp16") == 2
+    assert "fp16 mixed precision needs a CUDA device; use --amp bf16 on the CPU" in capsys.readouterr().err
+    assert not (tmp_path / "fp16").exists()  # refused before the data is loaded
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_train_device_cuda_without_cuda_is_refused(tmp_path, capsys):
+    assert _cli_train(tmp_path / "run", "--epochs", "1", "--device", "cuda") == 2
+    assert "--device cuda asked for, but no CUDA device is available" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_time_limit_is_refused_under_ddp(tmp_path):
+    # each process would stop at its own step and leave the others waiting in the gradient all-reduce
+    from cspnet.engine.distributed import DistInfo
+
+    records, names = make_scenes(4, seed=3, size=64)
+    det = create_detector("cspresnet10", "efm", num_classes=10, backbone_width=0.25, neck_width=32)
+    with pytest.raises(ValueError, match="DetectRecipe.time_limit needs a single process"):
+        train_detector(det, DetectionDataset(records, names, 64), None, None, tmp_path, TrainConfig(epochs=1, batch_size=4),
+                       DetectRecipe(time_limit=60), progress=False, dist=DistInfo(rank=0, world_size=2))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one_process_with_accumulation(tmp_path):
+    """2 gloo processes x 2 images == 1 process x 2 accumulated chunks of 2 (global batch 4), as for
+    classification (tests/test_train_resume.py): without SyncBatchNorm each process normalises with the
+    statistics of its own chunk, which the one-process run with --accum-steps 2 does too; each chunk's images
+    are augmented from the same chunk seed in both; DDP's averaged gradient (g0 + g1) / 2 equals the
+    accumulated g0 / 2 + g1 / 2. The BN running statistics are not compared (DDP keeps rank 0's, the
+    reference saw both chunks), so neither are the validation metrics of the two runs."""
+    from cspnet.data.detection import load_detection_source
+    from cspnet.weights import load_state
+
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    argv = ["detect", "train", "--model", "cspresnet10", "--backbone-width", "0.25", "--neck-width", "32", "--neck", "efm",
+            "--data", "scenes", "--num-scenes", "8", "--img-size", "64", "--batch-size", "4", "--anchors", "yolov3",
+            "--epochs", "1", "--burn-in", "1", "--no-progress", "--device", "cpu", "--threads", "1"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "cspnet", *argv, "--out", str(ddp)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"out"') == 1  # rank 0 alone reports
+    assert main([*argv, "--accum-steps", "2", "--out", str(single)]) == 0
+    a, b = load_state(ddp / "last.safetensors"), load_state(single / "last.safetensors")
+    params = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    worst = max((a[k] - b[k]).abs().max().item() for k in params)
+    assert worst <= 1e-6, f"parameters differ by up to {worst}"
+    row, reference = (json.loads((run / "metrics.jsonl").read_text()) for run in (ddp, single))
+    assert row["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-6)
+    # each process predicted half the validation set and rank 0 scored them together: the metrics are
+    # those of the saved model scored in one process
+    val = load_detection_source("scenes", "val", num_scenes=8, scene_size=64, seed=0)
+    model, run = load_detector(ddp)
+    again = evaluate_detector(model, DetectionDataset(val.records, val.class_names, 64), coco_ground_truth(val.records, val.class_names))
+    assert again["AR100"] > 0  # something to compare: the model found some boxes
+    for key in ("AP", "AP50", "AR100"):
+        assert again[key] == pytest.approx(row[f"val_{key}"], rel=1e-6), key

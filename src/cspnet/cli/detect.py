@@ -62,7 +62,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--checkpoint-every", type=NON_NEGATIVE_INT, default=0, help="also checkpoint every N optimizer steps")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="global batch per optimizer step (all processes)")
+    p.add_argument("--accum-steps", type=POSITIVE_INT, default=1, help="gradient accumulation: chunks per process and step")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
     p.add_argument("--lr", type=POSITIVE, default=2e-3)
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=5e-4)
@@ -82,9 +83,13 @@ def register(sub) -> None:
     p.add_argument("--vflip", type=PROBABILITY, default=None, help="vertical flip probability (default: 0.5 for trees, else 0)")
     p.add_argument("--no-augment", action="store_true", help="no augmentation at all")
     p.add_argument("--eval-every", type=POSITIVE_INT, default=1, help="evaluate every N epochs (and after the last)")
-    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0,
+                   help="DataLoader processes that load and augment the training images (the result does not depend on it)")
     p.add_argument("--memory-efficient", action="store_true",
                    help="keep one map per conv layer for backward and recompute the activation (cspnet.memory_efficient)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision (bf16 on CPU or CUDA, fp16 on CUDA)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (the GPU when there is one), cpu or cuda; under torchrun each process takes its local GPU")
     p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
@@ -170,25 +175,38 @@ def _anchors(spec, data: str, records, img_size: int):
 
 
 def run_train(args) -> int:
-    from ..data.detection import BUILTIN_DETECTION, AugmentCfg, DetectionDataset, coco_ground_truth, load_detection_source, source_record
-    from ..detection import create_detector
-    from ..detection.train import DetectRecipe, train_detector
     from ..engine.checkpoint import check_run_dir
-    from ..engine.train import TrainConfig, seed_everything
+    from ..engine.distributed import cleanup, init_distributed
+    from ..engine.train import amp_context
 
     check_run_dir(args.out, args.resume)  # before the data is loaded, so a refusal comes at once
     set_threads(args)
+    dist = init_distributed(args.device)  # a world of one, unless started by torchrun
+    try:
+        amp_context(args.amp, dist.device)  # refuses fp16 off CUDA now, not after the data is loaded
+        return _train(args, dist)
+    finally:
+        cleanup(dist)
+
+
+def _train(args, dist) -> int:
+    from ..data.detection import BUILTIN_DETECTION, AugmentCfg, DetectionDataset, coco_ground_truth, load_detection_source, source_record
+    from ..detection import create_detector
+    from ..detection.train import DetectRecipe, train_detector
+    from ..engine.train import TrainConfig, seed_everything
+
+    report = _report if dist.is_main else (lambda source: None)  # said once, not by every process
     train_args = _source_args(args.data, "train", args.images, args, args.img_size, args.seed)
     train_src = load_detection_source(**train_args)
     _check_images(train_src, args.data, "training", "--images")
-    _report(train_src)
+    report(train_src)
     val_spec = args.val_data or (args.data if args.data in BUILTIN_DETECTION else None)
     val_args = val_src = None
     if val_spec is not None:
         val_args = _source_args(val_spec, "val", args.val_images, args, args.img_size, args.seed)
         val_src = load_detection_source(**val_args, class_names=train_src.class_names)
         _check_images(val_src, val_spec, "validation", "--val-images")
-        _report(val_src)
+        report(val_src)
         if val_src.class_names != train_src.class_names:
             raise ValueError(f"validation classes {list(val_src.class_names)} differ from training classes {list(train_src.class_names)}")
     if args.no_augment:
@@ -201,7 +219,7 @@ def run_train(args) -> int:
     if val_src is not None:
         val_set = DetectionDataset(val_src.records, val_src.class_names, args.img_size, None, report=val_src.report)
         gt = coco_ground_truth(val_src.records, val_src.class_names, train_src.category_ids)
-    seed_everything(args.seed)  # the initial weights are a function of the seed
+    seed_everything(args.seed)  # the initial weights are a function of the seed (the same in every process)
     model = create_detector(
         args.model, args.neck, num_classes=len(train_src.class_names),
         anchors=_anchors(args.anchors, args.data, train_src.records, args.img_size),
@@ -209,18 +227,20 @@ def run_train(args) -> int:
     )
     if args.backbone_weights and not args.resume:  # a resumed run takes every weight from its checkpoint
         for line in model.load_backbone_weights(args.backbone_weights):
-            print(line, file=sys.stderr)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                      weight_decay=args.weight_decay, burn_in=args.burn_in, burn_in_power=1.0, ema_decay=args.ema,
-                      grad_clip=10.0, seed=args.seed, num_workers=args.workers, min_lr_ratio=0.05,
+            if dist.is_main:
+                print(line, file=sys.stderr)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps, optimizer=args.optimizer,
+                      lr=args.lr, weight_decay=args.weight_decay, burn_in=args.burn_in, burn_in_power=1.0, amp=args.amp,
+                      ema_decay=args.ema, grad_clip=10.0, seed=args.seed, num_workers=args.workers, min_lr_ratio=0.05,
                       memory_efficient=args.memory_efficient, checkpoint_every=args.checkpoint_every)
     recipe = DetectRecipe(box_loss=args.box_loss, label_smoothing=args.label_smoothing, eval_every=args.eval_every)
     run_info = {"data": {"train": source_record(train_args, train_src), "val": source_record(val_args, val_src) if val_src else None},
                 "backbone_weights": args.backbone_weights}
     result = train_detector(model, train_set, val_set, gt, args.out, cfg, recipe, category_ids=train_src.category_ids,
-                            resume=args.resume, progress=not args.no_progress, run_info=run_info)
-    final = {k: round(v, 4) for k, v in result.final.items() if isinstance(v, float)}
-    print(json.dumps({"out": str(result.out_dir), **final, "wall_s": round(result.wall_s, 1)}))
+                            resume=args.resume, progress=not args.no_progress, run_info=run_info, dist=dist)
+    if dist.is_main:
+        final = {k: round(v, 4) for k, v in result.final.items() if isinstance(v, float)}
+        print(json.dumps({"out": str(result.out_dir), **final, "wall_s": round(result.wall_s, 1)}))
     return 0
 
 

@@ -5,8 +5,8 @@ augmented (mosaic, scale / translate, flips, HSV) where the DataLoader reads the
 with ``num_workers``), each from torch's generator seeded with the item seed the loop derives from
 its chunk seed (``seeded_items``), so a resumed run repeats the same augmented images and the number
 of workers changes nothing; ``loss`` is `YoloLoss`; ``evaluate`` runs COCOeval (pycocotools) on the
-validation set and reports ``AP50`` as the metric
-that picks the ``best`` checkpoint. Checkpoints, resume, EMA, progress bars
+validation set (under DDP each process predicts a share of it) and reports ``AP50`` as the metric
+that picks the ``best`` checkpoint. Checkpoints, resume, DDP, mixed precision, EMA, progress bars
 and the metric files are the loop's; this module adds ``detection_curves.png`` (loss parts and AP).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..data.detection import DetectionDataset, collate_detection
@@ -186,7 +186,8 @@ class DetectionTask:
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         images, targets = batch
-        loss, parts = self.loss_fn(model(images), targets)
+        # under --amp the head's maps are bf16 / fp16; box decoding, IoUs and BCE want float32
+        loss, parts = self.loss_fn([level.float() for level in model(images)], targets)
         n = len(targets)  # the loop wants per-batch sums
         return loss, {k: v * n for k, v in parts.items()}
 
@@ -198,7 +199,18 @@ class DetectionTask:
         if self._epoch % self.recipe.eval_every and not last:
             return {}
         r = self.recipe
-        metrics = evaluate_detector(model, self.val, self.val_gt, self.category_ids, r.eval_batch_size, r.eval_conf, r.eval_iou)
+        # each process predicts every world_size-th image; rank 0 scores them all and tells the others,
+        # so that every process returns the same metrics (and agrees on `best`)
+        shard = Subset(self.val, range(dist.rank, len(self.val), dist.world_size)) if dist.enabled else self.val
+        dets = predict_dataset(model, shard, r.eval_batch_size, r.eval_conf, r.eval_iou, self.category_ids)
+        if dist.enabled:
+            shares = [None] * dist.world_size
+            torch.distributed.all_gather_object(shares, dets)
+            dets = [d for share in shares for d in share]
+        metrics = [coco_evaluate(self.val_gt, dets) if dist.is_main else None]
+        if dist.enabled:
+            torch.distributed.broadcast_object_list(metrics, src=0)
+        metrics = metrics[0]
         if self.out_dir is not None and dist.is_main:
             self._plot(metrics)
         return metrics
@@ -224,11 +236,16 @@ def train_detector(
     resume: bool = False,
     progress: bool = True,
     run_info: dict[str, Any] | None = None,
+    dist: DistInfo | None = None,
 ) -> FitResult:
     """Train ``model`` with the shared loop. The checkpoints carry the detector config, class
     names, input size and category ids (``state.run``), so `load_detector` can rebuild it. A folder
-    holding another run's checkpoints is refused unless ``resume``."""
+    holding another run's checkpoints is refused unless ``resume``. ``dist`` (`init_distributed`)
+    places the run on its device and in its DDP world."""
     check_run_dir(out_dir, resume)
+    if dist is not None and dist.enabled and recipe.time_limit is not None:
+        # each process would watch its own clock and stop at another step, leaving the others waiting
+        raise ValueError("DetectRecipe.time_limit needs a single process; under DDP, limit the run with epochs")
     out_dir = Path(out_dir)
     info = {
         "task": "detection", "detector": model.cfg.to_dict(), "class_names": list(train.class_names),
@@ -248,7 +265,7 @@ def train_detector(
             raise CheckpointError(f"{out_dir / 'last.json'}: --resume with another detector or input would not continue the "
                                   f"same run ({'; '.join(diffs)})")
     task = DetectionTask(model, train, val, val_gt, category_ids, recipe, cfg.epochs, out_dir, epochs_done)
-    return fit(task, model, cfg, out_dir, resume=resume, progress=progress, run_info=info, desc=f"{model.model_name} ")
+    return fit(task, model, cfg, out_dir, dist=dist, resume=resume, progress=progress, run_info=info, desc=f"{model.model_name} ")
     # a TimeBudgetSpent from `DetectionTask.prepare` propagates: the last checkpoint (of the last finished
     # epoch, or of a ``cfg.checkpoint_every`` step) is in out_dir (`load_detector` reads it; ``resume`` continues the run)
 
