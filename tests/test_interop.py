@@ -23,7 +23,7 @@ torchvision = pytest.importorskip("torchvision")
 SIZE = 64
 
 
-def calibrate(model: nn.Module, seed: int = 1) -> nn.Module:
+def calibrate(model: nn.Module, seed: int = 1, in_chans: int = 3) -> nn.Module:
     """Random BN affine parameters, running stats measured on random batches; returns it in eval."""
     g = torch.Generator().manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -35,7 +35,7 @@ def calibrate(model: nn.Module, seed: int = 1) -> nn.Module:
             bn.momentum = None  # cumulative average over the calibration batches
         model.train()
         for _ in range(2):
-            model(torch.randn(2, 3, SIZE, SIZE, generator=g))
+            model(torch.randn(2, in_chans, SIZE, SIZE, generator=g))
         for bn in bns:
             bn.momentum = 0.1
     return model.eval()
@@ -210,6 +210,51 @@ def test_torchvision_legacy_densenet_file_converts(tmp_path):
     torch.save(legacy, tmp_path / "densenet121.pth")
     out = convert_file("torchvision", "densenet121", tmp_path / "densenet121.pth", tmp_path / "ours.safetensors")
     assert_same_function(source, cspnet.create_model("densenet121", pretrained=out).eval())
+
+
+def _save_source(model: nn.Module, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("library, name", [("timm", "cspresnext50"), ("torchvision", "resnet50")])
+def test_rgb_weights_convert_for_grey_input_when_asked(tmp_path, capsys, library, name):
+    if library == "timm":
+        source = calibrate(timm.create_model(name, pretrained=False, num_classes=5))
+    else:
+        source = calibrate(getattr(torchvision.models, name)(weights=None, num_classes=5))
+    model = get_conversion(library, name).model
+    src = _save_source(source, tmp_path / "rgb.safetensors")
+    rgb_file = convert_file(library, name, src, tmp_path / "rgb_ours.safetensors")
+    # without asking, RGB weights do not go into a one-channel model: the tensor and the way to ask are named
+    with pytest.raises(WeightsError, match=r"stem\.0\.conv\.weight: file \(64, 3, 7, 7\) vs model \(64, 1, 7, 7\)"
+                                           r".*finetune=True.*--in-chans 1"):
+        cspnet.create_model(model, num_classes=5, in_chans=1, pretrained=rgb_file)
+
+    out = tmp_path / "grey.safetensors"
+    assert cli_main(["convert", "--from", library, "--in-chans", "1", name, str(src), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "summed over the colour channels" in printed and "num_classes=5, in_chans=1" in printed
+    meta = read_metadata(out)
+    assert meta["in_chans"] == 1 and len(meta["mean"]) == len(meta["std"]) == 1
+    grey = cspnet.create_model(model, num_classes=5, in_chans=1, pretrained=out).eval()
+    x = torch.randn(2, 1, SIZE, SIZE)
+    with torch.no_grad():  # a grey image gives what the RGB model gives for it as three equal channels
+        want, got = source(x.expand(-1, 3, -1, -1)), grey(x)
+    assert want.std() > 0.05 and (got - want).abs().max().item() <= 1e-4
+
+
+def test_a_grey_timm_model_converts_as_it_is(tmp_path):
+    source = calibrate(timm.create_model("cspdarknet53", pretrained=False, num_classes=5, in_chans=1), in_chans=1)
+    out = convert_file("timm", "cspdarknet53", _save_source(source, tmp_path / "grey.safetensors"), tmp_path / "ours.safetensors")
+    assert read_metadata(out)["in_chans"] == 1
+    ours = cspnet.create_model("cspdarknet53_timm", num_classes=5, in_chans=1, pretrained=out).eval()
+    x = torch.randn(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        want, got = source(x), ours(x)
+    assert want.std() > 0.05 and (got - want).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("feature_cls", [None, "hook", "getter"])  # FeatureListNet, FeatureHookNet, FeatureGetterNet

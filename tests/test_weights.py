@@ -119,9 +119,14 @@ def test_finetuning_keeps_a_fresh_classifier_and_folds_an_rgb_stem_for_grey_imag
     body = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
     assert load_pretrained(cspnet.create_model("cspresnet10"), save_weights(tmp_path / "b.safetensors", body),
                            finetune=True) == ["head: not loaded (the file has no classifier); it starts from its initialisation"]
-    # without finetune the same files are refused, and with it any other mismatch still is
+    # without finetune the same files are refused (an RGB stem for a grey model saying how to ask for it), and with
+    # it any other mismatch still is
     with pytest.raises(WeightsError, match=r"head\.fc\.weight: file \(1000, \d+\) vs model \(10, \d+\)"):
         load_pretrained(cspnet.create_model("cspresnet10", num_classes=10), path)
+    with pytest.raises(WeightsError, match=r"stem\.0\.conv\.weight: file \(64, 3, 7, 7\) vs model \(64, 1, 7, 7\); to load "
+                                           r"stem\.0\.conv\.weight summed over the colour channels, ask for it: "
+                                           r"load_pretrained\(model, path, finetune=True\)"):
+        load_pretrained(cspnet.create_model("cspresnet10", num_classes=1000, in_chans=1), path)
     with pytest.raises(WeightsError, match=r"mis-shaped: stages\.1"):
         load_pretrained(cspnet.create_model("cspresnet10", num_classes=10), save_weights(tmp_path / "r.safetensors", cspnet.create_model("resnet10")),
                         finetune=True)

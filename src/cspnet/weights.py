@@ -217,7 +217,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, finetune: bool
     classifier, and a first convolution made for RGB is summed over its colour channels for a
     one-channel model (or spread over three channels, divided by 3, for an RGB model from a grey
     file): a grey image then gives what the file's model gave for it as three equal channels.
-    Everything else must fit.
+    Everything else must fit; without ``finetune`` such a first convolution is refused, the error
+    saying how to ask for it.
     Returns what was adapted, one line each (empty when the file was loaded as it is).
     """
     if not isinstance(path, (str, os.PathLike)):
@@ -236,7 +237,16 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, finetune: bool
     if getattr(model, "features_only", False):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     adapted, keep = _adapt_for_finetuning(model, state) if finetune else ([], ())
-    load_into(model, state, strict=True, source=str(path), keep=keep)
+    try:
+        load_into(model, state, strict=True, source=str(path), keep=keep)
+    except WeightsError as e:
+        change = None if finetune else input_conv_adaptation(model, state)
+        if change is None:
+            raise
+        key, weight, how = change
+        raise WeightsError(f"{e}; to load {key} {how}, ask for it: load_pretrained(model, path, finetune=True) "
+                           f"(what cspnet train --pretrained does), or convert timm / torchvision weights with "
+                           f"cspnet convert --in-chans {weight.shape[1]}") from None
     return adapted
 
 
@@ -253,12 +263,30 @@ def _adapt_for_finetuning(model: nn.Module, state: dict[str, torch.Tensor]) -> t
             del state[k]
         adapted.append(f"head: not loaded ({why}); it starts from its initialisation")
         keep = ("head.",)
+    change = input_conv_adaptation(model, state)
+    if change is not None:
+        key, weight, how = change
+        adapted.append(f"{key}: {state[key].shape[1]} input channel(s) in the file, {weight.shape[1]} in the model; {how}")
+        state[key] = weight
+    return adapted, keep
+
+
+def input_conv_adaptation(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor, str] | None:
+    """The model's first convolution weight in ``state`` fitted to the model's input channels, when it
+    was made for RGB and the model takes one channel or the other way round: ``(key, weight, how)``.
+
+    An RGB weight is summed over its colour channels; a one-channel weight is spread over three
+    channels, divided by 3. Either way a grey image gives what the file's model gave for it as three
+    equal channels (timm's ``adapt_input_conv`` does the same). None when the weight fits as it is,
+    or differs in another way.
+    """
     first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
     key = f"{first}.weight"
-    if first is not None and key in state and state[key].shape != own[key].shape:
-        w, want = state[key], own[key].shape
-        if w.shape[0] == want[0] and w.shape[2:] == want[2:] and (w.shape[1], want[1]) in ((3, 1), (1, 3)):
-            state[key] = w.sum(1, keepdim=True) if want[1] == 1 else w.expand(-1, 3, -1, -1) / 3
-            adapted.append(f"{key}: {w.shape[1]} input channel(s) in the file, {want[1]} in the model; "
-                           + ("summed over the colour channels" if want[1] == 1 else "spread over three channels (divided by 3)"))
-    return adapted, keep
+    if first is None or key not in state:
+        return None
+    w, want = state[key], model.state_dict()[key].shape
+    if w.shape[0] != want[0] or w.shape[2:] != want[2:] or (w.shape[1], want[1]) not in ((3, 1), (1, 3)):
+        return None
+    if want[1] == 1:
+        return key, w.sum(1, keepdim=True), "summed over the colour channels"
+    return key, w.expand(-1, 3, -1, -1) / 3, "spread over three channels (divided by 3)"

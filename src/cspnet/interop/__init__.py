@@ -4,6 +4,7 @@ A `Conversion` maps one source model's state dict onto the cspnet model that com
 function (``cspresnext50`` in timm -> ``cspresnext50_timm`` here; docs/interop.md lists the
 models and how they differ from the official cfgs). Conversion only renames keys and, where
 the layouts differ in form, reorders channels; it never needs the source library installed.
+`convert_file` also fits the first convolution to grey or RGB input when asked (``in_chans``).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 
 from ..data.classification import IMAGENET_MEAN, IMAGENET_STD
-from ..weights import WeightsError, load_into, load_state, model_metadata, save_weights, strip_wrapper_prefix
+from ..weights import (
+    WeightsError, input_conv_adaptation, load_into, load_state, model_metadata, save_weights, strip_wrapper_prefix,
+)
 
 
 StateDict = dict[str, torch.Tensor]
@@ -95,28 +98,45 @@ def convert_state(library: str, source: str, state: StateDict) -> StateDict:
     return get_conversion(library, source).convert(state)
 
 
-def convert_file(library: str, source: str, src: str | os.PathLike, out: str | os.PathLike) -> Path:
+def convert_file(library: str, source: str, src: str | os.PathLike, out: str | os.PathLike, *,
+                 in_chans: int | None = None) -> Path:
     """Convert the weights file ``src`` (.safetensors, or .pth read with weights_only=True) to ``out``.
 
     The result is loaded strictly into the cspnet model before it is written, so a file that is
     not ``source``'s weights fails here with the keys and shapes at fault. ``out`` carries the
-    model name, config, class count and the source's preprocessing as metadata.
+    model name, config, class count, input channels and the source's preprocessing as metadata.
+
+    The model takes the source's input channels unless ``in_chans`` asks for others: an RGB first
+    convolution is then summed over its colour channels for ``in_chans=1`` (a grey one spread over
+    three for ``in_chans=3``), as `cspnet.weights.load_pretrained` does with ``finetune=True``.
     """
     from ..registry import create_model
 
     conv = get_conversion(library, source)
     state = convert_state(library, source, load_state(src))
     fc = state.get("head.fc.weight")
-    model = create_model(conv.model, num_classes=fc.shape[0] if fc is not None else 0)
+    num_classes = fc.shape[0] if fc is not None else 0
+    model = create_model(conv.model, num_classes=num_classes, in_chans=in_chans or 3)
+    adapted = []
+    change = input_conv_adaptation(model, state)
+    if change is not None and in_chans is None:  # a grey source (timm's in_chans=1): a grey model, as it is
+        model = create_model(conv.model, num_classes=num_classes, in_chans=state[change[0]].shape[1])
+    elif change is not None:
+        key, weight, how = change
+        state[key] = weight
+        adapted.append(f"{key}: {how}")
     load_into(model, state, source=f"{src} (as {library} {source})")
     p = conv.preprocess
+    # a one-channel model takes one mean and std: the colour channels' average (its first conv sums them)
+    mean, std = ([sum(p.mean) / 3], [sum(p.std) / 3]) if model.in_chans == 1 else (list(p.mean), list(p.std))
     metadata = {
         **model_metadata(model),
         "source": f"{library}:{source}",
+        "adapted": adapted,
         "input_size": p.input_size,
         "crop_pct": p.crop_pct,
         "interpolation": p.interpolation,
-        "mean": list(p.mean),
-        "std": list(p.std),
+        "mean": mean,
+        "std": std,
     }
     return save_weights(out, model, metadata)
