@@ -271,6 +271,22 @@ def test_timm_features_only_weights_give_timm_feature_maps(feature_cls):
             assert_close_maps(got, want)
 
 
+def test_timm_features_only_file_converts_to_a_backbone_file(tmp_path):
+    # timm's features_only model holds the stages up to the last level asked for (here stages.0 and stages.1)
+    source = calibrate(timm.create_model("cspdarknet53", pretrained=False, features_only=True, out_indices=(0, 1, 2)))
+    assert "stages_1.conv_down.conv.weight" in source.state_dict() and "stages_2.conv_down.conv.weight" not in source.state_dict()
+    out = convert_file("timm", "cspdarknet53", _save_source(source, tmp_path / "fo.safetensors"), tmp_path / "ours.safetensors")
+    assert read_metadata(out)["num_classes"] == 0
+    ours = cspnet.create_model("cspdarknet53_timm", features_only=True, out_indices=(0, 1, 2), pretrained=out).eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        for got, want in zip(ours(x), source(x), strict=True):
+            assert_close_maps(got, want)
+    # a model that runs the stages the file lacks is refused, naming them
+    with pytest.raises(WeightsError, match=r"missing: stages\.2\."):
+        cspnet.create_model("cspdarknet53_timm", features_only=True, pretrained=out)
+
+
 def test_a_timm_feature_wrapper_key_with_no_counterpart_is_named():
     state = timm.create_model("cspresnext50", pretrained=False, features_only=True).state_dict()
     state = {"neck_fpn.conv.weight": torch.zeros(1), **state}

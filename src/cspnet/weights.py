@@ -210,7 +210,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, finetune: bool
 
     The file's metadata (when it has any) must name this model and, if it records a config,
     the same config; then every tensor must fit (`load_into`, strict). A ``features_only``
-    backbone ignores the file's classifier (``head.*``), as detection frameworks expect.
+    backbone ignores the file's classifier (``head.*``), as detection frameworks expect, and needs
+    no weights for the stages after the last level it returns (they never run).
 
     ``finetune=True`` starts a model for other data from the file: a classifier made for another
     number of classes (or a file without one) leaves the model's own, freshly initialised
@@ -234,11 +235,15 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, finetune: bool
         diffs = _config_differences(meta["config"], cfg)
         if diffs:
             raise WeightsError(f"{path}: made for another configuration of {name!r}: " + "; ".join(diffs))
+    unrun: tuple[str, ...] = ()
     if getattr(model, "features_only", False):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        # the stages after the last level returned never run: a backbone file that stops there (timm's
+        # features_only model with out_indices short of the last level, converted) loads
+        unrun = tuple(f"{info.module}." for info in model.feature_info[max(model.out_indices) + 1:])
     adapted, keep = _adapt_for_finetuning(model, state) if finetune else ([], ())
     try:
-        load_into(model, state, strict=True, source=str(path), keep=keep)
+        load_into(model, state, strict=True, source=str(path), keep=keep + unrun)
     except WeightsError as e:
         change = None if finetune else input_conv_adaptation(model, state)
         if change is None:

@@ -109,6 +109,10 @@ def convert_file(library: str, source: str, src: str | os.PathLike, out: str | o
     The model takes the source's input channels unless ``in_chans`` asks for others: an RGB first
     convolution is then summed over its colour channels for ``in_chans=1`` (a grey one spread over
     three for ``in_chans=3``), as `cspnet.weights.load_pretrained` does with ``finetune=True``.
+    A source without a classifier (timm's ``features_only`` or ``num_classes=0`` models) gives a
+    backbone file (0 classes); one that stops before the last stage (``features_only`` with
+    ``out_indices`` short of the last level) holds those stages only, for a ``features_only``
+    model whose levels stop there too.
     """
     from ..registry import create_model
 
@@ -125,7 +129,10 @@ def convert_file(library: str, source: str, src: str | os.PathLike, out: str | o
         key, weight, how = change
         state[key] = weight
         adapted.append(f"{key}: {how}")
-    load_into(model, state, source=f"{src} (as {library} {source})")
+    levels = [f"{info.module}." for info in model.feature_info]
+    last = max((i for i, level in enumerate(levels) if any(k.startswith(level) for k in state)), default=len(levels) - 1)
+    absent = tuple(levels[last + 1:]) if fc is None else ()
+    load_into(model, state, source=f"{src} (as {library} {source})", keep=absent)
     p = conv.preprocess
     # a one-channel model takes one mean and std: the colour channels' average (its first conv sums them)
     mean, std = ([sum(p.mean) / 3], [sum(p.std) / 3]) if model.in_chans == 1 else (list(p.mean), list(p.std))
@@ -139,4 +146,4 @@ def convert_file(library: str, source: str, src: str | os.PathLike, out: str | o
         "mean": mean,
         "std": std,
     }
-    return save_weights(out, model, metadata)
+    return save_weights(out, {k: v for k, v in model.state_dict().items() if not k.startswith(absent)}, metadata)
