@@ -44,7 +44,7 @@ from cspnet.detection.train import (
     load_detector,
     train_detector,
 )
-from cspnet.engine.train import TrainConfig
+from cspnet.engine.train import TrainConfig, item_seeds
 from cspnet.files import atomic_write_text
 
 RECIPE = {"backbone": "csppeleenet", "backbone_width": 1.0, "neck": "efm-sam", "neck_width": 128, "batch_size": 16,
@@ -69,8 +69,9 @@ def _steps_per_second(model, task, batch_size, steps=6) -> float:
     opt = torch.optim.AdamW(scratch.parameters(), 1e-4)
     times = []
     for s in range(steps):
-        indices = [(s * batch_size + k) % len(task.data) for k in range(batch_size)]
-        batch = task.prepare(indices, device=torch.device("cpu"), seed=s)
+        indices = [(s * batch_size + k) % len(task.train_set) for k in range(batch_size)]
+        items = [task.train_set[item] for item in item_seeds(indices, s)]
+        batch = task.prepare(task.collate(items), device=torch.device("cpu"), seed=s)
         t = time.perf_counter()
         loss, _ = task.loss(scratch, batch)
         opt.zero_grad()
