@@ -25,6 +25,7 @@ from cspnet.engine.models import build_model
 from cspnet.engine.train import TrainConfig
 from cspnet.layers import ConvBnAct
 from cspnet.net import StagedNet
+from cspnet.registry import get_spec
 from cspnet.stage import CrossStage
 
 TINY_DENSE = {"depths": (2, 3), "growth_rate": 8, "stem_chs": 16}
@@ -199,6 +200,28 @@ def test_ablation_runs_cover_the_grid_and_reject_bad_requests():
     lonely = next(n for n in list_models() if find_twin(n) is None)
     with pytest.raises(ValueError, match="no CSP twin"):
         ablation_runs(lonely)
+
+
+def _shapes(name: str, options: dict) -> dict[str, tuple[int, ...]]:
+    model = build_model(name, num_classes=10, in_chans=3, width=0.25, options=options)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_the_plain_row_is_the_family_without_csp():
+    # where the family's config with fusion "none" is its registered twin, the row is that twin
+    for family in ("csppeleenet", "cspdensenet121"):
+        plain = ablation_runs(family, gammas=(0.5,), fusions=("csp",))[0]
+        assert (plain.key, plain.model, plain.options) == ("plain", get_spec(family).twin, {})
+        assert _shapes(family, {"fusion": "none"}) == _shapes(plain.model, plain.options)
+    # the cfgs' own pair: csdarknet53.cfg also drops Darknet-53's bottleneck, so fusion "none" alone is not Darknet-53
+    assert ablation_runs("cspdarknet53", gammas=(0.5,), fusions=("csp",))[0].model == "darknet53"
+    # a CSP twin (CSPDarknet-53) or another network (Darknet Reference) is no plain row: the family without CSP is
+    for family in ("cspdarknet53_elastic", "cspdensenet_ref", "csppeleenet_ref"):
+        plain = ablation_runs(family, gammas=(0.5,), fusions=("csp",))[0]
+        assert (plain.model, plain.options) == (family, {"fusion": "none"})
+        model = build_model(plain.model, num_classes=10, in_chans=3, width=0.25, options=plain.options)
+        stages = [m for m in model.modules() if isinstance(m, CrossStage)]
+        assert stages and {m.fusion for m in stages} == {"none"}
 
 
 @pytest.fixture(scope="module")

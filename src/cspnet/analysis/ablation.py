@@ -2,7 +2,7 @@
 
 One family (a CSP model whose config has ``part_ratio`` and ``fusion``) is trained with one recipe and
 one seed for every γ in ``gammas`` and every fusion in ``fusions`` (paper Fig. 3: ``fusion_first``,
-``fusion_last``, ``csp``), plus its plain twin. Each run lives in ``OUT/runs/<key>/`` (the trainer's
+``fusion_last``, ``csp``), plus the plain model (`plain_run`). Each run lives in ``OUT/runs/<key>/`` (the trainer's
 checkpoints and metrics) and is finished when ``OUT/runs/<key>/result.json`` exists: a re-run skips
 finished runs and resumes an interrupted one from its last checkpoint. After every run the table
 (``ablation.md``, ``ablation.json``) and the accuracy-vs-BFLOPs scatter (``ablation.png``) are rewritten.
@@ -57,7 +57,26 @@ class AblationRun:
 
     @property
     def options(self) -> dict[str, Any]:
-        return {} if self.fusion == "none" else {"fusion": self.fusion, "part_ratio": self.part_ratio}
+        """The config overrides that make the registered model this cell (none for a registered plain model)."""
+        if self.fusion != "none":
+            return {"fusion": self.fusion, "part_ratio": self.part_ratio}
+        return {} if getattr(get_spec(self.model).cfg, "fusion", "none") == "none" else {"fusion": "none"}
+
+
+def plain_run(csp: str) -> AblationRun:
+    """The plain row of an ablation of the CSP model ``csp``: what its CSP stages are measured against.
+
+    That is the registered twin when it is a plain model of the same builder (PeleeNet for CSPPeleeNet,
+    Darknet-53 for CSPDarknet-53, whose cfg also drops the blocks' bottleneck), else ``csp`` itself built
+    with ``fusion="none"``: the same network without CSP. A twin of another builder is another network
+    (the *_ref models' twin is the Darknet Reference model) and a CSP twin is no plain model
+    (CSPDarknet-53-Elastic's is CSPDarknet-53); neither would make "vs plain" mean "vs no CSP".
+    """
+    spec = get_spec(csp)
+    twin = get_spec(spec.twin) if spec.twin else None
+    if twin is not None and twin.build is spec.build and twin.cfg.fusion == "none":
+        return AblationRun(twin.name, "none", None)
+    return AblationRun(csp, "none", None)
 
 
 def ablation_runs(family: str, gammas=ABLATION_GAMMAS, fusions=ABLATION_FUSIONS, include_plain: bool = True) -> list[AblationRun]:
@@ -76,7 +95,7 @@ def ablation_runs(family: str, gammas=ABLATION_GAMMAS, fusions=ABLATION_FUSIONS,
     for g in gammas:
         if not 0.0 < float(g) < 1.0:
             raise ValueError(f"γ (part ratio) must lie in (0, 1), got {g}")
-    runs = [AblationRun(csp_spec.twin, "none", None)] if include_plain and csp_spec.twin else []
+    runs = [plain_run(csp)] if include_plain else []
     runs += [AblationRun(csp, f, float(g)) for f in fusions for g in gammas]
     if not runs:
         raise ValueError("nothing to run: give at least one γ and one fusion, or keep the plain model")

@@ -21,11 +21,13 @@ def register(sub) -> None:
     from .train import add_data_args, add_recipe_args
 
     p = sub.add_parser("ablation", help=MODULE_HELP)
-    p.add_argument("--family", default="csppeleenet", help="CSP model with part_ratio / fusion options (its plain twin is added)")
+    p.add_argument("--family", default="csppeleenet",
+                   help="CSP model with part_ratio / fusion options; the plain row is the family without CSP "
+                        "(its plain twin of the same builder, else itself with fusion none)")
     p.add_argument("--out", required=True, help="ablation directory (runs/<key>/, ablation.md/.json/.png); re-run to resume")
     p.add_argument("--gammas", default=",".join(f"{g:g}" for g in ABLATION_GAMMAS), help="part ratios γ, comma-separated")
     p.add_argument("--fusions", default=",".join(ABLATION_FUSIONS), help="fusions, comma-separated")
-    p.add_argument("--no-plain", action="store_true", help="leave out the plain twin")
+    p.add_argument("--no-plain", action="store_true", help="leave out the plain model")
     p.add_argument("--width", type=POSITIVE, default=1.0, help="channel multiplier for every model")
     p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every model, e.g. act=swish (not fusion / part_ratio)")
