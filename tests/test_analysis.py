@@ -3,6 +3,7 @@ import fcntl
 import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -323,6 +324,21 @@ def test_ablation_resumes_skipping_finished_runs(tiny_ablation):
         run_ablation("cspdensenet121", data, TrainConfig(epochs=2, batch_size=16, lr=0.05), ClassifyRecipe(), out, **kwargs)
     with pytest.raises(ValueError, match="what the ablation varies"):
         run_ablation("cspdensenet121", data, cfg, ClassifyRecipe(), out, **{**kwargs, "options": {"part_ratio": 0.5}})
+
+
+def test_a_reused_run_is_measured_at_the_current_paper_size(tiny_ablation, tmp_path):
+    out, data, cfg, kwargs, rows = tiny_ablation
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)  # the fixture's runs, finished at paper size 16
+    again = run_ablation("cspdensenet121", data, cfg, ClassifyRecipe(), tmp_path, **{**kwargs, "paper_size": 24})
+    assert [r["status"] for r in again] == ["skipped"] * 5 and [r["top1"] for r in again] == [r["top1"] for r in rows]
+    for row in again:
+        ablated = {} if row["fusion"] == "none" else {"fusion": row["fusion"], "part_ratio": row["part_ratio"]}
+        imagenet = build_model(row["model"], num_classes=1000, in_chans=3, options={**TINY_DENSE, **ablated})
+        assert row["paper_size"] == 24 and row["bflops_paper_size"] == profile(imagenet, 24).bflops
+    table = (tmp_path / "ablation.md").read_text()
+    assert "BFLOPs @ 24 (ImageNet arch)" in table
+    assert [r["bflops_paper_size"] for r in json.loads((tmp_path / "ablation.json").read_text())] == \
+        [r["bflops_paper_size"] for r in again]
 
 
 def test_gradients_cli_on_trained_runs_and_registered_models(tiny_ablation, tmp_path, capsys):

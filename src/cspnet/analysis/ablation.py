@@ -13,7 +13,8 @@ and its table lists the runs finished so far; run once more when all are done fo
 
 Params and BFLOPs are measured by `cspnet.profile` on the model as trained (classes and channels of
 the data, at the training size); the "BFLOPs @ paper size" column profiles the same architecture as
-an ImageNet model (3 channels, 1000 classes) at 224x224, which is what Table 1's BFLOPs column is.
+an ImageNet model (3 channels, 1000 classes) at ``paper_size`` (224x224, which is what Table 1's BFLOPs
+column is, unless asked otherwise), for reused runs too.
 """
 from __future__ import annotations
 
@@ -114,9 +115,15 @@ def _signature(record: dict, cfg: TrainConfig, recipe: ClassifyRecipe, data: Cla
 def _measure(run: AblationRun, data: ClassificationData, width: float, options: dict, paper_size: int) -> dict[str, Any]:
     model = build_model(run.model, num_classes=data.num_classes, in_chans=data.in_chans, width=width, options=options)
     prof = profile(model, data.img_size, data.in_chans)
-    imagenet = build_model(run.model, num_classes=1000, in_chans=3, width=width, options=options)
     return {"params": prof.params, "conv_params": prof.conv_params, "bflops": prof.bflops, "macs": prof.macs,
-            "paper_size": paper_size, "bflops_paper_size": profile(imagenet, paper_size, 3).bflops,
+            **_paper_size_figures(run, width, options, paper_size)}
+
+
+def _paper_size_figures(run: AblationRun, width: float, options: dict, paper_size: int) -> dict[str, Any]:
+    """The row's ImageNet-architecture figures at ``paper_size``. They depend on --paper-size, which a
+    finished run does not record, so a reused row gets them anew for the current request."""
+    imagenet = build_model(run.model, num_classes=1000, in_chans=3, width=width, options=options)
+    return {"paper_size": paper_size, "bflops_paper_size": profile(imagenet, paper_size, 3).bflops,
             "paper_arch": _is_paper_arch(run, width, options, paper_size)}
 
 
@@ -222,8 +229,7 @@ def _train_or_reuse(run: AblationRun, i: int, n: int, data, train_cfg, recipe, o
             diff = sorted(k for k in signature if saved.get("signature", {}).get(k) != signature[k])
             raise ValueError(f"{result_path}: finished with a different {', '.join(diff)}; use another --out "
                              "or delete the run directory to retrain it")
-        # rows finished before they recorded it are given `paper_arch` here
-        return {**saved["row"], "paper_arch": _is_paper_arch(run, width, options, paper_size), "status": "skipped"}
+        return {**saved["row"], **_paper_size_figures(run, width, options, paper_size), "status": "skipped"}
     resume = (run_dir / "last.json").is_file()
     measured = _measure(run, data, width, options, paper_size)
     model = rebuild_model(record, seed=train_cfg.seed)
