@@ -341,6 +341,18 @@ def test_a_reused_run_is_measured_at_the_current_paper_size(tiny_ablation, tmp_p
         [r["bflops_paper_size"] for r in again]
 
 
+def test_gradients_model_opt_fusion_changes_the_model_not_its_plain_twin(tmp_path):
+    args = ["analyze", "gradients", "csppeleenet", "--model-opt", "fusion=fusion_last", "--width", "0.25",
+            "--data", "digits", "--img-size", "32", "--batch", "8"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    model, twin = json.loads((tmp_path / "gradients.json").read_text())
+    assert (model["model"], twin["model"]) == ("csppeleenet", "peleenet")
+    assert [s["split"] for s in model["stages"]] == ["slice"] * 3 + [None]  # CSPPeleeNet's stages 1-3
+    assert [s["split"] for s in twin["stages"]] == [None] * 4  # the twin has no CSP stage
+    assert [s["shared_chs"] for s in twin["stages"]] != [s["shared_chs"] for s in model["stages"]]
+    assert twin["loss"] != model["loss"]
+
+
 def test_gradients_cli_on_trained_runs_and_registered_models(tiny_ablation, tmp_path, capsys):
     out = tiny_ablation[0]
     assert main(["analyze", "gradients", str(out / "runs" / "plain"), "--twin", str(out / "runs" / "csp-g0.75"),

@@ -449,7 +449,9 @@ def gradient_subjects(model: str, twin: str | None = "auto", *, data: str | None
 
     ``model`` / ``twin`` are registered names (fresh weights, seeded) or run directories (trained
     weights, the run's data, size and normalisation). ``twin="auto"`` is the registered twin of a
-    name and nothing for a run directory; ``None`` or ``"none"`` analyses ``model`` alone.
+    name and nothing for a run directory; ``None`` or ``"none"`` analyses ``model`` alone. ``width`` and
+    ``options`` apply to both registered models, except ``fusion``: it applies to ``model`` only, the twin
+    keeps its own (so a plain twin stays plain).
     """
     from ..data import load_classification
     from ..engine.classify import normalize
@@ -467,12 +469,15 @@ def gradient_subjects(model: str, twin: str | None = "auto", *, data: str | None
         raise ValueError(f"{data_name}: only {len(ds.train)} training images, fewer than --batch {batch}")
     images = torch.stack([ds.train[i][0] for i in range(batch)])
     labels = torch.tensor([int(ds.train[i][1]) for i in range(batch)])
+    # fusion=... makes `model` a CSP variant to hold against its twin, so the twin keeps its own fusion: a
+    # plain twin stays plain (the other CSP options, part_ratio and the like, do nothing to a plain config).
+    twin_options = {k: v for k, v in (options or {}).items() if k != "fusion"}
     models, batches = {}, {}
-    for m in (model, twin):
+    for m, opts in ((model, options), (twin, twin_options)):
         if not m:
             continue
         label, net, run = load_subject(m, num_classes=ds.num_classes, in_chans=ds.in_chans, width=width,
-                                       options=options, checkpoint=checkpoint)
+                                       options=opts, checkpoint=checkpoint)
         if run is not None:
             if run["model"]["num_classes"] != ds.num_classes or run["model"]["in_chans"] != ds.in_chans:
                 raise ValueError(f"{m}: the run's model has {run['model']['num_classes']} classes / {run['model']['in_chans']} "

@@ -20,7 +20,8 @@ def register(sub) -> None:
     g.add_argument("--in-chans", type=int, choices=(1, 3), default=None, help="image folders: 1 or 3 channels")
     g.add_argument("--batch", type=BATCH_STATISTICS, default=32, help="images in the analysed batch (class-balanced, from the training split)")
     g.add_argument("--width", type=POSITIVE, default=1.0, help="channel multiplier for registered models")
-    g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", help="config override for registered models")
+    g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for registered models; fusion=... applies to MODEL only (the twin keeps its own)")
     g.add_argument("--checkpoint", default=None, help="which checkpoint of a run directory: best or last (default: best if any)")
     g.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the batch selection")
     g.set_defaults(func=run_gradients)
