@@ -2,11 +2,13 @@
 
 Family files build the stem and stages; this class gives them the same API:
 ``forward_features``, ``forward_head``, ``reset_classifier``, ``feature_info``,
-``features_only`` / ``out_indices``, ``frozen_stages``, ``norm_eval`` and gradient checkpointing.
+``features_only`` / ``out_indices``, ``output_stride``, ``frozen_stages``, ``norm_eval`` and gradient
+checkpointing.
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -37,6 +39,47 @@ class FeatureInfo:
 
 
 _FEATURE_KEYS = ("num_chs", "reduction", "module", "index")
+
+
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+class OutputStrideError(ValueError):
+    """A model cannot be built with the ``output_stride`` asked for."""
+
+
+@dataclass(frozen=True)
+class StageDilation:
+    """How one stage is built under an output stride: the stride of its downsampling conv, that
+    conv's dilation (``first_dilation``) and the dilation of the 3x3 (or larger) convs after it."""
+
+    stride: int
+    first_dilation: int = 1
+    dilation: int = 1
+
+
+def check_output_stride(output_stride: int | None) -> None:
+    if output_stride is not None and (not _is_int(output_stride) or output_stride not in OUTPUT_STRIDES):
+        raise OutputStrideError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+
+
+def dilate_stages(stem_stride: int, strides: Sequence[int], output_stride: int | None) -> list[StageDilation]:
+    """Each stage's `StageDilation` for a network whose deepest maps are at ``output_stride`` (8, 16, 32).
+
+    Once the maps are at ``output_stride``, a stage that would downsample keeps stride 1 and dilates
+    instead: its downsampling conv keeps the previous dilation and the convs after it multiply it by
+    the stride, so every conv sees the input region it sees undilated (torchvision's
+    ``replace_stride_with_dilation``, timm's ``output_stride``). ``None``: the network as designed.
+    """
+    check_output_stride(output_stride)
+    plan, reduction, dilation = [], stem_stride, 1
+    for stride in strides:
+        first_dilation = dilation
+        if output_stride is not None and reduction >= output_stride and stride > 1:
+            dilation, stride = dilation * stride, 1
+        reduction *= stride
+        plan.append(StageDilation(stride, first_dilation, dilation))
+    return plan
 
 
 class FeatureInfoList(list):
@@ -114,6 +157,9 @@ class StagedNet(nn.Module):
     """A classification network made of a stem, a list of stages and a pooled linear head.
 
     Feature level 0 is the stem's output and level ``i`` the output of ``stages[i - 1]``.
+    ``stage_strides`` are the strides the stages were built with: a builder that takes ``output_stride``
+    gets them, and the dilations, from `dilate_stages`. ``output_stride`` here only checks that the
+    deepest level is at most that stride, so a builder that cannot dilate refuses it.
     """
 
     def __init__(
@@ -130,6 +176,7 @@ class StagedNet(nn.Module):
         drop_rate: float = 0.0,
         features_only: bool = False,
         out_indices: tuple[int, ...] | None = None,
+        output_stride: int | None = None,
         frozen_stages: int = -1,
         norm_eval: bool = False,
     ):
@@ -147,6 +194,12 @@ class StagedNet(nn.Module):
         for i, (chs, stride) in enumerate(zip(stage_chs, stage_strides)):
             reduction *= stride
             infos.append(FeatureInfo(chs, reduction, f"stages.{i}", i + 1))
+        check_output_stride(output_stride)
+        if output_stride is not None and reduction > output_stride:
+            raise OutputStrideError(
+                f"output_stride={output_stride}: this network reaches stride {reduction} and cannot dilate its stages; "
+                "DenseNet's and PeleeNet's transitions and darknet.cfg's stages downsample by pooling, which has no "
+                "dilated form (stages that downsample with a strided convolution can be dilated)")
         self.num_features = infos[-1].num_chs
         self.features_only = features_only
         if out_indices is not None and not features_only:

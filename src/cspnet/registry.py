@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from torch import nn
 
+from .net import OutputStrideError
+
 
 @dataclass(frozen=True)
 class PaperFigures:
@@ -47,7 +49,8 @@ class ModelSpec:
     description: str = ""
 
 
-MODEL_KWARGS = ("num_classes", "in_chans", "drop_rate", "features_only", "out_indices", "frozen_stages", "norm_eval")
+MODEL_KWARGS = ("num_classes", "in_chans", "drop_rate", "features_only", "out_indices", "output_stride", "frozen_stages",
+                "norm_eval")
 
 
 def _all_specs() -> dict[str, ModelSpec]:
@@ -117,7 +120,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
     Keyword arguments that name a field of the model's config (``act``, ``fusion``,
     ``part_ratio`` …) override it; ``num_classes``, ``in_chans``, ``drop_rate``,
-    ``features_only``, ``out_indices``, ``frozen_stages`` and ``norm_eval`` go to the network.
+    ``features_only``, ``out_indices``, ``output_stride``, ``frozen_stages`` and ``norm_eval`` go to the
+    network. ``output_stride`` (8 or 16; 32 is the network as designed) dilates the last stages instead of
+    downsampling (`cspnet.net.dilate_stages`); models whose stages downsample by pooling refuse it.
     ``pretrained`` is the path of a weights file (`cspnet.weights.load_pretrained`);
     ``darknet_weights`` the path of an official Darknet ``.weights`` file for the model's cfg, or of a
     ``darknet partial`` cut of one (``csdarknet53.conv.104``: the first layers, the rest keep their
@@ -138,7 +143,10 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             f"network options: {list(MODEL_KWARGS)}"
         )
     cfg = dataclasses.replace(spec.cfg, **cfg_over) if cfg_over else spec.cfg
-    model = spec.build(cfg, **net_kwargs)
+    try:
+        model = spec.build(cfg, **net_kwargs)
+    except OutputStrideError as err:  # raised deep in a builder, which does not know the model's name
+        raise OutputStrideError(f"model {name!r}: {err}") from None
     model.model_name = name
     model.model_cfg = cfg
     if pretrained:

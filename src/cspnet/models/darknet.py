@@ -13,7 +13,7 @@ from torch import nn
 
 from ..blocks import DarkBlock, repeat_blocks
 from ..layers import ConvBnAct, canonical_act
-from ..net import StagedNet
+from ..net import StageDilation, StagedNet, dilate_stages
 from ..registry import ModelSpec, PaperFigures
 from ..stage import CrossStage, Fusion, Split, check_fusion, check_part_ratio
 
@@ -43,12 +43,12 @@ class DarknetCfg:
     part_ratio: float = 0.5
 
 
-def _dark_stage(cfg: DarknetCfg, s: DarkStageCfg, in_chs: int, act: str, make_block=DarkBlock) -> CrossStage:
-    down = ConvBnAct(in_chs, s.out_chs, 3, 2, act=act)
+def _dark_stage(cfg: DarknetCfg, s: DarkStageCfg, in_chs: int, act: str, make_block, d: StageDilation) -> CrossStage:
+    down = ConvBnAct(in_chs, s.out_chs, 3, d.stride, act=act, dilation=d.first_dilation)
 
     def make_blocks(width: int):
         mid = int(width * s.mid_ratio)
-        return repeat_blocks(lambda c, i: make_block(c, mid, width, act), width, width, s.depth)
+        return repeat_blocks(lambda c, i: make_block(c, mid, width, act, d.dilation), width, width, s.depth)
 
     if cfg.fusion == "none":
         return CrossStage(s.out_chs, make_blocks, down=down, fusion="none")
@@ -61,20 +61,24 @@ def _dark_stage(cfg: DarknetCfg, s: DarkStageCfg, in_chs: int, act: str, make_bl
     )
 
 
-def build_darknet(cfg: DarknetCfg, *, in_chans: int = 3, make_block=DarkBlock, **net_kwargs) -> StagedNet:
-    """Build a (CSP)Darknet; ``make_block(in_chs, mid_chs, out_chs, act)`` builds each block (ELASTIC swaps it)."""
+def build_darknet(cfg: DarknetCfg, *, in_chans: int = 3, make_block=DarkBlock, output_stride: int | None = None,
+                  **net_kwargs) -> StagedNet:
+    """Build a (CSP)Darknet; ``make_block(in_chs, mid_chs, out_chs, act, dilation)`` builds each block (ELASTIC
+    swaps it)."""
     check_fusion(cfg.fusion)
     check_part_ratio(cfg.part_ratio)
     act = canonical_act(cfg.act)
     stem = ConvBnAct(in_chans, cfg.stem_chs, 3, 1, act=act)
+    dilations = dilate_stages(1, [2] * len(cfg.stages), output_stride)
     stages, chs = [], []
     in_chs = cfg.stem_chs
-    for s in cfg.stages:
-        stage = _dark_stage(cfg, s, in_chs, act, make_block)
+    for s, d in zip(cfg.stages, dilations):
+        stage = _dark_stage(cfg, s, in_chs, act, make_block, d)
         stages.append(stage)
         chs.append(stage.out_chs)
         in_chs = stage.out_chs
-    return StagedNet(stem, cfg.stem_chs, 1, stages, chs, [2] * len(stages), in_chans=in_chans, **net_kwargs)
+    return StagedNet(stem, cfg.stem_chs, 1, stages, chs, [d.stride for d in dilations], in_chans=in_chans,
+                     output_stride=output_stride, **net_kwargs)
 
 
 @dataclass(frozen=True)

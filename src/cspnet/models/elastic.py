@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import ConvBnAct, Shortcut, contiguous_like, make_act
-from ..net import StagedNet
+from ..net import OutputStrideError, StagedNet
 from ..registry import ModelSpec, PaperFigures
 from .darknet import CSPDARKNET53, DarkStageCfg, DarknetCfg, build_darknet
 from .densenet import CSPDENSENET201, DenseNetCfg, build_densenet
@@ -58,8 +58,15 @@ def _halves(make_body, width: int) -> tuple[nn.Module, nn.Module]:
     return make_body(width // 2), make_body(width // 2)
 
 
-def elastic_dark_block(in_chs: int, mid_chs: int, out_chs: int, act: str) -> ElasticBlock:
+def _check_undilated(dilation: int) -> None:
+    if dilation != 1:
+        raise OutputStrideError("an ELASTIC block's half-resolution branch (a 2x2/2 max-pool, then a x2 upsample) "
+                                "has no dilated form, so ELASTIC models are built with output_stride=32 only")
+
+
+def elastic_dark_block(in_chs: int, mid_chs: int, out_chs: int, act: str, dilation: int = 1) -> ElasticBlock:
     """csdarknet53-elastic.cfg block: per half, 1x1 (mid/2) -> 3x3; add without activation."""
+    _check_undilated(dilation)
     if in_chs != out_chs:
         raise ValueError(f"an ELASTIC Darknet block keeps its width, got {in_chs} -> {out_chs}")
 
@@ -69,8 +76,10 @@ def elastic_dark_block(in_chs: int, mid_chs: int, out_chs: int, act: str) -> Ela
     return ElasticBlock(*_halves(body, out_chs), act="linear")
 
 
-def elastic_res_block(cfg: ResNetCfg, stage: ResStageCfg, in_chs: int, stride: int, act: str) -> ElasticBlock:
+def elastic_res_block(cfg: ResNetCfg, stage: ResStageCfg, in_chs: int, stride: int, act: str,
+                      first_dilation: int = 1, dilation: int = 1) -> ElasticBlock:
     """cs(resnet50|resnext50)-elastic.cfg block: per half, 1x1 -> 3x3 (groups/2) -> 1x1 linear; add, act."""
+    _check_undilated(dilation)
     if stride != 1 or in_chs != stage.out_chs or stage.mid_chs != stage.out_chs:
         raise ValueError("an ELASTIC ResNe(X)t block keeps its width (no stride, no bottleneck)")
     groups = max(1, cfg.groups // 2)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..layers import ConvBnAct, Shortcut, canonical_act
-from ..net import StagedNet
+from ..net import StageDilation, StagedNet, dilate_stages
 from ..registry import ModelSpec, PaperFigures
 from ..stage import CrossStage, Fusion, check_fusion
 
@@ -32,13 +32,15 @@ class InvertedResidual(nn.Module):
 
     ``dw_chs`` is the 3x3's output width: equal to ``mid_chs`` for a depthwise conv (MobileNet-v2),
     ``2 * mid_chs`` in csmobilenet-v2. The input is added back when it has the output's shape.
+    ``dilation`` is the 3x3's (see `cspnet.net.dilate_stages`).
     """
 
-    def __init__(self, in_chs: int, mid_chs: int | None, dw_chs: int, out_chs: int, stride: int = 1, act: str = "relu"):
+    def __init__(self, in_chs: int, mid_chs: int | None, dw_chs: int, out_chs: int, stride: int = 1, act: str = "relu",
+                 dilation: int = 1):
         super().__init__()
         mid = mid_chs if mid_chs is not None else in_chs
         self.conv_exp = ConvBnAct(in_chs, mid, 1, act=act) if mid_chs is not None else None
-        self.conv_dw = ConvBnAct(mid, dw_chs, 3, stride, groups=mid, act=act)
+        self.conv_dw = ConvBnAct(mid, dw_chs, 3, stride, groups=mid, act=act, dilation=dilation)
         self.conv_pwl = ConvBnAct(dw_chs, out_chs, 1, act="linear")
         self.add = Shortcut(inplace=True) if stride == 1 and in_chs == out_chs else None
 
@@ -70,35 +72,39 @@ class MobileNetV2Cfg:
     fusion: Fusion = "none"
 
 
-def _plain_stage(cfg: MobileNetV2Cfg, s: MobileStageCfg, in_chs: int, first: bool, last: bool, act: str) -> CrossStage:
+def _plain_stage(cfg: MobileNetV2Cfg, s: MobileStageCfg, in_chs: int, first: bool, last: bool, act: str,
+                 d: StageDilation) -> CrossStage:
     def make_blocks(width: int):
         blocks, c = [], width
         for i, out in enumerate(s.widths):
             mid = c if first and i == 0 else c * cfg.expansion  # the first block has no expansion (t = 1)
-            blocks.append(InvertedResidual(c, mid, mid, out, s.stride if i == 0 else 1, act))
+            stride, dilation = (d.stride, d.first_dilation) if i == 0 else (1, d.dilation)  # the first downsamples
+            blocks.append(InvertedResidual(c, mid, mid, out, stride, act, dilation))
             c = out
         return nn.Sequential(*blocks), c
 
     return CrossStage(in_chs, make_blocks, fusion="none", transition_chs=cfg.head_chs if last else None, act=act)
 
 
-def _csp_stage(cfg: MobileNetV2Cfg, s: MobileStageCfg, in_chs: int, first: bool, next_chs: int, act: str) -> CrossStage:
+def _csp_stage(cfg: MobileNetV2Cfg, s: MobileStageCfg, in_chs: int, first: bool, next_chs: int, act: str,
+               d: StageDilation) -> CrossStage:
     half = cfg.expansion // 2
     main_out = s.widths[0]
+    # both split layers downsample: dilated, they keep the previous dilation
     if first:
         # Stage 1 (cfg layers 1-5): cross = grouped 3x3 32 -> 16; main = 1x1 32, depthwise 3x3, 1x1 -> 16.
         cross_chs = in_chs // 2
-        cross = ConvBnAct(in_chs, cross_chs, 3, s.stride, groups=cross_chs, act=act)
-        main = InvertedResidual(in_chs, in_chs, in_chs, main_out, s.stride, act)
+        cross = ConvBnAct(in_chs, cross_chs, 3, d.stride, groups=cross_chs, act=act, dilation=d.first_dilation)
+        main = InvertedResidual(in_chs, in_chs, in_chs, main_out, d.stride, act, d.first_dilation)
     else:
         cross_chs = in_chs
-        cross = ConvBnAct(in_chs, in_chs, 3, s.stride, groups=in_chs, act=act)
-        main = InvertedResidual(in_chs, None, 2 * in_chs, main_out, s.stride, act)
+        cross = ConvBnAct(in_chs, in_chs, 3, d.stride, groups=in_chs, act=act, dilation=d.first_dilation)
+        main = InvertedResidual(in_chs, None, 2 * in_chs, main_out, d.stride, act, d.first_dilation)
 
     def make_blocks(width: int):
         blocks, c = [], width
         for out in s.widths[1:]:
-            blocks.append(InvertedResidual(c, c * half, c * cfg.expansion, out, 1, act))
+            blocks.append(InvertedResidual(c, c * half, c * cfg.expansion, out, 1, act, d.dilation))
             c = out
         return (nn.Sequential(*blocks) if blocks else nn.Identity()), c
 
@@ -108,26 +114,29 @@ def _csp_stage(cfg: MobileNetV2Cfg, s: MobileStageCfg, in_chs: int, first: bool,
     )
 
 
-def build_mobilenet_v2(cfg: MobileNetV2Cfg, *, in_chans: int = 3, **net_kwargs) -> StagedNet:
+def build_mobilenet_v2(cfg: MobileNetV2Cfg, *, in_chans: int = 3, output_stride: int | None = None,
+                       **net_kwargs) -> StagedNet:
     """Build MobileNet-v2 (``fusion="none"``) or CSPMobileNet-v2 (``fusion="fusion_first"``)."""
     check_fusion(cfg.fusion)
     if cfg.fusion not in ("none", "fusion_first"):
         raise ValueError(f"MobileNet-v2 follows its cfgs: fusion must be 'none' or 'fusion_first', got {cfg.fusion!r}")
     act = canonical_act(cfg.act)
     stem = ConvBnAct(in_chans, cfg.stem_chs, 3, 2, act=act)
+    dilations = dilate_stages(2, [s.stride for s in cfg.stages], output_stride)
     stages, chs = [], []
     in_chs = cfg.stem_chs
     n = len(cfg.stages)
-    for i, s in enumerate(cfg.stages):
+    for i, (s, d) in enumerate(zip(cfg.stages, dilations)):
         if cfg.fusion == "none":
-            stage = _plain_stage(cfg, s, in_chs, i == 0, i == n - 1, act)
+            stage = _plain_stage(cfg, s, in_chs, i == 0, i == n - 1, act, d)
         else:
             next_chs = cfg.stages[i + 1].base_chs if i + 1 < n else cfg.head_chs
-            stage = _csp_stage(cfg, s, in_chs, i == 0, next_chs, act)
+            stage = _csp_stage(cfg, s, in_chs, i == 0, next_chs, act, d)
         stages.append(stage)
         chs.append(stage.out_chs)
         in_chs = stage.out_chs
-    return StagedNet(stem, cfg.stem_chs, 2, stages, chs, [s.stride for s in cfg.stages], in_chans=in_chans, **net_kwargs)
+    return StagedNet(stem, cfg.stem_chs, 2, stages, chs, [d.stride for d in dilations], in_chans=in_chans,
+                     output_stride=output_stride, **net_kwargs)
 
 
 MOBILENET_V2 = MobileNetV2Cfg(

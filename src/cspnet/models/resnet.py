@@ -16,7 +16,7 @@ from torch import nn
 
 from ..blocks import BasicBlock, ResidualBlock, repeat_blocks
 from ..layers import ConvBnAct, canonical_act
-from ..net import StagedNet
+from ..net import StageDilation, StagedNet, dilate_stages
 from ..registry import ModelSpec, PaperFigures
 from ..stage import CrossStage, Fusion, check_fusion
 
@@ -52,32 +52,44 @@ class ResNetCfg:
     fusion: Fusion = "none"
 
 
-def _make_block(cfg: ResNetCfg, stage: ResStageCfg, in_chs: int, stride: int, act: str) -> nn.Module:
+def _make_block(cfg: ResNetCfg, stage: ResStageCfg, in_chs: int, stride: int, act: str,
+                first_dilation: int = 1, dilation: int = 1) -> nn.Module:
+    """A block; ``first_dilation`` is its first 3x3's (the stage's downsampling conv in a plain stage's first block)."""
     if cfg.block == "basic":
-        return BasicBlock(in_chs, stage.out_chs, stride, act)
-    return ResidualBlock(in_chs, stage.mid_chs, stage.out_chs, stride, cfg.groups, act)
+        return BasicBlock(in_chs, stage.out_chs, stride, act, dilation, first_dilation)
+    # the bottleneck's one 3x3 is its first
+    return ResidualBlock(in_chs, stage.mid_chs, stage.out_chs, stride, cfg.groups, act, dilation=first_dilation)
 
 
-def _plain_stage(cfg: ResNetCfg, s: ResStageCfg, in_chs: int, act: str, make_block=_make_block) -> CrossStage:
+def _plain_stage(cfg: ResNetCfg, s: ResStageCfg, in_chs: int, act: str, make_block, d: StageDilation) -> CrossStage:
+    def block(c: int, i: int) -> nn.Module:
+        if i == 0:  # the block that downsamples
+            return make_block(cfg, s, c, d.stride, act, d.first_dilation, d.dilation)
+        return make_block(cfg, s, c, 1, act, d.dilation, d.dilation)
+
     def make_blocks(width: int):
-        return repeat_blocks(lambda c, i: make_block(cfg, s, c, s.stride if i == 0 else 1, act), width, s.out_chs, s.depth)
+        return repeat_blocks(block, width, s.out_chs, s.depth)
 
     return CrossStage(in_chs, make_blocks, fusion="none")
 
 
-def _csp_stage(cfg: ResNetCfg, s: ResStageCfg, in_chs: int, act: str, make_block=_make_block) -> CrossStage:
+def _csp_stage(cfg: ResNetCfg, s: ResStageCfg, in_chs: int, act: str, make_block, d: StageDilation) -> CrossStage:
     if not (s.cross_chs and s.main_chs):
         raise ValueError("a CSP stage needs cross_chs and main_chs; this config describes a plain model")
     if s.stride == 1:
         down, base_chs = None, in_chs
     elif s.down_chs:
-        down = nn.Sequential(ConvBnAct(in_chs, s.down_chs, 1, act=act), ConvBnAct(s.down_chs, s.down_chs, 3, s.stride, act=act))
+        down = nn.Sequential(
+            ConvBnAct(in_chs, s.down_chs, 1, act=act),
+            ConvBnAct(s.down_chs, s.down_chs, 3, d.stride, act=act, dilation=d.first_dilation),
+        )
         base_chs = s.down_chs
     else:
-        down, base_chs = ConvBnAct(in_chs, in_chs, 3, s.stride, groups=cfg.groups, act=act), in_chs
+        down = ConvBnAct(in_chs, in_chs, 3, d.stride, groups=cfg.groups, act=act, dilation=d.first_dilation)
+        base_chs = in_chs
 
     def make_blocks(width: int):
-        return repeat_blocks(lambda c, i: make_block(cfg, s, c, 1, act), width, s.out_chs, s.depth)
+        return repeat_blocks(lambda c, i: make_block(cfg, s, c, 1, act, d.dilation, d.dilation), width, s.out_chs, s.depth)
 
     fused = s.out_chs + s.cross_chs
     transition = {"csp": s.transition_chs or None, "fusion_first": s.transition_chs or fused, "fusion_last": None}[cfg.fusion]
@@ -88,8 +100,10 @@ def _csp_stage(cfg: ResNetCfg, s: ResStageCfg, in_chs: int, act: str, make_block
     )
 
 
-def build_resnet(cfg: ResNetCfg, *, in_chans: int = 3, make_block=_make_block, **net_kwargs) -> StagedNet:
-    """Build a (CSP)ResNe(X)t; ``make_block(cfg, stage, in_chs, stride, act)`` builds each block (ELASTIC swaps it)."""
+def build_resnet(cfg: ResNetCfg, *, in_chans: int = 3, make_block=_make_block, output_stride: int | None = None,
+                 **net_kwargs) -> StagedNet:
+    """Build a (CSP)ResNe(X)t; ``make_block(cfg, stage, in_chs, stride, act, first_dilation, dilation)`` builds
+    each block (ELASTIC swaps it)."""
     check_fusion(cfg.fusion)
     if cfg.fusion == "fusion_last" and not any(s.transition_chs for s in cfg.stages):
         # fusion last drops the transition after the concat; these stages have none to drop
@@ -97,16 +111,17 @@ def build_resnet(cfg: ResNetCfg, *, in_chans: int = 3, make_block=_make_block, *
                          "after the concat (the next stage's first 1x1 conv plays that part, as in csresnet50.cfg)")
     act = canonical_act(cfg.act)
     stem = nn.Sequential(ConvBnAct(in_chans, cfg.stem_chs, 7, 2, act=act), nn.MaxPool2d(2, 2, ceil_mode=True))
-    stages, chs, strides = [], [], []
+    dilations = dilate_stages(4, [s.stride for s in cfg.stages], output_stride)
+    stages, chs = [], []
     in_chs = cfg.stem_chs
-    for s in cfg.stages:
+    for s, d in zip(cfg.stages, dilations):
         stage_fn = _plain_stage if cfg.fusion == "none" else _csp_stage
-        stage = stage_fn(cfg, s, in_chs, act, make_block)
+        stage = stage_fn(cfg, s, in_chs, act, make_block, d)
         stages.append(stage)
         chs.append(stage.out_chs)
-        strides.append(s.stride)
         in_chs = stage.out_chs
-    return StagedNet(stem, cfg.stem_chs, 4, stages, chs, strides, in_chans=in_chans, **net_kwargs)
+    return StagedNet(stem, cfg.stem_chs, 4, stages, chs, [d.stride for d in dilations], in_chans=in_chans,
+                     output_stride=output_stride, **net_kwargs)
 
 
 def _bottleneck_stages(mids: tuple[int, ...], outs: tuple[int, ...], depths: tuple[int, ...]) -> tuple[ResStageCfg, ...]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..blocks import DarkBlock, ResidualBlock, repeat_blocks
 from ..layers import ConvBnAct, canonical_act
-from ..net import StagedNet
+from ..net import StageDilation, StagedNet, dilate_stages
 from ..registry import ModelSpec
 from ..stage import CrossStage
 from .darknet import DARKNET53, build_darknet
@@ -64,10 +64,10 @@ class TimmCspCfg:
     act: str = TIMM_ACT
 
 
-def _stage(cfg: TimmCspCfg, s: TimmStageCfg, in_chs: int, act: str) -> CrossStage:
+def _stage(cfg: TimmCspCfg, s: TimmStageCfg, in_chs: int, act: str, d: StageDilation) -> CrossStage:
     if s.stride != 1:
         down_chs = s.out_chs if s.down_growth else in_chs
-        down = ConvBnAct(in_chs, down_chs, 3, s.stride, groups=s.groups, act=act)
+        down = ConvBnAct(in_chs, down_chs, 3, d.stride, groups=s.groups, act=act, dilation=d.first_dilation)
     else:
         down, down_chs = None, in_chs
     exp_chs = int(round(s.out_chs * s.expand_ratio))
@@ -77,8 +77,8 @@ def _stage(cfg: TimmCspCfg, s: TimmStageCfg, in_chs: int, act: str) -> CrossStag
 
     def make_block(c: int, i: int) -> nn.Module:
         if cfg.block == "bottleneck":
-            return ResidualBlock(c, mid_chs, block_chs, 1, s.groups, act)
-        return DarkBlock(c, mid_chs, block_chs, act)
+            return ResidualBlock(c, mid_chs, block_chs, 1, s.groups, act, dilation=d.dilation)
+        return DarkBlock(c, mid_chs, block_chs, act, d.dilation)
 
     def make_blocks(width: int):
         return repeat_blocks(make_block, width, block_chs, s.depth)
@@ -89,7 +89,7 @@ def _stage(cfg: TimmCspCfg, s: TimmStageCfg, in_chs: int, act: str) -> CrossStag
     )
 
 
-def build_timm_csp(cfg: TimmCspCfg, *, in_chans: int = 3, **net_kwargs) -> StagedNet:
+def build_timm_csp(cfg: TimmCspCfg, *, in_chans: int = 3, output_stride: int | None = None, **net_kwargs) -> StagedNet:
     """Build a `StagedNet` with timm's CSP layout (see the module docstring)."""
     if cfg.block not in ("bottleneck", "dark"):
         raise ValueError(f"block must be 'bottleneck' or 'dark', got {cfg.block!r}")
@@ -97,15 +97,16 @@ def build_timm_csp(cfg: TimmCspCfg, *, in_chans: int = 3, **net_kwargs) -> Stage
     stem: nn.Module = ConvBnAct(in_chans, cfg.stem_chs, cfg.stem_kernel, cfg.stem_stride, act=act)
     if cfg.stem_pool:
         stem = nn.Sequential(stem, nn.MaxPool2d(3, 2, 1))
-    stages, chs, strides = [], [], []
-    in_chs = cfg.stem_chs
-    for s in cfg.stages:
-        stages.append(_stage(cfg, s, in_chs, act))
-        chs.append(s.out_chs)
-        strides.append(s.stride)
-        in_chs = s.out_chs
     stem_stride = cfg.stem_stride * (2 if cfg.stem_pool else 1)
-    return StagedNet(stem, cfg.stem_chs, stem_stride, stages, chs, strides, in_chans=in_chans, **net_kwargs)
+    dilations = dilate_stages(stem_stride, [s.stride for s in cfg.stages], output_stride)
+    stages, chs = [], []
+    in_chs = cfg.stem_chs
+    for s, d in zip(cfg.stages, dilations):
+        stages.append(_stage(cfg, s, in_chs, act, d))
+        chs.append(s.out_chs)
+        in_chs = s.out_chs
+    return StagedNet(stem, cfg.stem_chs, stem_stride, stages, chs, [d.stride for d in dilations], in_chans=in_chans,
+                     output_stride=output_stride, **net_kwargs)
 
 
 def _stages(depths, out_chs, strides, expand, block, bottle, groups=1, down_growth=False) -> tuple[TimmStageCfg, ...]:

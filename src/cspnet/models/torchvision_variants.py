@@ -14,7 +14,7 @@ from torch import nn
 
 from ..blocks import ResidualBlock, repeat_blocks
 from ..layers import ConvBnAct, canonical_act
-from ..net import StagedNet
+from ..net import StageDilation, StagedNet, dilate_stages
 from ..registry import ModelSpec
 from ..stage import CrossStage
 
@@ -35,28 +35,31 @@ class TvResNetCfg:
     act: str = "relu"
 
 
-def build_tv_resnet(cfg: TvResNetCfg, *, in_chans: int = 3, **net_kwargs) -> StagedNet:
+def _stage(cfg: TvResNetCfg, act: str, in_chs: int, mid: int, out: int, depth: int, d: StageDilation) -> CrossStage:
+    def block(c: int, i: int) -> ResidualBlock:
+        # the first block downsamples; dilated, its 3x3 keeps the previous dilation (replace_stride_with_dilation)
+        stride, dilation = (d.stride, d.first_dilation) if i == 0 else (1, d.dilation)
+        return ResidualBlock(c, mid, out, stride, cfg.groups, act, projection=True, dilation=dilation)
+
+    return CrossStage(in_chs, lambda width: repeat_blocks(block, width, out, depth), fusion="none")
+
+
+def build_tv_resnet(cfg: TvResNetCfg, *, in_chans: int = 3, output_stride: int | None = None, **net_kwargs) -> StagedNet:
     """Build a `StagedNet` with torchvision's ResNet layout (see the module docstring)."""
     act = canonical_act(cfg.act)
     if len(cfg.planes_chs) != len(cfg.depths):
         raise ValueError(f"planes_chs {cfg.planes_chs} needs one entry per stage of depths {cfg.depths}")
     stem = nn.Sequential(ConvBnAct(in_chans, cfg.stem_chs, 7, 2, act=act), nn.MaxPool2d(3, 2, 1))
-    stages, chs, strides = [], [], []
+    dilations = dilate_stages(4, [1] + [2] * (len(cfg.depths) - 1), output_stride)
+    stages, chs = [], []
     in_chs = cfg.stem_chs
-    for i, (depth, planes) in enumerate(zip(cfg.depths, cfg.planes_chs)):
-        mid, out, stride = planes * cfg.width_per_group // 64 * cfg.groups, planes * 4, 1 if i == 0 else 2
-
-        def make_blocks(width: int, mid=mid, out=out, stride=stride, depth=depth):
-            return repeat_blocks(
-                lambda c, j: ResidualBlock(c, mid, out, stride if j == 0 else 1, cfg.groups, act, projection=True),
-                width, out, depth,
-            )
-
-        stages.append(CrossStage(in_chs, make_blocks, fusion="none"))
+    for depth, planes, d in zip(cfg.depths, cfg.planes_chs, dilations):
+        mid, out = planes * cfg.width_per_group // 64 * cfg.groups, planes * 4
+        stages.append(_stage(cfg, act, in_chs, mid, out, depth, d))
         chs.append(out)
-        strides.append(stride)
         in_chs = out
-    return StagedNet(stem, cfg.stem_chs, 4, stages, chs, strides, in_chans=in_chans, **net_kwargs)
+    return StagedNet(stem, cfg.stem_chs, 4, stages, chs, [d.stride for d in dilations], in_chans=in_chans,
+                     output_stride=output_stride, **net_kwargs)
 
 
 MODELS = (
