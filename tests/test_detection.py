@@ -83,6 +83,18 @@ def test_cspresnet50_taps_follow_its_cfg():
     assert [tuple(f.shape[1:]) for f in feats] == [(256, 8, 8), (512, 4, 4), (1024, 2, 2)]
 
 
+def test_cspresnet50_dilated_taps_are_at_the_strides_they_feed():
+    # output_stride=8 puts stage 2's output, which the cfg's stride-16 tap reads, at stride 8
+    det = create_detector("cspresnet50", "fpn", num_classes=1, neck_width=64, strides=(4, 8),
+                          anchors=YOLOV3_ANCHORS[:6], backbone_kwargs={"output_stride": 8})
+    x = torch.rand(1, 3, 64, 64)
+    assert [tuple(f.shape[-2:]) for f in det.backbone(x)] == [(16, 16), (8, 8)]
+    assert [tuple(o.shape[-2:]) for o in det(x)] == [(16, 16), (8, 8)]
+    with pytest.raises(ValueError, match="no feature map at stride 16"):
+        create_detector("cspresnet50", "fpn", num_classes=1, neck_width=64, strides=(8, 16),
+                        anchors=YOLOV3_ANCHORS[:6], backbone_kwargs={"output_stride": 8})
+
+
 @pytest.mark.parametrize("scale_x_y", [1.0, 1.2])
 def test_decode_inverts_encode(scale_x_y):
     g = torch.Generator().manual_seed(1)

@@ -25,9 +25,10 @@ from .necks import NECKS, build_neck, neck_inputs
 # csresnet50-panet-spp.cfg routes layers 38 and 65, the 1x1 convs that open the next stage's
 # downsampling (256 ch at stride 8, 512 at 16), not the 512 / 1024-ch concats before them.
 # csresnext50 (layers 38, 65) and csdarknet53 (54, 85) tap the stage outputs themselves. The
-# stride-4 tap, which only EFM reads, follows the same rule for cspresnet50.
-_CSPRESNET50_TAPS = {4: "stages.1.down.0", 8: "stages.2.down.0", 16: "stages.3.down.0"}
-CFG_TAPS: dict[str, dict[int, str]] = {"cspresnet50": _CSPRESNET50_TAPS, "cspresnet50_omega": _CSPRESNET50_TAPS}
+# stride-4 tap, which only EFM reads, follows the same rule for cspresnet50. Each entry names the
+# stage whose first downsampling conv is tapped; that conv reads the previous stage's maps, at their stride.
+_CSPRESNET50_TAPS = {4: 1, 8: 2, 16: 3}
+CFG_TAPS: dict[str, dict[int, int]] = {"cspresnet50": _CSPRESNET50_TAPS, "cspresnet50_omega": _CSPRESNET50_TAPS}
 # Neck width at the coarsest level: 512 in the official cfgs (128 / 256 / 512); EFM and GFM were
 # designed for small backbones (paper Table 2: CSPPeleeNet), so they default to half of it.
 DEFAULT_WIDTH = {"fpn": 512, "panet": 512, "efm": 256, "efm-sam": 256, "efm-spp": 256, "gfm": 256}
@@ -123,16 +124,18 @@ class BackboneTaps(nn.Module):
 
 
 def select_taps(backbone: nn.Module, name: str, strides: tuple[int, ...]) -> tuple[list[int | str], list[int]]:
-    """The tap and its channel count for each stride: the cfg's tap if `CFG_TAPS` names one, else the
-    deepest feature level at that stride."""
+    """The tap and its channel count for each stride: the cfg's tap if `CFG_TAPS` names one at that
+    stride, else the deepest feature level at that stride."""
     infos = backbone.feature_info
     modules = dict(backbone.named_modules())
+    stride_of = {f["module"]: f["reduction"] for f in infos}
     taps, chs = [], []
     for s in strides:
-        special = CFG_TAPS.get(name, {}).get(s)
-        if special is not None:
-            taps.append(special)
-            chs.append(modules[special].out_chs)
+        stage = CFG_TAPS.get(name, {}).get(s)
+        # a dilated backbone (output_stride) moves the cfg's tap to another stride: then it is not the cfg's
+        if stage is not None and stride_of.get(f"stages.{stage - 1}") == s:
+            taps.append(f"stages.{stage}.down.0")
+            chs.append(modules[taps[-1]].out_chs)
             continue
         levels = [i for i, f in enumerate(infos) if f.reduction == s]
         if not levels:
