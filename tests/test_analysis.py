@@ -270,6 +270,15 @@ def test_ablation_runs_are_a_function_of_the_seed(tiny_ablation, tmp_path):
         assert all(torch.equal(first[k], again[k]) for k in first), key
 
 
+def test_ablation_builds_every_cell_before_training_any(tmp_path):
+    data = load_classification("digits", 16, train_limit=32, test_limit=10)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, seed=0)
+    with pytest.raises(ValueError, match="cspdarknet53 csp-g0.25: part_ratio=0.25 with split='conv'"):
+        run_ablation("cspdarknet53", data, cfg, ClassifyRecipe(), tmp_path, gammas=(0.5, 0.25), fusions=("csp",),
+                     width=0.25, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_ablation_leaves_runs_another_process_holds_to_it(tmp_path, capsys):
     data = load_classification("digits", 16, train_limit=32, test_limit=10)
     cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, seed=0)

@@ -67,6 +67,15 @@ def test_gamma_outside_open_interval():
         cspnet.create_model("cspdarknet53", split="slice", part_ratio=1.0)
 
 
+def test_gamma_with_the_cfgs_fixed_split_widths_is_refused_not_ignored():
+    # csdarknet53.cfg's split convs fix both parts' widths: a conv-split γ other than theirs would change nothing
+    with pytest.raises(ValueError, match="fixed widths.*split='slice'"):
+        cspnet.create_model("cspdarknet53", part_ratio=0.25)
+    sizes = {g: sum(p.numel() for p in cspnet.create_model("cspdarknet53", split="slice", part_ratio=g).parameters())
+             for g in (0.25, 0.75)}
+    assert sizes[0.25] > sizes[0.75]
+
+
 def test_unknown_activation():
     with pytest.raises(ValueError, match="did you mean mish"):
         cspnet.create_model("cspdarknet53", act="mihs")

@@ -162,6 +162,12 @@ def run_ablation(
     options = dict(options or {})
     if {"fusion", "part_ratio"} & set(options):
         raise ValueError("fusion and part_ratio are what the ablation varies; give them as fusions / gammas, not options")
+    for run in runs:  # every cell is built before any is trained: one the family cannot build fails now, not runs later
+        try:
+            build_model(run.model, num_classes=data.num_classes, in_chans=data.in_chans, width=width,
+                        options={**options, **run.options})
+        except ValueError as e:
+            raise ValueError(f"{run.model} {run.key}: {e}") from None
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []

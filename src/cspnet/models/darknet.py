@@ -54,6 +54,11 @@ def _dark_stage(cfg: DarknetCfg, s: DarkStageCfg, in_chs: int, act: str, make_bl
         return CrossStage(s.out_chs, make_blocks, down=down, fusion="none")
     if not s.cross_chs:
         raise ValueError("a CSP stage needs cross_chs; this config describes a plain model")
+    conv_ratio = s.cross_chs / (s.cross_chs + s.block_chs)
+    if cfg.split == "conv" and abs(cfg.part_ratio - conv_ratio) > 1e-9:
+        # the conv split's widths are the cfg's, so γ would change nothing: refuse rather than ignore it
+        raise ValueError(f"part_ratio={cfg.part_ratio} with split='conv': this config's split convs have fixed widths "
+                         f"({s.cross_chs} cross, {s.block_chs} blocks, γ = {conv_ratio:g}); use split='slice' to split by γ")
     transition = None if cfg.fusion == "fusion_last" else s.out_chs
     return CrossStage(
         s.out_chs, make_blocks, down=down, fusion=cfg.fusion, split=cfg.split, part_ratio=cfg.part_ratio,
