@@ -84,6 +84,17 @@ def test_feature_info_answers_timms_accessors_for_the_levels_returned():
         assert type(call(theirs)) is type(call(info))
 
 
+def test_feature_info_entries_are_mappings_as_timms():
+    model = cspnet.create_model("cspresnet10", features_only=True, out_indices=(2, 3, 4))
+    entry = model.feature_info[2]
+    assert "num_chs" in entry and "stride" not in entry
+    assert dict(entry) == {**entry} == {"num_chs": 128, "reduction": 8, "module": "stages.1", "index": 2}
+    assert list(entry.keys()) == ["num_chs", "reduction", "module", "index"] and entry.num_chs == 128
+    timm = pytest.importorskip("timm")
+    theirs = timm.models.FeatureInfo(model.feature_info, (2, 3, 4))  # timm's class reads a list of entries
+    assert theirs.channels() == model.feature_info.channels() and theirs.module_name() == model.feature_info.module_name()
+
+
 def test_stages_after_the_last_level_asked_for_do_not_run():
     model = cspnet.create_model("cspresnet10", features_only=True, out_indices=(2, 1)).eval()
     ran = []

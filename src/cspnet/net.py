@@ -19,23 +19,20 @@ from torch.utils.checkpoint import checkpoint
 from .layers import ClassifierHead
 
 
-@dataclass(frozen=True)
-class FeatureInfo:
-    """One feature level: its channels, its stride from the input, and the module producing it.
-    Also read as a dict (``info["num_chs"]``), as timm's entries are."""
+class FeatureInfo(dict):
+    """One feature level: its channels, its stride from the input, the module producing it and its index.
 
-    num_chs: int
-    reduction: int
-    module: str
-    index: int  # the level's number (0: the stem), as timm's entries carry it
+    A dict with timm's keys (``info["num_chs"]``, ``dict(info)``, ``timm.models.FeatureInfo`` takes a list
+    of them), also read as attributes (``info.num_chs``).
+    """
 
-    def __getitem__(self, key: str):
-        if key not in _FEATURE_KEYS:
-            raise KeyError(key)
-        return getattr(self, key)
+    def __init__(self, num_chs: int, reduction: int, module: str, index: int):
+        super().__init__(num_chs=num_chs, reduction=reduction, module=module, index=index)
 
-    def get(self, key: str, default=None):
-        return self[key] if key in _FEATURE_KEYS else default
+    num_chs = property(lambda self: self["num_chs"])
+    reduction = property(lambda self: self["reduction"])
+    module = property(lambda self: self["module"])
+    index = property(lambda self: self["index"])  # the level's number (0: the stem), as timm's entries carry it
 
 
 _FEATURE_KEYS = ("num_chs", "reduction", "module", "index")
