@@ -181,6 +181,7 @@ def test_constructor_arguments_of_the_wrong_kind_are_named():
         (dict(features_only=True, out_indices=(1.0,)), "out_indices must be feature level indices"),
         (dict(features_only=True, out_indices="12"), "out_indices must be"),
         (dict(features_only=True, out_indices=9), "the last n of 5 feature levels"),
+        (dict(features_only=True, out_indices=()), r"out_indices=\(\) asks for no feature map"),
     ):
         with pytest.raises(ValueError, match=message):
             cspnet.create_model("cspresnet10", **kwargs)

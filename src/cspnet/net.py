@@ -209,6 +209,8 @@ class StagedNet(nn.Module):
             out_indices = tuple(range(len(infos) - out_indices, len(infos)))
         if not isinstance(out_indices, (tuple, list)) or not all(_is_int(i) for i in out_indices):
             raise ValueError(f"out_indices must be feature level indices (ints) or a count of last levels, got {out_indices!r}")
+        if not out_indices:
+            raise ValueError("out_indices=() asks for no feature map; name at least one level")
         bad = [i for i in out_indices if not -len(infos) <= i < len(infos)]
         if bad:
             raise ValueError(f"out_indices {bad} out of range for {len(infos)} feature levels")
