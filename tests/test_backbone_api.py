@@ -196,3 +196,16 @@ def test_reset_classifier_keeps_the_models_mode_device_and_dtype():
     with torch.no_grad():
         assert torch.equal(model(x), model(x))  # eval: the new head's dropout is off
     assert model.get_classifier().weight.dtype == torch.float64
+
+
+def test_reset_classifier_takes_timms_global_pool():
+    model = cspnet.create_model("cspresnet10", num_classes=5).eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    model.reset_classifier(3, "avg")  # timm's positional form
+    assert model(x).shape == (1, 3)
+    model.reset_classifier(0, global_pool=None)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.forward_features(x).mean((2, 3)))
+    for pool in ("", "max", "catavgmax"):  # poolings this head does not have are named, not ignored
+        with pytest.raises(ValueError, match=f"global_pool={pool!r}: the head pools by average only"):
+            model.reset_classifier(3, pool)

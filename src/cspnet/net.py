@@ -282,13 +282,18 @@ class StagedNet(nn.Module):
         """The final linear layer (``nn.Identity`` when there is none), as timm models expose it."""
         return self.head.fc if self.head is not None else nn.Identity()
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier by a fresh one with ``num_classes`` outputs (0: pooled features).
 
+        ``global_pool`` is timm's argument: the head pools by average, so ``"avg"`` and ``None`` (keep
+        the pooling) are taken and other poolings refused; ``forward_features`` gives the unpooled maps.
         The new head is in the model's mode (eval stays eval: no dropout) and on its device and dtype.
         """
         if not _is_int(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r}: the head pools by average only ('avg', or None to keep it); "
+                             "forward_features gives the unpooled maps")
         drop = self.head.drop.p if self.head is not None else 0.0
         like = next(self.stages.parameters())
         self.head = ClassifierHead(self.num_features, num_classes, drop).to(like.device, like.dtype).train(self.training)
