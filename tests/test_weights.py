@@ -64,6 +64,23 @@ def test_features_only_backbone_takes_a_classifier_checkpoint(tmp_path):
         assert torch.equal(backbone(x)[0], model.forward_features(x))
 
 
+@pytest.mark.parametrize("finetune", [False, True])
+def test_pooled_features_model_takes_a_classifier_checkpoint(tmp_path, finetune):
+    # timm's idiom for a pretrained backbone with pooled features: num_classes=0 ignores the file's classifier
+    model = _perturbed("cspresnet10", num_classes=5)
+    path = save_weights(tmp_path / "c.safetensors", model, model_metadata(model))
+    pooled = cspnet.create_model("cspresnet10", num_classes=0).eval()
+    assert load_pretrained(pooled, path, finetune=finetune) == []
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(pooled(x), model.forward_head(model.forward_features(x), pre_logits=True))
+    state = dict(model.state_dict())
+    del state["stem.0.conv.weight"]  # anything but the classifier is still named
+    short = save_weights(tmp_path / "short.safetensors", state)
+    with pytest.raises(WeightsError, match=r"missing: stem\.0\.conv\.weight$"):
+        load_pretrained(pooled, short, finetune=finetune)
+
+
 def test_weights_of_another_model_are_refused_by_name(tmp_path):
     path = save_weights(tmp_path / "r.safetensors", cspnet.create_model("resnet10"), model_metadata(cspnet.create_model("resnet10")))
     with pytest.raises(WeightsError, match=r"holds weights of model 'resnet10'.*not 'cspresnet10'"):

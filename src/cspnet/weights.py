@@ -209,9 +209,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, finetune: bool
     """Load a weights file into a registered model, checking that it was made for it.
 
     The file's metadata (when it has any) must name this model and, if it records a config,
-    the same config; then every tensor must fit (`load_into`, strict). A ``features_only``
-    backbone ignores the file's classifier (``head.*``), as detection frameworks expect, and needs
-    no weights for the stages after the last level it returns (they never run).
+    the same config; then every tensor must fit (`load_into`, strict). A model without a classifier
+    (``features_only``, or ``num_classes=0`` for pooled features) ignores the file's (``head.*``), as
+    detection frameworks and timm expect; a ``features_only`` backbone needs no weights for the stages
+    after the last level it returns (they never run).
 
     ``finetune=True`` starts a model for other data from the file: a classifier made for another
     number of classes (or a file without one) leaves the model's own, freshly initialised
@@ -235,9 +236,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, finetune: bool
         diffs = _config_differences(meta["config"], cfg)
         if diffs:
             raise WeightsError(f"{path}: made for another configuration of {name!r}: " + "; ".join(diffs))
+    if getattr(model, "num_classes", None) == 0:  # no classifier (features_only, or pooled features)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
     unrun: tuple[str, ...] = ()
     if getattr(model, "features_only", False):
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
         # the stages after the last level returned never run: a backbone file that stops there (timm's
         # features_only model with out_indices short of the last level, converted) loads
         unrun = tuple(f"{info.module}." for info in model.feature_info[max(model.out_indices) + 1:])
