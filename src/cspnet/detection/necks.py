@@ -59,16 +59,19 @@ def upsample2(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Max-pool down or nearest-upsample ``x`` to the spatial size of ``like``.
+    """Max-pool down or nearest-upsample ``x`` to the spatial size of ``like``, each side on its own.
 
-    The size is taken as Python ints so that the legacy (TorchScript) ONNX exporter sees a
+    On a narrow input one side can stop shrinking (1 cell at every stride) while the other still
+    halves, so a map may need pooling in height and nothing, or upsampling, in width.
+    The sizes are taken as Python ints so that the legacy (TorchScript) ONNX exporter sees a
     constant pooling size; it refuses ``adaptive_max_pool2d`` with a size read from a tensor.
     """
     size = [int(s) for s in like.shape[-2:]]
-    if x.shape[-1] > size[-1]:
-        return F.adaptive_max_pool2d(x, size)
-    if x.shape[-1] < size[-1]:
-        return F.interpolate(x, size=size, mode="nearest")
+    pooled = [min(int(a), b) for a, b in zip(x.shape[-2:], size)]
+    if pooled != [int(a) for a in x.shape[-2:]]:
+        x = F.adaptive_max_pool2d(x, pooled)
+    if pooled != size:
+        x = F.interpolate(x, size=size, mode="nearest")
     return x
 
 
