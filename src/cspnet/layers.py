@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,6 +24,30 @@ from torch.utils.weak import WeakIdKeyDictionary
 ACTIVATIONS = ("leaky", "leaky_0.01", "mish", "swish", "relu", "relu6", "logistic", "linear")
 # Aliases users reach for; each maps onto one of ACTIVATIONS.
 _ALIASES = {"silu": "swish", "leaky_relu": "leaky", "identity": "linear", "sigmoid": "logistic", "none": "linear"}
+
+
+def fx_leaf(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Decorator for the ``forward`` of a module that decides at run time how it computes (in place or
+    not, memory-efficient or not, by its input's shape, whether autograd records, whether a hook looks).
+
+    ``torch.fx.symbolic_trace`` cannot record such branches: it records the module as one
+    ``call_module`` node instead, as it does torch.nn's modules (FX's *leaf modules*), so neither it
+    nor torchvision's ``create_feature_extractor`` needs ``leaf_modules``. The traced graph calls the
+    module, which decides as it does in the model. While FX traces, the input is a ``torch.fx.Proxy``.
+    """
+
+    @functools.wraps(forward)
+    def leaf_forward(self: nn.Module, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            tracer = x.tracer
+            path = tracer.path_of_module(self)
+            if not path:  # the module being traced is this one: a graph of one node calling itself
+                raise TypeError(f"{type(self).__name__} is traced as one node of a larger model; "
+                                "torch.fx.symbolic_trace the model (or block) that contains it")
+            return tracer.create_proxy("call_module", path, (x, *args), {})
+        return forward(self, x, *args)
+
+    return leaf_forward
 
 
 def contiguous_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -292,6 +317,7 @@ class ConvBnAct(nn.Sequential):
         self.act = make_act(act)
         self.in_chs, self.out_chs = in_chs, out_chs
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.memory_efficient:
             y = self.conv(x)
@@ -366,6 +392,7 @@ class Shortcut(nn.Module):
         self.inplace = inplace
         self.x_saved_for_backward = x_saved_for_backward
 
+    @fx_leaf
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         inplace = self.inplace and not (self.x_saved_for_backward and torch.is_grad_enabled())
         return darknet_add(x, shortcut, inplace=inplace)

@@ -38,6 +38,12 @@ from torch import nn
 
 from .layers import ConvBnAct, canonical_act, contiguous_like, recomputable_cat
 
+# torch.fx records these calls as single nodes: they decide by the tensors' memory format and the
+# autograd mode at run time (FX wraps a function by its name in the calling module). A traced graph
+# keeps the `memory_efficient` setting its stages had when it was traced.
+torch.fx.wrap("contiguous_like")
+torch.fx.wrap("recomputable_cat")
+
 Fusion = Literal["csp", "fusion_first", "fusion_last", "none"]
 Split = Literal["conv", "slice"]
 FUSIONS: tuple[str, ...] = get_args(Fusion)
