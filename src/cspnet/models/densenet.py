@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvBnAct, bn_act, canonical_act, make_act, recomputable_cat, saving_recipes
+from ..layers import ConvBnAct, bn_act, canonical_act, fx_leaf, make_act, recomputable_cat, saving_recipes
 from ..net import StagedNet
 from ..registry import ModelSpec, PaperFigures
 from ..stage import CrossStage, Fusion, check_fusion, check_part_ratio
+
+torch.fx.wrap("recomputable_cat")  # one torch.fx node: it decides by the autograd mode at run time
 
 
 class BnAct(nn.Sequential):
@@ -37,6 +39,7 @@ class BnAct(nn.Sequential):
         self.norm = nn.BatchNorm2d(chs)
         self.act = make_act(act)
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return bn_act(x, self.norm, self.act, self.memory_efficient)
 
@@ -52,6 +55,7 @@ class BnActConv(nn.Sequential):
         self.act = make_act(act)
         self.conv = nn.Conv2d(in_chs, out_chs, 1, bias=False)
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = bn_act(x, self.norm, self.act, self.memory_efficient)
         with saving_recipes(self.memory_efficient):
@@ -74,6 +78,7 @@ class DenseLayer(nn.Module):
         self.act2 = make_act(act)
         self.conv2 = nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False)
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recompute = self.memory_efficient
         x = bn_act(x, self.norm1, self.act1, recompute)
@@ -104,6 +109,7 @@ class ElasticDenseLayer(DenseLayer):
         self.act2_d = make_act(act)
         self.conv2_d = nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False)
 
+    @fx_leaf
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         recompute = self.memory_efficient
         x = bn_act(x, self.norm1, self.act1, recompute)

@@ -27,6 +27,8 @@ from .darknet import CSPDARKNET53, DarkStageCfg, DarknetCfg, build_darknet
 from .densenet import CSPDENSENET201, DenseNetCfg, build_densenet
 from .resnet import CSPRESNET50, CSPRESNEXT50, ResNetCfg, ResStageCfg, build_resnet
 
+torch.fx.wrap("contiguous_like")  # one torch.fx node: it decides by the memory format at run time
+
 
 class ElasticBlock(nn.Module):
     """Half the channels at full resolution, half at half resolution, concat, residual add, activation.
