@@ -54,8 +54,24 @@ class SppConvs(nn.Sequential):
 
 
 def upsample2(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Darknet ``[upsample] stride=2`` (nearest), to the spatial size of ``like`` (odd sizes too)."""
+    """Darknet ``[upsample] stride=2`` (nearest), to the spatial size of ``like``.
+
+    Where the backbone's stride-2 step rounded an odd side up (n -> 2n - 1: strided convs, ceil-mode
+    pools) this is exactly the 2x upsample with its last row / column dropped; where it rounded down
+    (2n + 1 -> n: DenseNet transitions) it is a nearest resampling to 2n + 1.
+    """
     return F.interpolate(x, size=like.shape[-2:], mode="nearest")
+
+
+def crop_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Drop the last row / column of a map downsampled by 2 in the neck where ``like``, the
+    backbone's map at that stride, is one cell smaller.
+
+    The neck's stride-2 steps (3x3/2 convs, EFM's ceil-mode 2x2 pool) round an odd side up; DenseNet
+    transitions (2x2 average pools) round it down, so on an input that is not a multiple of the
+    stride the neck's map has one extra row / column, centred past the backbone's last cell.
+    """
+    return x[..., : like.shape[-2], : like.shape[-1]]
 
 
 def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -113,7 +129,7 @@ class BottomUpStep(nn.Module):
         self.convs = conv_stack(width + td_chs, width, num_convs, act)
 
     def forward(self, fine: torch.Tensor, td: torch.Tensor) -> torch.Tensor:
-        return self.convs(recomputable_cat([self.down(fine), td], 1, self.memory_efficient))
+        return self.convs(recomputable_cat([crop_to(self.down(fine), td), td], 1, self.memory_efficient))
 
 
 class FPN(nn.Module):
@@ -205,7 +221,7 @@ class EFMNode(nn.Module):
     def forward(self, finer: torch.Tensor, own: torch.Tensor, coarser: torch.Tensor | None) -> torch.Tensor:
         # Maxout and max-pooling commute (both are maxima), so compressing before the 2x2 pool is
         # the same map at a quarter of the pooling work.
-        parts = [F.max_pool2d(self.finer(finer), 2, 2, ceil_mode=True)[..., : own.shape[-2], : own.shape[-1]], self.own(own)]
+        parts = [crop_to(F.max_pool2d(self.finer(finer), 2, 2, ceil_mode=True), own), self.own(own)]
         if self.coarser is not None:
             parts.append(upsample2(self.coarser(coarser), own))
         return self.convs(recomputable_cat(parts, 1, self.memory_efficient))
