@@ -4,7 +4,10 @@ Every neck takes backbone maps ordered finest -> coarsest and returns one map pe
 finest -> coarsest, with channels ``out_chs``. ``widths`` are the neck's channels per output level
 (the cfgs use 128 / 256 / 512 at strides 8 / 16 / 32).
 
-- `FPN`: YOLOv3's top-down path (``in-progress/csresnext50-fpn-spp.cfg``; with ``spp`` on the top map).
+- `FPN`: a top-down path with ``spp`` on the top map. Neck ``fpn`` is ``in-progress/csresnext50-fpn-spp.cfg``
+  (and the top-down half of the PANet cfgs): a 1x1 lateral conv on each backbone map, concat [lateral, up].
+  Neck ``yolov3`` (``lateral=False``) is YOLOv3's own (``yolov3-spp.cfg``, ``cs*-yolo-spp.cfg``; ``spp=False``
+  for plain YOLOv3): the backbone map itself, concat [up, backbone].
 - `PANet`: FPN + a bottom-up path, exactly ``cfg/cs*-panet-spp.cfg`` (paper §5 table, 56.9M / 71.3 BFLOPs
   with CSPResNeXt-50 at 512). Modules are registered in the cfg's layer order.
 - `EFM`: the paper's Exact Fusion Model (§3.2, Fig. 6c), designed from its prose (no cfg was released):
@@ -20,7 +23,7 @@ from torch import nn
 
 from ..layers import SPP, ConvBnAct, Maxout, recomputable_cat
 
-NECKS = ("fpn", "panet", "efm", "efm-sam", "efm-spp", "gfm")
+NECKS = ("fpn", "yolov3", "panet", "efm", "efm-sam", "efm-spp", "gfm")
 
 
 def conv_stack(in_chs: int, width: int, num_convs: int, act: str) -> nn.Sequential:
@@ -97,22 +100,29 @@ def _check_levels(feats: list[torch.Tensor], n: int, name: str) -> None:
 
 
 class TopDownStep(nn.Module):
-    """One top-down step: reduce the coarser map (1x1), upsample, concat with a 1x1 lateral, convs.
+    """One top-down step: reduce the coarser map (1x1), upsample, concat with the backbone map, convs.
 
-    In the cfg: ``conv 1x1 c; upsample; route <backbone>; conv 1x1 c; route -1,-3; 5 convs``.
+    With ``lateral`` (the ``-fpn-spp`` / ``-panet-spp`` cfgs) the backbone map first goes through a
+    1x1 conv: ``conv 1x1 c; upsample; route <backbone>; conv 1x1 c; route -1,-3; 5 convs``.
+    Without (YOLOv3, the ``-yolo-spp`` cfgs) it is concatenated as it is, after the upsampled map:
+    ``conv 1x1 c; upsample; route -1,<backbone>; 5 convs``.
     """
 
     memory_efficient = False  # `cspnet.layers.memory_efficient`: rebuild the concat in backward
 
-    def __init__(self, coarse_chs: int, lateral_in: int, width: int, num_convs: int, act: str):
+    def __init__(self, coarse_chs: int, backbone_chs: int, width: int, num_convs: int, act: str, lateral: bool = True):
         super().__init__()
         self.reduce = ConvBnAct(coarse_chs, width, 1, act=act)
-        self.lateral = ConvBnAct(lateral_in, width, 1, act=act)
-        self.convs = conv_stack(2 * width, width, num_convs, act)
+        self.lateral = ConvBnAct(backbone_chs, width, 1, act=act) if lateral else None
+        self.convs = conv_stack(width + (width if lateral else backbone_chs), width, num_convs, act)
 
     def forward(self, coarse: torch.Tensor, backbone: torch.Tensor) -> torch.Tensor:
-        lat = self.lateral(backbone)
-        return self.convs(recomputable_cat([lat, upsample2(self.reduce(coarse), lat)], 1, self.memory_efficient))
+        if self.lateral is None:
+            parts = [upsample2(self.reduce(coarse), backbone), backbone]
+        else:
+            lat = self.lateral(backbone)
+            parts = [lat, upsample2(self.reduce(coarse), lat)]
+        return self.convs(recomputable_cat(parts, 1, self.memory_efficient))
 
 
 class BottomUpStep(nn.Module):
@@ -133,9 +143,11 @@ class BottomUpStep(nn.Module):
 
 
 class FPN(nn.Module):
-    """YOLOv3 top-down feature pyramid (with the SPP block on the top map when ``spp``)."""
+    """Top-down feature pyramid (with the SPP block on the top map when ``spp``): the ``-fpn-spp`` cfg's
+    with ``lateral``, YOLOv3's without (see `TopDownStep`)."""
 
-    def __init__(self, in_chs: list[int], widths: list[int], act: str = "leaky", spp: bool = True, num_convs: int = 5):
+    def __init__(self, in_chs: list[int], widths: list[int], act: str = "leaky", spp: bool = True, num_convs: int = 5,
+                 lateral: bool = True):
         super().__init__()
         if len(in_chs) != len(widths):
             raise ValueError(f"FPN: {len(in_chs)} backbone maps for {len(widths)} output widths")
@@ -143,7 +155,8 @@ class FPN(nn.Module):
         self.top = SppConvs(in_chs[-1], widths[-1], act) if spp else conv_stack(in_chs[-1], widths[-1], num_convs, act)
         # coarse -> fine, the cfg's order
         self.steps = nn.ModuleList(
-            TopDownStep(widths[i + 1], in_chs[i], widths[i], num_convs, act) for i in reversed(range(len(in_chs) - 1))
+            TopDownStep(widths[i + 1], in_chs[i], widths[i], num_convs, act, lateral)
+            for i in reversed(range(len(in_chs) - 1))
         )
         self.out_chs = list(widths)
 
@@ -303,10 +316,11 @@ def neck_inputs(neck: str, num_levels: int) -> int:
 
 
 def build_neck(neck: str, in_chs: list[int], widths: list[int], act: str = "leaky", spp: bool | None = None) -> nn.Module:
-    """Build neck ``neck`` (one of `NECKS`). ``spp=None`` takes each neck's default: on for FPN and
-    PANet (the official ``-fpn-spp`` / ``-panet-spp`` cfgs), on for EFM (SPP) only, off otherwise."""
-    if neck == "fpn":
-        return FPN(in_chs, widths, act, spp=True if spp is None else spp)
+    """Build neck ``neck`` (one of `NECKS`). ``spp=None`` takes each neck's default: on for FPN, YOLOv3
+    and PANet (the official ``-fpn-spp`` / ``-yolo-spp`` / ``-panet-spp`` cfgs), on for EFM (SPP) only,
+    off otherwise."""
+    if neck in ("fpn", "yolov3"):
+        return FPN(in_chs, widths, act, spp=True if spp is None else spp, lateral=neck == "fpn")
     if neck == "panet":
         return PANet(in_chs, widths, act, spp=True if spp is None else spp)
     if neck in ("efm", "efm-sam", "efm-spp"):
