@@ -108,6 +108,20 @@ def test_stages_after_the_last_level_asked_for_do_not_run():
     assert cspnet.profile(model, SIZE).macs == sum(run) < every.macs
 
 
+def test_stages_after_the_last_level_asked_for_are_not_kept():
+    # they would take no part in the loss: DistributedDataParallel refuses parameters without a gradient
+    model = cspnet.create_model("cspresnet10", features_only=True, out_indices=(1, 2, 3)).train()
+    assert len(model.stages) == 3 and model.deleted_stages == ("stages.3",)
+    assert not any(k.startswith("stages.3.") for k in model.state_dict())
+    assert [f.module for f in model.feature_info] == ["stem", "stages.0", "stages.1", "stages.2", "stages.3"]
+    sum(m.mean() for m in model(torch.randn(2, 3, SIZE, SIZE))).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match=r"out_indices \[4\]: the stages after level 3 were deleted"):
+        model.keep_levels((2, 4))
+    with pytest.raises(ValueError, match="a classifier reads the last feature level, whose stages this model deleted"):
+        model.reset_classifier(3)
+
+
 def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     model.train()
     loss = F.cross_entropy(model(x), y)

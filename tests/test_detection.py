@@ -9,6 +9,9 @@ import pytest
 import torch
 from torchvision.ops import box_iou, complete_box_iou_loss, nms
 
+import cspnet
+from cspnet.darknet.mapping import save_darknet_weights
+from cspnet.darknet.weights import DarknetWeightsError
 from cspnet.detection import NECKS, YOLOV3_ANCHORS, create_detector, decode_boxes, encode_boxes, make_anchor_layout
 from cspnet.detection.detector import DetectorCfg
 from cspnet.detection.head import decode_level, fit_anchors
@@ -93,6 +96,41 @@ def test_cspresnet50_dilated_taps_are_at_the_strides_they_feed():
     with pytest.raises(ValueError, match="no feature map at stride 16"):
         create_detector("cspresnet50", "fpn", num_classes=1, neck_width=64, strides=(8, 16),
                         anchors=YOLOV3_ANCHORS[:6], backbone_kwargs={"output_stride": 8})
+
+
+@pytest.mark.parametrize("backbone, options, stages", [
+    ("darknet_ref", {}, 5),  # its stride-64 level (stages.5) feeds no level
+    ("cspresnet10", {"strides": (8, 16), "anchors": YOLOV3_ANCHORS[:6]}, 3),
+    # the cfg's stride-16 tap opens stages.3 (one conv of it would run): the coarsest tap is a stage output
+    ("cspresnet50", {"strides": (8, 16), "anchors": YOLOV3_ANCHORS[:6]}, 3),
+])
+def test_detector_holds_only_the_backbone_stages_its_taps_read(backbone, options, stages):
+    # a stage whose maps no tap reads takes no part in the loss (DistributedDataParallel refuses such parameters)
+    det = create_detector(backbone, "panet", num_classes=2, **TINY, **options).train()
+    assert len(det.backbone.body.stages) == stages and all(isinstance(t, int) for t in det.backbone.taps[-1:])
+    sum(r.mean() for r in det(torch.randn(1, 3, 64, 64))).backward()  # batch 1: a 1x1 stride-64 map fails BN
+    assert [n for n, p in det.named_parameters() if p.grad is None] == []
+    profiled = {layer.name.split(".")[3] for layer in cspnet.profile(det.eval(), 64).layers
+                if layer.name.startswith("backbone.body.stages.")}
+    assert profiled == {str(i) for i in range(stages)}
+
+
+def test_darknet_ref_detector_reads_the_whole_imagenet_file(tmp_path):
+    # darknet.weights holds the stride-64 stage the detector does not keep, then the classifier
+    torch.manual_seed(1)
+    source = cspnet.create_model("darknet_ref").eval()
+    path = save_darknet_weights(source, tmp_path / "darknet.weights")
+    det = create_detector("darknet_ref", num_classes=2, neck_width=64)
+    assert det.load_backbone_weights(path) == []
+    backbone = cspnet.create_model("darknet_ref", features_only=True, out_indices=(3, 4, 5), darknet_weights=path).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = source.forward_levels(x)[3:]
+        assert all(torch.equal(a, b) for a, b in zip(det.backbone.eval()(x), want[:3]))
+        assert all(torch.equal(a, b) for a, b in zip(backbone(x), want[:3]))
+    (tmp_path / "odd.weights").write_bytes(path.read_bytes() + bytes(4 * 3))  # its length is still checked
+    with pytest.raises(DarknetWeightsError, match="more weights than this network"):
+        det.load_backbone_weights(tmp_path / "odd.weights")
 
 
 @pytest.mark.parametrize("scale_x_y", [1.0, 1.2])

@@ -543,3 +543,39 @@ def test_ddp_two_cpu_processes_match_one_process_with_accumulation(tmp_path):
     assert again["AR100"] > 0  # something to compare: the model found some boxes
     for key in ("AP", "AP50", "AR100"):
         assert again[key] == pytest.approx(row[f"val_{key}"], rel=1e-6), key
+
+
+def test_checkpoint_of_a_detector_that_held_untapped_stages_loads_and_resumes(tmp_path):
+    # Before detectors kept only the backbone levels they tap, a darknet_ref detector held its stride-64
+    # stage (stages.5), which no tap reads: its checkpoints hold that stage's weights, EMA and optimizer state.
+    from cspnet.engine.checkpoint import load_checkpoint, save_checkpoint
+    from cspnet.engine.ema import ModelEMA
+    from cspnet.engine.models import build_model
+    from cspnet.engine.optim import build_optimizer
+
+    def detector():
+        return create_detector("darknet_ref", "panet", num_classes=2, neck_width=32, backbone_width=0.25)
+
+    old = detector()
+    old.backbone.body = build_model("darknet_ref", num_classes=0, in_chans=3, width=0.25, options={"features_only": True})
+    assert "backbone.body.stages.5.blocks.conv.weight" in old.state_dict()
+    optimizer = build_optimizer(old, "sgd", 0.1, 1e-4)
+    for p in old.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()  # momentum buffers, one per parameter
+    ema = ModelEMA(old)
+    ema.update(old)
+    run = {"detector": old.cfg.to_dict()}
+    save_checkpoint(tmp_path, model=old, optimizer=optimizer, ema=ema, state={"epoch": 1, "step": 1, "run": run})
+
+    new = detector()
+    assert len(new.backbone.body.stages) == 5 and new.backbone.body.deleted_stages == ("stages.5",)
+    kept = {k: v for k, v in old.state_dict().items() if not k.startswith("backbone.body.stages.5.")}
+    loaded, _ = load_detector(tmp_path)  # the EMA weights, through the EMA's state dict
+    assert all(torch.equal(loaded.state_dict()[k], ema.module.state_dict()[k]) for k in kept)
+    resumed = build_optimizer(new, "sgd", 0.1, 1e-4)
+    load_checkpoint(tmp_path, model=new, optimizer=resumed, ema=ModelEMA(new))  # what resume loads
+    assert all(torch.equal(new.state_dict()[k], v) for k, v in kept.items())
+    old_params = dict(old.named_parameters())
+    for name, p in new.named_parameters():
+        assert torch.equal(resumed.state[p]["momentum_buffer"], optimizer.state[old_params[name]]["momentum_buffer"]), name

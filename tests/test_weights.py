@@ -64,6 +64,18 @@ def test_features_only_backbone_takes_a_classifier_checkpoint(tmp_path):
         assert torch.equal(backbone(x)[0], model.forward_features(x))
 
 
+def test_features_only_backbone_skips_the_stages_it_does_not_keep(tmp_path):
+    model = _perturbed("cspresnet10")
+    path = save_weights(tmp_path / "c.safetensors", model, model_metadata(model))
+    backbone = cspnet.create_model("cspresnet10", features_only=True, out_indices=(1, 2), pretrained=path).eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(backbone(x)[1], model.stages[1](model.stages[0](model.stem(x))))
+    state = {**model.state_dict(), "stages.1.extra": torch.zeros(1), "stages.2.conv.weight": torch.zeros(1)}
+    with pytest.raises(WeightsError, match=r"unexpected: stages\.1\.extra$"):  # only the deleted stages' keys are skipped
+        load_pretrained(backbone, save_weights(tmp_path / "extra.safetensors", state))
+
+
 @pytest.mark.parametrize("finetune", [False, True])
 def test_pooled_features_model_takes_a_classifier_checkpoint(tmp_path, finetune):
     # timm's idiom for a pretrained backbone with pooled features: num_classes=0 ignores the file's classifier

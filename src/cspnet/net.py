@@ -146,6 +146,21 @@ def _checkpoint_contexts(module: nn.Module):
     return contextlib.nullcontext(), _RestoreNormStats(module)
 
 
+def _skip_deleted_stages(module: StagedNet, state_dict: dict, prefix: str, *_) -> None:
+    # A load_state_dict pre-hook: a state dict written with the stages `keep_levels` deleted (a whole
+    # model's, a detector checkpoint written before detectors kept only the levels they tap) loads.
+    deleted = tuple(f"{prefix}{name}." for name in module.deleted_stages)
+    for key in [k for k in state_dict if k.startswith(deleted)]:
+        del state_dict[key]
+
+
+def deleted_stage_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The state-dict prefixes (``backbone.body.stages.5.``) of the stages every `StagedNet` in ``model``
+    deleted (`StagedNet.keep_levels`): a file's tensors under them belong to no module and are skipped."""
+    return tuple(f"{name}.{stage}." if name else f"{stage}."
+                 for name, m in model.named_modules() if isinstance(m, StagedNet) for stage in m.deleted_stages)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -156,7 +171,8 @@ class StagedNet(nn.Module):
     Feature level 0 is the stem's output and level ``i`` the output of ``stages[i - 1]``.
     ``stage_strides`` are the strides the stages were built with: a builder that takes ``output_stride``
     gets them, and the dilations, from `dilate_stages`. ``output_stride`` here only checks that the
-    deepest level is at most that stride, so a builder that cannot dilate refuses it.
+    deepest level is at most that stride, so a builder that cannot dilate refuses it. A ``features_only``
+    model holds the stages up to the deepest level it returns and no more (`keep_levels`).
     """
 
     def __init__(
@@ -201,20 +217,7 @@ class StagedNet(nn.Module):
         self.features_only = features_only
         if out_indices is not None and not features_only:
             raise ValueError("out_indices picks the feature maps of features_only=True; without it the model classifies")
-        if out_indices is None:
-            out_indices = tuple(range(len(infos)))
-        elif _is_int(out_indices):  # timm's convention: an int n is the last n levels
-            if not 1 <= out_indices <= len(infos):
-                raise ValueError(f"out_indices={out_indices}: the last n of {len(infos)} feature levels needs 1 <= n <= {len(infos)}")
-            out_indices = tuple(range(len(infos) - out_indices, len(infos)))
-        if not isinstance(out_indices, (tuple, list)) or not all(_is_int(i) for i in out_indices):
-            raise ValueError(f"out_indices must be feature level indices (ints) or a count of last levels, got {out_indices!r}")
-        if not out_indices:
-            raise ValueError("out_indices=() asks for no feature map; name at least one level")
-        bad = [i for i in out_indices if not -len(infos) <= i < len(infos)]
-        if bad:
-            raise ValueError(f"out_indices {bad} out of range for {len(infos)} feature levels")
-        self.out_indices = tuple(i % len(infos) for i in out_indices)
+        self.out_indices = tuple(range(len(infos)))
         self.feature_info = FeatureInfoList(infos, self.out_indices)
         if not -1 <= frozen_stages <= len(stages):
             raise ValueError(f"frozen_stages must be in [-1, {len(stages)}], got {frozen_stages}")
@@ -223,8 +226,48 @@ class StagedNet(nn.Module):
         self.grad_checkpointing = False
         self.head = None if features_only else ClassifierHead(self.num_features, num_classes, drop_rate)
         self.num_classes = 0 if features_only else num_classes
+        self.register_load_state_dict_pre_hook(_skip_deleted_stages)
+        if features_only:
+            self.keep_levels(self.out_indices if out_indices is None else out_indices)
         self.init_weights()
         self._freeze()
+
+    def keep_levels(self, out_indices: int | Sequence[int]) -> None:
+        """Return the feature levels ``out_indices`` (a ``features_only`` model) and delete the stages
+        after the deepest of them.
+
+        Those stages would never run: their parameters would get no gradient, which DistributedDataParallel
+        refuses, and profiles would count them (timm's features_only models hold no such stages either).
+        ``feature_info`` still describes every level. A state dict that holds the deleted stages (a whole
+        model's file, a detector checkpoint written before) loads, their tensors skipped. ``out_indices``
+        as in timm: level indices (negative counts from the end) or an int ``n``, the last ``n`` levels.
+        """
+        if not self.features_only:
+            raise ValueError("out_indices picks the feature maps of features_only=True; without it the model classifies")
+        n = len(self.feature_info)
+        if _is_int(out_indices):  # timm's convention: an int n is the last n levels
+            if not 1 <= out_indices <= n:
+                raise ValueError(f"out_indices={out_indices}: the last n of {n} feature levels needs 1 <= n <= {n}")
+            out_indices = tuple(range(n - out_indices, n))
+        if not isinstance(out_indices, (tuple, list)) or not all(_is_int(i) for i in out_indices):
+            raise ValueError(f"out_indices must be feature level indices (ints) or a count of last levels, got {out_indices!r}")
+        if not out_indices:
+            raise ValueError("out_indices=() asks for no feature map; name at least one level")
+        bad = [i for i in out_indices if not -n <= i < n]
+        if bad:
+            raise ValueError(f"out_indices {bad} out of range for {n} feature levels")
+        out_indices = tuple(i % n for i in out_indices)
+        deleted = [i for i in out_indices if i > len(self.stages)]
+        if deleted:
+            raise ValueError(f"out_indices {deleted}: the stages after level {len(self.stages)} were deleted "
+                             f"(out_indices was {self.out_indices}); build the model again to return them")
+        self.out_indices = self.feature_info.out_indices = out_indices
+        del self.stages[max(out_indices):]
+
+    @property
+    def deleted_stages(self) -> tuple[str, ...]:
+        """The names of the stages `keep_levels` deleted (``stages.3`` …), whose levels a state dict may hold."""
+        return tuple(info.module for info in self.feature_info[len(self.stages) + 1:])
 
     def init_weights(self) -> None:
         for m in self.modules():
@@ -273,8 +316,8 @@ class StagedNet(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor):
-        if self.features_only:  # the stages after the last level asked for do not run (timm's too)
-            levels = self.forward_levels(x, max(self.out_indices))
+        if self.features_only:  # the model holds no stage after the deepest level returned (`keep_levels`)
+            levels = self.forward_levels(x)
             return [levels[i] for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
 
@@ -291,6 +334,9 @@ class StagedNet(nn.Module):
         """
         if not _is_int(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        if self.deleted_stages:
+            raise ValueError(f"a classifier reads the last feature level, whose stages this model deleted (out_indices="
+                             f"{self.out_indices} stops at level {len(self.stages)}); build it without out_indices")
         if global_pool not in (None, "avg"):
             raise ValueError(f"global_pool={global_pool!r}: the head pools by average only ('avg', or None to keep it); "
                              "forward_features gives the unpooled maps")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .files import atomic_path
+from .net import deleted_stage_prefixes
 
 METADATA_KEY = "cspnet"
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")  # torch.save files, read with weights_only=True
@@ -166,8 +167,11 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool 
     """Copy ``state`` into ``model``, naming every missing, unexpected and mis-shaped key.
 
     The model's tensors whose names start with a prefix in ``keep`` need not be in ``state``: they
-    keep their values.
+    keep their values. The tensors of stages the model deleted (a ``features_only`` model's stages
+    after its last level, `cspnet.net.StagedNet.keep_levels`) are skipped: nothing runs them.
     """
+    deleted = deleted_stage_prefixes(model)
+    state = {k: v for k, v in state.items() if not k.startswith(deleted)}
     own = model.state_dict()
     # Files saved before BatchNorm counted its batches (torchvision's published DenseNet and ResNet
     # weights) lack `num_batches_tracked`; torch's BatchNorm loads them keeping its own count, as here.
@@ -211,8 +215,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, finetune: bool
     The file's metadata (when it has any) must name this model and, if it records a config,
     the same config; then every tensor must fit (`load_into`, strict). A model without a classifier
     (``features_only``, or ``num_classes=0`` for pooled features) ignores the file's (``head.*``), as
-    detection frameworks and timm expect; a ``features_only`` backbone needs no weights for the stages
-    after the last level it returns (they never run).
+    detection frameworks and timm expect; a ``features_only`` backbone holds no stages after the last
+    level it returns, and skips the file's (`load_into`).
 
     ``finetune=True`` starts a model for other data from the file: a classifier made for another
     number of classes (or a file without one) leaves the model's own, freshly initialised
@@ -238,14 +242,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, finetune: bool
             raise WeightsError(f"{path}: made for another configuration of {name!r}: " + "; ".join(diffs))
     if getattr(model, "num_classes", None) == 0:  # no classifier (features_only, or pooled features)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    unrun: tuple[str, ...] = ()
-    if getattr(model, "features_only", False):
-        # the stages after the last level returned never run: a backbone file that stops there (timm's
-        # features_only model with out_indices short of the last level, converted) loads
-        unrun = tuple(f"{info.module}." for info in model.feature_info[max(model.out_indices) + 1:])
     adapted, keep = _adapt_for_finetuning(model, state) if finetune else ([], ())
     try:
-        load_into(model, state, strict=True, source=str(path), keep=keep + unrun)
+        load_into(model, state, strict=True, source=str(path), keep=keep)
     except WeightsError as e:
         change = None if finetune else input_conv_adaptation(model, state)
         if change is None:

@@ -137,10 +137,31 @@ def load_darknet_weights(model: nn.Module, path: str | os.PathLike, *, partial: 
 
     A file named for another registered model's official cfg than this model's is refused
     (`official_cfg_named_by`): ``csdarknet53-omega.weights`` has cspdarknet53's shapes but Mish.
+    A ``features_only`` model that deleted the stages after its last level (`StagedNet.keep_levels`)
+    reads the file as the whole backbone does, and keeps the stages it has.
     """
     _check_weights_name(model, path)
+    if getattr(model, "deleted_stages", ()):
+        return _load_through_whole_backbone(model, path, partial)
     records = native_records(model)
     return read_weights(records, path, partial=partial, trailing=_file_classifier_floats(model, records, path))
+
+
+def _load_through_whole_backbone(model: nn.Module, path: str | os.PathLike, partial: bool) -> WeightsHeader:
+    # The file holds the deleted stages' layers between the model's and the classifier: the whole backbone,
+    # built again, reads it with every length check, and hands the model the stages it has.
+    from ..registry import specs
+
+    spec = specs().get(getattr(model, "model_name", None))
+    if spec is None:
+        raise DarknetWeightsError(f"{path}: a model that deleted stages {list(model.deleted_stages)} reads Darknet "
+                                  "weights only as a registered model (create_model), whose whole backbone is known")
+    with torch.random.fork_rng(devices=[]):  # building it draws initial weights: leave the caller's random stream
+        whole = spec.build(model.model_cfg, in_chans=model.in_chans, features_only=True)
+    whole.load_state_dict(model.state_dict(), strict=False)  # a partial file leaves the model's own values
+    header = load_darknet_weights(whole, path, partial=partial)
+    model.load_state_dict(whole.state_dict())  # the deleted stages' tensors are skipped
+    return header
 
 
 def _file_classifier_floats(model: nn.Module, records: list[WeightRecord], path: str | os.PathLike) -> int:

@@ -87,11 +87,15 @@ class BackboneTaps(nn.Module):
     """Runs a backbone once and returns the maps the neck reads, finest first.
 
     A tap is a feature level (an int, see ``feature_info``) or the dotted name of a module inside
-    the backbone whose output is kept by a forward hook (`CFG_TAPS`).
+    the backbone whose output is kept by a forward hook (`CFG_TAPS`). The backbone (``features_only``)
+    returns the levels tapped and holds no stage after the deepest (`StagedNet.keep_levels`): a stage
+    whose output no tap reads would take no part in the loss (and DistributedDataParallel refuses
+    parameters without a gradient).
     """
 
     def __init__(self, backbone: nn.Module, taps: list[int | str], chs: list[int], strides: list[int]):
         super().__init__()
+        backbone.keep_levels([t for t in taps if isinstance(t, int)])
         self.body = backbone
         self.taps = list(taps)
         self.out_chs = list(chs)
@@ -108,7 +112,7 @@ class BackboneTaps(nn.Module):
         for module in tapped:
             module.tap_armed = True
         try:
-            levels = self.body.forward_levels(x)
+            levels = iter(self.body(x))  # the levels tapped, in the taps' order
         finally:
             for module in tapped:
                 module.tap_armed = False
@@ -119,19 +123,20 @@ class BackboneTaps(nn.Module):
                 maps.append(module.tap_output)
                 del module.tap_output  # do not keep activations alive between calls
             else:
-                maps.append(levels[t])
+                maps.append(next(levels))
         return maps
 
 
 def select_taps(backbone: nn.Module, name: str, strides: tuple[int, ...]) -> tuple[list[int | str], list[int]]:
-    """The tap and its channel count for each stride: the cfg's tap if `CFG_TAPS` names one at that
-    stride, else the deepest feature level at that stride."""
+    """The tap and its channel count for each stride (finest first): the cfg's tap if `CFG_TAPS` names
+    one at that stride, else the deepest feature level at that stride. The coarsest tap is always a
+    level: a cfg tap opens the next stage, which then runs for a deeper level, never for one conv."""
     infos = backbone.feature_info
     modules = dict(backbone.named_modules())
     stride_of = {f["module"]: f["reduction"] for f in infos}
     taps, chs = [], []
     for s in strides:
-        stage = CFG_TAPS.get(name, {}).get(s)
+        stage = CFG_TAPS.get(name, {}).get(s) if s != strides[-1] else None
         # a dilated backbone (output_stride) moves the cfg's tap to another stride: then it is not the cfg's
         if stage is not None and stride_of.get(f"stages.{stage - 1}") == s:
             taps.append(f"stages.{stage}.down.0")

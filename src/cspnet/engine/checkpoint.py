@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..files import atomic_path
+from ..net import StagedNet, deleted_stage_prefixes
 from ..weights import WeightsError, load_into, model_metadata, read_metadata, save_weights
 
 FORMAT = "cspnet-checkpoint/1"
@@ -310,6 +311,33 @@ def _check_token(path: Path, token: str, found: str | None) -> None:
         )
 
 
+def _without_deleted_stages(saved: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """The optimizer state ``saved`` while ``model`` held the stages it has since deleted
+    (`cspnet.net.StagedNet.keep_levels`; a detector run trained before detectors kept only the levels
+    they tap), without those parameters' entries.
+
+    Optimizers are built over ``named_parameters()`` in order, so in each group the deleted stages'
+    parameters came right after their network's other parameters, and a group held as many more
+    entries as it now lacks. Anything else that does not fit is left to ``load_state_dict`` to name.
+    """
+    nets = [name for name, m in model.named_modules() if isinstance(m, StagedNet) and m.deleted_stages]
+    if len(nets) != 1 or len(saved["param_groups"]) != len(optimizer.param_groups):
+        return saved
+    prefix = f"{nets[0]}." if nets[0] else ""
+    named = list(model.named_parameters())
+    order = {id(p): i for i, (_, p) in enumerate(named)}
+    end = max(i for i, (name, _) in enumerate(named) if name.startswith(prefix)) + 1  # after the network's parameters
+    dropped, groups = set(), []
+    for old, new in zip(saved["param_groups"], optimizer.param_groups):
+        ids, surplus = list(old["params"]), len(old["params"]) - len(new["params"])
+        if surplus > 0:
+            at = sum(order[id(p)] < end for p in new["params"])
+            dropped.update(ids[at:at + surplus])
+            ids = ids[:at] + ids[at + surplus:]
+        groups.append({**old, "params": ids})
+    return {**saved, "state": {k: v for k, v in saved["state"].items() if k not in dropped}, "param_groups": groups}
+
+
 def load_checkpoint(
     out_dir: str | os.PathLike,
     *,
@@ -347,6 +375,9 @@ def load_checkpoint(
     classes_differ = own_classes is not None and meta.get("num_classes") not in (None, own_classes)
     try:
         weights = load_file(str(weights_path))
+        deleted = deleted_stage_prefixes(model)
+        # written while the model held stages it has since deleted (load_into skips their weights)
+        held_deleted_stages = any(k.startswith(deleted) for k in weights)
         load_into(model, weights, source=str(weights_path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({e})") from None
@@ -374,7 +405,10 @@ def load_checkpoint(
             if key not in record:
                 raise CheckpointError(f"{json_path}: key {key!r} is missing (the run was saved without one)")
             try:
-                obj.load_state_dict(unflatten_state(record[key], tensors, str(state_path)))
+                saved = unflatten_state(record[key], tensors, str(state_path))
+                if key == "optimizer" and held_deleted_stages:
+                    saved = _without_deleted_stages(saved, optimizer, model)
+                obj.load_state_dict(saved)
             except CheckpointError:
                 raise
             except (ValueError, KeyError, RuntimeError, TypeError) as e:
