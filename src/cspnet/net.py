@@ -284,6 +284,8 @@ class StagedNet(nn.Module):
 
     # -- backbone contract -------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: the shape is known only when the graph runs
+            return
         if x.dim() != 4:
             raise ValueError(f"expected an image batch of rank 4 (N, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
