@@ -14,7 +14,7 @@ import torch
 from cspnet import profile
 from cspnet.darknet.build import build_model
 from cspnet.darknet.mapping import copy_records
-from cspnet.darknet.weights import write_weights
+from cspnet.darknet.weights import DarknetWeightsError, write_weights
 from cspnet.detection import create_detector
 from cspnet.models.darknet import CSPDARKNET53, DarkStageCfg
 
@@ -64,7 +64,15 @@ NATIVE = [
     ("cspresnext50", "cfg/csresnext50-panet-spp.cfg", 56_853_440, 71.291),
     ("cspdarknet53", "cfg/csdarknet53-panet-spp.cfg", 64_296_032, 91.046),
     ("cspresnet50", "cfg/csresnet50-panet-spp.cfg", 58_256_832, 74.647),
+    ("cspresnet50_elastic", "in-progress/csresnet50-elastic-panet-spp.cfg", 66_485_696, 76.224),
 ]
+
+
+def test_detector_refuses_darknet_weights_named_for_another_backbone(tmp_path):
+    # the leaky detector's weights have the Mish detector's shapes: they would load and compute something else
+    det = create_detector("cspdarknet53_omega", "panet", num_classes=80)
+    with pytest.raises(DarknetWeightsError, match="named for csdarknet53.cfg.*'cspdarknet53'"):
+        det.load_darknet_weights(tmp_path / "csdarknet53-panet-spp.weights")
 
 
 @pytest.mark.slow

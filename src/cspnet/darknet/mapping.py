@@ -108,7 +108,7 @@ def official_cfg_named_by(path: str | os.PathLike) -> str | None:
     return max(named)[1] if named else None
 
 
-def _check_weights_name(model: nn.Module, path: str | os.PathLike) -> None:
+def check_weights_name(model: nn.Module, path: str | os.PathLike) -> None:
     """Refuse a file named for another official cfg than the model's (``csdarknet53-omega*.weights``, trained
     with Mish, into the leaky cspdarknet53): the shapes agree, so it would load and compute something else.
     A model built as that cfg's network by config overrides (cspdarknet53 with ``act="mish"``) takes it."""
@@ -140,7 +140,7 @@ def load_darknet_weights(model: nn.Module, path: str | os.PathLike, *, partial: 
     A ``features_only`` model that deleted the stages after its last level (`StagedNet.keep_levels`)
     reads the file as the whole backbone does, and keeps the stages it has.
     """
-    _check_weights_name(model, path)
+    check_weights_name(model, path)
     if getattr(model, "deleted_stages", ()):
         return _load_through_whole_backbone(model, path, partial)
     records = native_records(model)

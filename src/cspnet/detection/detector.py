@@ -28,10 +28,13 @@ from .necks import NECKS, build_neck, neck_inputs
 # stride-4 tap, which only EFM reads, follows the same rule for cspresnet50. Each entry names the
 # stage whose first downsampling conv is tapped; that conv reads the previous stage's maps, at their stride.
 _CSPRESNET50_TAPS = {4: 1, 8: 2, 16: 3}
-CFG_TAPS: dict[str, dict[int, int]] = {"cspresnet50": _CSPRESNET50_TAPS, "cspresnet50_omega": _CSPRESNET50_TAPS}
+CFG_TAPS: dict[str, dict[int, int]] = {
+    "cspresnet50": _CSPRESNET50_TAPS, "cspresnet50_omega": _CSPRESNET50_TAPS,
+    "cspresnet50_elastic": _CSPRESNET50_TAPS,  # in-progress/csresnet50-elastic-panet-spp.cfg: layers 86 and 153
+}
 # Neck width at the coarsest level: 512 in the official cfgs (128 / 256 / 512); EFM and GFM were
 # designed for small backbones (paper Table 2: CSPPeleeNet), so they default to half of it.
-DEFAULT_WIDTH = {"fpn": 512, "panet": 512, "efm": 256, "efm-sam": 256, "efm-spp": 256, "gfm": 256}
+DEFAULT_WIDTH = {"fpn": 512, "yolov3": 512, "panet": 512, "efm": 256, "efm-sam": 256, "efm-spp": 256, "gfm": 256}
 
 
 @dataclass(frozen=True)
@@ -133,19 +136,19 @@ def select_taps(backbone: nn.Module, name: str, strides: tuple[int, ...]) -> tup
     level: a cfg tap opens the next stage, which then runs for a deeper level, never for one conv."""
     infos = backbone.feature_info
     modules = dict(backbone.named_modules())
-    stride_of = {f["module"]: f["reduction"] for f in infos}
     taps, chs = [], []
     for s in strides:
-        stage = CFG_TAPS.get(name, {}).get(s) if s != strides[-1] else None
-        # a dilated backbone (output_stride) moves the cfg's tap to another stride: then it is not the cfg's
-        if stage is not None and stride_of.get(f"stages.{stage - 1}") == s:
-            taps.append(f"stages.{stage}.down.0")
-            chs.append(modules[taps[-1]].out_chs)
-            continue
         levels = [i for i, f in enumerate(infos) if f.reduction == s]
         if not levels:
             have = sorted({f.reduction for f in infos})
             raise ValueError(f"backbone {name!r} has no feature map at stride {s} (strides: {have})")
+        stage = CFG_TAPS.get(name, {}).get(s) if s != strides[-1] else None
+        # the cfg's tap reads the deepest map at its stride; in a dilated backbone (output_stride) that map
+        # belongs to a later stage, and a tap there would leave the deeper stages unread
+        if stage is not None and infos[levels[-1]]["module"] == f"stages.{stage - 1}":
+            taps.append(f"stages.{stage}.down.0")
+            chs.append(modules[taps[-1]].out_chs)
+            continue
         taps.append(levels[-1])
         chs.append(infos[levels[-1]].num_chs)
     return taps, chs
@@ -172,6 +175,11 @@ class Detector(nn.Module):
         tap_strides = tuple(cfg.strides[0] // 2 ** k for k in range(n_in - len(cfg.strides), 0, -1)) + cfg.strides
         body = build_model(cfg.backbone, num_classes=0, in_chans=cfg.in_chans, width=cfg.backbone_width,
                            options={**cfg.backbone_kwargs, "features_only": True})
+        have = sorted({f.reduction for f in body.feature_info})
+        if tap_strides[0] < cfg.strides[0] and tap_strides[0] not in have:  # EFM also reads scale s-1
+            raise ValueError(f"neck {cfg.neck!r} also reads the backbone map one scale finer than its finest output "
+                             f"(stride {tap_strides[0]} for strides {cfg.strides}); backbone {cfg.backbone!r} has maps "
+                             f"at strides {have}: start the strides at {2 * have[0]} or more")
         taps, chs = select_taps(body, cfg.backbone, tap_strides)
         self.backbone = BackboneTaps(body, taps, chs, list(tap_strides))
         top = DEFAULT_WIDTH[cfg.neck] if cfg.neck_width is None else cfg.neck_width
@@ -257,7 +265,7 @@ class Detector(nn.Module):
             for i, step in enumerate(self.neck.bottomup):
                 order += convs(f"neck.bottomup.{i}", step) + head(i + 1)
             return order
-        if self.cfg.neck == "fpn":
+        if self.cfg.neck in ("fpn", "yolov3"):  # the same modules; yolov3's steps have no lateral conv
             order = convs("neck.top", self.neck.top) + head(n - 1)
             for i, step in enumerate(self.neck.steps):
                 order += convs(f"neck.steps.{i}", step) + head(n - 2 - i)
@@ -299,10 +307,12 @@ class Detector(nn.Module):
         return [f"read {read} of {len(ends)} backbone convolutions from {path}; the rest keep their initialisation"]
 
     def load_darknet_weights(self, path, partial: bool = False):
-        """Load an official ``*-panet-spp`` / ``-fpn-spp`` ``.weights`` file (``partial``: only the
-        first layers, e.g. a backbone's ``.conv.N`` file). Returns the file header."""
+        """Load an official ``*-panet-spp`` / ``-fpn-spp`` / ``-yolo-spp`` ``.weights`` file (``partial``:
+        only the first layers, e.g. a backbone's ``.conv.N`` file). Returns the file header."""
+        from ..darknet.mapping import check_weights_name
         from ..darknet.weights import read_weights
 
+        check_weights_name(self.backbone.body, path)  # csdarknet53-panet-spp.weights is leaky: not for the Mish model
         return read_weights(self.darknet_records(), path, partial=partial)
 
 
@@ -313,7 +323,7 @@ def create_detector(
 
     Args:
         backbone: model name, e.g. ``"cspresnext50"``.
-        neck: ``fpn`` | ``panet`` (with SPP, as the official cfgs) | ``efm`` | ``efm-sam`` | ``efm-spp`` | ``gfm``.
+        neck: ``fpn`` | ``yolov3`` | ``panet`` (with SPP, as the official cfgs) | ``efm`` | ``efm-sam`` | ``efm-spp`` | ``gfm``.
         num_classes: number of object classes.
         anchors: ``(w, h)`` pixel sizes, a multiple of the number of levels (default: the cfgs' nine
             COCO anchors); spread over the levels smallest first.
