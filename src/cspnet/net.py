@@ -293,6 +293,10 @@ class StagedNet(nn.Module):
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                # torch.compile takes no context_fn but TorchDispatchModes; its recomputation does not update
+                # the BatchNorm statistics a second time, so it needs no restoring
+                return checkpoint(module, x, use_reentrant=False)
             contexts = partial(_checkpoint_contexts, module)
             return checkpoint(module, x, use_reentrant=False, context_fn=contexts)
         return module(x)
