@@ -116,6 +116,7 @@ def test_stages_after_the_last_level_asked_for_are_not_kept():
     assert [f.module for f in model.feature_info] == ["stem", "stages.0", "stages.1", "stages.2", "stages.3"]
     sum(m.mean() for m in model(torch.randn(2, 3, SIZE, SIZE))).backward()
     assert all(p.grad is not None for p in model.parameters())
+    assert model.num_features == model.forward_features(torch.randn(1, 3, SIZE, SIZE)).shape[1] == 256
     with pytest.raises(ValueError, match=r"out_indices \[4\]: the stages after level 3 were deleted"):
         model.keep_levels((2, 4))
     with pytest.raises(ValueError, match="a classifier reads the last feature level, whose stages this model deleted"):

@@ -86,6 +86,12 @@ def test_cspresnet50_taps_follow_its_cfg():
     assert [tuple(f.shape[1:]) for f in feats] == [(256, 8, 8), (512, 4, 4), (1024, 2, 2)]
 
 
+def test_detector_refuses_backbone_level_options():
+    # the detector keeps the levels its strides tap; a features_only body cut elsewhere could not give them
+    with pytest.raises(ValueError, match=r"backbone_kwargs \['out_indices'\]: the detector takes"):
+        create_detector("cspresnet10", "panet", num_classes=1, neck_width=64, backbone_kwargs={"out_indices": (2, 3, 4)})
+
+
 def test_cspresnet50_dilated_taps_are_at_the_strides_they_feed():
     # output_stride=8 puts stage 2's output, which the cfg's stride-16 tap reads, at stride 8
     det = create_detector("cspresnet50", "fpn", num_classes=1, neck_width=64, strides=(4, 8),

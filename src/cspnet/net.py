@@ -263,6 +263,7 @@ class StagedNet(nn.Module):
                              f"(out_indices was {self.out_indices}); build the model again to return them")
         self.out_indices = self.feature_info.out_indices = out_indices
         del self.stages[max(out_indices):]
+        self.num_features = self.feature_info[len(self.stages)].num_chs  # forward_features ends at the deepest level kept
 
     @property
     def deleted_stages(self) -> tuple[str, ...]:

@@ -173,6 +173,10 @@ class Detector(nn.Module):
         self.scale_x_y = level_scale_x_y(cfg.scale_x_y, len(cfg.strides))
         n_in = neck_inputs(cfg.neck, len(cfg.strides))
         tap_strides = tuple(cfg.strides[0] // 2 ** k for k in range(n_in - len(cfg.strides), 0, -1)) + cfg.strides
+        picked = sorted({"features_only", "out_indices"} & set(cfg.backbone_kwargs))
+        if picked:
+            raise ValueError(f"backbone_kwargs {picked}: the detector takes the backbone's feature levels its strides "
+                             f"{cfg.strides} need; leave these out")
         body = build_model(cfg.backbone, num_classes=0, in_chans=cfg.in_chans, width=cfg.backbone_width,
                            options={**cfg.backbone_kwargs, "features_only": True})
         have = sorted({f.reduction for f in body.feature_info})
