@@ -271,12 +271,15 @@ def test_timm_features_only_weights_give_timm_feature_maps(feature_cls):
             assert_close_maps(got, want)
 
 
-def test_timm_features_only_file_converts_to_a_backbone_file(tmp_path):
+def test_timm_features_only_file_converts_to_a_backbone_file(tmp_path, capsys):
     # timm's features_only model holds the stages up to the last level asked for (here stages.0 and stages.1)
     source = calibrate(timm.create_model("cspdarknet53", pretrained=False, features_only=True, out_indices=(0, 1, 2)))
     assert "stages_1.conv_down.conv.weight" in source.state_dict() and "stages_2.conv_down.conv.weight" not in source.state_dict()
-    out = convert_file("timm", "cspdarknet53", _save_source(source, tmp_path / "fo.safetensors"), tmp_path / "ours.safetensors")
-    assert read_metadata(out)["num_classes"] == 0
+    out = tmp_path / "ours.safetensors"
+    assert cli_main(["convert", "--from", "timm", "cspdarknet53", str(_save_source(source, tmp_path / "fo.safetensors")), str(out)]) == 0
+    assert read_metadata(out)["num_classes"] == 0 and read_metadata(out)["last_level"] == 2
+    # the printed call loads the file
+    assert "create_model('cspdarknet53_timm', num_classes=0, features_only=True, out_indices=(0, 1, 2), pretrained=" in capsys.readouterr().out
     ours = cspnet.create_model("cspdarknet53_timm", features_only=True, out_indices=(0, 1, 2), pretrained=out).eval()
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():

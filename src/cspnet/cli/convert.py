@@ -31,6 +31,8 @@ def run(args) -> int:
     path = convert_file(args.library, args.name, args.src, args.out, in_chans=args.in_chans)
     meta = read_metadata(path)
     options = f"num_classes={meta['num_classes']}" + (f", in_chans={meta['in_chans']}" if meta["in_chans"] != 3 else "")
+    if meta.get("last_level") is not None:  # the stages after it are not in the file
+        options += f", features_only=True, out_indices={tuple(range(meta['last_level'] + 1))}"
     print(f"wrote {path}: cspnet model {conv.model!r} ({meta['num_classes']} classes, {meta['in_chans']} input channel(s)) "
           f"from {args.library} {args.name}")
     for line in meta["adapted"]:

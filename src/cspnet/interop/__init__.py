@@ -140,6 +140,7 @@ def convert_file(library: str, source: str, src: str | os.PathLike, out: str | o
         **model_metadata(model),
         "source": f"{library}:{source}",
         "adapted": adapted,
+        "last_level": last if absent else None,  # a file cut short loads into features_only up to this level
         "input_size": p.input_size,
         "crop_pct": p.crop_pct,
         "interpolation": p.interpolation,
