@@ -8,6 +8,8 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import cspnet
 from cspnet.bench import saved_activation_bytes
+from cspnet.detection import create_detector
+from cspnet.detection.necks import NECKS
 from cspnet.layers import ConvBnAct, ConvOutputBatchNorm2d
 
 SMALL_DENSE = {"depths": (2, 2, 2, 2)}  # a few dense layers per stage keep the DenseNets quick
@@ -104,5 +106,44 @@ def test_traced_memory_efficient_model_trains_the_same_and_keeps_as_little(name)
         model.zero_grad()
         net(x).square().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
+    for eager, graph in zip(*grads):
+        torch.testing.assert_close(graph, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("neck", NECKS)
+@pytest.mark.parametrize("backbone", ["cspresnet50", "cspdensenet121"])  # cfg taps by forward hook; DenseNet's rounding down
+def test_traced_detector_equals_the_detector_in_both_modes(backbone, neck):
+    torch.manual_seed(0)
+    det = create_detector(backbone, neck, num_classes=2, neck_width=32,
+                          backbone_kwargs=SMALL_DENSE if "dense" in backbone else {})
+    # odd sides: the neck's stride-2 steps round up where DenseNet's transitions round down (crop_to, resize_to)
+    sizes = [(64, 64), (72, 100)]
+    for training in (True, False):
+        det.train(training)
+        traced = torch.fx.symbolic_trace(det)
+        for h, w in sizes:
+            x = torch.randn(1, 3, h, w)
+            with torch.no_grad():
+                got, want = traced(x), det(x)
+            if training:  # the raw map of each level
+                assert len(got) == len(want) == 3 and all(torch.equal(g, e) for g, e in zip(got, want))
+            else:  # the decoded rows
+                assert got.shape == want.shape and torch.equal(got, want)
+    if backbone == "cspresnet50":  # the cfg's tap, read by a hook in the model, is a node of the graph
+        assert "backbone.body.stages.2.down.0" in {n.target for n in traced.graph.nodes if n.op == "call_module"}
+
+
+def test_traced_memory_efficient_detector_keeps_as_little_and_trains_the_same():
+    torch.manual_seed(0)
+    det = create_detector("cspresnet50", "panet", num_classes=2, neck_width=32).train()
+    x = torch.randn(2, 3, 64, 64)
+    cspnet.memory_efficient(det)  # the neck's concats too (recomputable_cat decides when the graph runs)
+    traced = torch.fx.symbolic_trace(det)
+    assert saved_activation_bytes(traced, x) == saved_activation_bytes(det, x)
+    grads = []
+    for net in (det, traced):
+        det.zero_grad()
+        sum(r.square().mean() for r in net(x)).backward()
+        grads.append([p.grad.clone() for p in det.parameters()])
     for eager, graph in zip(*grads):
         torch.testing.assert_close(graph, eager, rtol=1e-5, atol=1e-6)

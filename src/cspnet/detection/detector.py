@@ -21,6 +21,11 @@ from ..engine.models import build_model
 from .head import AnchorLayout, YoloHead, anchor_pairs, decode_level, level_scale_x_y, make_anchor_layout
 from .necks import NECKS, build_neck, neck_inputs
 
+# torch.fx records decoding as one node per level: it reads the grid size from the raw map when the
+# graph runs. A traced detector computes what it computed in the mode it was traced in (training:
+# the raw maps; eval: the decoded rows).
+torch.fx.wrap("decode_level")
+
 # Feature taps the official detector cfgs read where they differ from our stage outputs:
 # csresnet50-panet-spp.cfg routes layers 38 and 65, the 1x1 convs that open the next stage's
 # downsampling (256 ch at stride 8, 512 at 16), not the 512 / 1024-ch concats before them.
