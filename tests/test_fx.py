@@ -1,6 +1,8 @@
 """torch.fx: every family traces with plain ``torch.fx.symbolic_trace``, so torchvision's feature extraction
 (``create_feature_extractor``, ``get_graph_node_names``) works on the models without ``leaf_modules``, and the
 traced graph computes what the model computes, run-time paths (in place, memory-efficient, hooks) included."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +10,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import cspnet
 from cspnet.bench import saved_activation_bytes
+from cspnet.darknet import DarknetNet, build_model, parse_cfg_text
 from cspnet.detection import create_detector
 from cspnet.detection.necks import NECKS
 from cspnet.layers import ConvBnAct, ConvOutputBatchNorm2d
@@ -147,3 +150,31 @@ def test_traced_memory_efficient_detector_keeps_as_little_and_trains_the_same():
         grads.append([p.grad.clone() for p in det.parameters()])
     for eager, graph in zip(*grads):
         torch.testing.assert_close(graph, eager, rtol=1e-5, atol=1e-6)
+
+
+DARKNET_CFGS = Path(__file__).resolve().parents[2] / "shared" / "darknet-cfg"
+
+
+@pytest.mark.parametrize("cfg", [
+    "cfg/csresnext50.cfg",  # a classifier: the 1x1 map flattened to logits
+    "cfg/csdarknet53.cfg",  # the route layers' groups
+    "cfg/csresnet50-panet-spp.cfg",  # [yolo] outputs, [upsample], SPP's max pools
+    "maxout",  # maxpool_depth: Maxout over channel groups
+])
+def test_traced_darknet_cfg_network_equals_the_network(cfg):
+    torch.manual_seed(0)
+    if cfg == "maxout":
+        text = "[net]\nwidth=16\nheight=16\nchannels=3\n[convolutional]\nfilters=7\nsize=3\npad=1\n" \
+               "[maxpool]\nmaxpool_depth=1\nout_channels=3\n"
+        model = DarknetNet(parse_cfg_text(text, "maxout.cfg")).eval()
+    else:
+        model = build_model(DARKNET_CFGS / cfg, 64).eval()
+    traced = torch.fx.symbolic_trace(model)
+    for side in (64, 96):  # traced once, run at any size
+        x = torch.randn(1, 3, side, side)
+        with torch.no_grad():
+            got, want = traced(x), model(x)
+        if isinstance(want, list):
+            assert len(got) == len(want) == len(model.yolo_indices) and all(torch.equal(g, w) for g, w in zip(got, want))
+        else:
+            assert got.shape == want.shape and torch.equal(got, want)

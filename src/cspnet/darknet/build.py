@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Maxout, Shortcut, make_act
+from ..layers import Maxout, Shortcut, fx_leaf, make_act
 from .cfg import DarknetCfg, Section, parse_cfg
 
 Shape = tuple[int, int, int]  # (C, H, W) of one image
@@ -244,6 +244,7 @@ class MaxPoolLayer(DarknetLayer):
             self.pad = (before, after, before, after)
         self.out_shape = (c, (h + padding - size) // stride_y + 1, (w + padding - size) // stride_x + 1)
 
+    @fx_leaf  # its Maxout (maxpool_depth) pads by the channel count of the map it gets
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad is not None:
             x = F.pad(x, self.pad, value=float("-inf"))
@@ -416,6 +417,15 @@ class WeightRecord:
         return sum(t.numel() for t in self.tensors)
 
 
+def flatten_logits(out: torch.Tensor) -> torch.Tensor:
+    """A classifier's 1x1 output map as ``(N, C)`` logits; any other map as it is."""
+    return torch.flatten(out, 1) if out.shape[2:] == (1, 1) else out
+
+
+# torch.fx records this call as one node: it decides by the map's size when the graph runs.
+torch.fx.wrap("flatten_logits")
+
+
 class DarknetNet(nn.Module):
     """A network built from a Darknet cfg; ``layers[i]`` is Darknet layer ``i``.
 
@@ -498,9 +508,10 @@ class DarknetNet(nn.Module):
         Shapes were checked at the build size; a layer that cannot run at another input size (a route
         joining maps rounded differently) raises RuntimeError naming its cfg line, kind and input shapes.
         """
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
+        # while torch.fx traces, x is a Proxy: its shape is known only when the graph runs
+        if not isinstance(x, torch.fx.Proxy) and (x.dim() != 4 or x.shape[1] != self.in_chans):
             raise ValueError(f"expected an image batch (N, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        image_hw = tuple(x.shape[2:])
+        image = x
         last = len(self.layers) - 1
         bad = [i for i in keep if not -len(self.layers) <= i <= last]
         if bad:
@@ -512,7 +523,8 @@ class DarknetNet(nn.Module):
             extra = [outputs[j] for j in layer.sources]
             try:
                 x = layer(x, *extra) if layer.takes_input else layer(*extra)
-            except RuntimeError as e:
+            except RuntimeError as e:  # never while tracing: a traced graph raises torch's own error
+                image_hw = tuple(image.shape[2:])
                 out_of_memory = isinstance(e, torch.OutOfMemoryError) or "allocate" in str(e)  # CUDA's, or the CPU's
                 if out_of_memory or image_hw == tuple(self.input_size):
                     raise  # not a shape the build did not check: torch's own error says what happened
@@ -531,8 +543,7 @@ class DarknetNet(nn.Module):
         outputs = self.forward_layers(x)
         if self.yolo_indices:
             return [outputs[i] for i in self.yolo_indices]
-        out = outputs[len(self.layers) - 1]
-        return torch.flatten(out, 1) if out.shape[2:] == (1, 1) else out
+        return flatten_logits(outputs[len(self.layers) - 1])
 
     # -- weights -----------------------------------------------------------------------------
     def weight_records(self, cutoff: int | None = None) -> list[WeightRecord]:
