@@ -409,6 +409,7 @@ class Maxout(nn.Module):
         super().__init__()
         self.out_chs = out_chs
 
+    @fx_leaf  # it pads by the channel count of the map it gets
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         if c % self.out_chs:

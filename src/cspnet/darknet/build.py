@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Maxout, Shortcut, fx_leaf, make_act
+from ..layers import Maxout, Shortcut, make_act
 from .cfg import DarknetCfg, Section, parse_cfg
 
 Shape = tuple[int, int, int]  # (C, H, W) of one image
@@ -244,7 +244,6 @@ class MaxPoolLayer(DarknetLayer):
             self.pad = (before, after, before, after)
         self.out_shape = (c, (h + padding - size) // stride_y + 1, (w + padding - size) // stride_x + 1)
 
-    @fx_leaf  # its Maxout (maxpool_depth) pads by the channel count of the map it gets
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad is not None:
             x = F.pad(x, self.pad, value=float("-inf"))

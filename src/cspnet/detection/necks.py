@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import SPP, ConvBnAct, Maxout, fx_leaf, recomputable_cat
+from ..layers import SPP, ConvBnAct, Maxout, recomputable_cat
 
 # torch.fx records these calls as single nodes that run when the graph runs: the resampling helpers
 # read the maps' sizes (odd sides round differently in backbone and neck), and recomputable_cat
@@ -239,7 +239,6 @@ class EFMNode(nn.Module):
         # EFM (SPP): the top node's fused map goes through the cfgs' SPP block instead of the 3 convs.
         self.convs = SppConvs(cat, width, act) if spp else conv_stack(cat, width, 3, act)
 
-    @fx_leaf  # its Maxout compressions pad by the channel count of the maps they get
     def forward(self, finer: torch.Tensor, own: torch.Tensor, coarser: torch.Tensor | None) -> torch.Tensor:
         # Maxout and max-pooling commute (both are maxima), so compressing before the 2x2 pool is
         # the same map at a quarter of the pooling work.
