@@ -302,11 +302,11 @@ class StagedNet(nn.Module):
             return checkpoint(module, x, use_reentrant=False, context_fn=contexts)
         return module(x)
 
-    def forward_levels(self, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
-        """Feature levels 0 .. ``last`` (default: all, the stem and every stage output)."""
+    def forward_levels(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every feature level the model holds: the stem's output and each stage's."""
         self._check_input(x)
         levels = [self._run(self.stem, x)]
-        for stage in self.stages[: last]:
+        for stage in self.stages:
             levels.append(self._run(stage, levels[-1]))
         return levels
 
