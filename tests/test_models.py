@@ -70,3 +70,15 @@ def test_options_in_chans_drop_rate_act(name):
     assert any(isinstance(m, torch.nn.Mish) for m in model.modules())
     assert not any(isinstance(m, torch.nn.LeakyReLU) for m in model.modules())
     assert model(torch.randn(1, 1, SIZE, SIZE)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_smallest_input(name):
+    # min_input_size runs; one pixel less is refused by name rather than by a pooling error deep inside
+    model = _model(name).eval()
+    size = model.min_input_size
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, size, size)).shape == (1, 7)
+        if size > 1:
+            with pytest.raises(ValueError, match=f"must be at least {size}"):
+                model(torch.randn(1, 3, size, size - 1))

@@ -173,6 +173,9 @@ class StagedNet(nn.Module):
     gets them, and the dilations, from `dilate_stages`. ``output_stride`` here only checks that the
     deepest level is at most that stride, so a builder that cannot dilate refuses it. A ``features_only``
     model holds the stages up to the deepest level it returns and no more (`keep_levels`).
+    ``stage_min_input_sizes`` are the smallest image height and width each stage runs on (an unpadded
+    pool needs a map of at least its window); a smaller input is refused by name, not with a pooling
+    error deep inside.
     """
 
     def __init__(
@@ -192,6 +195,7 @@ class StagedNet(nn.Module):
         output_stride: int | None = None,
         frozen_stages: int = -1,
         norm_eval: bool = False,
+        stage_min_input_sizes: Sequence[int] | None = None,
     ):
         super().__init__()
         if len(stages) != len(stage_chs) or len(stages) != len(stage_strides):
@@ -200,6 +204,7 @@ class StagedNet(nn.Module):
             if not _is_int(value) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         self.in_chans = in_chans
+        self.stage_min_input_sizes = tuple(stage_min_input_sizes or [1] * len(stages))
         self.stem = stem
         self.stages = nn.ModuleList(stages)
         infos = [FeatureInfo(stem_chs, stem_stride, "stem", 0)]
@@ -266,6 +271,11 @@ class StagedNet(nn.Module):
         self.num_features = self.feature_info[len(self.stages)].num_chs  # forward_features ends at the deepest level kept
 
     @property
+    def min_input_size(self) -> int:
+        """The smallest image height and width the stages the model holds run on."""
+        return max(self.stage_min_input_sizes[:len(self.stages)], default=1)
+
+    @property
     def deleted_stages(self) -> tuple[str, ...]:
         """The names of the stages `keep_levels` deleted (``stages.3`` …), whose levels a state dict may hold."""
         return tuple(info.module for info in self.feature_info[len(self.stages) + 1:])
@@ -291,6 +301,9 @@ class StagedNet(nn.Module):
             raise ValueError(f"expected an image batch of rank 4 (N, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
             raise ValueError(f"expected {self.in_chans} input channels, got input of shape {tuple(x.shape)}")
+        if min(x.shape[2:]) < self.min_input_size:
+            raise ValueError(f"input of shape {tuple(x.shape)} is smaller than this network takes: height and width "
+                             f"must be at least {self.min_input_size} (its pools halve maps without padding)")
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():

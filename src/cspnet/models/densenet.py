@@ -222,7 +222,11 @@ def build_densenet(cfg: DenseNetCfg, *, in_chans: int = 3, **net_kwargs) -> Stag
         chs.append(stage.out_chs)
         in_chs = stage.out_chs
     strides = [1] + [2] * (len(stages) - 1)
-    return StagedNet(stem, cfg.stem_chs, 4, stages, chs, strides, in_chans=in_chans, **net_kwargs)
+    # The stem maps s pixels to ceil(s / 4); stage i's unpadded 2x2 average pool (i >= 1) halves the map
+    # i - 1 times before it and needs 2 of its pixels.
+    min_sizes = [1] + [4 * (2 ** i - 1) + 1 for i in range(1, len(stages))]
+    return StagedNet(stem, cfg.stem_chs, 4, stages, chs, strides, in_chans=in_chans,
+                     stage_min_input_sizes=min_sizes, **net_kwargs)
 
 
 DENSENET121 = DenseNetCfg((6, 12, 24, 16))
