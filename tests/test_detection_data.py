@@ -347,3 +347,55 @@ def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped(tmp_path):
 
     for image in (record.load(), _read_rgb(tmp_path / "g16.png")):  # training / evaluation, and predict
         assert image.shape == (32, 32, 3) and np.abs(image[..., 0].astype(int) - (ramp / 257).round()).max() <= 1
+
+
+def _phone_photo(path: Path) -> tuple[int, int, int, int]:
+    """A photo stored 120 x 80 with EXIF orientation 6 (a viewer shows it turned 90 degrees clockwise,
+    80 x 120), a white rectangle on black; returns the rectangle's box in the upright image."""
+    stored = np.zeros((80, 120, 3), np.uint8)
+    stored[10:30, 5:45] = 255  # rows 10..30, columns 5..45 of the stored pixels
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(path, exif=exif.tobytes())
+    # turned clockwise, stored row y becomes upright column 79 - y and stored column x upright row x
+    return 80 - 30, 5, 80 - 10, 45
+
+
+def test_a_phone_photo_loads_upright_with_its_boxes_on_the_object(tmp_path):
+    box = _phone_photo(tmp_path / "photo.png")
+    x0, y0, x1, y1 = box
+    path = _coco(tmp_path, [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [x0, y0, x1 - x0, y1 - y0]}],
+                 images=[{"id": 1, "file_name": "photo.png", "width": 80, "height": 120}])  # as a viewer shows it
+    [record], *_ = load_coco(path)
+    image = record.load()
+    assert image.shape == (120, 80, 3)
+    assert image[y0:y1, x0:x1].min() == 255 and image.sum() == 255 * 3 * (x1 - x0) * (y1 - y0)  # the object, only it
+    # annotations of the stored pixels' size do not fit the upright image: the error says why
+    path = _coco(tmp_path, [], images=[{"id": 1, "file_name": "photo.png", "width": 120, "height": 80}])
+    with pytest.raises(AnnotationError, match="is 80 x 120 pixels upright \\(its EXIF orientation turns the stored 120 x 80\\), "
+                                              "the annotations declare 120 x 80"):
+        load_coco(path)[0][0].load()
+    # a VOC file without <size> takes the upright size from the image
+    (tmp_path / "photo.xml").write_text(f"<annotation><filename>photo.png</filename>{_obj('a', (x0 + 1, y0 + 1, x1, y1))}</annotation>")
+    [record], _, _ = load_voc([tmp_path / "photo.xml"])
+    assert (record.width, record.height) == (80, 120) and record.load()[y0:y1, x0:x1].min() == 255
+
+
+def test_predict_reads_and_draws_a_phone_photo_upright(tmp_path):
+    from cspnet.detection import create_detector
+    from cspnet.detection.predict import predict_files
+
+    box = _phone_photo(tmp_path / "photo.png")
+    det = create_detector("cspresnet10", "efm", num_classes=1, backbone_width=0.25, neck_width=32)
+    ratio = 64 / 120  # the upright photo's longer side is its height
+    found = {"boxes": torch.tensor([box], dtype=torch.float32) * ratio, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}
+    det.postprocess = lambda outputs, *args: [found]
+    [result] = predict_files(det, [tmp_path / "photo.png"], tmp_path / "out", 64, ("rect",))
+    assert (result["width"], result["height"]) == (80, 120)
+    assert result["detections"][0]["box"] == pytest.approx(list(box), abs=0.01)
+    drawn = np.asarray(Image.open(result["drawn"]))
+    assert drawn.shape == (120, 80, 3)
+    x0, y0, x1, y1 = box
+    # the red frame around the white object (its label is written in the box's top rows)
+    assert tuple(drawn[y0 + 20, x0]) == (255, 0, 0) and drawn[y0 + 15:y1 - 5, x0 + 5:x1 - 5].min() == 255

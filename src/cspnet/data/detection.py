@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -50,6 +50,26 @@ class AnnotationError(ValueError):
 # What PIL raises for an image it cannot read: OSError (UnidentifiedImageError is one) and the
 # decompression-bomb guard's error, which is not an OSError.
 UNREADABLE_IMAGE = (OSError, Image.DecompressionBombError)
+
+# EXIF orientations that turn the stored pixels by 90 degrees (5 to 8: transposed, rotated 90 / 270,
+# transversed): the upright image's width is the stored height
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an open image as a viewer shows it (its EXIF orientation applied), read
+    from the header without decoding the pixels."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS else (w, h)
+
+
+def upright_rgb(im: Image.Image, where: str) -> np.ndarray:
+    """An open image's RGB uint8 pixels as a viewer shows them: cameras store a portrait photo as
+    landscape pixels plus an EXIF orientation tag, and annotation tools draw the boxes on the upright
+    image (`PIL.ImageOps.exif_transpose`, as the classification loader does). 16-bit images are scaled
+    to 8 bits (`classification.to_8_bits`, which names ``where`` in its error)."""
+    file_format = im.format  # the transposed copy has none
+    return np.asarray(classification.to_8_bits(ImageOps.exif_transpose(im), where, file_format).convert("RGB"))
 
 
 @dataclass
@@ -76,19 +96,21 @@ class DetectionRecord:
         return self.crowd if self.crowd is not None and len(self.crowd) else np.zeros(len(self.boxes), bool)
 
     def load(self) -> np.ndarray:
-        """The RGB image; raises `AnnotationError` when it cannot be read or is not the size the
-        annotations declare (their boxes would be misplaced)."""
+        """The RGB image, upright (`upright_rgb`); raises `AnnotationError` when it cannot be read or
+        is not the size the annotations declare (their boxes would be misplaced)."""
         if self.image is not None:
             return self.image
         where = f"{self.source}: image {self.path}" if self.source else f"image {self.path}"
         try:
             with Image.open(self.path) as im:
-                size = im.size
-                image = np.asarray(classification.to_8_bits(im, where, im.format).convert("RGB"))  # 16-bit scaled
+                stored = im.size
+                image = upright_rgb(im, where)
         except UNREADABLE_IMAGE as e:
             raise AnnotationError(f"{where} cannot be read ({e})") from None
+        size = (image.shape[1], image.shape[0])
         if size != (self.width, self.height):
-            raise AnnotationError(f"{where} is {size[0]} x {size[1]} pixels, the annotations declare {self.width} x {self.height}")
+            turned = f" upright (its EXIF orientation turns the stored {stored[0]} x {stored[1]})" if size != stored else ""
+            raise AnnotationError(f"{where} is {size[0]} x {size[1]} pixels{turned}, the annotations declare {self.width} x {self.height}")
         return image
 
 
@@ -249,7 +271,7 @@ def load_voc_file(xml_path: str | os.PathLike, images_dir: str | os.PathLike | N
     except (TypeError, ValueError):
         try:
             with Image.open(path) as im:
-                width, height = im.size
+                width, height = upright_size(im)
         except UNREADABLE_IMAGE as e:
             raise AnnotationError(f"{xml_path}: image {path} cannot be read ({e})") from None
     boxes, names, difficult = [], [], []

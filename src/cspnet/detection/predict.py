@@ -9,16 +9,17 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
-from ..data.classification import to_8_bits
-from ..data.detection import UNREADABLE_IMAGE, letterbox, sanitize_boxes
+from ..data.detection import UNREADABLE_IMAGE, letterbox, sanitize_boxes, upright_rgb
 from ..files import atomic_path, atomic_write_text
 from .detector import Detector
 
 
 def _read_rgb(path: Path) -> np.ndarray:
+    """The image upright, as training read its annotated images (`upright_rgb`): a phone photo stored
+    turned by its EXIF orientation is detected and drawn as it is seen."""
     try:
         with Image.open(path) as im:
-            return np.asarray(to_8_bits(im, str(path), im.format).convert("RGB"))  # 16-bit scaled, not clipped
+            return upright_rgb(im, str(path))
     except UNREADABLE_IMAGE as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
 
