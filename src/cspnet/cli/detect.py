@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -80,6 +81,8 @@ def register(sub) -> None:
     p.add_argument("--box-loss", choices=("mse", "giou", "diou", "ciou"), default="ciou")
     p.add_argument("--label-smoothing", type=FRACTION, default=0.0)
     p.add_argument("--mosaic", type=PROBABILITY, default=0.5, help="probability of a 4-image mosaic")
+    p.add_argument("--hflip", type=PROBABILITY, default=None,
+                   help="horizontal flip probability (default: 0.5; 0 for scenes made of digits, which a mirror turns into other symbols)")
     p.add_argument("--vflip", type=PROBABILITY, default=None, help="vertical flip probability (default: 0.5 for trees, else 0)")
     p.add_argument("--no-augment", action="store_true", help="no augmentation at all")
     p.add_argument("--eval-every", type=POSITIVE_INT, default=1, help="evaluate every N epochs (and after the last)")
@@ -212,8 +215,9 @@ def _train(args, dist) -> int:
     if args.no_augment:
         augment = None
     else:
+        hflip = args.hflip if args.hflip is not None else (0.5 if train_src.hflip else 0.0)
         vflip = args.vflip if args.vflip is not None else (0.5 if args.data == "trees" else 0.0)
-        augment = AugmentCfg(mosaic=args.mosaic, vflip=vflip)
+        augment = AugmentCfg(mosaic=args.mosaic, hflip=hflip, vflip=vflip)
     train_set = DetectionDataset(train_src.records, train_src.class_names, args.img_size, augment, report=train_src.report)
     val_set = gt = None
     if val_src is not None:
@@ -234,7 +238,9 @@ def _train(args, dist) -> int:
                       ema_decay=args.ema, grad_clip=10.0, seed=args.seed, num_workers=args.workers, min_lr_ratio=0.05,
                       memory_efficient=args.memory_efficient, checkpoint_every=args.checkpoint_every)
     recipe = DetectRecipe(box_loss=args.box_loss, label_smoothing=args.label_smoothing, eval_every=args.eval_every)
-    run_info = {"data": {"train": source_record(train_args, train_src), "val": source_record(val_args, val_src) if val_src else None},
+    # the augmentation is recorded with the data: a --resume with other settings is refused, naming data.augment
+    run_info = {"data": {"train": source_record(train_args, train_src), "val": source_record(val_args, val_src) if val_src else None,
+                         "augment": dataclasses.asdict(augment) if augment else None},
                 "backbone_weights": args.backbone_weights}
     result = train_detector(model, train_set, val_set, gt, args.out, cfg, recipe, category_ids=train_src.category_ids,
                             resume=args.resume, progress=not args.no_progress, run_info=run_info, dist=dist)

@@ -330,19 +330,20 @@ def load_voc(xml_paths, images_dir=None, class_names: tuple[str, ...] | None = N
 
 # -- built-in: generated scenes -------------------------------------------------------------------------
 @functools.lru_cache(maxsize=2)
-def object_images(split: str = "train") -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Grey object crops ``(N, H, W)`` uint8, labels and class names for the scenes, at their own size.
+def object_images(split: str = "train") -> tuple[np.ndarray, np.ndarray, tuple[str, ...], bool]:
+    """Grey object crops ``(N, H, W)`` uint8, labels and class names for the scenes, at their own size,
+    and whether a horizontal flip keeps their labels (the classification data's ``hflip``).
 
     Fashion-MNIST's training or test images when installed (`classification.load_fashion_mnist`; the
     ``CSPNET_FASHION_MNIST`` folder overrides the default), else scikit-learn's digits, the
-    training or test part of `classification.load_digits_data`'s split.
+    training or test part of `classification.load_digits_data`'s split (a mirrored digit is no digit).
     """
     if classification.FASHION_MNIST_ROOT.is_dir():
         data = classification.load_fashion_mnist(28)
     else:
         data = classification.load_digits_data(8)
     part = data.train if split == "train" else data.test
-    return part.images[:, 0].numpy(), part.labels.numpy(), tuple(data.classes)
+    return part.images[:, 0].numpy(), part.labels.numpy(), tuple(data.classes), data.hflip
 
 
 def _textures() -> list[np.ndarray]:
@@ -369,7 +370,7 @@ def make_scenes(
     if n < 1 or size < 32:
         raise ValueError(f"need n >= 1 and size >= 32, got n={n}, size={size}")
     lo, hi = object_size or (size // 8, 3 * size // 8)
-    objs, obj_labels, names = object_images(split)
+    objs, obj_labels, names, _ = object_images(split)
     rng = np.random.default_rng(seed)
     textures = _textures()
     records = []
@@ -613,13 +614,15 @@ BUILTIN_DETECTION = ("scenes", "trees")
 
 @dataclass
 class DetectionSource:
-    """Records of one split of a data source, with their classes and (COCO) category ids."""
+    """Records of one split of a data source, with their classes and (COCO) category ids. ``hflip``:
+    whether a horizontal flip keeps every label (the default of the flip augmentation)."""
 
     records: list[DetectionRecord]
     class_names: tuple[str, ...]
     category_ids: tuple[int, ...] | None
     report: SanitizeReport
     description: str
+    hflip: bool = True
 
 
 def load_detection_source(
@@ -637,7 +640,9 @@ def load_detection_source(
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if spec == "scenes":
         records, names = make_scenes(num_scenes, seed=seed if split == "train" else seed + 10_000, size=scene_size, split=split)
-        return DetectionSource(records, names, None, SanitizeReport(), f"scenes/{split} ({num_scenes} x {scene_size}px, seed {seed})")
+        *_, hflip = object_images(split)  # the objects make_scenes pasted (cached)
+        return DetectionSource(records, names, None, SanitizeReport(), f"scenes/{split} ({num_scenes} x {scene_size}px, seed {seed})",
+                               hflip=hflip)
     if spec == "trees":
         records, names = tree_tiles(split)
         return DetectionSource(records, names, None, SanitizeReport(), f"deepforest trees/{split} ({len(records)} tiles)")
