@@ -264,7 +264,7 @@ def test_augmented_boxes_stay_valid():
         b = target["boxes"]
         assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
         assert len(b) == len(target["labels"])
-        assert torch.all(b >= 0) and torch.all(b <= 64) and torch.all(b[:, 2:] - b[:, :2] >= 1)
+        assert torch.all(b >= 0) and torch.all(b <= 64) and torch.all(b[:, 2:] - b[:, :2] >= D.AUGMENTED_MIN_SIDE)
 
 
 def test_default_augmentation_keeps_every_box_on_its_object():
@@ -399,3 +399,54 @@ def test_predict_reads_and_draws_a_phone_photo_upright(tmp_path):
     x0, y0, x1, y1 = box
     # the red frame around the white object (its label is written in the box's top rows)
     assert tuple(drawn[y0 + 20, x0]) == (255, 0, 0) and drawn[y0 + 15:y1 - 5, x0 + 5:x1 - 5].min() == 255
+
+
+def _only_affine(monkeypatch, ds, translate, scale):
+    """Make ``ds``'s scale / translate step this one (no random draw)."""
+    monkeypatch.setattr(ds.geometric, "make_params", lambda inputs: dict(angle=0.0, translate=translate, scale=scale, shear=(0.0, 0.0)))
+
+
+_NO_FLIPS_NO_COLOUR = dict(hflip=0, vflip=0, hue=0, saturation=0, brightness=0)
+
+
+@pytest.mark.parametrize("sliver, translate, scale, why", [
+    ((2, 20, 30, 40), (-29, 0), 1.0, "1 px wide"),  # cut to [0, 20, 1, 40]
+    ((2, 0, 30, 64), (-27, 0), 1.0, "aspect 64 / 3"),  # cut to [0, 0, 3, 64]: 11% of its area, but a needle
+    ((22, 22, 42, 42), (-49, 0), 2.0, "7.5% of its scaled area"),  # 40 x 40 at scale 2, cut to 3 x 40
+])
+def test_augmentation_drops_boxes_cut_to_slivers(monkeypatch, sliver, translate, scale, why):
+    image = np.zeros((64, 64, 3), np.uint8)
+    whole = (46, 28, 54, 36)  # stays in view, whole
+    record = D.DetectionRecord(0, "r.png", 64, 64, np.array([sliver, whole], np.float32), np.array([0, 1]), image=image)
+    ds = DetectionDataset([record], ("sliver", "whole"), 64, AugmentCfg(mosaic=0, **_NO_FLIPS_NO_COLOUR))
+    _only_affine(monkeypatch, ds, translate, scale)
+    boxes = ds[0][1]["boxes"]
+    assert ds[0][1]["labels"].tolist() == [1], why
+    assert torch.all(boxes[:, 2:] - boxes[:, :2] >= 8 * scale - 1e-4)
+
+
+def test_a_box_the_mosaic_window_cuts_to_a_sliver_is_dropped(monkeypatch):
+    # One 64 x 64 image in all four mosaic tiles; the window's left edge at x = 37 cuts the top-left
+    # tile's 40 x 40 box to 3 x 40, 7.5% of it (sides and aspect would pass); the top-right tile's copy
+    # keeps 37 x 40 and the small box next to it is whole.
+    image = np.zeros((64, 64, 3), np.uint8)
+    record = D.DetectionRecord(0, "r.png", 64, 64, np.array([[0, 0, 40, 40], [44, 10, 60, 30]], np.float32),
+                               np.array([0, 1]), image=image)
+    ds = DetectionDataset([record], ("big", "small"), 64, AugmentCfg(mosaic=1, **_NO_FLIPS_NO_COLOUR))
+    _only_affine(monkeypatch, ds, (0, 0), 1.0)
+    real_randint = torch.randint
+
+    def window_at_37_0(low, *args, **kwargs):  # the picks of the other tiles (record 0), then the window centre
+        return torch.tensor([69, 32]) if args and args[-1] == (2,) else real_randint(low, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", window_at_37_0)
+    target = ds[0][1]
+    assert target["labels"].tolist() == [1, 0]
+    assert target["boxes"].tolist() == [[7, 10, 23, 30], [27, 0, 64, 40]]
+
+
+def test_kept_after_augmentation_rules():
+    before = np.array([[20, 20]] * 5, np.float32)
+    boxes = np.array([[0, 0, 2, 20], [0, 0, 1.9, 20], [0, 0, 2.5, 50.1], [0, 0, 6.3, 6.3], [0, 0, 6.4, 6.4]], np.float32)
+    assert D.kept_after_augmentation(before, boxes, 1.0).tolist() == [True, False, False, False, True]
+    assert D.kept_after_augmentation(before[3:], boxes[3:], 0.5).tolist() == [True, True]  # 10% of 10 x 10

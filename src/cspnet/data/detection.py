@@ -41,6 +41,13 @@ TREE_TRAIN = ("2019_YELL_2_528000_4978000_image_crop2", "SOAP_061")
 TREE_VAL = ("2019_YELL_2_541000_4977000_image_crop", "OSBS_029")
 PAD_VALUE = 114  # letterbox grey, as the YOLO family pads
 MIN_BOX_SIZE = 1.0  # pixels; narrower boxes after clipping are degenerate
+# An augmented box (cut by the mosaic window, moved out of view by the affine) keeps so little of its
+# object that it only teaches noise when it has a side under AUGMENTED_MIN_SIDE pixels, sides more
+# than AUGMENTED_MAX_ASPECT apart, or under AUGMENTED_MIN_AREA of its area before augmentation (at the
+# augmentation's scale): YOLOv5's box_candidates rule
+AUGMENTED_MIN_SIDE = 2.0
+AUGMENTED_MAX_ASPECT = 20.0
+AUGMENTED_MIN_AREA = 0.1
 
 
 class AnnotationError(ValueError):
@@ -145,6 +152,17 @@ def sanitize_boxes(
     keep = np.all((wh >= min_size) & (wh > 0), axis=1)
     changed = np.any(clipped != boxes, axis=1) & keep
     return clipped, keep, SanitizeReport(int(changed.sum()), int((~keep).sum()))
+
+
+def kept_after_augmentation(before_wh: np.ndarray, boxes: np.ndarray, scale: float) -> np.ndarray:
+    """(M,) bool: which augmented xyxy ``boxes`` still show enough of their object (see
+    AUGMENTED_MIN_SIDE): ``before_wh`` (M, 2) are their sizes before augmentation, ``scale`` the
+    factor the augmentation resized the image by."""
+    wh = np.asarray(boxes, np.float32).reshape(-1, 4)
+    wh = wh[:, 2:] - wh[:, :2]
+    short, long = wh.min(1), wh.max(1)
+    return ((short >= AUGMENTED_MIN_SIDE) & (long <= AUGMENTED_MAX_ASPECT * short)
+            & (wh.prod(1) >= AUGMENTED_MIN_AREA * scale ** 2 * np.prod(before_wh, axis=1)))
 
 
 def _finite_numbers(values, n: int) -> bool:
@@ -536,8 +554,9 @@ class DetectionDataset(Dataset):
         keep = ~r.is_crowd()
         return img, r.boxes[keep] * ratio, r.labels[keep], ratio
 
-    def _mosaic(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # Four letterboxed images on a 2S x 2S canvas; an S x S window around a random centre.
+    def _mosaic(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        # Four letterboxed images on a 2S x 2S canvas; an S x S window around a random centre. Returns
+        # the window, its boxes and labels, and the boxes' sizes before the window cut them.
         s = self.img_size
         canvas = np.full((2 * s, 2 * s, 3), PAD_VALUE, np.uint8)
         boxes, labels = [], []
@@ -550,23 +569,26 @@ class DetectionDataset(Dataset):
         cx, cy = torch.randint(s // 2, 3 * s // 2 + 1, (2,)).tolist()
         x0, y0 = cx - s // 2, cy - s // 2
         boxes = np.concatenate(boxes) - np.array([x0, y0, x0, y0], np.float32)
+        before_wh = boxes[:, 2:] - boxes[:, :2]
         # Clip to the window now: the affine that follows would otherwise carry a box's part outside
         # the window, whose pixels are cut away, back into view over the grey fill.
         boxes, keep, _ = sanitize_boxes(boxes, s, s)
-        return canvas[y0:y0 + s, x0:x0 + s], boxes[keep], np.concatenate(labels)[keep]
+        return canvas[y0:y0 + s, x0:x0 + s], boxes[keep], np.concatenate(labels)[keep], before_wh[keep]
 
     def __getitem__(self, i: int):
         r = self.records[i]
         aug = self.augment
         if aug is not None and torch.rand(()) < aug.mosaic:
-            img, boxes, labels = self._mosaic(i)
+            img, boxes, labels, before_wh = self._mosaic(i)
             ratio = 1.0
         else:
             img, boxes, labels, ratio = self._letterboxed(i)
+            before_wh = boxes[:, 2:] - boxes[:, :2]
         image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
         boxes_t = tv_tensors.BoundingBoxes(torch.from_numpy(boxes).float().reshape(-1, 4), format="XYXY", canvas_size=(self.img_size,) * 2)
         if aug is not None:
-            image, boxes_t = self.geometric(image, boxes_t)
+            affine = self.geometric.make_params([image])  # drawn here for its scale, as calling it would draw them
+            image, boxes_t = self.geometric.transform(image, affine), self.geometric.transform(boxes_t, affine)
             if torch.rand(()) < aug.hflip:
                 image, boxes_t = v2.functional.horizontal_flip(image), v2.functional.horizontal_flip(boxes_t)
             if torch.rand(()) < aug.vflip:
@@ -575,6 +597,8 @@ class DetectionDataset(Dataset):
         boxes, keep, rep = sanitize_boxes(boxes_t.numpy(), self.img_size, self.img_size)
         if aug is None:  # boxes lost to augmentation are expected; only count the data's own
             self.report.merge(rep)
+        else:
+            keep &= kept_after_augmentation(before_wh, boxes, affine["scale"])
         target = {
             "boxes": torch.from_numpy(boxes[keep]),
             "labels": torch.from_numpy(np.asarray(labels)[keep]).long(),
