@@ -473,3 +473,54 @@ def test_detector_options_that_cannot_work_are_named():
     det = create_detector("cspresnet10", "fpn", backbone_width=0.25, neck_width=32).train()
     with pytest.raises(ValueError, match="call model.eval"):
         det.postprocess(det(torch.randn(1, 3, 64, 64)))
+
+
+
+@pytest.mark.parametrize("multi_label", [True, False])
+def test_postprocess_sends_only_the_best_candidates_to_nms(monkeypatch, multi_label):
+    from cspnet.detection import detector as detector_mod
+
+    out = _random_outputs(n=2, rows=300)
+    conf, iou = 0.05, 0.5
+    postprocess = create_detector("cspresnet10", "fpn", num_classes=5, **TINY).postprocess
+    real_nms, sizes = detector_mod.batched_nms, []
+
+    def counting_nms(boxes, *args):
+        sizes.append(len(boxes))
+        return real_nms(boxes, *args)
+
+    monkeypatch.setattr(detector_mod, "batched_nms", counting_nms)
+    for rows in out:
+        scores = rows[:, 4:5] * rows[:, 5:]
+        if not multi_label:  # only each row's best class is a candidate
+            scores = torch.where(scores == scores.max(1, keepdim=True).values, scores, torch.zeros(()))
+        idx, labels = (scores > conf).nonzero(as_tuple=True)
+        n = len(idx)
+        assert n > 100
+        sizes.clear()
+        [full] = postprocess(rows[None], conf, iou, max_det=10_000, multi_label=multi_label, max_candidates=10**9)
+        # as many candidates as the cap: the result is unchanged
+        [same] = postprocess(rows[None], conf, iou, max_det=10_000, multi_label=multi_label, max_candidates=n)
+        assert sizes == [n, n] and all(torch.equal(same[k], full[k]) for k in full)
+        # more than the cap: NMS sees only the cap's best-scoring candidates, and the result is plain NMS over them
+        sizes.clear()
+        [capped] = postprocess(rows[None], conf, iou, max_det=10_000, multi_label=multi_label, max_candidates=50)
+        assert sizes == [50]
+        best = scores[idx, labels].topk(50).indices
+        idx, labels = idx[best], labels[best]
+        expect = set()
+        for c in labels.unique().tolist():
+            of_c = idx[labels == c]
+            expect |= {(c, float(scores[i, c])) for i in of_c[nms(rows[of_c, :4], scores[of_c, c], iou)].tolist()}
+        assert {(int(c), float(s)) for s, c in zip(capped["scores"], capped["labels"])} == expect
+        assert len(capped["scores"]) < len(full["scores"])
+
+
+def test_postprocess_caps_the_nms_input_at_30000_candidates_by_default(monkeypatch):
+    from cspnet.detection import detector as detector_mod
+
+    sizes = []
+    monkeypatch.setattr(detector_mod, "batched_nms", lambda boxes, *args: sizes.append(len(boxes)) or torch.arange(len(boxes)))
+    rows = _random_outputs(n=1, rows=35_000, num_classes=1).clamp_(min=0.01)  # every row a candidate
+    detector_mod.Detector.postprocess(rows, conf_thresh=0.0)
+    assert sizes == [30_000]

@@ -227,13 +227,17 @@ class Detector(nn.Module):
         iou_thresh: float = 0.45,
         max_det: int = 300,
         multi_label: bool = True,
+        max_candidates: int = 30000,
     ) -> list[dict[str, torch.Tensor]]:
         """Threshold and NMS the decoded rows of each image.
 
         Score = objectness x class probability. With ``multi_label`` every class above
         ``conf_thresh`` is a candidate (Darknet's per-class thresholding), else only the best class.
-        NMS is class-wise (`torchvision.ops.batched_nms`). Returns per image a dict with ``boxes``
-        (K, 4) xyxy, ``scores`` (K,) and ``labels`` (K,), best first.
+        Only the ``max_candidates`` best-scoring candidates of an image go to NMS (as YOLOv5's
+        ``max_nms``): at an evaluation threshold of 0.001 an untrained 80-class detector at 416 px has
+        ~700,000, and NMS over them took 40 s per image. NMS is class-wise
+        (`torchvision.ops.batched_nms`). Returns per image a dict with ``boxes`` (K, 4) xyxy,
+        ``scores`` (K,) and ``labels`` (K,), best first.
         """
         if not isinstance(outputs, torch.Tensor):
             raise ValueError("postprocess takes the decoded rows a detector returns in eval mode; in training mode it "
@@ -250,6 +254,9 @@ class Detector(nn.Module):
                 conf, labels = scores.max(1)
                 idx = (conf > conf_thresh).nonzero().flatten()
                 conf, labels = conf[idx], labels[idx]
+            if len(conf) > max_candidates:
+                best = conf.topk(max_candidates).indices
+                idx, labels, conf = idx[best], labels[best], conf[best]
             boxes = rows[idx, :4]
             keep = batched_nms(boxes, conf, labels, iou_thresh)[:max_det]
             results.append({"boxes": boxes[keep], "scores": conf[keep], "labels": labels[keep]})
