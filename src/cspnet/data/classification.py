@@ -430,9 +430,12 @@ def load_image_folder(
 
 
 def balanced_subset(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
-    """Sorted indices of ``n`` samples in which every class keeps its share, chosen with ``seed``.
+    """Sorted indices of ``n`` samples with as equal a number from every class as the classes allow,
+    chosen at random with ``seed``: equal counts, not each class's share of the set.
 
-    All indices when ``n`` is None or not smaller than the set.
+    The classes take turns, in label order, each giving one more of its samples: every class gets
+    ``n // C`` of the ``C`` classes (the first ``n % C`` one more), and a class that runs out leaves
+    its turns to the others. All indices when ``n`` is None or not smaller than the set.
     """
     labels = np.asarray(labels)
     if n is None or n >= len(labels):
