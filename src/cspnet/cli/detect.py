@@ -42,7 +42,8 @@ NECK_LIST = checked(lambda t: [n.strip() for n in t.split(",") if n.strip()], la
 
 def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--data", required=required, default=None,
-                   help="scenes (generated), trees (deepforest photos), a COCO instances .json, or a folder of VOC .xml")
+                   help="scenes (generated), trees (deepforest photos), a COCO instances .json, a folder of VOC .xml, a Darknet "
+                        ".data file, or YOLO labels (.txt beside each image, images/ -> labels/) of a .txt list or folder of images")
     p.add_argument("--images", default=None, help="image folder of a COCO / VOC --data (default: next to the annotations)")
     p.add_argument("--num-scenes", type=POSITIVE_INT, default=None, help="scenes: images per split (train 512, val 128)")
     p.add_argument("--scene-size", type=SCENE_SIZE, default=None, help="scenes: generated image size (default: --img-size)")
@@ -56,7 +57,8 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="backbone: a registered model name (cspnet models)")
     p.add_argument("--neck", default="panet", choices=NECKS)
     _add_data(p, required=True)
-    p.add_argument("--val-data", default=None, help="validation data (default: the val split of scenes / trees; none for files)")
+    p.add_argument("--val-data", default=None,
+                   help="validation data (default: the val split of scenes / trees, a .data file's valid list; none for other files)")
     p.add_argument("--val-images", default=None, help="image folder of a COCO / VOC --val-data (default: next to its annotations)")
     p.add_argument("--img-size", type=IMG_SIZE, default=256, help="square input size, a multiple of 32")
     p.add_argument("--epochs", type=POSITIVE_INT, default=30)
@@ -102,7 +104,8 @@ def register(sub) -> None:
     p.add_argument("--name", default=None, help="best or last (default: best if present)")
     _add_data(p, required=False)
     p.add_argument("--split", choices=("train", "val"), default="val",
-                   help="without --data: the run's validation (default) or training set; with --data scenes / trees: their split")
+                   help="without --data: the run's validation (default) or training set; with --data scenes / trees / a Darknet "
+                        ".data file: their split")
     p.add_argument("--conf", type=PROBABILITY, default=0.001)
     p.add_argument("--iou", type=IOU, default=0.6)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
@@ -156,6 +159,8 @@ def _report(source) -> None:
         where = f" (e.g. {', '.join(r.dropped_where[:3])})" if r.dropped_where else ""
         print(f"{source.description}: clipped {r.clipped} box(es) to the image, dropped {r.dropped} degenerate box(es){where}",
               file=sys.stderr)
+    if r.unlabelled:
+        print(f"{source.description}: {r.unlabelled} image(s) have no label file: read as negatives (no objects)", file=sys.stderr)
 
 
 def _anchors(spec, data: str, records, img_size: int):
@@ -193,7 +198,7 @@ def run_train(args) -> int:
 
 
 def _train(args, dist) -> int:
-    from ..data.detection import BUILTIN_DETECTION, AugmentCfg, DetectionDataset, coco_ground_truth, load_detection_source, source_record
+    from ..data.detection import AugmentCfg, DetectionDataset, coco_ground_truth, has_validation_split, load_detection_source, source_record
     from ..detection import create_detector
     from ..detection.train import DetectRecipe, train_detector
     from ..engine.train import TrainConfig, seed_everything
@@ -203,7 +208,7 @@ def _train(args, dist) -> int:
     train_src = load_detection_source(**train_args)
     _check_images(train_src, args.data, "training", "--images")
     report(train_src)
-    val_spec = args.val_data or (args.data if args.data in BUILTIN_DETECTION else None)
+    val_spec = args.val_data or (args.data if has_validation_split(args.data) else None)
     val_args = val_src = None
     if val_spec is not None:
         val_args = _source_args(val_spec, "val", args.val_images, args, args.img_size, args.seed)

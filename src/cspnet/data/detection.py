@@ -1,4 +1,4 @@
-"""Detection data: COCO JSON, Pascal-VOC XML, and two built-in sets that need no download.
+"""Detection data: COCO JSON, Pascal-VOC XML, Darknet / YOLO labels, and two built-in sets that need no download.
 
 - ``scenes``: Fashion-MNIST objects (Debian ``dataset-fashion-mnist`` or ``CSPNET_FASHION_MNIST``, read
   by the classification loaders; scikit-learn's digits when it is missing) pasted on scikit-image's bundled CC0 textures (grass, gravel, brick), 10 classes,
@@ -8,6 +8,9 @@
   (install it with ``pip install --no-deps deepforest==2.1.0``; only its data files are read),
   tiled 400 x 400. The 2299 x 2472 YELL photo and SOAP_061 train; the 1249 x 1035 YELL photo and
   OSBS_029 validate.
+
+User data: COCO JSON, Pascal-VOC XML, and Darknet / YOLO labels (a ``.data`` file, or a list or
+folder of images with a ``.txt`` of normalised boxes each).
 
 Every source becomes a list of `DetectionRecord` (boxes xyxy in image pixels). Boxes reaching out
 of the image are clipped and boxes that are degenerate after clipping are dropped and counted
@@ -123,16 +126,19 @@ class DetectionRecord:
 
 @dataclass
 class SanitizeReport:
-    """How many boxes were clipped to the image and how many dropped as degenerate."""
+    """How many boxes were clipped to the image and how many dropped as degenerate; for YOLO labels,
+    how many images had no label file (they are negatives)."""
 
     clipped: int = 0
     dropped: int = 0
     dropped_where: list[str] = field(default_factory=list)
+    unlabelled: int = 0
 
     def merge(self, other: SanitizeReport) -> None:
         self.clipped += other.clipped
         self.dropped += other.dropped
         self.dropped_where += other.dropped_where
+        self.unlabelled += other.unlabelled
 
 
 def sanitize_boxes(
@@ -343,6 +349,170 @@ def load_voc(xml_paths, images_dir=None, class_names: tuple[str, ...] | None = N
                 raise AnnotationError(f"{xml}: class {bad[0]!r} is not one of {list(class_names)}")
         labels = np.zeros(len(names), np.int64) if merge_classes else np.array([index[n] for n in names], np.int64)
         records.append(DetectionRecord(i, path.name, w, h, boxes, labels, difficult, path=str(path), source=str(xml)))
+    return records, tuple(class_names), report
+
+
+# -- Darknet / YOLO labels ---------------------------------------------------------------------------
+def _search_folders(named_in: Path) -> list[Path]:
+    """Where a relative path named in the file ``named_in`` is looked for: that file's folder, the
+    folders above it, then the working directory. Darknet itself opens them from the working
+    directory, its root folder, which its ``data/`` files lie below."""
+    folder = named_in.resolve().parent
+    return [folder, *folder.parents, Path.cwd()]
+
+
+def _named_path(text: str, folders: list[Path], where: str) -> Path:
+    path = Path(text)
+    found = next((p for p in ([path] if path.is_absolute() else [d / path for d in folders]) if p.exists()), None)
+    if found is None:
+        raise AnnotationError(f"{where}: {text} does not exist (relative paths are looked for from the folder of "
+                              f"the file naming them, the folders above it and the working directory)")
+    return found
+
+
+def _text_lines(path: Path, what: str) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AnnotationError(f"{path}: not a readable {what} ({e})") from None
+
+
+def read_darknet_data(path: Path) -> dict[str, str]:
+    """The ``key = value`` entries of a Darknet ``.data`` file (``classes``, ``train``, ``valid``,
+    ``names``, ``backup`` …); lines starting with ``#`` or ``;`` are comments, as Darknet reads them."""
+    entries = {}
+    for n, line in enumerate(_text_lines(path, "Darknet .data file"), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise AnnotationError(f"{path}:{n}: expected 'key = value', got {line!r}")
+        entries[key.strip()] = value.strip()
+    return entries
+
+
+def image_list(list_path: Path) -> list[tuple[Path, str]]:
+    """The images a Darknet / YOLO list file names, one path a line (blank lines skipped), as
+    ``(path, "file:line")``. Raises `AnnotationError` naming the line of an image that does not exist."""
+    folders = _search_folders(list_path)
+    images = []
+    for n, line in enumerate(_text_lines(list_path, "list of image paths"), 1):
+        if line.strip():
+            where = f"{list_path}:{n}"
+            images.append((_named_path(line.strip(), folders, where), where))
+    if not images:
+        raise AnnotationError(f"{list_path}: lists no images")
+    return images
+
+
+def load_darknet_data(path: Path, split: str) -> tuple[list[tuple[Path, str]], tuple[str, ...] | None]:
+    """The images of a Darknet ``.data`` file's ``train`` (``split="train"``) or ``valid`` list
+    (`image_list`) and its class names: the ``names`` file's lines, else ``classes`` numbered
+    (``"0"``, ``"1"`` …), else None. Raises `AnnotationError` naming the file and line at fault."""
+    entries = read_darknet_data(path)
+    key = "train" if split == "train" else "valid"
+    if not entries.get(key):
+        raise AnnotationError(f"{path}: no '{key} = <list of image paths>' entry for the {split} set")
+    folders = _search_folders(path)
+    classes = entries.get("classes")
+    if classes is not None and not (classes.isdigit() and int(classes) > 0):
+        raise AnnotationError(f"{path}: 'classes' must be a positive integer, got {classes!r}")
+    names = None
+    if entries.get("names"):
+        names_path = _named_path(entries["names"], folders, f"{path}: names")
+        lines = [line.strip() for line in _text_lines(names_path, "names file")]
+        while lines and not lines[-1]:
+            lines.pop()
+        if "" in lines:  # class k is line k + 1: a blank line would shift every class after it
+            raise AnnotationError(f"{names_path}:{lines.index('') + 1}: empty class name")
+        names = tuple(lines)
+        if not names:
+            raise AnnotationError(f"{names_path}: no class names")
+        if classes is not None and int(classes) != len(names):
+            raise AnnotationError(f"{path}: classes = {classes}, but {names_path} names {len(names)}")
+    elif classes is not None:
+        names = tuple(str(k) for k in range(int(classes)))
+    return image_list(_named_path(entries[key], folders, f"{path}: {key}")), names
+
+
+def yolo_label_path(image: Path) -> Path:
+    """Where Darknet reads an image's labels: its path with the last ``images`` or ``JPEGImages`` folder
+    replaced by ``labels`` and the suffix by ``.txt`` (``data/images/a.jpg``: ``data/labels/a.txt``)."""
+    parts = list(image.parts)
+    for i in reversed(range(len(parts) - 1)):
+        if parts[i] in ("images", "JPEGImages"):
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def load_yolo_labels(label_path: Path, width: int, height: int, num_classes: int | None):
+    """Parse one YOLO / Darknet label file: a line per box, ``class x_centre y_centre width height``, the
+    class an index from 0 and the rest fractions of the image's width and height. Return ``(boxes,
+    labels, report)``, boxes xyxy in pixels, clipped (`sanitize_boxes`). Raises `AnnotationError`
+    naming the file and line of a line that is not five numbers, a class id that is not an integer
+    below ``num_classes`` (None: any), or a coordinate outside [0, 1]."""
+    boxes, labels, where = [], [], []
+    for n, line in enumerate(_text_lines(label_path, "label file"), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        at = f"{label_path}:{n}"
+        try:
+            values = [float(v) for v in fields]
+        except ValueError:
+            values = []
+        if len(values) != 5:
+            raise AnnotationError(f"{at}: expected 'class x_centre y_centre width height' (5 numbers), got {line.strip()!r}")
+        label, (cx, cy, w, h) = values[0], values[1:]
+        if not (label.is_integer() and 0 <= label < (num_classes or math.inf)):
+            known = f"0..{num_classes - 1}" if num_classes else "an integer >= 0"
+            raise AnnotationError(f"{at}: class id {fields[0]} is not one of {known}")
+        if not all(0 <= v <= 1 for v in (cx, cy, w, h)):  # NaN fails too
+            raise AnnotationError(f"{at}: coordinates must be fractions of the image size in [0, 1], got {' '.join(fields[1:])}")
+        boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
+        labels.append(int(label))
+        where.append(at)
+    clipped, keep, report = sanitize_boxes(np.array(boxes, np.float64).reshape(-1, 4), width, height)
+    report.dropped_where = [at for at, k in zip(where, keep) if not k]
+    return clipped[keep], np.array(labels, np.int64)[keep], report
+
+
+def load_yolo(images: list[tuple[Path, str]], class_names: tuple[str, ...] | None = None, name: str = "YOLO data"):
+    """Read the YOLO / Darknet labels of ``images`` (``(path, where it is named)`` pairs) of the data
+    set ``name`` (named in errors); return ``(records, class_names, report)``.
+
+    Each image's labels are `yolo_label_path`'s file, else a ``.txt`` of its name beside it (where
+    AlexeyAB's Darknet keeps them). An image without a label file is a negative (no objects;
+    ``report.unlabelled`` counts them). The fractions are of the upright image (`upright_size`).
+    Class ids index ``class_names``; without them the classes are numbered up to the largest id.
+    """
+    parsed, report = [], SanitizeReport()
+    for path, where in images:
+        try:
+            with Image.open(path) as im:
+                width, height = upright_size(im)
+        except UNREADABLE_IMAGE as e:
+            raise AnnotationError(f"{where}: image {path} cannot be read ({e})") from None
+        label_path = next((p for p in (yolo_label_path(path), path.with_suffix(".txt")) if p.is_file()), None)
+        if label_path is None:
+            report.unlabelled += 1
+            boxes, labels = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+        else:
+            boxes, labels, rep = load_yolo_labels(label_path, width, height, len(class_names) if class_names else None)
+            report.merge(rep)
+        parsed.append((path, where, width, height, boxes, labels))
+    if class_names is None:
+        largest = max((int(labels.max()) for *_, labels in parsed if len(labels)), default=None)
+        if largest is None:
+            raise AnnotationError(f"{name}: no image has a labelled box, and no names file says the classes "
+                                  f"(give a Darknet .data file with 'classes' or 'names')")
+        class_names = tuple(str(k) for k in range(largest + 1))
+    records = [
+        DetectionRecord(i, path.name, width, height, boxes, labels, np.zeros(len(labels), bool), path=str(path), source=where)
+        for i, (path, where, width, height, boxes, labels) in enumerate(parsed)
+    ]
     return records, tuple(class_names), report
 
 
@@ -654,11 +824,14 @@ def load_detection_source(
     seed: int = 0, class_names: tuple[str, ...] | None = None,
 ) -> DetectionSource:
     """Resolve a ``--data`` argument: ``scenes``, ``trees``, a COCO ``.json`` file, a folder of
-    Pascal-VOC ``.xml`` files, or one ``.xml`` file.
+    Pascal-VOC ``.xml`` files, one ``.xml`` file, a Darknet ``.data`` file, or YOLO labels of the
+    images a ``.txt`` list names or of a folder's images (`load_yolo`).
 
     For ``scenes`` the ``val`` split is generated from another seed and the Fashion-MNIST test
-    images; ``num_scenes`` is the size of the split. User files have no split: the file given is
-    the data. ``class_names`` fixes the class order of VOC files (a trained model's classes).
+    images; ``num_scenes`` is the size of the split. A ``.data`` file's splits are its ``train`` and
+    ``valid`` lists. Other user files have no split: the file given is the data. ``class_names``
+    fixes the class order of VOC files and names the classes of YOLO labels without a names file
+    (a trained model's classes).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -671,18 +844,42 @@ def load_detection_source(
         records, names = tree_tiles(split)
         return DetectionSource(records, names, None, SanitizeReport(), f"deepforest trees/{split} ({len(records)} tiles)")
     path = Path(spec)
-    if path.suffix.lower() == ".json":
+    suffix = path.suffix.lower()
+    if suffix == ".json":
         if not path.is_file():
             raise ValueError(f"{path}: no such COCO annotation file")
         records, names, cat_ids, report = load_coco(path, images_dir)
         return DetectionSource(records, names, cat_ids, report, f"COCO {path}")
-    if path.is_dir() or path.suffix.lower() == ".xml":
+    if suffix == ".xml" or (path.is_dir() and any(path.glob("*.xml"))):
         xmls = sorted(path.glob("*.xml")) if path.is_dir() else [path]
-        if not xmls:
-            raise ValueError(f"{path}: no Pascal-VOC .xml files here")
         records, names, report = load_voc(xmls, images_dir, class_names)
         return DetectionSource(records, names, None, report, f"VOC {path} ({len(xmls)} files)")
-    raise ValueError(f"--data {spec!r}: expected {' or '.join(BUILTIN_DETECTION)}, a COCO .json file or a folder of VOC .xml files")
+    if suffix in (".data", ".txt") or path.is_dir():
+        if images_dir is not None:
+            raise ValueError(f"{path}: an image folder is given for COCO / VOC annotations; YOLO labels lie beside the images")
+        if not path.exists():
+            raise ValueError(f"{path}: no such file")
+        if suffix == ".data":
+            images, names = load_darknet_data(path, split)
+            what = f"Darknet {path} ({'train' if split == 'train' else 'valid'})"
+        elif suffix == ".txt":
+            images, names, what = image_list(path), None, f"YOLO list {path}"
+        else:
+            try:
+                images = [(image, str(path)) for image in classification.image_files([path])]
+            except classification.DataError:
+                raise ValueError(f"{path}: neither Pascal-VOC .xml files nor images (for YOLO labels) here") from None
+            names, what = None, f"YOLO images {path}"
+        records, names, report = load_yolo(images, names or class_names, what)
+        return DetectionSource(records, names, None, report, f"{what} ({len(records)} images)")
+    raise ValueError(f"--data {spec!r}: expected {' or '.join(BUILTIN_DETECTION)}, a COCO .json file, a folder of VOC .xml "
+                     "files, a Darknet .data file, or a .txt list or folder of images with YOLO labels")
+
+
+def has_validation_split(spec: str) -> bool:
+    """Whether ``--data spec`` holds its own validation set: the built-in sets, and a Darknet ``.data``
+    file with a ``valid`` list."""
+    return spec in BUILTIN_DETECTION or (Path(spec).suffix.lower() == ".data" and bool(read_darknet_data(Path(spec)).get("valid")))
 
 
 def source_record(source_args: dict[str, Any], source: DetectionSource) -> dict[str, Any]:
