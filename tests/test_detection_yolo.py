@@ -32,7 +32,7 @@ def _yolo_set(root, images_dir="images", labels_dir="labels"):
     for name, size, boxes in IMAGES:
         Image.new("RGB", size, (90, 90, 90)).save(root / images_dir / name)
         if boxes is not None:
-            (root / labels_dir / name.replace(".png", ".txt")).write_text("".join(_label_line(c, b, size) for c, *b in [list(x) for x in boxes]))
+            (root / labels_dir / name.replace(".png", ".txt")).write_text("".join(_label_line(c, b, size) for c, *b in boxes))
     (root / "obj.names").write_text("\n".join(NAMES) + "\n")
     return [root / images_dir / name for name, *_ in IMAGES]
 
@@ -126,7 +126,7 @@ def test_bad_label_lines_are_named_by_file_and_line(tmp_path, line, message):
 def test_darknet_data_and_list_errors(tmp_path):
     paths = _yolo_set(tmp_path)
     (tmp_path / "train.txt").write_text(f"{paths[0]}\nimages/missing.png\n")
-    with pytest.raises(AnnotationError, match=f"train.txt:2: images/missing.png does not exist"):
+    with pytest.raises(AnnotationError, match="train.txt:2: images/missing.png does not exist"):
         load_detection_source(str(_darknet_data(tmp_path)))
     (tmp_path / "train.txt").write_text(f"{paths[0]}\n")
     (tmp_path / "obj.data").write_text("classes = 2\ntrain = train.txt\n")
