@@ -450,3 +450,23 @@ def test_kept_after_augmentation_rules():
     boxes = np.array([[0, 0, 2, 20], [0, 0, 1.9, 20], [0, 0, 2.5, 50.1], [0, 0, 6.3, 6.3], [0, 0, 6.4, 6.4]], np.float32)
     assert D.kept_after_augmentation(before, boxes, 1.0).tolist() == [True, False, False, False, True]
     assert D.kept_after_augmentation(before[3:], boxes[3:], 0.5).tolist() == [True, True]  # 10% of 10 x 10
+
+
+def test_upright_size_reads_png_headers_without_decoding_the_pixels(tmp_path, monkeypatch):
+    # YOLO labels need every image's size at load; decoding each PNG to look for EXIF made that 1000x slower
+    from PIL import PngImagePlugin
+
+    plain = Image.new("RGB", (30, 20))
+    plain.save(tmp_path / "plain.png")
+    exif = plain.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees, so the upright image is 20 wide
+    plain.save(tmp_path / "turned.png", exif=exif)
+
+    def no_decoding(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    with Image.open(tmp_path / "plain.png") as im:
+        assert D.upright_size(im) == (30, 20)
+    with Image.open(tmp_path / "turned.png") as im:
+        assert D.upright_size(im) == (20, 30)

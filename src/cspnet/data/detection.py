@@ -70,6 +70,9 @@ def upright_size(im: Image.Image) -> tuple[int, int]:
     """``(width, height)`` of an open image as a viewer shows it (its EXIF orientation applied), read
     from the header without decoding the pixels."""
     w, h = im.size
+    if im.format == "PNG" and "exif" not in im.info:
+        # PIL decodes a whole PNG to look for an eXIf chunk after its pixels; the PNG spec puts it before them
+        return w, h
     return (h, w) if im.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS else (w, h)
 
 
