@@ -171,6 +171,24 @@ def test_ema_follows_the_polyak_formula():
     assert torch.allclose(ema.module.weight, d * w0 + (1 - d) * model.weight)
 
 
+def test_ema_averages_batchnorm_statistics_and_copies_the_batch_count():
+    torch.manual_seed(0)
+    model = torch.nn.BatchNorm1d(3, momentum=0.5)
+    ema = ModelEMA(model, decay=0.6)
+    expected_mean, expected_var = model.running_mean.clone(), model.running_var.clone()
+    for n in range(1, 5):
+        model(torch.randn(16, 3) * n + n)  # train mode: moves running_mean / running_var
+        ema.update(model)
+        d = min(0.6, (1 + n) / (10 + n))
+        expected_mean = d * expected_mean + (1 - d) * model.running_mean
+        expected_var = d * expected_var + (1 - d) * model.running_var
+        assert torch.allclose(ema.module.running_mean, expected_mean)
+        assert torch.allclose(ema.module.running_var, expected_var)
+        assert ema.module.num_batches_tracked.item() == model.num_batches_tracked.item() == n
+    # the statistics really moved away from BN's initial 0 / 1, so an EMA that left them there fails
+    assert ema.module.running_mean.abs().min() > 0.5 and ema.module.running_var.min() > 1.5
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 def _trained_objects(steps=3, seed=0):
     torch.manual_seed(seed)
