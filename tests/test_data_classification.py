@@ -32,6 +32,8 @@ def test_fashion_mnist_matches_the_raw_idx_files():
     assert torch.equal(data.test.labels, torch.from_numpy(y.astype(np.int64)))
     assert torch.bincount(data.train.labels).tolist() == [6000] * 10
     assert data.classes[0] == "T-shirt/top" and data.num_classes == 10 and data.in_chans == 1 and data.hflip
+    # normalised by the training images' statistics: Fashion-MNIST's published 0.2860 / 0.3530
+    assert data.mean == pytest.approx((0.28604,), abs=1e-5) and data.std == pytest.approx((0.35302,), abs=1e-5)
 
 
 @pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="dataset-fashion-mnist not installed")
@@ -68,6 +70,15 @@ def test_digits_split_is_stratified_and_exact():
     originals = {r.tobytes() for r in raw}
     assert all(img[0].numpy().tobytes() in originals for img in data.test.images[:50])
     assert not data.hflip  # a mirrored digit is another symbol
+
+
+def test_digits_are_normalised_by_their_training_images_statistics():
+    data = load_digits_data(img_size=8)
+    train = data.train.images.numpy() / 255.0
+    assert data.mean == pytest.approx((train.mean(),), rel=1e-9)
+    assert data.std == pytest.approx((train.std(ddof=1),), rel=1e-9)
+    test = data.test.images.numpy() / 255.0
+    assert abs(test.mean() - train.mean()) > 1e-4  # the test images' statistics would differ
 
 
 def _folder(root, spec):
