@@ -3,7 +3,8 @@
 Both models are trained with the same recipe and seed on Fashion-MNIST at 32x32, then measured
 side by side: parameters, multiply-adds / BFLOPs (`cspnet.profile`), training and inference
 throughput and peak memory (each in a fresh process, so one model's memory cannot hide in the
-other's), and test top-1 / top-5. The report is ``report.md`` with PNG plots and ``report.json``.
+other's; memory with `cspnet.bench`'s fixed malloc policy), and test top-1 / top-5. The report is
+``report.md`` with PNG plots and ``report.json``.
 
 The paper's claim (§1, Table 3) is *less computation at equal or better accuracy*; the report
 prints the ratios CSP / plain so that a reader can check it on this run.
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .bench import sgd_train_step, warm_up_runtime
+from .bench import FIXED_MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, sgd_train_step, warm_up_runtime, worker_env
 from .data import ClassificationData
 from .engine.checkpoint import CheckpointError, check_run_dir
 from .engine.classify import ClassificationTask, ClassifyRecipe
@@ -63,9 +65,9 @@ def _batch(record: dict[str, Any], img_size: int, batch: int, dev: torch.device)
 
 
 def peak_train_memory(record: dict[str, Any], img_size: int, batch: int, device: str = "cpu", steps: int = 3) -> float:
-    """MB a process needs to train the model ``record`` describes with ``batch``-image SGD steps.
+    """MiB a process needs to train the model ``record`` describes with ``batch``-image SGD steps.
 
-    Meant for a fresh process (`measure_models`): the growth of the resident set (CPU; on CUDA the
+    Meant for a fresh process (`memory_in_fresh_process`): the growth of the resident set (CPU; on CUDA the
     allocator's peak) from just before the model is built to the peak of the steps, i.e. weights,
     gradients, optimizer state and activations. The steps are `cspnet.bench`'s training step.
     """
@@ -144,12 +146,40 @@ def _with_threads(threads: int | None, fn, *args):
     return fn(*args)
 
 
+def memory_in_fresh_process(record: dict[str, Any], img_size: int, batch: int, device: str = "cpu",
+                            threads: int | None = None) -> dict[str, Any]:
+    """`peak_train_memory` in a fresh Python process with the environment of `cspnet.bench`'s memory
+    workers (`cspnet.bench.worker_env`): glibc's mmap threshold fixed, so that the resident set follows
+    the live tensors. With glibc's adaptive default, how many freed blocks malloc keeps depends on the
+    order of allocations, and repeated runs of one pair gave CSP / plain ratios from 1.00x to 1.25x.
+
+    Returns ``peak_mem_mib`` and the ``malloc_mmap_threshold`` the worker ran with.
+    """
+    threads = threads or torch.get_num_threads()
+    cmd = [sys.executable, "-m", "cspnet.compare", "--memory-worker", json.dumps(record), str(img_size), str(batch),
+           device, str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(threads, return_freed_memory=True))
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise RuntimeError(f"the memory worker for {record['name']} failed (exit {proc.returncode}): {tail}")
+    return json.loads(lines[-1])
+
+
+def _memory_worker(argv: list[str]) -> None:
+    record, img_size, batch, device, threads = json.loads(argv[0]), int(argv[1]), int(argv[2]), argv[3], int(argv[4])
+    torch.set_num_threads(threads)
+    peak = peak_train_memory(record, img_size, batch, device)
+    print(json.dumps({"peak_mem_mib": peak, "malloc_mmap_threshold": os.environ.get(MMAP_THRESHOLD_ENV)}))
+
+
 def measure_models(records: list[dict[str, Any]], img_size: int, batch: int, device: str = "cpu",
                    threads: int | None = None, seconds: float = 2.0) -> list[dict[str, float]]:
-    """Peak training memory (one fresh process per model) and throughput (one process, interleaved)."""
+    """Peak training memory (one fresh process per model, `memory_in_fresh_process`) and throughput
+    (one process, interleaved)."""
     speeds = _in_fresh_process(_with_threads, threads, throughput, records, img_size, batch, device, seconds)
     for record, speed in zip(records, speeds):
-        speed["peak_mem_mb"] = _in_fresh_process(_with_threads, threads, peak_train_memory, record, img_size, batch, device)
+        speed["peak_mem_mib"] = memory_in_fresh_process(record, img_size, batch, device, threads)["peak_mem_mib"]
     return speeds
 
 
@@ -231,7 +261,7 @@ def run_compare_models(
             "bflops": prof.bflops, "top1": final["top1"], "top5": final["top5"],
             "test_loss": final["loss"], "per_class": final["per_class"],
             "train_img_per_s": bench["train_img_per_s"], "infer_img_per_s": bench["infer_img_per_s"],
-            "peak_mem_mb": bench["peak_mem_mb"], "train_img_per_s_during_run": run["train_img_per_s"],
+            "peak_mem_mib": bench["peak_mem_mib"], "train_img_per_s_during_run": run["train_img_per_s"],
             "train_threads": run["threads"], "train_wall_s": run["train_wall_s"], "run_dir": str(out / name),
         })
     report = {
@@ -256,7 +286,7 @@ def run_compare_models(
 
 
 def _ratios(csp: dict[str, Any], plain: dict[str, Any]) -> dict[str, float]:
-    keys = ("params", "bflops", "train_img_per_s", "infer_img_per_s", "peak_mem_mb")
+    keys = ("params", "bflops", "train_img_per_s", "infer_img_per_s", "peak_mem_mib")
     out = {k: csp[k] / plain[k] for k in keys if plain[k]}
     out["top1_diff_pp"] = 100 * (csp["top1"] - plain["top1"])
     return out
@@ -271,7 +301,7 @@ def plot_bars(rows: list[dict[str, Any]], path: Path) -> Path:
 
     panels = [("params", "parameters (M)", 1e-6), ("bflops", "BFLOPs / image", 1.0),
               ("train_img_per_s", "train images/s", 1.0), ("infer_img_per_s", "inference images/s", 1.0),
-              ("peak_mem_mb", "peak train memory (MB)", 1.0), ("top1", "test top-1 (%)", 100.0)]
+              ("peak_mem_mib", "peak train memory (MiB)", 1.0), ("top1", "test top-1 (%)", 100.0)]
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
     names = [r["name"] for r in rows]
     colors = ["tab:green", "tab:gray", "tab:blue", "tab:orange"][: len(rows)]
@@ -314,15 +344,15 @@ def format_report(report: dict[str, Any], histories: dict[str, list[dict[str, An
         f"{report['recipe']['optimizer']} lr {report['recipe']['lr']}, {report['recipe']['schedule']} schedule, "
         f"seed {report['recipe']['seed']}; {data['train_size']} training / {data['test_size']} test images.",
         "",
-        "| model | params | BFLOPs | MMACs | train img/s | infer img/s | peak train mem (MB) | top-1 | top-5 |",
+        "| model | params | BFLOPs | MMACs | train img/s | infer img/s | peak train mem (MiB) | top-1 | top-5 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['name']} | {r['params']:,} | {r['bflops']:.4f} | {r['macs'] / 1e6:.2f} | {r['train_img_per_s']:.0f} | "
-                     f"{r['infer_img_per_s']:.0f} | {r['peak_mem_mb']:.0f} | {100 * r['top1']:.2f}% | {100 * r['top5']:.2f}% |")
+                     f"{r['infer_img_per_s']:.0f} | {r['peak_mem_mib']:.0f} | {100 * r['top1']:.2f}% | {100 * r['top5']:.2f}% |")
     lines.append(f"| **{csp} / {plain}** | {ratios.get('params', 0):.2f}x | {ratios.get('bflops', 0):.2f}x | | "
                  f"{ratios.get('train_img_per_s', 0):.2f}x | {ratios.get('infer_img_per_s', 0):.2f}x | "
-                 f"{ratios.get('peak_mem_mb', 0):.2f}x | {ratios['top1_diff_pp']:+.2f} pp | |")
+                 f"{ratios.get('peak_mem_mib', 0):.2f}x | {ratios['top1_diff_pp']:+.2f} pp | |")
     saved = 100 * (1 - ratios.get("bflops", 1))
     during = ", ".join(f"{r['name']} {r['train_img_per_s_during_run']:.0f}" for r in rows)
     verdict = accuracy_verdict(rows[0]["top1"], rows[1]["top1"], data["test_size"])
@@ -330,7 +360,8 @@ def format_report(report: dict[str, Any], histories: dict[str, list[dict[str, An
         "",
         f"{csp} needs {saved:.0f}% {'fewer' if saved >= 0 else 'more'} multiply-adds than {plain} and {verdict}.",
         f"Throughput is the best of 5 turns the models took alternately in one fresh process, peak memory the growth "
-        f"of a fresh process per model (batch {report['bench']['batch']}, {report['bench']['threads']} thread(s), "
+        f"of a fresh process per model, glibc's mmap threshold fixed at {FIXED_MMAP_THRESHOLD // 1024} KiB as in `cspnet bench` "
+        f"(batch {report['bench']['batch']}, {report['bench']['threads']} thread(s), "
         f"{report['bench']['device']}); the images/s seen during training "
         f"were {during} ({report['jobs']} model(s) trained at a time, {rows[0]['train_threads']} thread(s) each).",
         "",
@@ -354,3 +385,8 @@ def format_report(report: dict[str, Any], histories: dict[str, list[dict[str, An
                                                   for r in rows) + " |")
     return "\n".join(lines) + "\n"
 
+
+if __name__ == "__main__":  # the memory worker of `memory_in_fresh_process`
+    if sys.argv[1:2] != ["--memory-worker"]:
+        raise SystemExit("usage: python -m cspnet.compare --memory-worker RECORD_JSON IMG_SIZE BATCH DEVICE THREADS")
+    _memory_worker(sys.argv[2:])
