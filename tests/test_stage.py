@@ -1,4 +1,6 @@
 """CrossStage on its own: every fusion strategy, both split modes, γ, gradients, and `none`."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -84,18 +86,24 @@ def test_channels_last_slice_matches_contiguous():
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5, "half"])
 def test_part_ratio_outside_open_interval_is_rejected(bad):
-    with pytest.raises(ValueError, match="part_ratio"):
+    with pytest.raises(ValueError, match=re.escape(f"part_ratio (γ) must lie in (0, 1), got {bad!r}")):
         make("csp", "slice", bad)
 
 
+def test_part_ratio_that_rounds_a_slice_to_no_channels_is_rejected():
+    # γ in (0, 1) but too small for an 8-channel base: round(0.05 * 8) = 0 bypassing channels
+    with pytest.raises(ValueError, match=re.escape("part_ratio 0.05 leaves an empty part of a 8-channel base")):
+        make("csp", "slice", 0.05, base=8)
+
+
 def test_bad_fusion_split_and_missing_transition():
-    with pytest.raises(ValueError, match="fusion"):
+    with pytest.raises(ValueError, match="unknown fusion 'fusion_middle'; expected one of csp, "):
         make("fusion_middle")
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(ValueError, match="unknown split 'chunk'; expected one of conv, slice"):
         make("csp", "chunk")
-    with pytest.raises(ValueError, match="transition"):
+    with pytest.raises(ValueError, match=re.escape("fusion_first needs a transition after the concat (transition_chs)")):
         CrossStage(32, dark_blocks(), fusion="fusion_first")
-    with pytest.raises(ValueError, match="no transition"):
+    with pytest.raises(ValueError, match="fusion_last has no transition after the concat"):
         CrossStage(32, dark_blocks(), fusion="fusion_last", transition_chs=32)
 
 
