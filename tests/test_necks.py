@@ -1,9 +1,11 @@
-"""Necks on inputs whose sides are not multiples of the coarsest stride: the maps a neck fuses agree in size."""
+"""Necks on inputs whose sides are not multiples of the coarsest stride: the maps a neck fuses agree in size;
+what EFM's nodes and SAM compute."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cspnet.detection import create_detector
-from cspnet.detection.necks import resize_to, upsample2
+from cspnet.detection.necks import EFM, SpatialAttention, resize_to, upsample2
 
 
 def raw_and_backbone_sizes(det, hw):
@@ -52,3 +54,79 @@ def test_upsample2_onto_an_odd_side_rounded_up_is_darknets_2x_upsample():
     x = torch.arange(13.0).view(1, 1, 1, 13)
     twice = x.repeat_interleave(2, dim=-1)[..., :25]
     assert torch.equal(upsample2(x, torch.zeros(1, 1, 1, 25)), twice)
+
+
+EFM_IN, EFM_WIDTHS = [24, 48, 96, 128], [16, 32, 64]  # every map wider than its node: all compressed by Maxout
+
+
+def _efm_maps(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, c, 32 >> i, 32 >> i, generator=g) for i, c in enumerate(EFM_IN)]  # strides 4 .. 32
+
+
+def _efm_node_inputs_and_outputs(efm, feats):
+    """Per output level i: the concatenation node i fuses, and its output (the top-down map of scale i)."""
+    fused, node_out, n = {}, {}, len(EFM_WIDTHS)
+    hooks = []
+    for i in range(n):
+        node = efm.nodes[n - 1 - i]  # the nodes run coarse -> fine
+        hooks.append(node.convs.register_forward_pre_hook(lambda m, args, i=i: fused.__setitem__(i, args[0])))
+        hooks.append(node.register_forward_hook(lambda m, args, out, i=i: node_out.__setitem__(i, out)))
+    with torch.no_grad():
+        outs = efm(feats)
+    for h in hooks:
+        h.remove()
+    return fused, node_out, outs
+
+
+def test_efm_node_s_fuses_the_max_pooled_backbone_map_of_scale_s_minus_1():
+    # Paper §3.2: output scale s assembles backbone s-1 (here Maxout-compressed, then 2x2 max-pooled), s and s+1.
+    torch.manual_seed(0)
+    efm = EFM(EFM_IN, EFM_WIDTHS).eval()
+    feats = _efm_maps()
+    fused, node_out, outs = _efm_node_inputs_and_outputs(efm, feats)
+    for i, width in enumerate(EFM_WIDTHS):
+        finer = feats[i]  # Maxout: output channel g is the max over input channels g, g + width, ...
+        compressed = torch.stack([finer[:, g::width].amax(1) for g in range(width)], 1)
+        torch.testing.assert_close(fused[i][:, :width], F.max_pool2d(compressed, 2), rtol=0, atol=0)
+    # one pixel of the scale s-1 map raised: node s sees it in the one cell pooling it, and the stride-s output moves
+    for i in range(len(EFM_WIDTHS)):
+        bumped = [f.clone() for f in feats]
+        bumped[i][:, :, 5, 2] += 100.0
+        fused2, node_out2, outs2 = _efm_node_inputs_and_outputs(efm, bumped)
+        moved = (fused2[i] != fused[i]).any(0).any(0).nonzero().tolist()
+        assert moved == [[2, 1]], i
+        assert not torch.allclose(node_out2[i], node_out[i]), i
+        if i == 0:  # the stride-4 map reaches the outputs only through the stride-8 node
+            assert not torch.allclose(outs2[0], outs[0])
+
+
+def test_sam_is_x_times_the_sigmoid_of_its_attention_conv():
+    torch.manual_seed(0)
+    sam = SpatialAttention(8).eval()
+    bn = sam.attn.bn
+    with torch.no_grad():  # BatchNorm statistics and affine away from the identity
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 8, 5, 6)
+    with torch.no_grad():
+        conv = F.conv2d(x, sam.attn.conv.weight)
+        gate = torch.sigmoid((conv - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+                             * bn.weight[:, None, None] + bn.bias[:, None, None])
+        out = sam(x)
+        torch.testing.assert_close(out, x * gate)
+        assert (out - x).abs().max() > 0.1  # not the identity
+        sam.attn.conv.weight.neg_()
+        assert (sam(x) - out).abs().max() > 0.1  # the attention is the conv's
+
+
+def test_efm_sam_applies_attention_to_every_output():
+    torch.manual_seed(0)
+    with_sam = EFM(EFM_IN, EFM_WIDTHS, sam=True).eval()
+    plain = EFM(EFM_IN, EFM_WIDTHS).eval()
+    missing, unexpected = plain.load_state_dict(with_sam.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("attention.") for k in unexpected)
+    feats = _efm_maps()
+    with torch.no_grad():
+        for x, y, sam in zip(plain(feats), with_sam(feats), with_sam.attention):
+            torch.testing.assert_close(y, x * sam.attn(x))
+            assert (y - x).abs().max() > 0.1 * x.abs().max()  # not the identity
