@@ -524,3 +524,54 @@ def test_postprocess_caps_the_nms_input_at_30000_candidates_by_default(monkeypat
     rows = _random_outputs(n=1, rows=35_000, num_classes=1).clamp_(min=0.01)  # every row a candidate
     detector_mod.Detector.postprocess(rows, conf_thresh=0.0)
     assert sizes == [30_000]
+
+
+def test_total_loss_is_the_documented_weighting_of_hand_computed_parts():
+    # One 10 x 12 truth on a 128 px input: its anchor is level 0's first (10, 13), at cell (13, 13). Every
+    # level's logits sit around another value, so the per-level objectness weights 4 / 1 / 0.4 show.
+    layout = make_anchor_layout(None, (8, 16, 32))
+    g = torch.Generator().manual_seed(0)
+    raw = [torch.randn(1, 3 * 8, 128 // s, 128 // s, generator=g) * 0.5 + shift for s, shift in zip((8, 16, 32), (1.0, -0.5, -2.0))]
+    box = torch.tensor([[100.0, 100.0, 110.0, 112.0]])
+    targets = [{"boxes": box, "labels": torch.tensor([2])}]
+    total, parts = YoloLoss(layout, 3, box_loss="mse", ignore_thresh=1.01)(raw, targets)  # 1.01: no cell ignored
+
+    tx, ty, tw, th, _, *cls_logits = raw[0][0, :8, 13, 13].tolist()
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    # Darknet's MSE: sigmoid offsets against the centre's place in its cell (105 / 8, 106 / 8), log sizes
+    # against the anchor's; YOLOv3 weighs it by 2 - (box area / image area)
+    err = (sig(tx) - 0.125) ** 2 + (sig(ty) - 0.25) ** 2 + (tw - math.log(10 / 10)) ** 2 + (th - math.log(12 / 13)) ** 2
+    box_loss = (2 - 10 * 12 / 128**2) * err
+    bce = lambda x, y: -(y * math.log(sig(x)) + (1 - y) * math.log(1 - sig(x)))  # noqa: E731
+    cls_loss = sum(bce(x, y) for x, y in zip(cls_logits, (0, 0, 1))) / 3
+    obj_loss = 0.0
+    for level, balance in enumerate((4.0, 1.0, 0.4)):
+        logits = raw[level][0, 4::8]  # (anchor, y, x) objectness logits
+        target = torch.zeros_like(logits)
+        if level == 0:
+            target[0, 13, 13] = 1
+        obj_loss += balance * float(torch.nn.functional.binary_cross_entropy_with_logits(logits, target))
+    assert parts == pytest.approx({"box": box_loss, "obj": obj_loss, "cls": cls_loss}, rel=1e-5)
+    # the documented weights: box 0.05, objectness 1, class 0.5
+    assert float(total) == pytest.approx(0.05 * box_loss + obj_loss + 0.5 * cls_loss, rel=1e-5)
+
+
+def test_postprocess_keeps_at_most_max_det_boxes_the_best_scoring():
+    # 400 disjoint 10 x 10 boxes (NMS removes none), each with one class above the threshold and its own score
+    g = torch.Generator().manual_seed(0)
+    xy = torch.stack(torch.meshgrid(torch.arange(20.0), torch.arange(20.0), indexing="xy"), -1).reshape(-1, 2) * 20
+    score = torch.randperm(400, generator=g).float() / 400 + 1e-3
+    label = torch.randint(2, (400,), generator=g)
+    cls = torch.nn.functional.one_hot(label, 2).float() * score[:, None]
+    rows = torch.cat([xy, xy + 10, torch.ones(400, 1), cls], 1)[None]
+    postprocess = create_detector("cspresnet10", "fpn", num_classes=2, **TINY).postprocess
+    [every] = postprocess(rows, 0.0, 0.5, max_det=1000)
+    assert len(every["scores"]) == 400
+    best = score.argsort(descending=True)
+    for max_det in (7, 300):
+        kw = {"max_det": max_det} if max_det != 300 else {}  # 300: the default
+        [kept] = postprocess(rows, 0.0, 0.5, **kw)
+        assert len(kept["scores"]) == max_det
+        torch.testing.assert_close(kept["scores"], score[best[:max_det]])
+        torch.testing.assert_close(kept["boxes"], rows[0, best[:max_det], :4])
+        assert torch.equal(kept["labels"], label[best[:max_det]])
