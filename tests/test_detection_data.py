@@ -470,3 +470,40 @@ def test_upright_size_reads_png_headers_without_decoding_the_pixels(tmp_path, mo
         assert D.upright_size(im) == (30, 20)
     with Image.open(tmp_path / "turned.png") as im:
         assert D.upright_size(im) == (20, 30)
+
+
+def test_crowd_boxes_are_scored_as_ignore_regions_but_never_trained_on(tmp_path):
+    Image.new("RGB", (100, 80)).save(tmp_path / "a.png")
+    path = _coco(tmp_path, [
+        {"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 20, 30]},
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [50, 20, 40, 40], "iscrowd": 1},
+    ], images=[{"id": 1, "file_name": "a.png", "width": 100, "height": 80}])
+    records, names, cat_ids, _ = load_coco(path, tmp_path)
+    assert names == ("dog", "cat") and records[0].is_crowd().tolist() == [False, True]
+    _, target = DetectionDataset(records, names, 64)[0]  # 100 px -> 64: ratio 0.64
+    torch.testing.assert_close(target["boxes"], torch.tensor([[10.0, 10, 30, 40]]) * 0.64)
+    assert target["labels"].tolist() == [1]
+    # the mosaic's tiles come without their crowd boxes too: only cats are ever trained on
+    mosaic = DetectionDataset(records, names, 64, AugmentCfg(mosaic=1.0))
+    torch.manual_seed(0)
+    labels = torch.cat([mosaic[0][1]["labels"] for _ in range(20)])
+    assert len(labels) and labels.unique().tolist() == [1]
+    assert [a["iscrowd"] for a in coco_ground_truth(records, names, cat_ids)["annotations"]] == [0, 1]
+
+
+def test_voc_difficult_objects_are_ignore_regions_not_targets(tmp_path):
+    Image.new("RGB", (60, 40)).save(tmp_path / "img.png")
+    difficult = _obj("car", (5, 5, 30, 30)).replace("</name>", "</name><difficult>1</difficult>")
+    _voc(tmp_path / "img.xml", difficult + _obj("car", (35, 10, 55, 35)))
+    records, names, _ = load_voc([tmp_path / "img.xml"])
+    r = records[0]
+    assert r.is_crowd().tolist() == [True, False]
+    _, target = DetectionDataset(records, names, 64)[0]  # 60 px -> 64
+    torch.testing.assert_close(target["boxes"], torch.from_numpy(r.boxes[1:]) * 64 / 60)
+    gt = coco_ground_truth(records, names)
+    assert [a["iscrowd"] for a in gt["annotations"]] == [1, 0]
+    # as VOC scores them: a missed difficult object is no miss, a found one no false positive
+    found = [{"image_id": r.image_id, "category_id": 0, "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+              "score": s} for (x0, y0, x1, y1), s in zip(r.boxes, (0.9, 0.8))]
+    assert coco_evaluate(gt, found[1:])["AP50"] == pytest.approx(1.0)
+    assert coco_evaluate(gt, found)["AP50"] == pytest.approx(1.0)
