@@ -114,6 +114,32 @@ def test_shared_cli_helpers_are_public():
     set_threads(args)
 
 
+_RECIPE_FLAGS = [
+    "--epochs", "7", "--batch-size", "48", "--accum-steps", "3", "--seed", "5", "--optimizer", "adamw", "--lr", "0.03",
+    "--momentum", "0.8", "--no-nesterov", "--weight-decay", "0.01", "--schedule", "poly", "--burn-in", "11",
+    "--poly-power", "2.5", "--label-smoothing", "0.2", "--mixup", "0.3", "--cutmix", "0.7", "--translate", "4",
+    "--no-hflip", "--amp", "bf16", "--ema", "0.99", "--grad-clip", "5", "--memory-efficient", "--workers", "2",
+]
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--model", "resnet10", "--out", "never-written", "--checkpoint-every", "13"],
+    ["ablation", "--out", "never-written"],
+])
+def test_every_recipe_flag_reaches_the_training_config(command):
+    from cspnet.cli import build_parser, train as train_cmd
+
+    args = build_parser().parse_args([*command, "--data", "digits", *_RECIPE_FLAGS])
+    cfg, recipe = train_cmd.build_recipe(args, n_train=960)
+    assert (cfg.epochs, cfg.batch_size, cfg.accum_steps, cfg.seed) == (7, 48, 3, 5)
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay) == ("adamw", 0.03, 0.8, False, 0.01)
+    assert (cfg.schedule, cfg.burn_in, cfg.poly_power) == ("poly", 11, 2.5)
+    assert (cfg.amp, cfg.ema_decay, cfg.grad_clip, cfg.memory_efficient, cfg.num_workers) == ("bf16", 0.99, 5.0, True, 2)
+    assert cfg.checkpoint_every == (13 if command[0] == "train" else 0)
+    assert (recipe.translate, recipe.hflip, recipe.mixup, recipe.cutmix) == (4, False, 0.3, 0.7)
+    assert (recipe.label_smoothing, recipe.num_workers) == (0.2, 2)
+
+
 def test_models_out_and_readme_write_every_model_only(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n")
