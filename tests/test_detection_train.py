@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -165,9 +167,29 @@ def test_cli_bench_splits_latency(capsys):
     assert [r["detector"] for r in rows] == ["cspresnet10-efm", "cspresnet10-gfm"]
     for r in rows:
         assert all(r[f"{p}_ms"] > 0 for p in ("backbone", "neck", "head", "nms"))
-        assert r["total_ms"] == pytest.approx(sum(r[f"{p}_ms"] for p in ("backbone", "neck", "head", "nms")))
         assert r["bflops"] > 0
     assert rows[0]["bflops"] != rows[1]["bflops"]
+
+
+def test_bench_times_each_part_where_it_runs(monkeypatch):
+    # Each part made slower by a known, different delay: the time must show up under that part's name.
+    from cspnet.detection import bench
+
+    det = create_detector("cspresnet10", "fpn", num_classes=2, backbone_width=0.25, neck_width=32)
+    delays = {"backbone": 0.12, "neck": 0.08, "head": 0.04, "nms": 0.16}  # seconds
+    for part in ("backbone", "neck", "head"):
+        getattr(det, part).register_forward_pre_hook(lambda *args, delay=delays[part]: time.sleep(delay))
+    postprocess = det.postprocess
+    monkeypatch.setattr(det, "postprocess", lambda *a, **k: time.sleep(delays["nms"]) or postprocess(*a, **k))
+    runs = 2
+    start = time.perf_counter()
+    result = bench.time_detector(det, 64, runs=runs)
+    wall_ms = 1000 * (time.perf_counter() - start)
+    for part, delay in delays.items():
+        assert 1000 * delay <= result[f"{part}_ms"] < 1000 * delay + 35, (part, result)
+    # every timed pass (warm-up included) fits in the time the call took, measured from outside
+    assert (bench.WARMUP + runs) * result["total_ms"] <= wall_ms
+    assert result["fps"] == pytest.approx(1000 / result["total_ms"])
 
 
 def test_load_detector_gives_tuple_backbone_options_back(tmp_path):
@@ -579,3 +601,69 @@ def test_checkpoint_of_a_detector_that_held_untapped_stages_loads_and_resumes(tm
     old_params = dict(old.named_parameters())
     for name, p in new.named_parameters():
         assert torch.equal(resumed.state[p]["momentum_buffer"], optimizer.state[old_params[name]]["momentum_buffer"]), name
+
+
+def test_detections_carry_the_datasets_coco_category_ids(tmp_path, monkeypatch):
+    # COCO numbers its categories 1..90 with gaps, not 0..N-1: a detector that finds every box exactly scores AP 1
+    # only if its class indices are written back as the file's ids.
+    from cspnet.data.detection import load_coco
+
+    images, annotations = [], []
+    for image_id, cats in ((11, (90, 1, 5)), (12, (5, 90))):
+        Image.new("RGB", (64, 64)).save(tmp_path / f"{image_id}.png")
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 64, "height": 64})
+        for k, cat in enumerate(cats):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
+                                "bbox": [4 + 20 * k, 6 + 15 * k, 14, 18]})
+    (tmp_path / "instances.json").write_text(json.dumps({
+        "images": images, "annotations": annotations,
+        "categories": [{"id": c, "name": n} for c, n in ((5, "car"), (90, "toothbrush"), (1, "person"))]}))
+    records, names, cat_ids, _ = load_coco(tmp_path / "instances.json", tmp_path)
+    assert cat_ids == (1, 5, 90) and names == ("person", "car", "toothbrush")
+    dataset = DetectionDataset(records, names, 64)
+    truths = iter([{"boxes": torch.from_numpy(r.boxes), "scores": torch.linspace(0.9, 0.5, len(r.boxes)),
+                    "labels": torch.from_numpy(r.labels)} for r in records])
+    det = create_detector("cspresnet10", "fpn", num_classes=3, backbone_width=0.25, neck_width=32).eval()
+    monkeypatch.setattr(det, "postprocess", lambda outputs, *args: [next(truths) for _ in outputs])
+    gt = coco_ground_truth(records, names, cat_ids)
+    metrics = evaluate_detector(det, dataset, gt, cat_ids)
+    assert metrics["AP50"] == pytest.approx(1.0) and metrics["AP"] == pytest.approx(1.0)
+
+
+def _non_square_coco(tmp_path):
+    """Six 256 px scenes padded below to 256 wide x 320 high, as a COCO file: at a 64 px input their boxes shrink 5x."""
+    records, names = make_scenes(6, seed=1, size=256)
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for r in records:
+        Image.fromarray(np.pad(r.image, ((0, 64), (0, 0), (0, 0)))).save(folder / r.file_name)
+        r.height = 320
+    path = tmp_path / "tall.json"
+    path.write_text(json.dumps(coco_ground_truth(records, names)))
+    return ["--data", str(path), "--images", str(folder)]
+
+
+@pytest.mark.parametrize("data", ["scenes", "coco"])
+def test_cli_auto_anchors_are_in_input_pixels(tmp_path, monkeypatch, data):
+    # Images larger than --img-size: the anchors must fit the boxes the detector is trained on, which are
+    # letterboxed to the input size, not the boxes in the images' own pixels.
+    from cspnet.detection import train as train_mod
+    from cspnet.detection.head import fit_anchors
+
+    seen = {}
+
+    def no_training(model, train_set, *args, **kwargs):
+        seen.update(model=model, train_set=train_set)
+        return SimpleNamespace(final={}, out_dir=tmp_path / "run", wall_s=0.0)
+
+    monkeypatch.setattr(train_mod, "train_detector", no_training)
+    source = ["--data", "scenes", "--num-scenes", "6", "--scene-size", "256"] if data == "scenes" else _non_square_coco(tmp_path)
+    assert main(["detect", "train", "--model", "cspresnet10", "--backbone-width", "0.25", "--neck-width", "32",
+                 "--img-size", "64", "--anchors", "auto", "--out", str(tmp_path / "run"), "--no-progress", *source]) == 0
+    train_set = seen["train_set"]
+    assert {max(r.width, r.height) for r in train_set.records} == {256 if data == "scenes" else 320}
+    plain = DetectionDataset(train_set.records, train_set.class_names, 64)  # the training targets, unaugmented
+    boxes = torch.cat([plain[i][1]["boxes"] for i in range(len(plain))])
+    expect = fit_anchors((boxes[:, 2:] - boxes[:, :2]).numpy(), 9)
+    anchors = seen["model"].layout.anchors
+    assert np.allclose(anchors, expect, atol=0.11) and max(max(a) for a in anchors) <= 64
