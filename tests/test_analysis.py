@@ -350,6 +350,39 @@ def test_a_reused_run_is_measured_at_the_current_paper_size(tiny_ablation, tmp_p
         [r["bflops_paper_size"] for r in again]
 
 
+def test_ablation_cli_trains_the_requested_cells_only(tmp_path, capsys):
+    # The runner itself is tested above through the Python API; this is the command's wiring, kept to two runs.
+    opts = [a for k, v in TINY_DENSE.items() for a in ("--model-opt", f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}")]
+    out = tmp_path / "abl"
+    assert main(["ablation", "--family", "cspdensenet121", "--gammas", "0.25,0.75", "--fusions", "fusion_last", "--no-plain",
+                 "--width", "0.5", *opts, "--paper-size", "16", "--data", "digits", "--img-size", "16", "--train-limit", "32",
+                 "--test-limit", "10", "--epochs", "1", "--batch-size", "16", "--threads", "1", "--no-progress",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.endswith("0 run(s) reused, 2 trained\n")
+    rows = json.loads((out / "ablation.json").read_text())
+    assert [(r["key"], r["model"], r["fusion"], r["part_ratio"], r["epochs"]) for r in rows] == [
+        ("fusion_last-g0.25", "cspdensenet121", "fusion_last", 0.25, 1), ("fusion_last-g0.75", "cspdensenet121", "fusion_last", 0.75, 1)]
+    table = (out / "ablation.md").read_text()
+    assert table in printed
+    lines = [line for line in table.splitlines() if re.match(r"\| (csp)?densenet121 ", line)]
+    assert len(lines) == 2  # --no-plain: no densenet121 row
+    for line, row in zip(lines, rows):
+        model = build_model("cspdensenet121", num_classes=10, in_chans=1, width=0.5,
+                            options={**TINY_DENSE, "fusion": "fusion_last", "part_ratio": row["part_ratio"]})
+        prof = profile(model, 16)
+        assert (row["params"], row["bflops"]) == (prof.params, prof.bflops)  # --width and --model-opt reached the model
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:3] == ["cspdensenet121", f"{row['part_ratio']:g}", "fusion last"]
+        assert float(cells[3]) == round(prof.params / 1e6, 3) and float(cells[4]) == round(prof.bflops, 4)
+        assert 0.0 <= row["top1"] <= 1.0 and float(cells[5]) == round(100 * row["top1"], 2)
+        assert cells[6] == cells[7] == "—"  # no plain row to compare with
+    assert rows[0]["bflops"] != rows[1]["bflops"]
+    assert sorted(p.name for p in (out / "runs").iterdir() if p.is_dir()) == ["fusion_last-g0.25", "fusion_last-g0.75"]
+    assert all((out / "runs" / r["key"] / "last.safetensors").is_file() for r in rows)
+    assert (out / "ablation.png").stat().st_size > 10_000
+
+
 def test_gradients_model_opt_fusion_changes_the_model_not_its_plain_twin(tmp_path):
     args = ["analyze", "gradients", "csppeleenet", "--model-opt", "fusion=fusion_last", "--width", "0.25",
             "--data", "digits", "--img-size", "32", "--batch", "8"]
