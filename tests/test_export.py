@@ -553,3 +553,39 @@ def test_export_refuses_a_deployed_model(tmp_path):
         with pytest.raises(ValueError, match="export the model before deploying it"):
             export_fn(deployed, tmp_path / name)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt"])
+def test_export_cli_check_reports_what_the_written_file_computes(tmp_path, capsys, monkeypatch, suffix):
+    # An export gone wrong (here: a copy with its classifier doubled is what gets written) must show in the
+    # number the CLI prints, and that number must be the file's difference from eager PyTorch, measured apart.
+    import cspnet.export as export_mod
+
+    weights = tmp_path / "w.safetensors"
+    assert cli_main(["export", "cspresnet10", "--out", str(weights), "--num-classes", "5"]) == 0
+    export, run_onnx_, load_torchscript_ = export_mod.export, export_mod.run_onnx, export_mod.load_torchscript
+
+    def broken_export(model, path, fmt, input_size, **kwargs):
+        wrong = copy.deepcopy(model)
+        last = [m for m in wrong.modules() if isinstance(m, nn.Linear)][-1]
+        with torch.no_grad():
+            last.weight.mul_(2)
+        return export(wrong, path, fmt, input_size, **kwargs)
+
+    inputs = []  # the input the CLI's check runs the file on
+    monkeypatch.setattr(export_mod, "export", broken_export)
+    monkeypatch.setattr(export_mod, "run_onnx", lambda session, x: inputs.append(x) or run_onnx_(session, x))
+    monkeypatch.setattr(export_mod, "load_torchscript",
+                        lambda path: (lambda x, m=load_torchscript_(path): inputs.append(x) or m(x)))
+    path = tmp_path / f"m{suffix}"
+    capsys.readouterr()
+    assert cli_main(["export", "cspresnet10", "--out", str(path), "--weights", str(weights), "--num-classes", "5",
+                     "--input-size", str(SIZE)]) == 0
+    reported = float(capsys.readouterr().out.rsplit(":", 1)[1])
+    [x] = inputs
+    with torch.no_grad():
+        written = run_onnx_(onnx_session(path), x)[0] if suffix == ".onnx" else load_torchscript_(path)(x)
+        eager = cspnet.create_model("cspresnet10", num_classes=5, pretrained=str(weights)).eval()(x)
+    measured = rel_err(written, eager)
+    assert measured > 100 * TOL
+    assert reported == pytest.approx(measured, rel=0.06)  # printed to two significant digits
