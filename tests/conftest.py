@@ -1,6 +1,7 @@
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ import torch
 # thread; a plain `pytest` run uses both cores. More threads than cores makes torch far slower.
 _default = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
 torch.set_num_threads(int(os.environ.get("CSPNET_TEST_THREADS", _default)))
+
+# Hypothesis caches what it reads from the source under <cwd>/.hypothesis, wherever pytest was started
+# (its example database too, were a test not derandomized): a test run keeps them in a temporary folder
+# that is removed when the run ends, unless the caller chose a storage folder.
+if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
+    _hypothesis_home = tempfile.TemporaryDirectory(prefix="cspnet-tests-hypothesis-")
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = _hypothesis_home.name
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,8 @@
 """Darknet cfg parsing and the errors a malformed cfg gets: always DarknetCfgError, always file:line."""
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,3 +215,13 @@ def test_mutated_cfgs_only_raise_darknet_cfg_errors(case):
     assert outs and all(isinstance(t, torch.Tensor) for t in outs)
     for i, t in zip(model.yolo_indices, outs if model.yolo_indices else []):
         assert tuple(t.shape[1:]) == model.layers[i].out_shape
+
+
+def test_the_property_test_writes_nothing_where_pytest_is_started(tmp_path):
+    # Hypothesis would keep its caches in <cwd>/.hypothesis; conftest.py sends them to a temporary folder.
+    env = {k: v for k, v in os.environ.items() if k != "HYPOTHESIS_STORAGE_DIRECTORY"}  # as a plain `pytest` starts
+    test = f"{Path(__file__).resolve()}::test_mutated_cfgs_only_raise_darknet_cfg_errors"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert list(tmp_path.iterdir()) == []
