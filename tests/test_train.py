@@ -726,3 +726,22 @@ def test_a_crash_while_best_is_written_does_not_lose_it(tmp_path, monkeypatch):
     result = fit(ClassificationTask(data), model(), cfg, tmp_path, resume=True, progress=False)
     best = read_checkpoint_record(tmp_path, "best")["state"]
     assert best["epoch"] == 1 and best["best"] == result.history[-1]["val_top1"]
+
+
+def test_fit_restores_the_process_determinism_settings(tmp_path):
+    # fit turned torch's deterministic mode on for the whole process (NaN-filling every new tensor) and left it on
+    data = load_digits_data(16, train_limit=64, test_limit=32)
+    seen = []
+
+    class RecordsTheSettings(ClassificationTask):
+        def loss(self, model, batch):
+            seen.append((torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory))
+            return super().loss(model, batch)
+
+    model = cspnet.create_model("resnet10", num_classes=10, in_chans=1, **_narrow("resnet10"))
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.utils.deterministic.fill_uninitialized_memory)
+    fit(RecordsTheSettings(data), model, TrainConfig(epochs=1, batch_size=32, lr=0.05), tmp_path, progress=False)
+    assert seen and all(s == (True, False) for s in seen)  # deterministic kernels, no NaN-filling
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark, torch.utils.deterministic.fill_uninitialized_memory) == before

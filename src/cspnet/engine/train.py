@@ -163,6 +163,26 @@ def amp_context(mode: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """Run the block with torch's deterministic algorithms (and cuDNN's autotuner off) when ``enabled``,
+    restoring the process's settings after it: a notebook that trains and then predicts should not keep
+    paying for them. Uninitialised memory is not NaN-filled (torch's default in this mode): it costs ~4 %
+    of a CPU training step, and no kernel here reads memory it did not write."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.utils.deterministic.fill_uninitialized_memory)
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+        torch.utils.deterministic.fill_uninitialized_memory = saved[3]
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, Any]]
@@ -289,157 +309,155 @@ def fit(
     if steps_per_epoch < 1:
         raise ValueError(f"the training set has {n_train} samples, fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    seed_everything(cfg.seed)
+    with deterministic_algorithms(cfg.deterministic):
+        seed_everything(cfg.seed)
 
-    model.to(device)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
-    schedule = LrSchedule(total_steps, cfg.schedule, cfg.burn_in, cfg.burn_in_power, cfg.poly_power, cfg.min_lr_ratio,
-                          tuple(cfg.step_milestones), cfg.step_gamma)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    amp_context(cfg.amp, device)  # refuses fp16 off CUDA here, before GradScaler warns about a missing GPU
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-    state: dict[str, Any] = {
-        "epoch": 0, "step": 0, "history": [], "partial": {}, "best": None,
-        "train_config": cfg.as_dict(), "run": run_info or {}, "steps_per_epoch": steps_per_epoch,
-    }
-    if resume:
-        if not (out_dir / "last.json").is_file():
-            raise CheckpointError(f"{out_dir / 'last.json'}: nothing to resume")
-        record = read_checkpoint_record(out_dir)
-        _check_resume_config(record["state"], cfg, run_info or {}, str(out_dir / "last.json"))
-        saved_scaler = scaler
-        if scaler is not None and "scaler" not in record:
-            saved_scaler = None  # an fp16 checkpoint of a version that kept no scaler state
-            print(f"{out_dir / 'last.json'}: saved without the fp16 gradient scaler's state (an older cspnet); the "
-                  "resumed run starts a fresh scaler, so its steps are not exactly those of an uninterrupted run",
-                  file=sys.stderr)
-        state = load_checkpoint(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=saved_scaler)
-        if state.get("steps_per_epoch") != steps_per_epoch:
-            raise CheckpointError(f"{out_dir / 'last.json'}: the training set changed ({state.get('steps_per_epoch')} steps per epoch then, {steps_per_epoch} now)")
-        if not dist.is_main:  # the saved partial-epoch sums are global; count them once
-            state["partial"] = {}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    memory_efficient(model, cfg.memory_efficient)
-    train_model = model
-    if dist.enabled:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    files = _MetricFiles(out_dir, tensorboard and dist.is_main) if dist.is_main else None
-    if files is not None and state["history"]:
-        files.write(state["history"])
-
-    def save(name: str = "last", weights_only: bool = False) -> None:
-        if dist.is_main:
-            save_checkpoint(out_dir, model=model, optimizer=None if weights_only else optimizer,
-                            scheduler=None if weights_only else scheduler, ema=ema,
-                            scaler=None if weights_only else scaler, state=state, name=name)
-
-    imgs_timed, time_timed = 0, 0.0
-    while state["step"] < total_steps:
-        epoch = state["step"] // steps_per_epoch
-        first = state["step"] - epoch * steps_per_epoch
-        order = epoch_order(n_train, cfg.seed, epoch)
-        chunk_ids = [(s, c) for s in range(first, steps_per_epoch)
-                     for c in range(dist.rank * cfg.accum_steps, (dist.rank + 1) * cfg.accum_steps)]
-        my_chunks = [order[s * cfg.batch_size + c * chunk: s * cfg.batch_size + (c + 1) * chunk].tolist() for s, c in chunk_ids]
-        if getattr(task, "seeded_items", False):
-            my_chunks = [item_seeds(ids, chunk_seed(cfg.seed, epoch, s, c)) for ids, (s, c) in zip(my_chunks, chunk_ids)]
-        loader = DataLoader(task.train_set, batch_sampler=my_chunks, num_workers=cfg.num_workers,
-                            collate_fn=task.collate, persistent_workers=False, pin_memory=device.type == "cuda")
-        train_model.train()
-        sums = dict(state["partial"]) or {}
-        bar = _progress(progress and dist.is_main, steps_per_epoch, first, f"{desc}epoch {epoch + 1}/{cfg.epochs}", bar_position)
-        t_epoch, imgs_epoch = time.perf_counter(), 0
-        batches = iter(with_worker_errors(loader))
-        for step_in_epoch in range(first, steps_per_epoch):
-            t_step = time.perf_counter()
-            step_sums: dict[str, float] = {}
-            for a in range(cfg.accum_steps):
-                c = dist.rank * cfg.accum_steps + a
-                seed = chunk_seed(cfg.seed, epoch, step_in_epoch, c)
-                batch = task.prepare(next(batches), device=device, seed=seed)
-                torch.manual_seed(seed)  # dropout and any other global-RNG use: a function of the chunk
-                sync = contextlib.nullcontext() if (a == cfg.accum_steps - 1 or not dist.enabled) else train_model.no_sync()
-                with sync:
-                    with amp_context(cfg.amp, device):
-                        loss, stats = task.loss(train_model, batch)
-                    scaled = loss / cfg.accum_steps
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                step_sums["loss"] = step_sums.get("loss", 0.0) + float(loss.detach()) * chunk
-                for k, v in stats.items():
-                    step_sums[k] = step_sums.get(k, 0.0) + float(v)
-                step_sums["samples"] = step_sums.get("samples", 0.0) + chunk
-            finite = torch.tensor([float(math.isfinite(step_sums["loss"]))])
-            if all_reduce_sum(finite, dist).item() < dist.world_size:
-                last = out_dir / "last.json"
-                kept = f"the last good checkpoint {last} (step {read_checkpoint_record(out_dir)['state']['step']}) is kept" if last.is_file() else "no checkpoint had been written yet"
-                raise TrainingDiverged(f"the loss became {step_sums['loss'] / chunk} at epoch {epoch + 1}, step {state['step'] + 1}; "
-                                       f"lower the learning rate or add --burn-in; {kept}")
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            state["step"] += 1
-            for k, v in step_sums.items():
-                sums[k] = sums.get(k, 0.0) + v
-            dt = time.perf_counter() - t_step
-            imgs_epoch += chunk * cfg.accum_steps * dist.world_size
-            imgs_timed += chunk * cfg.accum_steps * dist.world_size
-            time_timed += dt
-            if bar is not None:
-                rate = imgs_epoch / max(1e-9, time.perf_counter() - t_epoch)
-                eta_run = (total_steps - state["step"]) * cfg.batch_size / max(rate, 1e-9)
-                shown = {k: f"{v / sums['samples']:.3f}" for k, v in sums.items() if k != "samples"}
-                bar.set_postfix(**shown, img_s=f"{rate:.0f}", run_eta=f"{eta_run / 60:.1f}min", refresh=False)
-                bar.update(1)
-            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and step_in_epoch + 1 < steps_per_epoch:
-                state["partial"] = _global_sums(sums, dist)
-                save()
-        if bar is not None:
-            bar.refresh()  # the epoch's final figures, however fast its steps went by
-            bar.close()
-        totals = _global_sums(sums, dist)
-        scored = ema.module if ema is not None else model
-        broadcast_buffers(scored, dist)  # every process scores the model rank 0 saves
-        metrics = task.evaluate(scored, dist)
-        # the rate the epoch's last step used (the optimizer already holds the next step's)
-        row = {"epoch": epoch + 1, "step": state["step"], "lr": cfg.lr * schedule(state["step"] - 1)}
-        row.update({f"train_{k}": v / totals["samples"] for k, v in totals.items() if k != "samples"})
-        row.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        row["img_per_s"] = imgs_epoch / max(1e-9, time.perf_counter() - t_epoch)
-        row["epoch_s"] = time.perf_counter() - t_epoch
-        state["history"].append(row)
-        state["partial"] = {}
-        state["epoch"] = epoch + 1
-        state["last_eval"] = {k: v for k, v in metrics.items()}
-        score = metrics.get(task.metric)
-        is_best = score is not None and (state["best"] is None or score > state["best"])
-        if is_best:
-            state["best"] = score
-            # best first: a crash before `last` commits leaves the previous `last`, from which
-            # --resume scores the epoch again and writes `best`; the other order could lose it
-            save("best", weights_only=True)
-        save()
-        if files is not None:
+        model.to(device)
+        optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
+        schedule = LrSchedule(total_steps, cfg.schedule, cfg.burn_in, cfg.burn_in_power, cfg.poly_power, cfg.min_lr_ratio,
+                              tuple(cfg.step_milestones), cfg.step_gamma)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        amp_context(cfg.amp, device)  # refuses fp16 off CUDA here, before GradScaler warns about a missing GPU
+        scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        state: dict[str, Any] = {
+            "epoch": 0, "step": 0, "history": [], "partial": {}, "best": None,
+            "train_config": cfg.as_dict(), "run": run_info or {}, "steps_per_epoch": steps_per_epoch,
+        }
+        if resume:
+            if not (out_dir / "last.json").is_file():
+                raise CheckpointError(f"{out_dir / 'last.json'}: nothing to resume")
+            record = read_checkpoint_record(out_dir)
+            _check_resume_config(record["state"], cfg, run_info or {}, str(out_dir / "last.json"))
+            saved_scaler = scaler
+            if scaler is not None and "scaler" not in record:
+                saved_scaler = None  # an fp16 checkpoint of a version that kept no scaler state
+                print(f"{out_dir / 'last.json'}: saved without the fp16 gradient scaler's state (an older cspnet); the "
+                      "resumed run starts a fresh scaler, so its steps are not exactly those of an uninterrupted run",
+                      file=sys.stderr)
+            state = load_checkpoint(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=saved_scaler)
+            if state.get("steps_per_epoch") != steps_per_epoch:
+                raise CheckpointError(f"{out_dir / 'last.json'}: the training set changed ({state.get('steps_per_epoch')} steps per epoch then, {steps_per_epoch} now)")
+            if not dist.is_main:  # the saved partial-epoch sums are global; count them once
+                state["partial"] = {}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        memory_efficient(model, cfg.memory_efficient)
+        train_model = model
+        if dist.enabled:
+            train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        files = _MetricFiles(out_dir, tensorboard and dist.is_main) if dist.is_main else None
+        if files is not None and state["history"]:
             files.write(state["history"])
-            if progress:
-                shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-                print(f"{desc}{shown}", flush=True)
-    barrier(dist)
-    return FitResult(state["history"], state.get("last_eval", {}), time.perf_counter() - t_start,
-                     imgs_timed / max(time_timed, 1e-9), out_dir)
+
+        def save(name: str = "last", weights_only: bool = False) -> None:
+            if dist.is_main:
+                save_checkpoint(out_dir, model=model, optimizer=None if weights_only else optimizer,
+                                scheduler=None if weights_only else scheduler, ema=ema,
+                                scaler=None if weights_only else scaler, state=state, name=name)
+
+        imgs_timed, time_timed = 0, 0.0
+        while state["step"] < total_steps:
+            epoch = state["step"] // steps_per_epoch
+            first = state["step"] - epoch * steps_per_epoch
+            order = epoch_order(n_train, cfg.seed, epoch)
+            chunk_ids = [(s, c) for s in range(first, steps_per_epoch)
+                         for c in range(dist.rank * cfg.accum_steps, (dist.rank + 1) * cfg.accum_steps)]
+            my_chunks = [order[s * cfg.batch_size + c * chunk: s * cfg.batch_size + (c + 1) * chunk].tolist() for s, c in chunk_ids]
+            if getattr(task, "seeded_items", False):
+                my_chunks = [item_seeds(ids, chunk_seed(cfg.seed, epoch, s, c)) for ids, (s, c) in zip(my_chunks, chunk_ids)]
+            loader = DataLoader(task.train_set, batch_sampler=my_chunks, num_workers=cfg.num_workers,
+                                collate_fn=task.collate, persistent_workers=False, pin_memory=device.type == "cuda")
+            train_model.train()
+            sums = dict(state["partial"]) or {}
+            bar = _progress(progress and dist.is_main, steps_per_epoch, first, f"{desc}epoch {epoch + 1}/{cfg.epochs}", bar_position)
+            t_epoch, imgs_epoch = time.perf_counter(), 0
+            batches = iter(with_worker_errors(loader))
+            for step_in_epoch in range(first, steps_per_epoch):
+                t_step = time.perf_counter()
+                step_sums: dict[str, float] = {}
+                for a in range(cfg.accum_steps):
+                    c = dist.rank * cfg.accum_steps + a
+                    seed = chunk_seed(cfg.seed, epoch, step_in_epoch, c)
+                    batch = task.prepare(next(batches), device=device, seed=seed)
+                    torch.manual_seed(seed)  # dropout and any other global-RNG use: a function of the chunk
+                    sync = contextlib.nullcontext() if (a == cfg.accum_steps - 1 or not dist.enabled) else train_model.no_sync()
+                    with sync:
+                        with amp_context(cfg.amp, device):
+                            loss, stats = task.loss(train_model, batch)
+                        scaled = loss / cfg.accum_steps
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                    step_sums["loss"] = step_sums.get("loss", 0.0) + float(loss.detach()) * chunk
+                    for k, v in stats.items():
+                        step_sums[k] = step_sums.get(k, 0.0) + float(v)
+                    step_sums["samples"] = step_sums.get("samples", 0.0) + chunk
+                finite = torch.tensor([float(math.isfinite(step_sums["loss"]))])
+                if all_reduce_sum(finite, dist).item() < dist.world_size:
+                    last = out_dir / "last.json"
+                    kept = f"the last good checkpoint {last} (step {read_checkpoint_record(out_dir)['state']['step']}) is kept" if last.is_file() else "no checkpoint had been written yet"
+                    raise TrainingDiverged(f"the loss became {step_sums['loss'] / chunk} at epoch {epoch + 1}, step {state['step'] + 1}; "
+                                           f"lower the learning rate or add --burn-in; {kept}")
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if ema is not None:
+                    ema.update(model)
+                state["step"] += 1
+                for k, v in step_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                dt = time.perf_counter() - t_step
+                imgs_epoch += chunk * cfg.accum_steps * dist.world_size
+                imgs_timed += chunk * cfg.accum_steps * dist.world_size
+                time_timed += dt
+                if bar is not None:
+                    rate = imgs_epoch / max(1e-9, time.perf_counter() - t_epoch)
+                    eta_run = (total_steps - state["step"]) * cfg.batch_size / max(rate, 1e-9)
+                    shown = {k: f"{v / sums['samples']:.3f}" for k, v in sums.items() if k != "samples"}
+                    bar.set_postfix(**shown, img_s=f"{rate:.0f}", run_eta=f"{eta_run / 60:.1f}min", refresh=False)
+                    bar.update(1)
+                if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and step_in_epoch + 1 < steps_per_epoch:
+                    state["partial"] = _global_sums(sums, dist)
+                    save()
+            if bar is not None:
+                bar.refresh()  # the epoch's final figures, however fast its steps went by
+                bar.close()
+            totals = _global_sums(sums, dist)
+            scored = ema.module if ema is not None else model
+            broadcast_buffers(scored, dist)  # every process scores the model rank 0 saves
+            metrics = task.evaluate(scored, dist)
+            # the rate the epoch's last step used (the optimizer already holds the next step's)
+            row = {"epoch": epoch + 1, "step": state["step"], "lr": cfg.lr * schedule(state["step"] - 1)}
+            row.update({f"train_{k}": v / totals["samples"] for k, v in totals.items() if k != "samples"})
+            row.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            row["img_per_s"] = imgs_epoch / max(1e-9, time.perf_counter() - t_epoch)
+            row["epoch_s"] = time.perf_counter() - t_epoch
+            state["history"].append(row)
+            state["partial"] = {}
+            state["epoch"] = epoch + 1
+            state["last_eval"] = {k: v for k, v in metrics.items()}
+            score = metrics.get(task.metric)
+            is_best = score is not None and (state["best"] is None or score > state["best"])
+            if is_best:
+                state["best"] = score
+                # best first: a crash before `last` commits leaves the previous `last`, from which
+                # --resume scores the epoch again and writes `best`; the other order could lose it
+                save("best", weights_only=True)
+            save()
+            if files is not None:
+                files.write(state["history"])
+                if progress:
+                    shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                    print(f"{desc}{shown}", flush=True)
+        barrier(dist)
+        return FitResult(state["history"], state.get("last_eval", {}), time.perf_counter() - t_start,
+                         imgs_timed / max(time_timed, 1e-9), out_dir)
 
 
 def _global_sums(sums: dict[str, float], dist: DistInfo) -> dict[str, float]:
