@@ -176,7 +176,7 @@ def test_bench_times_each_part_where_it_runs(monkeypatch):
     from cspnet.detection import bench
 
     det = create_detector("cspresnet10", "fpn", num_classes=2, backbone_width=0.25, neck_width=32)
-    delays = {"backbone": 0.12, "neck": 0.08, "head": 0.04, "nms": 0.16}  # seconds
+    delays = {"backbone": 0.3, "neck": 0.2, "head": 0.1, "nms": 0.4}  # seconds, 100 ms apart
     for part in ("backbone", "neck", "head"):
         getattr(det, part).register_forward_pre_hook(lambda *args, delay=delays[part]: time.sleep(delay))
     postprocess = det.postprocess
@@ -186,7 +186,8 @@ def test_bench_times_each_part_where_it_runs(monkeypatch):
     result = bench.time_detector(det, 64, runs=runs)
     wall_ms = 1000 * (time.perf_counter() - start)
     for part, delay in delays.items():
-        assert 1000 * delay <= result[f"{part}_ms"] < 1000 * delay + 35, (part, result)
+        # the parts' own work takes a few ms; the margin is for a loaded machine, and half the delays' spacing
+        assert 1000 * delay <= result[f"{part}_ms"] < 1000 * delay + 50, (part, result)
     # every timed pass (warm-up included) fits in the time the call took, measured from outside
     assert (bench.WARMUP + runs) * result["total_ms"] <= wall_ms
     assert result["fps"] == pytest.approx(1000 / result["total_ms"])
