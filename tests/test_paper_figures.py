@@ -92,7 +92,7 @@ def test_profile_counts_every_kind_of_convolution_as_torchs_flop_counter_does():
     p = cspnet.profile(net, 10, in_chans=3)
     assert 2 * p.macs == counter.get_total_flops()
     assert p.conv_params == sum(m.weight.numel() for m in net if hasattr(m, "weight"))
-    assert p.cio == 3 * 100 + 8 * 100 + (8 * 100 + 6 * 400) + (6 * 400 + 4 * 324)
+    assert p.cio == 3 * 100 + 8 * 100 + (8 * 100 + 6 * 400) + (6 * 400 + 4 * 324) + (4 * 324 + 5)  # linear too
 
 
 def test_profile_keeps_each_modules_mode_and_follows_the_models_dtype():

@@ -1102,7 +1102,7 @@ def _memory_table(report: BenchReport) -> list[str]:
               "gradients, optimizer state, activations). Held for backward: bytes the forward pass allocates and "
               "still holds when it returns. "
               f"{OURS_MEMORY_EFFICIENT}: `cspnet.layers.memory_efficient` (activation outputs and concatenations rebuilt in backward). "
-              "CIO (the paper's memory-traffic measure): input + output elements of every convolution, per image.", ""]
+              "CIO (the paper's memory-traffic measure): input + output elements of every convolution and linear layer, per image.", ""]
     return lines
 
 

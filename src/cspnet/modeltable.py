@@ -144,7 +144,7 @@ def format_markdown(rows: list[ModelRow]) -> str:
                "models without an official cfg were designed here (docs/models_design.md) and show their gap in Δ. "
                "Paper params marked as counting every parameter (ELASTIC's convention) are compared with 'params'. "
                "Conv params = conv and linear weights (no BN, no bias); BFLOPs = 2 x conv multiply-adds; "
-               "CIO = conv inputs + outputs, elements per image.")
+               "CIO = conv and linear inputs + outputs (a linear classifier as the 1x1 conv of a cfg), elements per image.")
     return "\n".join(out)
 
 

@@ -14,8 +14,10 @@ Conventions (stated once, used everywhere):
 - ``shortcut_adds``: elements written by residual adds (`cspnet.layers.Shortcut`). Some Darknet
   builds add these to their BFLOPs total (one per output element of a ``[shortcut]``); the
   README's resnet10 figure (2.273) includes them, its darknet53 figure (18.57) does not.
-- ``cio``: the paper's memory-traffic measure (CIO of HarDNet): for every convolution, the
-  number of elements of its input plus its output, summed, for one image.
+- ``cio``: the paper's memory-traffic measure (CIO of HarDNet): for every convolution and linear
+  layer, the number of elements of its input plus its output, summed, for one image. A linear
+  layer counts as the 1x1 convolution on a 1x1 map that a Darknet cfg writes for a classifier,
+  so a native model and the network built from its cfg have the same CIO.
 
 Shapes come from forward hooks during one batch-1 forward pass in eval mode. Every convolution
 and linear layer is hooked, also one holding modules of its own (a quantization-aware conv's fake
@@ -116,7 +118,8 @@ def profile(model: nn.Module, input_size: int | tuple[int, int] = 224, in_chans:
                 kind = "conv"
             elif isinstance(m, nn.Linear):
                 macs = output.numel() * m.in_features
-                flops, kind = 2 * macs, "linear"
+                flops, cio = 2 * macs, x.numel() + output.numel()
+                kind = "linear"
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 flops, kind = 2 * output.numel(), "bn"
             elif isinstance(m, _ACTS):
