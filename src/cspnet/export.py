@@ -31,6 +31,13 @@ Exports (all written atomically: temp file, then ``os.replace``):
   branches depend on channel counts and strides only, never on the batch size).
 - safetensors of the (unfused) state dict with the model name and config as metadata, so
   ``cspnet.create_model(name)`` + ``cspnet.weights.load_into`` reads it back.
+
+Every export carries one metadata record (`export_record`), JSON under the key ``cspnet``: the model's
+name, config, class count and input channels, a detector's anchors and strides, the input size,
+and what the caller knows of its inputs and outputs: class names, COCO category ids, mean / std, width …
+(``cspnet export`` takes them from the training run or the weights file exported). ONNX keeps it in the
+model's ``metadata_props``, TorchScript as the extra file ``cspnet.json`` (``torch.jit.load(path,
+_extra_files={"cspnet.json": ""})``), safetensors in its header (`cspnet.weights.read_metadata`).
 """
 from __future__ import annotations
 
@@ -47,9 +54,10 @@ from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
 from .blocks import ResidualBlock
+from .detection.head import AnchorLayout
 from .files import atomic_path
 from .layers import ConvBnAct, hooked
-from .weights import model_metadata, save_weights
+from .weights import METADATA_KEY, encode_metadata, model_metadata, save_weights
 from .winograd import WinogradConvAct, eligible, weight_state, wide_enough
 
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
@@ -57,6 +65,11 @@ ONNX_OPSET = 17  # the oldest opset exports are made and tested at
 LEGACY_EXPORTER_MAX_OPSET = 20  # the newest opset torch.onnx's TorchScript-based exporter writes
 DYNAMO_EXPORTER_MIN_OPSET = 18  # the oldest opset torch.onnx's dynamo exporter writes
 BFLOAT16_OPSET = 22  # the first opset whose Conv takes bfloat16
+TORCHSCRIPT_METADATA_FILE = f"{METADATA_KEY}.json"  # the extra file of a TorchScript export holding its record
+# What a weights file's metadata says of the model's inputs and outputs (a training run's classes, input size
+# and normalisation; the preprocessing cspnet convert records): carried into exports made from the file.
+DESCRIPTIVE_KEYS = ("class_names", "category_ids", "input_size", "mean", "std", "crop_pct", "interpolation",
+                    "letterbox", "width", "options", "source")
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,6 +477,26 @@ def _refuse_deployed(model: nn.Module) -> None:
                          "(ONNX and TorchScript exports fold BatchNorm themselves)")
 
 
+def export_record(model: nn.Module, metadata: dict[str, Any] | None = None,
+                  input_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
+    """The metadata an export of ``model`` carries: ``metadata`` (what is known of the model's inputs and
+    outputs: class names, category ids, mean / std, width …), the model's own name, config, class count and
+    channels (`model_metadata`, over any in ``metadata``), a detector's anchors (pixels), each level's anchor
+    indices and strides, and ``input_size``, the size a graph was traced at."""
+    record = {**(metadata or {}), **model_metadata(model)}
+    layout = getattr(model, "layout", None)
+    if isinstance(layout, AnchorLayout):  # resolved: the config says None for the default anchors
+        record.update(anchors=layout.anchors, anchor_masks=layout.masks, strides=layout.strides)
+    if input_size is not None:
+        record["input_size"] = input_size
+    return record
+
+
+def descriptive_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The `DESCRIPTIVE_KEYS` of a weights file's metadata: what its exports carry of it."""
+    return {k: metadata[k] for k in DESCRIPTIVE_KEYS if k in metadata}
+
+
 def export_model(model: nn.Module, fused: bool = True) -> nn.Module:
     """The module exports are made from: an eval-mode copy of ``model``, BN-folded if ``fused``."""
     _refuse_deployed(model)
@@ -480,6 +513,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     fused: bool = True,
     exporter: str = "auto",
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as ONNX with input ``input`` (N, C, H, W) and a dynamic batch axis.
 
@@ -491,6 +525,8 @@ def export_onnx(
     to hold it, and a warning says so when the dynamo exporter wrote 18 for 17.
     The graph keeps the model's dtype: a float16 model takes float16 input. bfloat16 needs opset
     22 or newer, and onnxruntime's CPU provider has no bfloat16 or float64 convolution.
+    ``metadata``: what to record beside the model's identity and the input size (`export_record`), kept
+    in the file's ``metadata_props`` under ``cspnet``.
     ``model`` is not modified.
     """
     import onnx
@@ -529,6 +565,7 @@ def export_onnx(
                     ) from dynamo_error
         else:
             asked = _export_onnx_dynamo(net, x, tmp, opset, names, dynamic_batch)
+        _add_onnx_metadata(tmp, export_record(model, metadata, input_size))
         written = onnx_opset(tmp)
         if written != asked:
             raise ValueError(f"{path}: the exporter wrote opset {written}, not the {asked} asked for; nothing written")
@@ -536,6 +573,16 @@ def export_onnx(
         warnings.warn(f"{path}: written at opset {written}, not {opset}: the dynamo exporter (exporter={exporter!r}) "
                       f"writes opset {DYNAMO_EXPORTER_MIN_OPSET} or newer", stacklevel=2)
     return Path(path)
+
+
+def _add_onnx_metadata(path: Path, record: dict[str, Any]) -> None:
+    # torch.onnx.export takes no metadata: it is added to the written file
+    import onnx
+
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, encode_metadata(record)
+    onnx.save(model, str(path))
 
 
 def onnx_opset(path: str | os.PathLike) -> int:
@@ -594,8 +641,13 @@ def run_onnx(session, x: torch.Tensor) -> list[torch.Tensor]:
     return [torch.from_numpy(o) for o in outputs]
 
 
-def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: int | tuple[int, int] = 224, *, fused: bool = True) -> Path:
-    """Write the traced (BN-folded) model as TorchScript; load it with ``torch.jit.load``."""
+def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: int | tuple[int, int] = 224, *,
+                       fused: bool = True, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the traced (BN-folded) model as TorchScript; load it with ``torch.jit.load``.
+
+    The file's extra file ``cspnet.json`` holds `export_record` (``metadata`` beside the model's identity
+    and the input size traced at).
+    """
     net = export_model(model, fused)
     x = _example_input(net, input_size, 1)
     with warnings.catch_warnings():
@@ -604,7 +656,8 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: in
         with torch.no_grad():
             traced = torch.jit.trace(net, x, check_trace=False)
         with atomic_path(path) as tmp:
-            torch.jit.save(traced, str(tmp))
+            record = encode_metadata(export_record(model, metadata, input_size))
+            torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: record})
     return Path(path)
 
 
@@ -616,13 +669,14 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
 
 
 def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Write the model's (unfused) state dict as safetensors, with its name and config as metadata.
+    """Write the model's (unfused) state dict as safetensors, with `export_record` as metadata (``metadata``
+    beside the model's name, config, class count and channels).
 
     ``cspnet.create_model(name, pretrained=path)`` reads a classifier back (checking the name
     and config); ``cspnet.weights.load_into`` reads any model back.
     """
     _refuse_deployed(model)
-    return save_weights(path, model, {**model_metadata(model), **(metadata or {})})
+    return save_weights(path, model, export_record(model, metadata))
 
 
 def export(model: nn.Module, path: str | os.PathLike, fmt: str, input_size: int | tuple[int, int] = 224, **kwargs: Any) -> Path:

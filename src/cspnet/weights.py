@@ -47,6 +47,11 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def encode_metadata(metadata: dict[str, Any]) -> str:
+    """``metadata`` as the JSON text every cspnet file keeps it in (safetensors, ONNX and TorchScript exports)."""
+    return json.dumps(metadata, sort_keys=True, default=str)
+
+
 def save_weights(path: str | os.PathLike, model_or_state: nn.Module | dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> Path:
     """Write tensors to ``path`` as safetensors, atomically (temp file + rename).
 
@@ -58,7 +63,7 @@ def save_weights(path: str | os.PathLike, model_or_state: nn.Module | dict[str, 
         raise WeightsError(f"{path}: save_weights writes safetensors; name the file .safetensors")
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    meta = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True, default=str)}
+    meta = {METADATA_KEY: encode_metadata(metadata or {})}
     with atomic_path(path, durable=True) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path

@@ -28,7 +28,9 @@ def register(sub) -> None:
                    help="export a detector with this neck on MODEL (fpn, panet, efm, …); its eval output, "
                         "the decoded boxes before NMS, is what gets exported")
     p.add_argument("--num-classes", type=NON_NEGATIVE_INT, default=None, help="classifier classes (default 1000) or detector classes (80)")
-    p.add_argument("--input-size", type=POSITIVE_INT, default=None, help="example input size for tracing (default: the model's)")
+    p.add_argument("--input-size", type=POSITIVE_INT, default=None,
+                   help="example input size for tracing (default: the size the run or the --weights file records, "
+                        "else the model's; a detector's 416)")
     p.add_argument("--opset", type=int, default=17,
                    help="ONNX opset: 17 (default) up to the newest the installed onnx defines; above 20 the dynamo "
                         "exporter writes it")
@@ -37,8 +39,35 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _run_metadata(run: dict) -> dict:
+    """What the exports of a training run's model record of it (`cspnet.export.export_record`): its classes,
+    input size and normalisation, and a classifier's width and options (a detector's config holds its own)."""
+    if "detector" in run:  # letterboxed RGB in [0, 1], not normalised (cspnet.detection.predict)
+        channels = run["detector"].get("in_chans", 3)
+        return {"class_names": run["class_names"], "category_ids": run.get("category_ids"), "input_size": run["img_size"],
+                "mean": [0.0] * channels, "std": [1.0] * channels, "letterbox": True}
+    data, model = run["data"], run["model"]
+    return {"class_names": data["classes"], "input_size": data["img_size"], "mean": data["mean"], "std": data["std"],
+            "width": model["width"], "options": model["options"]}
+
+
+def _weights_metadata(path: Path, meta: dict) -> dict:
+    """What the exports of a weights file's model record of it: the training run's record when the file is a
+    run's checkpoint weights (``RUN/best.safetensors`` beside ``RUN/best.json``, which carries the file's token),
+    else the file's own description (`cspnet.export.descriptive_metadata`: a converted file's preprocessing)."""
+    from ..engine.checkpoint import read_checkpoint_record
+    from ..export import descriptive_metadata
+
+    if "token" in meta and path.with_suffix(".json").is_file():
+        record = read_checkpoint_record(path.parent, path.stem)
+        run = record["state"].get("run") if isinstance(record["state"], dict) else None
+        if record["token"] == meta["token"] and isinstance(run, dict):
+            return _run_metadata(run)
+    return descriptive_metadata(meta)
+
+
 def _from_run(args):
-    """The trained model of ``--checkpoint RUN`` and its input size."""
+    """The trained model of ``--checkpoint RUN`` and what its exports record of the run (`_run_metadata`)."""
     from ..engine.checkpoint import read_checkpoint_record
 
     clashing = [opt for opt, given in (("MODEL", args.model), ("--weights", args.weights), ("--detector", args.detector),
@@ -53,14 +82,14 @@ def _from_run(args):
         if args.ema or args.raw_weights:
             raise ValueError("--ema / --raw-weights are for classification runs; a detection run's EMA weights are its weights")
         model, run = load_detector(args.checkpoint, args.name)
-        return model, args.input_size or run["img_size"]
+        return model, _run_metadata(run)
     from ..engine.classify import load_classifier
 
     model, run = load_classifier(args.checkpoint, args.name or "last", ema=weights_choice(args))
-    return model, args.input_size or run["data"]["img_size"]
+    return model, _run_metadata(run)
 
 
-def _detector(args):
+def _detector(args, path: Path | None, meta: dict):
     """The detector ``--detector NECK`` on MODEL; with ``--weights``, the one the file was saved from.
 
     A detector's anchors (k-means on its training set), strides and widths are not in its state
@@ -69,11 +98,9 @@ def _detector(args):
     """
     from ..detection import create_detector
     from ..detection.detector import Detector, DetectorCfg
-    from ..weights import WeightsError, is_torch_save_file, load_into, load_state, read_metadata
+    from ..weights import WeightsError, load_into, load_state
 
-    path = Path(args.weights) if args.weights else None
     state = load_state(path) if path else None
-    meta = read_metadata(path) if path and not is_torch_save_file(path) else {}
     name = f"{args.model}-{args.detector}"
     if meta.get("model") not in (None, name):
         raise WeightsError(f"{path}: holds weights of model {meta['model']!r} (metadata 'model'), not {name!r}")
@@ -94,28 +121,37 @@ def _detector(args):
 
 
 def _build(args):
+    """The model to export, its input size, and what its exports record beyond the model itself: the
+    training run's classes, input size and normalisation, or a weights file's (`_weights_metadata`)."""
     from ..registry import create_model, get_spec
+    from ..weights import is_torch_save_file, read_metadata
 
     if args.checkpoint:
-        return _from_run(args)
+        model, metadata = _from_run(args)
+        return model, args.input_size or metadata["input_size"], metadata
     if args.model is None:
         raise ValueError("give a registered MODEL or --checkpoint RUN")
     if args.name or args.ema or args.raw_weights:
         raise ValueError("--name, --ema and --raw-weights go with --checkpoint RUN")
     spec = get_spec(args.model)
+    path = Path(args.weights) if args.weights else None
+    # a missing file is named by the weights loader below
+    meta = read_metadata(path) if path and path.is_file() and not is_torch_save_file(path) else {}
+    metadata = _weights_metadata(path, meta) if path else {}
     if args.detector:
-        return _detector(args), args.input_size or 416
+        return _detector(args, path, meta), args.input_size or metadata.get("input_size", 416), metadata
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = create_model(args.model, pretrained=args.weights, **kwargs) if args.weights else create_model(args.model, **kwargs)
-    return model, args.input_size or spec.default_input
+    return model, args.input_size or metadata.get("input_size", spec.default_input), metadata
 
 
-def _check(fmt: str, path: Path, model, input_size: int) -> float:
+def _check(fmt: str, path: Path, model, input_size: int | list[int]) -> float:
     """Largest |export - PyTorch| over the outputs, relative to the output scale, at batch 2."""
     from ..export import load_torchscript, onnx_session, run_onnx
 
     model.eval()
-    x = torch.randn(2, getattr(model, "in_chans", 3), input_size, input_size)
+    height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
+    x = torch.randn(2, getattr(model, "in_chans", 3), height, width)
     with torch.no_grad():
         ref = model(x)
         refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
@@ -134,13 +170,13 @@ def run(args) -> int:
     fmt = args.format or SUFFIXES.get(out.suffix)
     if fmt is None:
         raise ValueError(f"cannot tell the format from {out.name!r}; give --format onnx|torchscript|safetensors")
-    model, input_size = _build(args)
+    model, input_size, metadata = _build(args)
     model.eval()
-    kwargs = {}
+    kwargs = {"metadata": metadata}
     if fmt == "onnx":
-        kwargs = {"opset": args.opset, "fused": not args.no_fuse}
+        kwargs.update(opset=args.opset, fused=not args.no_fuse)
     elif fmt == "torchscript":
-        kwargs = {"fused": not args.no_fuse}
+        kwargs.update(fused=not args.no_fuse)
     path = export(model, out, fmt, input_size, **kwargs)
     kind = f"onnx opset {onnx_opset(path)}" if fmt == "onnx" else fmt
     line = f"wrote {path} ({kind}, {path.stat().st_size / 1e6:.1f} MB)"
