@@ -1,4 +1,4 @@
-"""cspnet.profile's counting rules."""
+"""cspnet.profile's counting rules: CIO of linear layers, FLOPs of every layer, and its input checks."""
 from pathlib import Path
 
 import pytest
@@ -26,3 +26,22 @@ def test_linear_cio_is_its_input_plus_its_output():
     p = cspnet.profile(net, 4, in_chans=3)
     assert p.cio == (3 * 16 + 8 * 16) + (8 + 5)
 
+
+def test_flops_all_counts_the_pools_written_as_tensor_ops():
+    from cspnet.layers import SPP, Maxout, SqueezeExcite
+
+    spp = cspnet.profile(torch.nn.Sequential(SPP((5, 9, 13))), 8, in_chans=2)
+    assert spp.flops_all == 2 * 64 * (5 * 5 + 9 * 9 + 13 * 13)  # one per window element, three stride-1 pools
+    maxout = cspnet.profile(torch.nn.Sequential(Maxout(3)), 4, in_chans=8)  # groups of 3, 3 and 2 (+ -inf)
+    assert maxout.flops_all == 3 * 16 * 3
+    se = SqueezeExcite(16)
+    p = cspnet.profile(torch.nn.Sequential(se), 4, in_chans=16)
+    convs = 2 * (16 * 8 + 8 * 16)  # fc1 and fc2 on the 1x1 squeezed map
+    assert p.flops_all == convs + 8 + (16 * 16 + 16 + 16 * 16)  # act; mean, sigmoid, scaling
+
+
+def test_native_model_and_its_cfg_have_the_same_flops_all():
+    # The native ClassifierHead pools with F.adaptive_avg_pool2d, the cfg with an [avgpool] module.
+    native = cspnet.profile(cspnet.create_model("darknet53"), 64)
+    built = build_model(CFG_ROOT / "darknet53.cfg", 64)
+    assert native.flops_all == cspnet.profile(built, 64, built.in_chans).flops_all

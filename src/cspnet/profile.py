@@ -9,8 +9,12 @@ Conventions (stated once, used everywhere):
   convolution spreads each input element over ``k`` x ``C_out / groups`` outputs.
 - ``bflops``: Darknet's BFLOPs = 2 * ``macs`` / 1e9.
 - ``flops_all``: FLOPs of every layer that runs as a module: 2 per MAC for conv/linear,
-  2 per element for BatchNorm (scale and shift), 1 per element for activations, one per
-  window element for pooling. Adds and concatenations written as tensor ops are not counted.
+  2 per element for BatchNorm (scale and shift), 1 per element for activations and residual
+  adds (`cspnet.layers.Shortcut`), one per window element for pooling: pooling modules, and
+  the pools cspnet's layers write as tensor ops (`SPP`'s max pools, `Maxout`'s max over
+  channels, `SqueezeExcite`'s mean, `ClassifierHead`'s global average). `SqueezeExcite`'s
+  sigmoid and channel scaling count one per element. Other tensor ops (adds, concatenations,
+  the detection necks' pools) are not counted.
 - ``shortcut_adds``: elements written by residual adds (`cspnet.layers.Shortcut`). Some Darknet
   builds add these to their BFLOPs total (one per output element of a ``[shortcut]``); the
   README's resnet10 figure (2.273) includes them, its darknet53 figure (18.57) does not.
@@ -32,11 +36,13 @@ import torch
 from torch import nn
 
 from .export import OneDnnConvAct
-from .layers import Shortcut
+from .layers import SPP, ClassifierHead, Maxout, Shortcut, SqueezeExcite
 
 _ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Mish, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Tanh)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)  # the layers whose weights and MACs are counted
+# Modules with children whose forward also computes with tensor ops of its own (counted in flops_all)
+_OWN_OPS = (SqueezeExcite, ClassifierHead)
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,14 @@ def profile(model: nn.Module, input_size: int | tuple[int, int] = 224, in_chans:
                 flops, kind = output.numel() * _window(m), "pool"
             elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
                 flops, kind = x.numel(), "pool"
+            elif isinstance(m, SPP):  # stride-1 max pools, one per kernel size, each as large as x
+                flops, kind = x.numel() * sum(k * k for k in m.kernel_sizes), "pool"
+            elif isinstance(m, Maxout):  # each output element is the max of ceil(C / out_chs) channels
+                flops, kind = output.numel() * -(-x.shape[1] // m.out_chs), "pool"
+            elif isinstance(m, SqueezeExcite):  # its convs count on their own: here the mean, sigmoid and scaling
+                flops, kind = x.numel() + x.shape[0] * x.shape[1] + output.numel(), "se"
+            elif isinstance(m, ClassifierHead):  # its linear layer counts on its own: here the global pool
+                flops, kind = x.numel(), "pool"
             else:
                 kind = type(m).__name__
             layers.append(LayerProfile(name, kind, tuple(x.shape), tuple(output.shape), own, macs, flops, cio))
@@ -137,7 +151,7 @@ def profile(model: nn.Module, input_size: int | tuple[int, int] = 224, in_chans:
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, _WEIGHTED) or not list(m.children())]
+               if isinstance(m, (*_WEIGHTED, *_OWN_OPS)) or not list(m.children())]
     modes = {m: m.training for m in model.modules()}  # restored one by one: a user may have frozen some
     model.eval()
     try:
