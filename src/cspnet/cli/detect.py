@@ -258,8 +258,10 @@ def _train(args, dist) -> int:
 def run_eval(args) -> int:
     from ..data.detection import DetectionDataset, coco_ground_truth, load_detection_source
     from ..detection.train import evaluate_detector, load_detector
+    from ..export import fuse
 
     model, run = load_detector(args.checkpoint, args.name)
+    fuse(model)  # inference only: BatchNorms folded into their convs, ~20 % faster on the CPU
     recorded = run.get("data", {}).get(args.split)
     recorded = recorded if isinstance(recorded, dict) else None  # runs of older versions recorded only a description
     if args.data is None and recorded is None:
@@ -287,8 +289,10 @@ def run_eval(args) -> int:
 def run_predict(args) -> int:
     from ..detection.predict import predict_files
     from ..detection.train import load_detector
+    from ..export import fuse
 
     model, run = load_detector(args.checkpoint, args.name)
+    fuse(model)  # inference only, as in eval
     skipped: list[str] | None = [] if args.skip_corrupt else None
     results = predict_files(model, [Path(p) for p in args.images], Path(args.out), run["img_size"],
                             tuple(run["class_names"]), args.conf, args.iou, skipped=skipped)
