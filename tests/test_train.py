@@ -425,7 +425,15 @@ def test_eval_prints_top1_top5_per_class_and_catches_wrong_heads(tmp_path, capsy
     out = tmp_path / "run"
     assert main(["train", "--model", "resnet10", *TINY, "--img-size", "16", "--epochs", "1", "--train-limit", "320", "--out", str(out)]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert main(["eval", "--checkpoint", str(out), "--data", "digits", "--json-out", str(tmp_path / "e.json")]) == 0
+    import cspnet.engine.classify as classify
+
+    evaluated = []
+    real_evaluate = classify.evaluate_classifier
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(classify, "evaluate_classifier", lambda model, *a, **k: evaluated.append(model) or real_evaluate(model, *a, **k))
+        assert main(["eval", "--checkpoint", str(out), "--data", "digits", "--json-out", str(tmp_path / "e.json")]) == 0
+    # eval runs the model with its BatchNorms folded into the convs, and scores as training did
+    assert len(evaluated) == 1 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in evaluated[0].modules())
     result = json.loads(capsys.readouterr().out)
     assert result["top1"] == pytest.approx(trained["top1"]) and result["top5"] >= result["top1"]
     assert len(result["per_class"]) == 10 and sum(map(sum, result["confusion"])) == result["images"] == 360
@@ -481,8 +489,15 @@ def test_predict_gives_the_trained_models_top_k_for_image_files(tmp_path, capsys
     for i, image in enumerate(images):
         Image.fromarray(image[0].numpy()).save(nested / f"{i:02d}.png")
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")  # a searched folder's non-images are passed over
-    assert main(["predict", str(tmp_path / "imgs"), "--checkpoint", str(out), "--topk", "3", "--batch-size", "5",
-                 "--no-progress", "--json-out", str(tmp_path / "p.json")]) == 0
+    import cspnet.engine.classify as classify
+
+    predicted_with = []
+    real_classify = classify.classify_files
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(classify, "classify_files", lambda model, *a, **k: predicted_with.append(model) or real_classify(model, *a, **k))
+        assert main(["predict", str(tmp_path / "imgs"), "--checkpoint", str(out), "--topk", "3", "--batch-size", "5",
+                     "--no-progress", "--json-out", str(tmp_path / "p.json")]) == 0
+    assert len(predicted_with) == 1 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in predicted_with[0].modules())
     result = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "p.json").read_text()) == result
     rows = result["predictions"]

@@ -221,9 +221,11 @@ def run_eval(args) -> int:
     from ..data.classification import HOLDOUT_RULE
     from ..engine.classify import evaluate_classifier, load_classifier
     from ..engine.distributed import DistInfo, resolve_device
+    from ..export import fuse
 
     set_threads(args)
     model, run = load_classifier(args.checkpoint, args.name, ema=weights_choice(args), num_classes=args.num_classes)
+    fuse(model)  # inference only: BatchNorms folded into their convs, faster, the same predictions
     trained = run["data"]
     img_size = args.img_size or trained["img_size"]
     # runs record a folder's absolute path (older runs the path as given, read here from the current directory)
@@ -268,10 +270,12 @@ def run_predict(args) -> int:
     from ..data.classification import image_files
     from ..engine.classify import classify_files, load_classifier
     from ..engine.distributed import resolve_device
+    from ..export import fuse
 
     set_threads(args)
     paths = image_files(args.images)
     model, run = load_classifier(args.checkpoint, args.name, ema=weights_choice(args))
+    fuse(model)  # inference only, as in eval
     rows, skipped = classify_files(model.to(resolve_device(args.device)), paths, run["data"], topk=args.topk,
                                    batch_size=args.batch_size, skip_corrupt=args.skip_corrupt,
                                    progress=not args.no_progress)
