@@ -45,3 +45,33 @@ def test_native_model_and_its_cfg_have_the_same_flops_all():
     native = cspnet.profile(cspnet.create_model("darknet53"), 64)
     built = build_model(CFG_ROOT / "darknet53.cfg", 64)
     assert native.flops_all == cspnet.profile(built, 64, built.in_chans).flops_all
+
+
+def test_profile_names_the_model_and_the_input_it_cannot_run_on():
+    small = cspnet.create_model("cspdensenet_ref")  # its unpadded pools need 61x61
+    with pytest.raises(ValueError, match=r"cspdensenet_ref cannot run on a 31x31 input with 3 channel\(s\): .*at least 61"):
+        cspnet.profile(small, 31)
+    # a wrong channel count is no size problem: no hint of downsampling (torch's message speaks of 'size')
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    with pytest.raises(ValueError, match=r"Sequential cannot run on a 16x16 input with 4 channel\(s\)") as info:
+        cspnet.profile(conv, 16, in_chans=4)
+    assert "too small" not in str(info.value) and "downsampling" not in str(info.value)
+
+
+@pytest.mark.parametrize("in_chans", [0, -1, 2.5, "3", True])
+def test_profile_refuses_in_chans_that_is_no_positive_integer(in_chans):
+    with pytest.raises(ValueError, match=f"in_chans must be a positive integer, got {in_chans!r}"):
+        cspnet.profile(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), 16, in_chans=in_chans)
+
+
+def test_profile_takes_any_integer_type_for_sizes_but_not_a_bool():
+    np = pytest.importorskip("numpy")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1))
+    want = cspnet.profile(net, (16, 12), in_chans=3)
+    got = cspnet.profile(net, (np.int64(16), np.int32(12)), in_chans=np.int64(3))
+    assert (got.input_size, got.macs, got.cio) == ((16, 12), want.macs, want.cio)
+    assert type(got.input_size[0]) is int
+    assert cspnet.profile(net, np.int64(16), in_chans=3).input_size == (16, 16)
+    for bad in (True, (16, True), 16.0, "16"):
+        with pytest.raises(ValueError, match="input size must be one or two positive integers"):
+            cspnet.profile(net, bad, in_chans=3)

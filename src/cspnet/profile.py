@@ -30,6 +30,7 @@ quantizers, a parametrized weight), so that none goes uncounted.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -98,17 +99,28 @@ def _window(m: nn.Module) -> int:
     return k * k if isinstance(k, int) else k[0] * k[1]
 
 
+def _is_positive_int(value) -> bool:
+    # any integer type (numpy's too), but not a bool: True is no size
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def profile(model: nn.Module, input_size: int | tuple[int, int] = 224, in_chans: int | None = None) -> Profile:
-    """Profile ``model`` on one ``in_chans x H x W`` image (``input_size`` is H = W or (H, W))."""
-    if isinstance(input_size, int):
-        input_size = (input_size, input_size)
-    if not isinstance(input_size, (tuple, list)) or len(input_size) != 2 or not all(
-            isinstance(v, int) and v >= 1 for v in input_size):
-        raise ValueError(f"input size must be one or two positive integers (H, W), got {input_size}")
+    """Profile ``model`` on one ``in_chans x H x W`` image (``input_size`` is H = W or (H, W)).
+
+    ``in_chans`` defaults to the model's ``in_chans`` attribute, else 3.
+    """
+    size = (input_size, input_size) if isinstance(input_size, numbers.Integral) else input_size
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(_is_positive_int(v) for v in size):
+        raise ValueError(f"input size must be one or two positive integers (H, W), got {input_size!r}")
+    input_size = (int(size[0]), int(size[1]))
+    if in_chans is None:
+        in_chans = getattr(model, "in_chans", 3)
+    if not _is_positive_int(in_chans):
+        raise ValueError(f"in_chans must be a positive integer, got {in_chans!r}")
+    in_chans = int(in_chans)
     if any(isinstance(m, OneDnnConvAct) for m in model.modules()):
         raise ValueError("profile counts the calls of nn.Conv2d layers, which a deployed model (cspnet.deploy) replaces "
                          "with fused oneDNN kernels; profile the model before deploying it (the arithmetic is the same)")
-    in_chans = in_chans or getattr(model, "in_chans", 3)
     layers: list[LayerProfile] = []
 
     def hook(name: str):
@@ -160,12 +172,10 @@ def profile(model: nn.Module, input_size: int | tuple[int, int] = 224, in_chans:
         with torch.no_grad():
             try:
                 model(torch.zeros(1, in_chans, *input_size, **probe))
-            except RuntimeError as e:
+            except (RuntimeError, ValueError) as e:  # torch's errors, and a model's own input checks
                 name = getattr(model, "model_name", type(model).__name__)
                 h, w = input_size
-                # torch's shape errors all speak of a size; most often a map downsampled below 1x1
-                hint = " (too small for its downsampling?)" if "size" in str(e) else ""
-                raise ValueError(f"{name} cannot run on a {h}x{w} input{hint}: {e}") from e
+                raise ValueError(f"{name} cannot run on a {h}x{w} input with {in_chans} channel(s): {e}") from e
     finally:
         for h in handles:
             h.remove()
