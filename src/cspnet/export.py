@@ -58,7 +58,7 @@ from .detection.head import AnchorLayout
 from .files import atomic_path
 from .layers import ConvBnAct, hooked
 from .weights import METADATA_KEY, encode_metadata, model_metadata, save_weights
-from .winograd import WinogradConvAct, eligible, weight_state, wide_enough
+from .winograd import PackedFrom, WinogradConvAct, eligible, wide_enough
 
 EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 ONNX_OPSET = 17  # the oldest opset exports are made and tested at
@@ -205,10 +205,10 @@ class OneDnnConvAct(nn.Module):
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self._packed: torch.Tensor | None = None
-        self._packed_from: tuple[int, int] | None = None  # `weight_state` of the weights packed
+        self._packed_from: PackedFrom | None = None
 
     def _apply(self, fn, recurse=True):
-        self._packed = None  # moved or cast: pack again from the new weights
+        self._packed = self._packed_from = None  # moved or cast: pack again from the new weights
         return super()._apply(fn, recurse)
 
     def fast_path(self, x: torch.Tensor) -> bool:
@@ -218,11 +218,11 @@ class OneDnnConvAct(nn.Module):
         )
 
     def packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        state = weight_state(self.layer.conv.weight)
-        if self._packed is None or state != self._packed_from:  # first call, or new / changed weights
-            self._packed_from = state
+        weight = self.layer.conv.weight
+        if self._packed_from is None or not self._packed_from.matches(weight):  # first call, or new / changed weights
+            self._packed_from = PackedFrom(weight)
             self._packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.layer.conv.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape),
+                weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(x.shape),
             )
         return self._packed
 

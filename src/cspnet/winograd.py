@@ -213,10 +213,22 @@ def _compiled(fn):
 RECOMPILE_LIMIT = 256
 
 
-def weight_state(weight: torch.Tensor) -> tuple[int, int]:
-    """Which tensor ``weight`` is and how often it was changed in place (``load_state_dict`` copies
-    in place): a packed copy of the weights is stale when this differs from when it was packed."""
-    return id(weight), weight._version
+class PackedFrom:
+    """The weights a packed copy was made from, to tell when the copy is stale.
+
+    Stale when the weight tensor was changed in place (``load_state_dict`` copies in place: its version
+    counter moves) or was given other memory: ``p.data = …`` (``torch.nn.utils.vector_to_parameters``)
+    changes neither the Parameter nor its version. This holds the packed-from tensor, so that no new
+    weights can be allocated at its address while the copy is in use (the old weights stay in memory
+    until the layer packs the new ones).
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        self.source = weight.detach()
+        self.version = weight._version
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        return weight.data_ptr() == self.source.data_ptr() and weight._version == self.version
 
 
 class WinogradConvAct(nn.Module):
@@ -233,17 +245,17 @@ class WinogradConvAct(nn.Module):
             raise ValueError(f"Winograd needs a 3x3, stride-1, padding-1 ungrouped conv, got {conv}")
         self.layer = layer
         self._packed: dict[str, list[torch.Tensor]] = {}  # algorithm name → packed GEMM weights
-        self._packed_from: tuple[int, int] | None = None  # `weight_state` of the weights packed
+        self._packed_from: PackedFrom | None = None
 
     def _apply(self, fn, recurse=True):
-        self._packed = {}  # moved or cast: transform again from the new weights
+        self._packed, self._packed_from = {}, None  # moved or cast: transform again from the new weights
         return super()._apply(fn, recurse)
 
     def packed_weights(self, algorithm: WinogradAlgorithm, rows: int) -> list[torch.Tensor]:
         """The transformed filters, one ``[K, C]`` matrix per point, in oneDNN's GEMM layout."""
-        state = weight_state(self.layer.layer.conv.weight)
-        if state != self._packed_from:  # new or changed weights: every packed form is stale
-            self._packed, self._packed_from = {}, state
+        weight = self.layer.layer.conv.weight
+        if self._packed_from is None or not self._packed_from.matches(weight):  # new or changed weights: all stale
+            self._packed, self._packed_from = {}, PackedFrom(weight)
         if algorithm.name not in self._packed:
             points = transform_weight(self.layer.layer.conv.weight, algorithm)
             self._packed[algorithm.name] = [torch.ops.mkldnn._reorder_linear_weight(u, rows) for u in points]
