@@ -253,6 +253,15 @@ def test_bad_configs_are_refused():
         run_benchmarks(quick_config(("resnet10",), train_formats=("nhwc",)))
     with pytest.raises(ValueError, match="train_repeats must be >= 1"):
         run_benchmarks(quick_config(("resnet10",), train_repeats=0))
+    for device in ("tpu", "cuda:x", "CPU", "cpu:0"):
+        with pytest.raises(ValueError, match=f"device must be cpu, cuda or cuda:N, got '{device}'"):
+            run_benchmarks(quick_config(("resnet10",), device=device))
+
+
+def test_bench_cli_refuses_an_unknown_device_without_a_traceback(capsys):
+    assert cli_main(["bench", "--quick", "resnet10", "--device", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert "device must be cpu, cuda or cuda:N, got 'tpu'" in err and "Traceback" not in err
 
 
 def test_flops_saving_uses_conv_macs():

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -760,8 +761,14 @@ def _check_config(config: BenchConfig) -> None:
     bad_formats = set(config.train_formats) - {"contiguous", "channels_last"}
     if bad_formats:
         raise ValueError(f"unknown train format(s) {sorted(bad_formats)}; expected contiguous or channels_last")
-    if torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", config.device):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {config.device!r}")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {config.device!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {config.device!r} requested but this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
     make_groups(config.models, config.twins)  # unknown model names fail before any work
 
 
