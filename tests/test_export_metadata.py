@@ -109,3 +109,32 @@ def test_library_exports_record_the_metadata_given_beside_the_models_own(tmp_pat
         assert record["class_names"] == ["a", "b", "c"] and record["std"] == [0.25] * 3
         assert record["model"] == "cspresnet10" and record["num_classes"] == 3  # the model's own identity wins
     assert records[0]["input_size"] == records[1]["input_size"] == [32, 48]
+
+
+def test_a_width_scaled_models_export_rebuilds_from_the_file_alone(tmp_path, capsys):
+    from cspnet.detection import create_detector
+    from cspnet.engine.models import build_model
+    from cspnet.export import run_onnx
+    from cspnet.weights import WeightsError, load_model
+
+    model = build_model("cspresnet10", num_classes=3, in_chans=1, width=0.25, options={"act": "mish"}).eval()
+    path = export_safetensors(model, tmp_path / "m.safetensors", metadata={"width": 0.25, "options": {"act": "mish"}})
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.equal(load_model(path)(x), ref)
+    with pytest.raises(WeightsError, match=r"another configuration of 'cspresnet10'.*load_model\(path\) rebuilds"):
+        create_model("cspresnet10", num_classes=3, in_chans=1, pretrained=path)  # builds the registered widths
+    onnx_path = tmp_path / "m.onnx"
+    assert cli_main(["export", "cspresnet10", "--weights", str(path), "--input-size", "32", "--out", str(onnx_path)]) == 0
+    (out,) = run_onnx(onnx_session(onnx_path), x)
+    assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-4
+    assert onnx_record(onnx_path)["width"] == 0.25
+    assert cli_main(["export", "cspresnet50", "--weights", str(path), "--out", str(onnx_path)]) == 2
+    assert "holds weights of model 'cspresnet10'" in capsys.readouterr().err
+
+    detector = create_detector("cspresnet10", "fpn", num_classes=3, anchors=[(4, 5)] * 3, backbone_width=0.25,
+                               neck_width=32).eval()
+    xd = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(load_model(export_safetensors(detector, tmp_path / "d.safetensors"))(xd), detector(xd))

@@ -30,7 +30,8 @@ Exports (all written atomically: temp file, then ``os.replace``):
 - TorchScript by tracing the fused model (``torch.jit.trace``; the models' shape-dependent
   branches depend on channel counts and strides only, never on the batch size).
 - safetensors of the (unfused) state dict with the model name and config as metadata, so
-  ``cspnet.create_model(name)`` + ``cspnet.weights.load_into`` reads it back.
+  ``cspnet.weights.load_model(path)`` rebuilds the model from the file alone (any width or options, or a
+  detector), and ``cspnet.create_model(name, pretrained=path)`` reads a registered config's back.
 
 Every export carries one metadata record (`export_record`), JSON under the key ``cspnet``: the model's
 name, config, class count and input channels, a detector's anchors and strides, the input size,
@@ -672,8 +673,10 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict
     """Write the model's (unfused) state dict as safetensors, with `export_record` as metadata (``metadata``
     beside the model's name, config, class count and channels).
 
-    ``cspnet.create_model(name, pretrained=path)`` reads a classifier back (checking the name
-    and config); ``cspnet.weights.load_into`` reads any model back.
+    ``cspnet.weights.load_model(path)`` rebuilds the model from the file and loads it (a width-scaled or
+    otherwise reconfigured model, a detector); ``cspnet.create_model(name, pretrained=path)`` reads a model of
+    the registered config back (checking the name and config); ``cspnet.weights.load_into`` any model built
+    to match.
     """
     _refuse_deployed(model)
     return save_weights(path, model, export_record(model, metadata))

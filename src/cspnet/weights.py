@@ -244,7 +244,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, finetune: bool
     if isinstance(meta.get("config"), dict) and cfg is not None:
         diffs = _config_differences(meta["config"], cfg)
         if diffs:
-            raise WeightsError(f"{path}: made for another configuration of {name!r}: " + "; ".join(diffs))
+            raise WeightsError(f"{path}: made for another configuration of {name!r}: " + "; ".join(diffs)
+                               + "; cspnet.weights.load_model(path) rebuilds the model the file records")
     if getattr(model, "num_classes", None) == 0:  # no classifier (features_only, or pooled features)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     adapted, keep = _adapt_for_finetuning(model, state) if finetune else ([], ())
@@ -259,6 +260,56 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, finetune: bool
                            f"(what cspnet train --pretrained does), or convert timm / torchvision weights with "
                            f"cspnet convert --in-chans {weight.shape[1]}") from None
     return adapted
+
+
+def _config_from_json(template: Any, saved: Any) -> Any:
+    """``saved``, a config as its metadata holds it (JSON), rebuilt in the types of ``template``, the registered
+    config: nested configs as their dataclasses, lists as tuples. A key the template lacks raises KeyError."""
+    if dataclasses.is_dataclass(template) and isinstance(saved, dict):
+        names = {f.name for f in dataclasses.fields(template)}
+        unknown = sorted(set(saved) - names)
+        if unknown:
+            raise KeyError(", ".join(unknown))
+        return dataclasses.replace(template, **{k: _config_from_json(getattr(template, k), v) for k, v in saved.items()})
+    if isinstance(saved, list):  # a tuple of configs (stages) or of values: each like the template's first
+        like = template[0] if isinstance(template, tuple) and template else None
+        return tuple(_config_from_json(like, v) for v in saved)
+    return saved
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """The model a cspnet safetensors file was saved from, rebuilt from its metadata, with its weights (eval mode).
+
+    The file records the model's name, full config, class count and input channels (`model_metadata`), so this
+    rebuilds what ``create_model(name, pretrained=path)`` cannot, as that builds the registered config: a model
+    whose config was changed (a ``cspnet train --width`` run's scaled channels, options such as ``act``), and a
+    detector (its anchors, strides and widths). A file without that record (a torch.save file, timm's) is
+    refused: build its model and use ``create_model(name, pretrained=path)``.
+    """
+    from .registry import create_model, get_spec
+
+    path = Path(path)
+    meta = read_metadata(path) if path.is_file() and not is_torch_save_file(path) else {}
+    config = meta.get("config")
+    if not isinstance(config, dict) or not isinstance(meta.get("model"), str):
+        load_state(path)  # a missing or unreadable file is named as such
+        raise WeightsError(f"{path}: records no cspnet model and config (metadata 'model', 'config'); build the "
+                           "model it was made for and load it with create_model(name, pretrained=path)")
+    if "neck" in config:  # a detector's DetectorCfg
+        from .detection.detector import Detector, DetectorCfg
+
+        model = Detector(DetectorCfg.from_dict(config))
+        load_into(model, load_state(path), source=str(path))
+        return model.eval()
+    spec = get_spec(meta["model"])
+    try:
+        cfg = _config_from_json(spec.cfg, config)
+    except KeyError as e:
+        raise WeightsError(f"{path}: its config has key(s) {e} that model {meta['model']!r} does not know") from None
+    changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(spec.cfg, f.name)}
+    model = create_model(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"], **changed)
+    load_pretrained(model, path)
+    return model.eval()
 
 
 def _adapt_for_finetuning(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], tuple[str, ...]]:

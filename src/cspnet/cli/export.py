@@ -120,6 +120,19 @@ def _detector(args, path: Path | None, meta: dict):
     return model
 
 
+def _recorded_model(args, path: Path, meta: dict):
+    """The classifier a cspnet weights file records (`cspnet.weights.load_model`), which must be MODEL's, with
+    --num-classes if given."""
+    from ..weights import WeightsError, load_model
+
+    if meta.get("model") != args.model:
+        raise WeightsError(f"{path}: holds weights of model {meta.get('model')!r} (metadata 'model'), not {args.model!r}")
+    if args.num_classes is not None and args.num_classes != meta.get("num_classes"):
+        raise WeightsError(f"{path}: made for another model: num_classes: file {meta.get('num_classes')!r} vs option "
+                           f"{args.num_classes!r}")
+    return load_model(path)
+
+
 def _build(args):
     """The model to export, its input size, and what its exports record beyond the model itself: the
     training run's classes, input size and normalisation, or a weights file's (`_weights_metadata`)."""
@@ -140,8 +153,11 @@ def _build(args):
     metadata = _weights_metadata(path, meta) if path else {}
     if args.detector:
         return _detector(args, path, meta), args.input_size or metadata.get("input_size", 416), metadata
-    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    model = create_model(args.model, pretrained=args.weights, **kwargs) if args.weights else create_model(args.model, **kwargs)
+    if isinstance(meta.get("config"), dict):  # a cspnet file: the model it records, whatever its width or options
+        model = _recorded_model(args, path, meta)
+    else:
+        kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+        model = create_model(args.model, pretrained=args.weights, **kwargs) if args.weights else create_model(args.model, **kwargs)
     return model, args.input_size or metadata.get("input_size", spec.default_input), metadata
 
 
