@@ -152,3 +152,17 @@ def test_profile_refuses_sizes_a_model_cannot_run_on():
         with pytest.raises(ValueError, match="positive integers"):
             cspnet.profile(model, bad)
     assert cspnet.profile(model, 64).macs > 0
+
+
+def test_resnet50_cfg_classifies_before_pooling_as_models_design_md_says():
+    # resnet50.cfg's 1000-way conv runs on the 8x8 map before [avgpool]; the native model pools first
+    # (the same function). docs/models_design.md and the models-table footer quote these figures.
+    from cspnet.darknet.info import summarize
+
+    cfgs = Path(__file__).resolve().parents[2] / "shared" / "darknet-cfg" / "cfg"
+    _, plain_cfg, _ = summarize(cfgs / "resnet50.cfg", 256)
+    _, csp_cfg, _ = summarize(cfgs / "csresnet50.cfg", 256)
+    plain, csp = (cspnet.profile(cspnet.create_model(n), 256).bflops for n in ("resnet50", "cspresnet50"))
+    assert (round(plain_cfg.bflops, 3), round(plain, 2)) == (9.999, 9.74)
+    assert round(csp_cfg.bflops, 3) == round(csp, 3) == 8.967
+    assert (round(100 * (1 - csp / plain_cfg.bflops), 1), round(100 * (1 - csp / plain), 1)) == (10.3, 7.9)
