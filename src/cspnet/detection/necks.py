@@ -90,12 +90,15 @@ def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     On a narrow input one side can stop shrinking (1 cell at every stride) while the other still
     halves, so a map may need pooling in height and nothing, or upsampling, in width.
-    The sizes are taken as Python ints so that the legacy (TorchScript) ONNX exporter sees a
-    constant pooling size; it refuses ``adaptive_max_pool2d`` with a size read from a tensor.
+    Under ``torch.jit.trace`` the sizes stay read from the maps, so a TorchScript export runs at
+    other input sizes; the legacy (TorchScript-based) ONNX exporter refuses ``adaptive_max_pool2d``
+    with a size read from a tensor, so it gets them as constants (its graph takes one input size).
     """
-    size = [int(s) for s in like.shape[-2:]]
-    pooled = [min(int(a), b) for a, b in zip(x.shape[-2:], size)]
-    if pooled != [int(a) for a in x.shape[-2:]]:
+    size, have = list(like.shape[-2:]), list(x.shape[-2:])
+    if torch.onnx.is_in_onnx_export():
+        size, have = [int(s) for s in size], [int(a) for a in have]
+    pooled = [min(a, b) for a, b in zip(have, size)]
+    if pooled != have:
         x = F.adaptive_max_pool2d(x, pooled)
     if pooled != size:
         x = F.interpolate(x, size=size, mode="nearest")
