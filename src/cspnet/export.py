@@ -55,6 +55,7 @@ from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
 from .blocks import ResidualBlock
+from .darknet.build import ConvLayer
 from .detection.head import AnchorLayout
 from .files import atomic_path
 from .layers import ConvBnAct, hooked
@@ -132,7 +133,10 @@ def fuse(model: nn.Module) -> nn.Module:
     """Fold every BatchNorm2d that directly follows a Conv2d into it, in place; return ``model``.
 
     Each `ConvBnAct` becomes a `ConvAct` (conv with bias, then the activation); inside any
-    other ``nn.Sequential`` a (Conv2d, BatchNorm2d) pair becomes (fused Conv2d, Identity).
+    other ``nn.Sequential`` a (Conv2d, BatchNorm2d) pair becomes (fused Conv2d, Identity). A Darknet-cfg
+    ``[convolutional]`` layer with ``batch_normalize`` (`cspnet.darknet.build.ConvLayer`) keeps its place and
+    runs a `ConvAct` as its ``conv`` (its ``bn`` None, its ``act`` the identity); layers that share one conv
+    (``share_index``) share its folded conv, each keeping its own activation.
     A BatchNorm that follows something else (a DenseNet pre-activation BN, say) stays, and so does a
     pair whose conv or BN has a forward hook of its own (folded, the hook would see another map or none).
     The model is switched to eval mode: folding freezes the running statistics, so a fused
@@ -152,7 +156,19 @@ def fuse(model: nn.Module) -> nn.Module:
                 if _foldable(conv, bn) and not _own_hooks(conv, bn):
                     _replace(parent, first, _fold(conv, bn))
                     _replace(parent, second, nn.Identity())
+    _fuse_darknet_convs(model)
     return model
+
+
+def _fuse_darknet_convs(model: nn.Module) -> None:
+    folded: dict[int, nn.Conv2d] = {}  # id of a conv that share_index layers share (with its BN) -> its folded conv
+    for layer in list(model.modules()):
+        if (isinstance(layer, ConvLayer) and layer.bn is not None and _foldable(layer.conv, layer.bn)
+                and not _own_hooks(layer.conv, layer.bn)):
+            if id(layer.conv) not in folded:
+                folded[id(layer.conv)] = _fold(layer.conv, layer.bn)
+            # the activation moves into the ConvAct, so that deploy runs conv + activation as one oneDNN kernel
+            layer.conv, layer.bn, layer.act = ConvAct(folded[id(layer.conv)], layer.act), None, nn.Identity()
 
 
 def unfolded_batchnorms(model: nn.Module) -> list[str]:

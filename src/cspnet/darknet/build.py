@@ -82,6 +82,9 @@ class ConvLayer(DarknetLayer):
 
     With ``share_index`` the conv and BN modules are those of another layer (shared weights,
     and no entry in the ``.weights`` file, as in darknet's ``load_weights_upto``).
+    `cspnet.export.fuse` folds the BN into the conv: ``conv`` becomes a `cspnet.export.ConvAct` (the
+    folded conv, shared as the conv was, and this layer's activation), ``bn`` None and ``act`` the
+    identity. A fused network is for inference: its weights no longer have the ``.weights`` layout.
     """
 
     def __init__(self, section: Section, in_shape: Shape, shared: ConvLayer | None = None):
