@@ -91,6 +91,11 @@ class ConvAct(nn.Module):
         return self.act(self.conv(x))
 
 
+class FoldedBatchNorm(nn.Identity):
+    """What `fuse` leaves where it folded a BatchNorm into the conv before it: passes its input on, and
+    marks the model as fused (`export_safetensors` refuses it)."""
+
+
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (
         isinstance(conv, nn.Conv2d)
@@ -133,7 +138,7 @@ def fuse(model: nn.Module) -> nn.Module:
     """Fold every BatchNorm2d that directly follows a Conv2d into it, in place; return ``model``.
 
     Each `ConvBnAct` becomes a `ConvAct` (conv with bias, then the activation); inside any
-    other ``nn.Sequential`` a (Conv2d, BatchNorm2d) pair becomes (fused Conv2d, Identity). A Darknet-cfg
+    other ``nn.Sequential`` a (Conv2d, BatchNorm2d) pair becomes (fused Conv2d, `FoldedBatchNorm`). A Darknet-cfg
     ``[convolutional]`` layer with ``batch_normalize`` (`cspnet.darknet.build.ConvLayer`) keeps its place and
     runs a `ConvAct` as its ``conv`` (its ``bn`` None, its ``act`` the identity); layers that share one conv
     (``share_index``) share its folded conv, each keeping its own activation.
@@ -155,7 +160,7 @@ def fuse(model: nn.Module) -> nn.Module:
                 conv, bn = parent._modules[first], parent._modules[second]
                 if _foldable(conv, bn) and not _own_hooks(conv, bn):
                     _replace(parent, first, _fold(conv, bn))
-                    _replace(parent, second, nn.Identity())
+                    _replace(parent, second, FoldedBatchNorm())
     _fuse_darknet_convs(model)
     return model
 
@@ -494,6 +499,13 @@ def _refuse_deployed(model: nn.Module) -> None:
                          "(ONNX and TorchScript exports fold BatchNorm themselves)")
 
 
+def _refuse_fused(model: nn.Module) -> None:
+    if any(isinstance(m, (ConvAct, FoldedBatchNorm)) for m in model.modules()):
+        raise ValueError("a fused model (cspnet.fuse) holds convs with the BatchNorms folded in: its state dict has "
+                         "conv biases and no BatchNorm tensors, which no model built by create_model (or Detector) "
+                         "loads; save the model before fusing it")
+
+
 def export_record(model: nn.Module, metadata: dict[str, Any] | None = None,
                   input_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
     """The metadata an export of ``model`` carries: ``metadata`` (what is known of the model's inputs and
@@ -687,7 +699,8 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
 
 def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
     """Write the model's (unfused) state dict as safetensors, with `export_record` as metadata (``metadata``
-    beside the model's name, config, class count and channels).
+    beside the model's name, config, class count and channels). A fused or deployed model is refused: its
+    folded weights fit no model a loader builds.
 
     ``cspnet.weights.load_model(path)`` rebuilds the model from the file and loads it (a width-scaled or
     otherwise reconfigured model, a detector); ``cspnet.create_model(name, pretrained=path)`` reads a model of
@@ -695,6 +708,7 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, metadata: dict
     to match.
     """
     _refuse_deployed(model)
+    _refuse_fused(model)
     return save_weights(path, model, export_record(model, metadata))
 
 
