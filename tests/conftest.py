@@ -1,9 +1,11 @@
+import gzip
 import importlib.util
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +25,34 @@ if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Compute with one thread, restored after: for tiny detectors per-op thread synchronisation dominates,
+    and on a shared machine two threads made the overfit test ~50x slower than one (379 s vs 8 s measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fashion_root(monkeypatch, tmp_path):
+    """Point the Fashion-MNIST folder (CSPNET_FASHION_MNIST's setting) at ``tmp_path / "fm"``, absent until a
+    test writes it (`write_idx`): the scenes then fall back to digits."""
+    from cspnet.data import classification, detection
+
+    monkeypatch.setattr(classification, "FASHION_MNIST_ROOT", tmp_path / "fm")
+    detection.object_images.cache_clear()
+    yield tmp_path / "fm"
+    detection.object_images.cache_clear()
+
+
+def write_idx(path: Path, magic: int, array: np.ndarray) -> None:
+    """Write ``array`` as a gzipped IDX file (Fashion-MNIST's format) with the given magic number."""
+    with gzip.open(path, "wb") as f:
+        f.write(np.array([magic, *array.shape], ">u4").tobytes() + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture

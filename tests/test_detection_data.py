@@ -22,6 +22,7 @@ from cspnet.data.detection import (
     tree_tiles,
 )
 from cspnet.detection.metrics import coco_evaluate
+from conftest import write_idx
 
 
 def test_scenes_are_seeded_exact_and_non_overlapping():
@@ -57,24 +58,6 @@ def test_scene_boxes_are_the_pasted_objects_extent(monkeypatch):
         assert img[~inside].max() == 0
 
 
-@pytest.fixture
-def fashion_root(monkeypatch, tmp_path):
-    """Point the Fashion-MNIST folder (CSPNET_FASHION_MNIST's setting) at ``tmp_path / "fm"``."""
-    from cspnet.data import classification
-
-    monkeypatch.setattr(classification, "FASHION_MNIST_ROOT", tmp_path / "fm")
-    D.object_images.cache_clear()
-    yield tmp_path / "fm"
-    D.object_images.cache_clear()
-
-
-def _idx(path, magic, array):
-    import gzip
-
-    with gzip.open(path, "wb") as f:
-        f.write(np.array([magic, *array.shape], ">u4").tobytes() + array.astype(np.uint8).tobytes())
-
-
 def test_scenes_fall_back_to_sklearn_digits(fashion_root):
     recs, names = make_scenes(2, seed=0, size=64)
     assert names == tuple(str(i) for i in range(10)) and len(recs) == 2
@@ -85,12 +68,12 @@ def test_scenes_read_fashion_mnist_where_the_classification_loader_does(fashion_
 
     fashion_root.mkdir()
     for prefix, label in (("train", 4), ("t10k", 7)):
-        _idx(fashion_root / f"{prefix}-images-idx3-ubyte.gz", 2051, np.full((3, 28, 28), 255))
-        _idx(fashion_root / f"{prefix}-labels-idx1-ubyte.gz", 2049, np.full(3, label))
+        write_idx(fashion_root / f"{prefix}-images-idx3-ubyte.gz", 2051, np.full((3, 28, 28), 255))
+        write_idx(fashion_root / f"{prefix}-labels-idx1-ubyte.gz", 2049, np.full(3, label))
     recs, names = make_scenes(2, seed=0, size=64, split="val")
     assert names == FASHION_MNIST_CLASSES and {int(x) for r in recs for x in r.labels} == {7}
     D.object_images.cache_clear()
-    _idx(fashion_root / "train-labels-idx1-ubyte.gz", 2051, np.full(3, 4))  # wrong magic: an error, not digits
+    write_idx(fashion_root / "train-labels-idx1-ubyte.gz", 2051, np.full(3, 4))  # wrong magic: an error, not digits
     with pytest.raises(DataError, match="not an IDX file"):
         make_scenes(2, seed=0, size=64)
 

@@ -1,39 +1,22 @@
 """`cspnet detect train`'s flip options: --hflip, the digits scenes' default, and what a run records of them."""
-import gzip
 import types
 
 import numpy as np
 import pytest
-import torch
 
 from cspnet.cli import main
-from cspnet.data import classification
 from cspnet.data import detection as D
+from conftest import write_idx
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def fashion_root(monkeypatch, tmp_path):
-    """Point the Fashion-MNIST folder at ``tmp_path / "fm"`` (absent: the scenes fall back to digits)."""
-    monkeypatch.setattr(classification, "FASHION_MNIST_ROOT", tmp_path / "fm")
-    D.object_images.cache_clear()
-    yield tmp_path / "fm"
-    D.object_images.cache_clear()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fake_fashion_mnist(root):
     root.mkdir()
     for prefix in ("train", "t10k"):
-        for name, magic, array in (("images-idx3-ubyte", 2051, np.full((3, 28, 28), 255)), ("labels-idx1-ubyte", 2049, np.arange(3))):
-            with gzip.open(root / f"{prefix}-{name}.gz", "wb") as f:
-                f.write(np.array([magic, *array.shape], ">u4").tobytes() + array.astype(np.uint8).tobytes())
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", 2051, np.full((3, 28, 28), 255))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 2049, np.arange(3))
 
 
 _TRAIN = ["detect", "train", "--model", "cspresnet10", "--backbone-width", "0.25", "--neck-width", "32", "--neck", "efm",

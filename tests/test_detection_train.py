@@ -19,14 +19,7 @@ from cspnet.detection.train import DetectRecipe, evaluate_detector, load_detecto
 from cspnet.engine.train import TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These detectors are tiny: per-op thread synchronisation dominates, and on a shared machine two
-    # threads made the overfit test ~50x slower than one (379 s vs 8 s measured). One thread, restored after.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny detectors: see the fixture
 
 
 
