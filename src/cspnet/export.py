@@ -346,7 +346,9 @@ class DeployedModel(nn.Module):
         super().__init__()
         self.model = model
         self.channels_last = channels_last
-        self.compiled = compiled  # torch.compile's wrapper around ``model`` (shares its weights)
+        # torch.compile's wrapper around ``model``: it holds the same weights, so it is kept out of the
+        # submodules, or the state dict would hold every tensor twice (and safetensors refuse to write it)
+        self.__dict__["compiled"] = compiled
 
     def forward(self, x: torch.Tensor):
         with torch.inference_mode():
@@ -583,6 +585,8 @@ def export_onnx(
         if exporter == "legacy" or (exporter == "auto" and opset <= LEGACY_EXPORTER_MAX_OPSET):
             try:
                 asked = _export_onnx_legacy(net, x, tmp, opset, names, dynamic_batch)
+            except OSError:  # the file cannot be written: the dynamo exporter would fail the same way, slowly
+                raise
             except Exception as legacy_error:  # the legacy tracer's failures have no common base class
                 if exporter == "legacy":
                     raise

@@ -186,6 +186,11 @@ def run(args) -> int:
     fmt = args.format or SUFFIXES.get(out.suffix)
     if fmt is None:
         raise ValueError(f"cannot tell the format from {out.name!r}; give --format onnx|torchscript|safetensors")
+    if SUFFIXES.get(out.suffix, fmt) != fmt:
+        raise ValueError(f"--out {out.name} names a {SUFFIXES[out.suffix]} file, but --format is {fmt}; "
+                         f"name the file for its format ({', '.join(s for s, f in SUFFIXES.items() if f == fmt)})")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the path of the file to write")
     model, input_size, metadata = _build(args)
     model.eval()
     kwargs = {"metadata": metadata}
