@@ -76,3 +76,12 @@ def test_layers_sharing_a_conv_share_its_folded_conv_and_keep_their_own_activati
     with torch.no_grad():
         assert rel_err(fused(x), ref) <= 1e-5
     assert rel_err(deploy(fused)(x), ref) <= 1e-5
+
+
+def test_writing_weights_of_a_fused_network_is_refused_by_name(tmp_path):
+    from cspnet.darknet import write_weights
+
+    net = fuse(build_model(parse_cfg_text(SHARED)))
+    with pytest.raises(ValueError, match=r"layer 0 \[convolutional\].*folded into the convolution \(cspnet.fuse\)"):
+        write_weights(net, tmp_path / "fused.weights")
+    assert not (tmp_path / "fused.weights").exists()

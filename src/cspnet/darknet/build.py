@@ -557,6 +557,9 @@ class DarknetNet(nn.Module):
         for layer in self.layers[: n if cutoff is None else cutoff]:
             where = f"layer {layer.index} [{layer.kind}] ({os.path.basename(self.cfg_path)}:{layer.line})"
             if isinstance(layer, ConvLayer) and layer.shared_from is None:
+                if not isinstance(layer.conv, nn.Conv2d):  # `cspnet.fuse` made it a ConvAct
+                    raise ValueError(f"{where}: its BatchNorm is folded into the convolution (cspnet.fuse), and a "
+                                     ".weights file holds unfolded layers: write it from the network before fusing")
                 bias = layer.bn.bias if layer.bn is not None else layer.conv.bias
                 records.append(WeightRecord(where, "conv", layer.conv.weight, bias, layer.bn, layer.index))
             elif isinstance(layer, ConnectedLayer):
