@@ -760,3 +760,17 @@ def test_fit_restores_the_process_determinism_settings(tmp_path):
     assert seen and all(s == (True, False) for s in seen)  # deterministic kernels, no NaN-filling
     assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
             torch.backends.cudnn.benchmark, torch.utils.deterministic.fill_uninitialized_memory) == before
+
+
+def test_burn_in_longer_than_the_run_is_capped_at_half_of_it():
+    # a fixed burn-in of 100 steps on a 9-step run left the whole run warming up (lr ended at 9% of lr);
+    # the warm-up now takes at most half the run, and the schedule records the burn-in as requested
+    total = 9
+    sched = LrSchedule(total, "cosine", burn_in=100)
+    assert sched.burn_in_steps == 4 and sched.burn_in == 100
+    lrs = [sched(s) for s in range(total)]
+    assert lrs[3] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)
+    assert lrs[0] == pytest.approx((1 / 4) ** 4) and lrs[-1] < lrs[4]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert torch.optim.lr_scheduler.LambdaLR(opt, sched).state_dict()["lr_lambdas"][0]["burn_in"] == 100
+    assert LrSchedule(40, "cosine", burn_in=8).burn_in_steps == 8  # a burn-in within half the run is kept

@@ -70,7 +70,8 @@ def register(sub) -> None:
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
     p.add_argument("--lr", type=POSITIVE, default=2e-3)
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=5e-4)
-    p.add_argument("--burn-in", type=NON_NEGATIVE_INT, default=100, help="warm-up optimizer steps")
+    p.add_argument("--burn-in", type=NON_NEGATIVE_INT, default=100,
+                   help="warm-up optimizer steps (default: 100; capped at half the run's steps, with a note)")
     p.add_argument("--ema", type=EMA_DECAY, default=0.999, help="EMA decay (0 = off); evaluation uses the EMA weights")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p.add_argument("--neck-width", type=NECK_WIDTH, default=None, help="neck channels at the coarsest level (cfg: 512)")
