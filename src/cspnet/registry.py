@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -125,8 +127,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     downsampling (`cspnet.net.dilate_stages`); models whose stages downsample by pooling refuse it.
     ``pretrained`` is the path of a weights file (`cspnet.weights.load_pretrained`);
     ``darknet_weights`` the path of an official Darknet ``.weights`` file for the model's cfg, or of a
-    ``darknet partial`` cut of one (``csdarknet53.conv.104``: the first layers, the rest keep their
-    initialisation).
+    ``darknet partial`` cut of one (``csdarknet53.conv.104``: the first layers, the rest keep their random
+    initialisation, and a warning says how many of the model's convolutions were read).
     """
     pretrained = kwargs.pop("pretrained", None)
     darknet_weights = kwargs.pop("darknet_weights", None)
@@ -158,5 +160,24 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         from .darknet.weights import default_cutoff
 
         # a darknet partial cut (x.conv.N) holds the first layers only; the rest keep their initialisation
-        load_darknet_weights(model, darknet_weights, partial=default_cutoff(darknet_weights) is not None)
+        partial = default_cutoff(darknet_weights) is not None
+        header = load_darknet_weights(model, darknet_weights, partial=partial)
+        if partial:
+            _warn_unread_layers(model, darknet_weights, header.nbytes)
     return model
+
+
+def _warn_unread_layers(model: nn.Module, path: str | os.PathLike, header_bytes: int) -> None:
+    """Warn when a partial Darknet file left some of the model's convolutions unread: the model would
+    otherwise look loaded while those layers (often the classifier) hold random initial values."""
+    import numpy as np
+
+    from .darknet.mapping import native_records
+
+    # a partial read stops after a whole layer: the layers read are those whose floats fit in the file
+    floats = (os.path.getsize(path) - header_bytes) // 4
+    ends = np.cumsum([r.num_floats for r in native_records(model)])
+    read = int((ends <= floats).sum())
+    if read < len(ends):
+        warnings.warn(f"{path}: read {read} of the {len(ends)} convolutions of model {model.model_name!r} (a partial "
+                      f"Darknet file); the other {len(ends) - read} keep their random initialisation", stacklevel=3)

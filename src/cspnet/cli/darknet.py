@@ -5,6 +5,7 @@ import json
 import os
 
 from ..darknet import convert_weights
+from ..darknet.convert import UNREAD_FILL_SEED
 from ..darknet.info import format_table, summarize
 from .argtypes import POSITIVE_INT
 
@@ -72,4 +73,8 @@ def run_convert(args) -> int:
            else f"cspnet.darknet.load_model({args.cfg!r}, {args.out!r})")
     print(f"wrote {args.out}: {result.records} weighted layers from {args.weights} "
           f"(Darknet {h.major}.{h.minor}.{h.revision}, seen {h.seen}); load with {how}")
+    if result.records < result.records_total:
+        print(f"note: {args.weights} holds the first {result.records} of the {result.records_total} weighted layers; "
+              f"the other {result.records_total - result.records} are written with their random initial values "
+              f"(torch seed {UNREAD_FILL_SEED}), not trained weights")
     return 0
