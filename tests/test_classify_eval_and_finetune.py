@@ -45,3 +45,20 @@ def test_eval_scores_every_image_of_a_folder_the_run_never_saw(tmp_path, capsys)
     assert main(["train", "--model", "resnet10", *TINY, "--data", str(other), "--val-fraction", "1.0",
                  "--out", str(tmp_path / "none")]) == 2
     assert "no training images (--val-fraction 1.0 holds out every image)" in capsys.readouterr().err
+
+
+def test_resume_for_more_epochs_is_refused_saying_how_to_train_further(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", "resnet10", *TINY, "--data", "digits", "--train-limit", "64", "--test-limit", "20"]
+    assert main([*args, "--epochs", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "epochs: checkpoint 1 vs now 2" in err and "the run finished its 1 epochs" in err
+    assert f"--pretrained {out / 'last.safetensors'} --out NEW_DIR --epochs 2" in err
+    # the way it names works: a new run from the finished run's weights
+    assert main([*args, "--epochs", "2", "--pretrained", str(out / "last.safetensors"), "--out", str(tmp_path / "more")]) == 0
+    # another difference than the epoch count gets no such hint
+    assert main([*args, "--epochs", "1", "--lr", "0.5", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "lr: checkpoint 0.1 vs now 0.5" in err and "--pretrained" not in err

@@ -182,8 +182,25 @@ def set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _other_epochs_hint(out_dir: str, epochs: int) -> str | None:
+    """How to get what ``--resume --epochs`` asked of the run in ``out_dir`` when it was made for another
+    epoch count (None when the epoch counts agree): the count sets the learning-rate schedule, so a
+    run cannot be lengthened, but its weights can start a new one."""
+    from ..engine.checkpoint import read_checkpoint_record
+
+    state = read_checkpoint_record(out_dir)["state"]
+    planned = state["train_config"]["epochs"]
+    if planned == epochs:
+        return None
+    further = (f"to train its weights further, start a new run from them: --pretrained "
+               f"{Path(out_dir) / 'last.safetensors'} --out NEW_DIR --epochs {epochs}")
+    if state["epoch"] < planned:
+        return f"--resume --epochs {planned} finishes the run; or, {further}"
+    return f"the run finished its {planned} epochs (the epoch count sets its learning-rate schedule); {further}"
+
+
 def run_train(args) -> int:
-    from ..engine.checkpoint import check_run_dir
+    from ..engine.checkpoint import CheckpointError, check_run_dir
     from ..engine.classify import ClassificationTask
     from ..engine.distributed import cleanup, init_distributed
     from ..engine.models import model_record, rebuild_model
@@ -206,8 +223,14 @@ def run_train(args) -> int:
             adapted = [] if args.resume else load_pretrained(model, args.pretrained, finetune=True)
             for line in adapted if dist.is_main else ():
                 print(f"{args.pretrained}: {line}", file=sys.stderr)
-        result = fit(ClassificationTask(data, recipe), model, cfg, args.out, dist=dist, resume=args.resume,
-                     progress=not args.no_progress, tensorboard=args.tensorboard, run_info=run_info)
+        try:
+            result = fit(ClassificationTask(data, recipe), model, cfg, args.out, dist=dist, resume=args.resume,
+                         progress=not args.no_progress, tensorboard=args.tensorboard, run_info=run_info)
+        except CheckpointError as e:
+            hint = _other_epochs_hint(args.out, args.epochs) if args.resume else None
+            if hint is None:
+                raise
+            raise CheckpointError(f"{e}; {hint}") from None
         if dist.is_main:
             final = {k: v for k, v in result.final.items() if k in ("top1", "top5", "loss")}
             print(json.dumps({"out": str(result.out_dir), **final, "wall_s": round(result.wall_s, 1),
