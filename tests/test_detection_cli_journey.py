@@ -3,8 +3,11 @@ per-class AP in the outputs, YOLO labels written at a few decimals."""
 import json
 
 import pytest
+import torch
+from PIL import Image
 
 from cspnet.cli import main
+from cspnet.data.detection import coco_ground_truth, make_scenes
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny detectors: see the fixture
@@ -22,3 +25,40 @@ def test_default_burn_in_is_capped_at_half_a_short_run_with_a_note(tmp_path, cap
     err = capsys.readouterr().err
     assert "burn-in of 100 steps is more than half of this run's 2 optimizer steps; warming up for 1" in err
     assert json.loads((tmp_path / "run" / "last.json").read_text())["state"]["train_config"]["burn_in"] == 100
+
+
+@pytest.fixture(scope="module")
+def coco_run(tmp_path_factory):
+    """A one-epoch run on a COCO file whose category ids are not the class indices, and its image folder
+    (the images spread over a subfolder)."""
+    root = tmp_path_factory.mktemp("coco")
+    records, names = make_scenes(8, seed=1, size=64)
+    category_ids = [10 * k + 3 for k in range(len(names))]
+    (root / "img" / "more").mkdir(parents=True)
+    for k, r in enumerate(records):
+        r.file_name = f"more/{r.file_name}" if k % 2 else r.file_name
+        Image.fromarray(r.image).save(root / "img" / r.file_name)
+    (root / "instances.json").write_text(json.dumps(coco_ground_truth(records, names, category_ids)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["detect", "train", "--model", "cspresnet10", "--backbone-width", "0.25", "--neck-width", "32",
+                     "--neck", "fpn", "--data", str(root / "instances.json"), "--images", str(root / "img"),
+                     "--val-data", str(root / "instances.json"), "--val-images", str(root / "img"), "--img-size", "64",
+                     "--batch-size", "4", "--anchors", "yolov3", "--epochs", "1", "--burn-in", "1", "--ema", "0",
+                     "--out", str(root / "run"), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root, records, names, category_ids
+
+
+def test_predict_takes_folders_as_cspnet_predict_does(coco_run, tmp_path, capsys):
+    root, records, _, _ = coco_run
+    capsys.readouterr()
+    assert main(["detect", "predict", "--checkpoint", str(root / "run"), str(root / "img"), "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == len(records)
+    written = json.loads((tmp_path / "detections.json").read_text())
+    assert sorted(e["image"] for e in written) == sorted(str(root / "img" / r.file_name) for r in records)
+    (tmp_path / "empty").mkdir()
+    assert main(["detect", "predict", "--checkpoint", str(root / "run"), str(tmp_path / "empty"), "--out", str(tmp_path)]) != 0
+    assert f"{tmp_path / 'empty'}: no image files in this folder" in capsys.readouterr().err

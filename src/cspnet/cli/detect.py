@@ -115,7 +115,7 @@ def register(sub) -> None:
     p = dsub.add_parser("predict", help="detect objects in images; write drawn images and detections.json")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--name", default=None)
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="leave out (and name) unreadable images instead of failing, as cspnet predict does")
@@ -288,14 +288,16 @@ def run_eval(args) -> int:
 
 
 def run_predict(args) -> int:
+    from ..data.classification import image_files
     from ..detection.predict import predict_files
     from ..detection.train import load_detector
     from ..export import fuse
 
+    paths = image_files(args.images)  # as cspnet predict takes them, before the model is loaded
     model, run = load_detector(args.checkpoint, args.name)
     fuse(model)  # inference only, as in eval
     skipped: list[str] | None = [] if args.skip_corrupt else None
-    results = predict_files(model, [Path(p) for p in args.images], Path(args.out), run["img_size"],
+    results = predict_files(model, paths, Path(args.out), run["img_size"],
                             tuple(run["class_names"]), args.conf, args.iou, skipped=skipped)
     skipped = skipped or []
     for reason in skipped:
