@@ -62,3 +62,13 @@ def test_predict_takes_folders_as_cspnet_predict_does(coco_run, tmp_path, capsys
     (tmp_path / "empty").mkdir()
     assert main(["detect", "predict", "--checkpoint", str(root / "run"), str(tmp_path / "empty"), "--out", str(tmp_path)]) != 0
     assert f"{tmp_path / 'empty'}: no image files in this folder" in capsys.readouterr().err
+
+
+def test_predict_writes_the_runs_coco_category_ids(coco_run, tmp_path):
+    root, records, names, category_ids = coco_run
+    assert main(["detect", "predict", "--checkpoint", str(root / "run"), str(root / "img" / records[0].file_name),
+                 "--out", str(tmp_path), "--conf", "0"]) == 0
+    detections = json.loads((tmp_path / "detections.json").read_text())[0]["detections"]
+    assert detections
+    for d in detections:
+        assert d["class"] == names[d["label"]] and d["category_id"] == category_ids[d["label"]]

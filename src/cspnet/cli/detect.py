@@ -298,7 +298,8 @@ def run_predict(args) -> int:
     fuse(model)  # inference only, as in eval
     skipped: list[str] | None = [] if args.skip_corrupt else None
     results = predict_files(model, paths, Path(args.out), run["img_size"],
-                            tuple(run["class_names"]), args.conf, args.iou, skipped=skipped)
+                            tuple(run["class_names"]), args.conf, args.iou, skipped=skipped,
+                            category_ids=run.get("category_ids"))
     skipped = skipped or []
     for reason in skipped:
         print(f"skipped: {reason}", file=sys.stderr)

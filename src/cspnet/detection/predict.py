@@ -45,7 +45,8 @@ def detect_image(model: Detector, image: np.ndarray, img_size: int, conf_thresh:
 
 
 def predict_files(model: Detector, paths: list[Path], out_dir: Path, img_size: int, class_names: tuple[str, ...],
-                  conf_thresh: float = 0.25, iou_thresh: float = 0.45, skipped: list[str] | None = None) -> list[dict]:
+                  conf_thresh: float = 0.25, iou_thresh: float = 0.45, skipped: list[str] | None = None,
+                  category_ids: tuple[int, ...] | None = None) -> list[dict]:
     """Detect in every image; write ``<stem>_det.png`` with boxes drawn and ``detections.json``.
 
     An unreadable image raises a ValueError naming it, or, when a ``skipped`` list is given, is left
@@ -53,7 +54,9 @@ def predict_files(model: Detector, paths: list[Path], out_dir: Path, img_size: i
 
     Inputs sharing a stem (``a/x.png``, ``b/x.png``) get ``x_det.png``, ``x_2_det.png`` … in the order
     given. Each entry of the JSON: ``{"image": path, "width", "height", "drawn": the drawn image's path,
-    "detections": [{"box": [x1, y1, x2, y2], "score", "label", "class"}]}`` in the image's own pixels.
+    "detections": [{"box": [x1, y1, x2, y2], "score", "label", "class"}]}`` in the image's own pixels;
+    with ``category_ids`` (a run trained on a COCO file records them) each detection also carries its
+    ``category_id``, the file's id of its class.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -79,12 +82,13 @@ def predict_files(model: Detector, paths: list[Path], out_dir: Path, img_size: i
         target = out_dir / name
         with atomic_path(target) as tmp:
             Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-        results.append({
-            "image": str(path), "width": image.shape[1], "height": image.shape[0], "drawn": str(target),
-            "detections": [
-                {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(c), "class": class_names[int(c)]}
-                for b, s, c in zip(det["boxes"], det["scores"], det["labels"])
-            ],
-        })
+        detections = []
+        for b, s, c in zip(det["boxes"], det["scores"], det["labels"]):
+            entry = {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(c), "class": class_names[int(c)]}
+            if category_ids is not None:
+                entry["category_id"] = int(category_ids[int(c)])
+            detections.append(entry)
+        results.append({"image": str(path), "width": image.shape[1], "height": image.shape[0], "drawn": str(target),
+                        "detections": detections})
     atomic_write_text(out_dir / "detections.json", json.dumps(results, indent=1))
     return results
