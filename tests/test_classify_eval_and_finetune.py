@@ -62,3 +62,40 @@ def test_resume_for_more_epochs_is_refused_saying_how_to_train_further(tmp_path,
     assert main([*args, "--epochs", "1", "--lr", "0.5", "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "lr: checkpoint 0.1 vs now 0.5" in err and "--pretrained" not in err
+
+
+def _pretrained_file(path, in_chans=3, **stats):
+    from cspnet.engine.models import model_record, rebuild_model
+    from cspnet.weights import model_metadata, save_weights
+
+    source = rebuild_model(model_record("resnet10", num_classes=3, in_chans=in_chans, width=0.25), seed=1)
+    return save_weights(path, source, {**model_metadata(source), **stats})
+
+
+def test_train_normalises_with_the_statistics_a_pretrained_file_records(tmp_path, capsys):
+    from cspnet.engine.checkpoint import read_checkpoint_record
+    from cspnet.engine.classify import load_classifier
+
+    folder = colour_folder(tmp_path / "imgs", 6)
+    # as `cspnet darknet convert` writes it: Darknet feeds plain [0, 1] RGB
+    darknet_like = _pretrained_file(tmp_path / "dk.safetensors", mean=[0.0] * 3, std=[1.0] * 3)
+    args = ["train", "--model", "resnet10", *TINY, "--data", str(folder), "--epochs", "1"]
+    assert main([*args, "--pretrained", str(darknet_like), "--out", str(tmp_path / "dk")]) == 0
+    assert f"mean [0.0, 0.0, 0.0], std [1.0, 1.0, 1.0] (recorded in {darknet_like})" in capsys.readouterr().err
+    _, run = load_classifier(tmp_path / "dk")  # what eval, predict and export normalise with
+    assert run["data"]["mean"] == [0.0] * 3 and run["data"]["std"] == [1.0] * 3
+    # resuming takes them from the checkpoint, not from the file
+    darknet_like.unlink()
+    assert main([*args, "--pretrained", str(darknet_like), "--out", str(tmp_path / "dk"), "--resume"]) == 0
+    # grey data: the colour channels' average, as the first conv is summed over them
+    rgb = _pretrained_file(tmp_path / "rgb.safetensors", mean=[0.3, 0.6, 0.9], std=[1.0, 2.0, 3.0])
+    assert main([*args, "--in-chans", "1", "--pretrained", str(rgb), "--out", str(tmp_path / "grey")]) == 0
+    data = read_checkpoint_record(tmp_path / "grey")["state"]["run"]["data"]
+    assert data["mean"] == pytest.approx([0.6]) and data["std"] == pytest.approx([2.0])
+    # a file that records none keeps the data's own (ImageNet's for an RGB folder)
+    plain = _pretrained_file(tmp_path / "plain.safetensors")
+    assert main([*args, "--pretrained", str(plain), "--out", str(tmp_path / "plain")]) == 0
+    assert "mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225] (the data's own)" in capsys.readouterr().err
+    bad = _pretrained_file(tmp_path / "bad.safetensors", mean=[0.0, 0.0], std=[1.0, 1.0])
+    assert main([*args, "--pretrained", str(bad), "--out", str(tmp_path / "bad")]) == 2
+    assert "bad.safetensors: metadata 'mean' [0.0, 0.0] / 'std' [1.0, 1.0] are not one or three" in capsys.readouterr().err

@@ -182,6 +182,29 @@ def set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def pretrained_statistics(path: str, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The input mean and std a weights file's metadata records (`cspnet convert`, `cspnet darknet convert`),
+    for ``in_chans`` channels; None when it records none (a .pth, a run's weights).
+
+    RGB statistics for grey data are the colour channels' average, as the first conv is summed over
+    them; grey ones for RGB data are repeated, as the conv is spread over three channels.
+    """
+    from ..weights import WeightsError, is_torch_save_file, read_metadata
+
+    meta = {} if is_torch_save_file(Path(path)) else read_metadata(path)
+    mean, std = meta.get("mean"), meta.get("std")
+    if mean is None and std is None:
+        return None
+    numbers = all(isinstance(v, list) and len(v) in (1, 3) and all(isinstance(x, (int, float)) for x in v)
+                  for v in (mean, std))
+    if not numbers or len(mean) != len(std) or min(std) <= 0:
+        raise WeightsError(f"{path}: metadata 'mean' {mean!r} / 'std' {std!r} are not one or three numbers "
+                           "each, with every std above 0")
+    if len(mean) != in_chans:
+        mean, std = ([sum(mean) / 3], [sum(std) / 3]) if in_chans == 1 else (mean * 3, std * 3)
+    return tuple(map(float, mean)), tuple(map(float, std))
+
+
 def _other_epochs_hint(out_dir: str, epochs: int) -> str | None:
     """How to get what ``--resume --epochs`` asked of the run in ``out_dir`` when it was made for another
     epoch count (None when the epoch counts agree): the count sets the learning-rate schedule, so a
@@ -200,7 +223,7 @@ def _other_epochs_hint(out_dir: str, epochs: int) -> str | None:
 
 
 def run_train(args) -> int:
-    from ..engine.checkpoint import CheckpointError, check_run_dir
+    from ..engine.checkpoint import CheckpointError, check_run_dir, read_checkpoint_record
     from ..engine.classify import ClassificationTask
     from ..engine.distributed import cleanup, init_distributed
     from ..engine.models import model_record, rebuild_model
@@ -216,13 +239,26 @@ def run_train(args) -> int:
         record = model_record(args.model, num_classes=data.num_classes, in_chans=data.in_chans, width=args.width,
                               options=model_opts(args.model_opt))
         model = rebuild_model(record, seed=args.seed)
+        statistics = "the data's own"
+        if args.pretrained and args.resume:
+            # a resumed run takes its weights, and the statistics they were read with, from its checkpoint
+            # (the file is not read again)
+            then = read_checkpoint_record(args.out)["state"]["run"]["data"]
+            data.mean, data.std = tuple(then["mean"]), tuple(then["std"])
+            statistics = "the run's, as it started"
+        elif args.pretrained:
+            adapted = load_pretrained(model, args.pretrained, finetune=True)
+            for line in adapted if dist.is_main else ():
+                print(f"{args.pretrained}: {line}", file=sys.stderr)
+            recorded = pretrained_statistics(args.pretrained, data.in_chans)
+            if recorded is not None:  # the inputs the weights were trained on (Darknet's: [0, 1], mean 0, std 1)
+                data.mean, data.std = recorded
+                statistics = f"recorded in {args.pretrained}"
+        if dist.is_main:
+            print(f"normalising inputs with mean {list(data.mean)}, std {list(data.std)} ({statistics})", file=sys.stderr)
         run_info = {"model": record, "data": data.describe(), "recipe": recipe.__dict__}
         if args.pretrained:
             run_info["pretrained"] = str(args.pretrained)
-            # a resumed run takes its weights from the checkpoint (fit refuses --resume without one)
-            adapted = [] if args.resume else load_pretrained(model, args.pretrained, finetune=True)
-            for line in adapted if dist.is_main else ():
-                print(f"{args.pretrained}: {line}", file=sys.stderr)
         try:
             result = fit(ClassificationTask(data, recipe), model, cfg, args.out, dist=dist, resume=args.resume,
                          progress=not args.no_progress, tensorboard=args.tensorboard, run_info=run_info)
