@@ -72,3 +72,45 @@ def test_predict_writes_the_runs_coco_category_ids(coco_run, tmp_path):
     assert detections
     for d in detections:
         assert d["class"] == names[d["label"]] and d["category_id"] == category_ids[d["label"]]
+
+
+def test_per_class_ap_of_a_perfect_detector_on_one_class():
+    from cspnet.detection.metrics import coco_evaluate
+
+    records, names = make_scenes(4, seed=2, size=64)
+    category_ids = [10 * k + 3 for k in range(len(names))]
+    gt = coco_ground_truth(records, names, category_ids)
+    found = {a["category_id"] for a in gt["annotations"]}
+    kept = min(found)  # every box of this category found exactly, none of the others
+    perfect = [{"image_id": a["image_id"], "category_id": kept, "bbox": a["bbox"], "score": 0.9}
+               for a in gt["annotations"] if a["category_id"] == kept]
+    rows = {row["category_id"]: row for row in coco_evaluate(gt, perfect, per_class=True)["per_class"]}
+    assert [rows[c]["class"] for c in category_ids] == list(names)
+    for cid, row in rows.items():
+        expected = 1.0 if cid == kept else 0.0 if cid in found else -1.0
+        assert row["AP"] == pytest.approx(expected) and row["AP50"] == pytest.approx(expected), row
+    assert {row["AP"] for row in coco_evaluate(gt, [], per_class=True)["per_class"]} <= {0.0, -1.0}
+
+
+def test_eval_prints_and_writes_per_class_ap_and_coco_results(coco_run, tmp_path, capsys):
+    from pycocotools.cocoeval import COCOeval
+
+    from cspnet.detection.metrics import coco_from_dict
+
+    root, records, names, category_ids = coco_run
+    capsys.readouterr()
+    assert main(["detect", "eval", "--checkpoint", str(root / "run"), "--json-out", str(tmp_path / "eval.json"),
+                 "--results-out", str(tmp_path / "results.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "eval.json").read_text()) == printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results and {d["category_id"] for d in results} <= set(category_ids)
+    # the results file scored by pycocotools itself, one category at a time, gives the per-class figures
+    gt = coco_from_dict(json.loads((root / "instances.json").read_text()))
+    assert [row["category_id"] for row in printed["per_class"]] == category_ids
+    for row in printed["per_class"]:
+        ev = COCOeval(gt, gt.loadRes(results), iouType="bbox")
+        ev.params.catIds = [row["category_id"]]
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+        assert (row["AP"], row["AP50"]) == pytest.approx((round(ev.stats[0], 4), round(ev.stats[1], 4)), abs=1e-4), row
+    assert any(row["AP50"] > 0 for row in printed["per_class"])  # something to compare

@@ -666,18 +666,21 @@ def test_cli_auto_anchors_are_in_input_pixels(tmp_path, monkeypatch, data):
 def test_cli_eval_and_predict_run_the_folded_detector(tmp_path, capsys, monkeypatch):
     # eval and predict are inference only: the BatchNorms fold into the convs (~20 % faster), same figures
     from cspnet.detection import predict, train
+    from cspnet.detection.metrics import coco_evaluate
 
     assert _cli_train(tmp_path / "run", "--epochs", "1") == 0
     unfused = load_detector(tmp_path / "run")[0]
     used, unfused_metrics = [], []
-    real_eval, real_detect = train.evaluate_detector, predict.detect_image
+    real_predict, real_detect = train.predict_dataset, predict.detect_image
 
-    def evaluate(model, *args, **kwargs):
+    def predict_dataset(model, dataset, *args, **kwargs):
         used.append(model)
-        unfused_metrics.append(real_eval(unfused, *args, **kwargs))  # the same data through the unfolded detector
-        return real_eval(model, *args, **kwargs)
+        # the same data through the unfolded detector
+        unfused_metrics.append(coco_evaluate(coco_ground_truth(dataset.records, dataset.class_names),
+                                             real_predict(unfused, dataset, *args, **kwargs)))
+        return real_predict(model, dataset, *args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate_detector", evaluate)
+    monkeypatch.setattr(train, "predict_dataset", predict_dataset)
     monkeypatch.setattr(predict, "detect_image", lambda model, *a, **k: used.append(model) or real_detect(model, *a, **k))
     capsys.readouterr()
     assert main(["detect", "eval", "--checkpoint", str(tmp_path / "run")]) == 0

@@ -100,7 +100,7 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
 
-    p = dsub.add_parser("eval", help="COCO AP / AP50 / AP75 / APs / APm / APl of a checkpoint (JSON on stdout)")
+    p = dsub.add_parser("eval", help="COCO AP / AP50 / AP75 / APs / APm / APl and per-class AP / AP50 of a checkpoint (JSON on stdout)")
     p.add_argument("--checkpoint", required=True, help="run directory written by cspnet detect train")
     p.add_argument("--name", default=None, help="best or last (default: best if present)")
     _add_data(p, required=False)
@@ -110,6 +110,9 @@ def register(sub) -> None:
     p.add_argument("--conf", type=PROBABILITY, default=0.001)
     p.add_argument("--iou", type=IOU, default=0.6)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write the printed JSON to this file")
+    p.add_argument("--results-out", default=None, metavar="FILE",
+                   help="write the detections as a COCO results list (image_id, category_id, bbox, score)")
     p.set_defaults(func=run_eval)
 
     p = dsub.add_parser("predict", help="detect objects in images; write drawn images and detections.json")
@@ -258,8 +261,10 @@ def _train(args, dist) -> int:
 
 def run_eval(args) -> int:
     from ..data.detection import DetectionDataset, coco_ground_truth, load_detection_source
-    from ..detection.train import evaluate_detector, load_detector
+    from ..detection.metrics import coco_evaluate
+    from ..detection.train import load_detector, predict_dataset
     from ..export import fuse
+    from ..files import atomic_write_text
 
     model, run = load_detector(args.checkpoint, args.name)
     fuse(model)  # inference only: BatchNorms folded into their convs, ~20 % faster on the CPU
@@ -281,9 +286,17 @@ def run_eval(args) -> int:
     category_ids = src.category_ids
     dataset = DetectionDataset(src.records, src.class_names, img_size, None)
     gt = coco_ground_truth(src.records, src.class_names, category_ids)
-    metrics = evaluate_detector(model, dataset, gt, category_ids, args.batch_size, args.conf, args.iou, progress=True)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "model": model.model_name, "data": src.description,
-                      "images": len(src.records), **{k: round(v, 4) for k, v in metrics.items()}}, indent=1))
+    detections = predict_dataset(model, dataset, args.batch_size, args.conf, args.iou, category_ids, progress=True)
+    if args.results_out:
+        atomic_write_text(args.results_out, json.dumps(detections))
+    metrics = coco_evaluate(gt, detections, per_class=True)
+    per_class = [{**row, "AP": round(row["AP"], 4), "AP50": round(row["AP50"], 4)} for row in metrics.pop("per_class")]
+    text = json.dumps({"checkpoint": str(args.checkpoint), "model": model.model_name, "data": src.description,
+                       "images": len(src.records), **{k: round(v, 4) for k, v in metrics.items()}, "per_class": per_class},
+                      indent=1)
+    print(text)  # first, so that the result is seen even if the file cannot be written
+    if args.json_out:
+        atomic_write_text(args.json_out, text + "\n")
     return 0
 
 
