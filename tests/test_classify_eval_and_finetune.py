@@ -84,9 +84,11 @@ def test_train_normalises_with_the_statistics_a_pretrained_file_records(tmp_path
     assert f"mean [0.0, 0.0, 0.0], std [1.0, 1.0, 1.0] (recorded in {darknet_like})" in capsys.readouterr().err
     _, run = load_classifier(tmp_path / "dk")  # what eval, predict and export normalise with
     assert run["data"]["mean"] == [0.0] * 3 and run["data"]["std"] == [1.0] * 3
-    # resuming takes them from the checkpoint, not from the file
+    # resuming takes them from the checkpoint, not from the file, named or not
     darknet_like.unlink()
     assert main([*args, "--pretrained", str(darknet_like), "--out", str(tmp_path / "dk"), "--resume"]) == 0
+    assert main([*args, "--out", str(tmp_path / "dk"), "--resume"]) == 0
+    assert f"std [1.0, 1.0, 1.0] (the run's, as it started from {darknet_like})" in capsys.readouterr().err
     # grey data: the colour channels' average, as the first conv is summed over them
     rgb = _pretrained_file(tmp_path / "rgb.safetensors", mean=[0.3, 0.6, 0.9], std=[1.0, 2.0, 3.0])
     assert main([*args, "--in-chans", "1", "--pretrained", str(rgb), "--out", str(tmp_path / "grey")]) == 0

@@ -239,26 +239,28 @@ def run_train(args) -> int:
         record = model_record(args.model, num_classes=data.num_classes, in_chans=data.in_chans, width=args.width,
                               options=model_opts(args.model_opt))
         model = rebuild_model(record, seed=args.seed)
-        statistics = "the data's own"
-        if args.pretrained and args.resume:
-            # a resumed run takes its weights, and the statistics they were read with, from its checkpoint
-            # (the file is not read again)
-            then = read_checkpoint_record(args.out)["state"]["run"]["data"]
-            data.mean, data.std = tuple(then["mean"]), tuple(then["std"])
-            statistics = "the run's, as it started"
-        elif args.pretrained:
-            adapted = load_pretrained(model, args.pretrained, finetune=True)
+        statistics, pretrained = "the data's own", args.pretrained
+        if args.resume:
+            # a resumed run takes its weights from its checkpoint, and the statistics of the file it started
+            # from from its record (with or without --pretrained: the file is not read again)
+            started = read_checkpoint_record(args.out)["state"].get("run", {})
+            pretrained = started.get("pretrained")
+            if pretrained is not None:
+                data.mean, data.std = tuple(started["data"]["mean"]), tuple(started["data"]["std"])
+                statistics = f"the run's, as it started from {pretrained}"
+        elif pretrained:
+            adapted = load_pretrained(model, pretrained, finetune=True)
             for line in adapted if dist.is_main else ():
-                print(f"{args.pretrained}: {line}", file=sys.stderr)
-            recorded = pretrained_statistics(args.pretrained, data.in_chans)
+                print(f"{pretrained}: {line}", file=sys.stderr)
+            recorded = pretrained_statistics(pretrained, data.in_chans)
             if recorded is not None:  # the inputs the weights were trained on (Darknet's: [0, 1], mean 0, std 1)
                 data.mean, data.std = recorded
-                statistics = f"recorded in {args.pretrained}"
+                statistics = f"recorded in {pretrained}"
         if dist.is_main:
             print(f"normalising inputs with mean {list(data.mean)}, std {list(data.std)} ({statistics})", file=sys.stderr)
         run_info = {"model": record, "data": data.describe(), "recipe": recipe.__dict__}
-        if args.pretrained:
-            run_info["pretrained"] = str(args.pretrained)
+        if pretrained:
+            run_info["pretrained"] = str(pretrained)
         try:
             result = fit(ClassificationTask(data, recipe), model, cfg, args.out, dist=dist, resume=args.resume,
                          progress=not args.no_progress, tensorboard=args.tensorboard, run_info=run_info)
