@@ -56,6 +56,7 @@ from torch.nn.utils import fuse_conv_bn_eval
 
 from .blocks import ResidualBlock
 from .darknet.build import ConvLayer
+from .data.detection import PAD_VALUE
 from .detection.head import AnchorLayout
 from .files import atomic_path
 from .layers import ConvBnAct, hooked
@@ -70,8 +71,34 @@ BFLOAT16_OPSET = 22  # the first opset whose Conv takes bfloat16
 TORCHSCRIPT_METADATA_FILE = f"{METADATA_KEY}.json"  # the extra file of a TorchScript export holding its record
 # What a weights file's metadata says of the model's inputs and outputs (a training run's classes, input size
 # and normalisation; the preprocessing cspnet convert records): carried into exports made from the file.
-DESCRIPTIVE_KEYS = ("class_names", "category_ids", "input_size", "mean", "std", "crop_pct", "interpolation",
+DESCRIPTIVE_KEYS = ("class_names", "category_ids", "input_size", "mean", "std", "crop_pct", "interpolation", "resize",
                     "letterbox", "width", "options", "source")
+# How a detector's input is made (`cspnet.data.detection.letterbox`, which training, predict and eval use) and what
+# its eval output holds (`Detector.decode`): recorded in every detector export, so that another runtime can feed
+# it and read it without this code.
+LETTERBOX_RECORD = {
+    "letterbox": True,
+    "letterbox_resize": "ratio = input_size / max(height, width); the image resized to round(width * ratio) x "
+                        "round(height * ratio), bilinear (PIL), longer side = input_size",
+    "letterbox_pad_value": PAD_VALUE,
+    "letterbox_position": "top-left: the image at (0, 0), the padding on the right and bottom (not centred)",
+}
+DETECTOR_OUTPUT_LAYOUT = {
+    "shape": "(batch, rows, 5 + num_classes)",
+    "columns": ["x1", "y1", "x2", "y2", "objectness", "class probabilities (num_classes columns)"],
+    "boxes": "corners in pixels of the letterboxed input (divide by the letterbox ratio for the image's pixels)",
+    "scores": "sigmoid probabilities; a class's score is objectness x its class probability",
+    "rows": "every anchor at every cell, level by level in 'strides' order (in a level: anchor, then row, then "
+            "column), before any threshold or NMS",
+}
+# What cspnet train / predict feed a classifier trained on image files or IDX sets
+# (`cspnet.data.classification.decode_image`): recorded in the exports of a classification run.
+CLASSIFIER_RESIZE_RECORD = {
+    "resize": "shorter side to input_size, longer side floor(longer * input_size / shorter) (torchvision Resize), "
+              "bilinear with antialiasing, then a centre crop of input_size x input_size",
+    "crop_pct": 1.0,
+    "interpolation": "bilinear",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,11 +540,17 @@ def export_record(model: nn.Module, metadata: dict[str, Any] | None = None,
     """The metadata an export of ``model`` carries: ``metadata`` (what is known of the model's inputs and
     outputs: class names, category ids, mean / std, width …), the model's own name, config, class count and
     channels (`model_metadata`, over any in ``metadata``), a detector's anchors (pixels), each level's anchor
-    indices and strides, and ``input_size``, the size a graph was traced at."""
+    indices and strides, its input rule (`LETTERBOX_RECORD`; RGB in [0, 1]: mean 0, std 1 unless ``metadata``
+    says otherwise) and output layout (`DETECTOR_OUTPUT_LAYOUT`), and ``input_size``, the size a graph was
+    traced at."""
     record = {**(metadata or {}), **model_metadata(model)}
     layout = getattr(model, "layout", None)
     if isinstance(layout, AnchorLayout):  # resolved: the config says None for the default anchors
-        record.update(anchors=layout.anchors, anchor_masks=layout.masks, strides=layout.strides)
+        record.update(anchors=layout.anchors, anchor_masks=layout.masks, strides=layout.strides,
+                      output_layout=DETECTOR_OUTPUT_LAYOUT, **LETTERBOX_RECORD)
+        channels = record.get("in_chans") or 3
+        record.setdefault("mean", [0.0] * channels)
+        record.setdefault("std", [1.0] * channels)
     if input_size is not None:
         record["input_size"] = input_size
     return record

@@ -42,13 +42,15 @@ def register(sub) -> None:
 def _run_metadata(run: dict) -> dict:
     """What the exports of a training run's model record of it (`cspnet.export.export_record`): its classes,
     input size and normalisation, and a classifier's width and options (a detector's config holds its own)."""
-    if "detector" in run:  # letterboxed RGB in [0, 1], not normalised (cspnet.detection.predict)
+    if "detector" in run:  # letterboxed RGB in [0, 1], not normalised: export_record adds the letterbox rule
         channels = run["detector"].get("in_chans", 3)
         return {"class_names": run["class_names"], "category_ids": run.get("category_ids"), "input_size": run["img_size"],
-                "mean": [0.0] * channels, "std": [1.0] * channels, "letterbox": True}
+                "mean": [0.0] * channels, "std": [1.0] * channels}
+    from ..export import CLASSIFIER_RESIZE_RECORD
+
     data, model = run["data"], run["model"]
     return {"class_names": data["classes"], "input_size": data["img_size"], "mean": data["mean"], "std": data["std"],
-            "width": model["width"], "options": model["options"]}
+            "width": model["width"], "options": model["options"], **CLASSIFIER_RESIZE_RECORD}
 
 
 def _weights_metadata(path: Path, meta: dict) -> dict:

@@ -93,6 +93,9 @@ def _convert(cfg_path: str | os.PathLike, weights_path: str | os.PathLike, out_p
         "darknet_records_read": records,
         "darknet_records_total": records_total,
         "input_size": list(darknet.net_size),
+        # Darknet feeds its networks RGB scaled to [0, 1], nothing subtracted or divided
+        "mean": [0.0] * darknet.in_chans,
+        "std": [1.0] * darknet.in_chans,
     }
     name = None if raw else (model or model_for_cfg(cfg_path))
     if name is None:
