@@ -177,3 +177,13 @@ def test_detect_train_takes_a_darknet_data_file_and_its_valid_list(tmp_path, mon
     assert seen["train"].class_names == seen["val"].class_names == NAMES
     assert len(seen["train"]) == 4 and len(seen["val"]) == 1 and seen["data"]["val"]["split"] == "val"
     assert "(train) (4 images): 1 image(s) have no label file: read as negatives" in capsys.readouterr().err
+
+
+def test_labels_rounded_to_6_decimals_past_the_edge_are_clipped_without_a_report(tmp_path):
+    # a box from x 2 to the right edge of a 96 px image, written at 6 decimals as labelling tools do, ends
+    # at 96.000048 px: clipped, but not counted as a box reaching out of the image; one 0.96 px out is
+    path = tmp_path / "a.txt"
+    path.write_text(f"0 {49 / 96:.6f} 0.5 {94 / 96:.6f} 0.5\n1 0.99 0.5 0.04 0.5\n")
+    boxes, labels, report = D.load_yolo_labels(path, 96, 64, 2)
+    assert labels.tolist() == [0, 1] and boxes[:, 2].tolist() == [96, 96]
+    assert report.clipped == 1
