@@ -34,6 +34,7 @@ def test_eval_scores_every_image_of_a_folder_the_run_never_saw(tmp_path, capsys)
     result = json.loads(captured.out)
     assert result["images"] == sum(map(sum, result["confusion"])) == 21 and result["split"] == "every image"
     assert "scoring 21 image(s), every image" in captured.err
+    assert result["top5"] is None  # three classes: every label is in the top 5, so the figure would say nothing
     # asked for, a share of another folder is held out as asked
     assert main(["eval", "--checkpoint", str(out), "--data", str(other), "--val-fraction", "0.5", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 12  # round(3.5) = 4 of each class

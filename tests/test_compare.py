@@ -43,6 +43,12 @@ def test_compare_writes_report_and_plots(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert all(n in md for n in names) and "curves.png" in md and "bars.png" in md and "top-1" in md
     assert "| peak train mem (MiB) |" in md  # RSS is read in KiB: the figures are MiB
+    # with 5 classes or fewer evaluation gives no top-5 (None): the report says "—" instead of failing
+    from cspnet.compare import format_report
+
+    histories = {n: [json.loads(line) for line in (out / n / "metrics.jsonl").read_text().splitlines()] for n in names}
+    report["models"][0]["top5"] = None
+    assert f"| {100 * report['models'][0]['top1']:.2f}% | — |" in format_report(report, histories)
     for png in ("curves.png", "bars.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] >= 600

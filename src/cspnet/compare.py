@@ -331,6 +331,10 @@ def accuracy_verdict(top1: float, other_top1: float, test_size: int) -> str:
     return f"is {abs(diff):.2f} pp {'more' if diff > 0 else 'less'} accurate on this run ({resolution})"
 
 
+def _percent(fraction: float | None) -> str:
+    return "—" if fraction is None else f"{100 * fraction:.2f}%"  # None: top-5 of 5 classes or fewer says nothing
+
+
 def format_report(report: dict[str, Any], histories: dict[str, list[dict[str, Any]]]) -> str:
     """The Markdown report."""
     rows, ratios, data = report["models"], report["ratios"], report["data"]
@@ -349,7 +353,7 @@ def format_report(report: dict[str, Any], histories: dict[str, list[dict[str, An
     ]
     for r in rows:
         lines.append(f"| {r['name']} | {r['params']:,} | {r['bflops']:.4f} | {r['macs'] / 1e6:.2f} | {r['train_img_per_s']:.0f} | "
-                     f"{r['infer_img_per_s']:.0f} | {r['peak_mem_mib']:.0f} | {100 * r['top1']:.2f}% | {100 * r['top5']:.2f}% |")
+                     f"{r['infer_img_per_s']:.0f} | {r['peak_mem_mib']:.0f} | {100 * r['top1']:.2f}% | {_percent(r['top5'])} |")
     lines.append(f"| **{csp} / {plain}** | {ratios.get('params', 0):.2f}x | {ratios.get('bflops', 0):.2f}x | | "
                  f"{ratios.get('train_img_per_s', 0):.2f}x | {ratios.get('infer_img_per_s', 0):.2f}x | "
                  f"{ratios.get('peak_mem_mib', 0):.2f}x | {ratios['top1_diff_pp']:+.2f} pp | |")

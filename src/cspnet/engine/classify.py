@@ -133,7 +133,8 @@ def evaluate_classifier(model: nn.Module, data: ClassificationData, dist: DistIn
     """Top-1, top-5, mean loss, per-class accuracy and the confusion matrix on ``data.test``.
 
     Each process scores every ``world_size``-th image; the confusion matrices are summed.
-    ``confusion[i][j]`` counts images of class ``i`` predicted as ``j``.
+    ``confusion[i][j]`` counts images of class ``i`` predicted as ``j``. With 5 classes or fewer, top-5
+    is None: every label is among the top 5, so the figure would say nothing.
     """
     dist = dist or DistInfo()
     device = dist.device
@@ -168,7 +169,7 @@ def evaluate_classifier(model: nn.Module, data: ClassificationData, dist: DistIn
     per_class = [float(hit / n) if n else None for hit, n in zip(confusion.diag().tolist(), counts.tolist())]
     return {
         "top1": confusion.diag().sum().item() / total,
-        "top5": sums[0].item() / total,
+        "top5": sums[0].item() / total if k > 5 else None,
         "loss": sums[1].item() / total,
         "images": int(total),
         "per_class": dict(zip(data.classes, per_class)),
