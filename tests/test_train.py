@@ -774,3 +774,10 @@ def test_burn_in_longer_than_the_run_is_capped_at_half_of_it():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     assert torch.optim.lr_scheduler.LambdaLR(opt, sched).state_dict()["lr_lambdas"][0]["burn_in"] == 100
     assert LrSchedule(40, "cosine", burn_in=8).burn_in_steps == 8  # a burn-in within half the run is kept
+
+
+def test_fit_says_when_it_caps_the_burn_in(tmp_path, capsys):
+    data = load_digits_data(16, train_limit=64, test_limit=32)
+    model = cspnet.create_model("resnet10", num_classes=10, in_chans=1, **_narrow("resnet10"))
+    fit(ClassificationTask(data), model, TrainConfig(epochs=1, batch_size=32, lr=0.05, burn_in=50), tmp_path, progress=False)
+    assert "the burn-in of 50 steps is more than half of this run's 2 optimizer steps; warming up for 1" in capsys.readouterr().err

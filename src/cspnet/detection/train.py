@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ from ..data.detection import DetectionDataset, collate_detection
 from ..engine.checkpoint import CheckpointError, check_run_dir, load_checkpoint, read_checkpoint_record, read_run_record
 from ..engine.distributed import DistInfo
 from ..engine.ema import ModelEMA
-from ..engine.optim import capped_burn_in
 from ..engine.train import FitResult, TrainConfig, fit
 from .detector import Detector, DetectorCfg
 from .loss import YoloLoss
@@ -266,11 +264,6 @@ def train_detector(
         if diffs:
             raise CheckpointError(f"{out_dir / 'last.json'}: --resume with another detector or input would not continue the "
                                   f"same run ({'; '.join(diffs)})")
-    total_steps = cfg.epochs * (len(train) // cfg.batch_size)  # as `fit` counts them
-    burn_in = capped_burn_in(cfg.burn_in, total_steps)
-    if burn_in < cfg.burn_in and (dist is None or dist.is_main):
-        print(f"note: the burn-in of {cfg.burn_in} steps is more than half of this run's {total_steps} optimizer steps; "
-              f"warming up for {burn_in}", file=sys.stderr)
     task = DetectionTask(model, train, val, val_gt, category_ids, recipe, cfg.epochs, out_dir, epochs_done)
     return fit(task, model, cfg, out_dir, dist=dist, resume=resume, progress=progress, run_info=info, desc=f"{model.model_name} ")
     # a TimeBudgetSpent from `DetectionTask.prepare` propagates: the last checkpoint (of the last finished

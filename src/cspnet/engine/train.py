@@ -43,7 +43,7 @@ from ..layers import memory_efficient
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint_record, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
 from .ema import ModelEMA
-from .optim import LrSchedule, build_optimizer
+from .optim import LrSchedule, build_optimizer, capped_burn_in
 from ..files import atomic_savefig, atomic_write_text
 
 AMP_MODES = ("none", "bf16", "fp16")
@@ -309,6 +309,10 @@ def fit(
     if steps_per_epoch < 1:
         raise ValueError(f"the training set has {n_train} samples, fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
+    burn_in = capped_burn_in(cfg.burn_in, total_steps)
+    if burn_in < cfg.burn_in and dist.is_main and not resume:
+        print(f"note: the burn-in of {cfg.burn_in} steps is more than half of this run's {total_steps} optimizer steps; "
+              f"warming up for {burn_in}", file=sys.stderr)
     with deterministic_algorithms(cfg.deterministic):
         seed_everything(cfg.seed)
 
