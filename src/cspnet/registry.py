@@ -163,21 +163,16 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         partial = default_cutoff(darknet_weights) is not None
         header = load_darknet_weights(model, darknet_weights, partial=partial)
         if partial:
-            _warn_unread_layers(model, darknet_weights, header.nbytes)
+            _warn_unread_layers(model, darknet_weights, header)
     return model
 
 
-def _warn_unread_layers(model: nn.Module, path: str | os.PathLike, header_bytes: int) -> None:
+def _warn_unread_layers(model: nn.Module, path: str | os.PathLike, header) -> None:
     """Warn when a partial Darknet file left some of the model's convolutions unread: the model would
     otherwise look loaded while those layers (often the classifier) hold random initial values."""
-    import numpy as np
+    from .darknet.mapping import layers_read
 
-    from .darknet.mapping import native_records
-
-    # a partial read stops after a whole layer: the layers read are those whose floats fit in the file
-    floats = (os.path.getsize(path) - header_bytes) // 4
-    ends = np.cumsum([r.num_floats for r in native_records(model)])
-    read = int((ends <= floats).sum())
-    if read < len(ends):
-        warnings.warn(f"{path}: read {read} of the {len(ends)} convolutions of model {model.model_name!r} (a partial "
-                      f"Darknet file); the other {len(ends) - read} keep their random initialisation", stacklevel=3)
+    read, total = layers_read(model, path, header)
+    if read < total:
+        warnings.warn(f"{path}: read {read} of the {total} convolutions of model {model.model_name!r} (a partial "
+                      f"Darknet file); the other {total - read} keep their random initialisation", stacklevel=3)

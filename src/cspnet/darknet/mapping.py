@@ -126,6 +126,14 @@ def check_weights_name(model: nn.Module, path: str | os.PathLike) -> None:
         f"load it into model {owners[0].name!r}, or rename the file if it holds {spec.darknet_cfg}'s weights")
 
 
+def layers_read(model: nn.Module, path: str | os.PathLike, header: WeightsHeader) -> tuple[int, int]:
+    """``(read, total)``: how many of ``model``'s weighted layers (`native_records`) the ``.weights`` file
+    ``path`` held. A partial read stops after a whole layer: the layers read are those whose floats fit."""
+    floats = (os.path.getsize(path) - header.nbytes) // 4
+    ends = torch.tensor([r.num_floats for r in native_records(model)]).cumsum(0)
+    return int((ends <= floats).sum()), len(ends)
+
+
 def load_darknet_weights(model: nn.Module, path: str | os.PathLike, *, partial: bool = False) -> WeightsHeader:
     """Load an official ``.weights`` file into a native model (e.g. ``csresnext50.weights`` into cspresnext50).
 

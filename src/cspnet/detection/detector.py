@@ -8,11 +8,9 @@ applies the confidence threshold and class-wise NMS (``torchvision.ops.batched_n
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import batched_nms
@@ -306,7 +304,7 @@ class Detector(nn.Module):
 
         Returns notes for the user, one line each: a Darknet file holding fewer layers than the
         backbone says how many of its convolutions were read."""
-        from ..darknet.mapping import load_darknet_weights, native_records
+        from ..darknet.mapping import layers_read, load_darknet_weights
         from ..darknet.weights import is_darknet_weights
         from ..weights import load_pretrained
 
@@ -314,13 +312,10 @@ class Detector(nn.Module):
             load_pretrained(self.backbone.body, path)
             return []
         header = load_darknet_weights(self.backbone.body, path, partial=True)
-        # a partial read stops after a whole layer: the layers read are those whose floats fit in the file
-        floats = (os.path.getsize(path) - header.nbytes) // 4
-        ends = np.cumsum([r.num_floats for r in native_records(self.backbone.body)])
-        read = int((ends <= floats).sum())
-        if read == len(ends):
+        read, total = layers_read(self.backbone.body, path, header)
+        if read == total:
             return []
-        return [f"read {read} of {len(ends)} backbone convolutions from {path}; the rest keep their initialisation"]
+        return [f"read {read} of {total} backbone convolutions from {path}; the rest keep their initialisation"]
 
     def load_darknet_weights(self, path, partial: bool = False):
         """Load an official ``*-panet-spp`` / ``-fpn-spp`` / ``-yolo-spp`` ``.weights`` file (``partial``:
