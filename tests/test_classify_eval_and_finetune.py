@@ -102,3 +102,7 @@ def test_train_normalises_with_the_statistics_a_pretrained_file_records(tmp_path
     bad = _pretrained_file(tmp_path / "bad.safetensors", mean=[0.0, 0.0], std=[1.0, 1.0])
     assert main([*args, "--pretrained", str(bad), "--out", str(tmp_path / "bad")]) == 2
     assert "bad.safetensors: metadata 'mean' [0.0, 0.0] / 'std' [1.0, 1.0] are not one or three" in capsys.readouterr().err
+    # a run's own checkpoint weights (what the resume hint suggests): the statistics the run trained with
+    assert main([*args, "--pretrained", str(tmp_path / "dk" / "last.safetensors"), "--out", str(tmp_path / "again")]) == 0
+    assert "mean [0.0, 0.0, 0.0], std [1.0, 1.0, 1.0]" in capsys.readouterr().err
+    assert read_checkpoint_record(tmp_path / "again")["state"]["run"]["data"]["mean"] == [0.0] * 3

@@ -57,15 +57,11 @@ def _weights_metadata(path: Path, meta: dict) -> dict:
     """What the exports of a weights file's model record of it: the training run's record when the file is a
     run's checkpoint weights (``RUN/best.safetensors`` beside ``RUN/best.json``, which carries the file's token),
     else the file's own description (`cspnet.export.descriptive_metadata`: a converted file's preprocessing)."""
-    from ..engine.checkpoint import read_checkpoint_record
+    from ..engine.checkpoint import run_beside_weights
     from ..export import descriptive_metadata
 
-    if "token" in meta and path.with_suffix(".json").is_file():
-        record = read_checkpoint_record(path.parent, path.stem)
-        run = record["state"].get("run") if isinstance(record["state"], dict) else None
-        if record["token"] == meta["token"] and isinstance(run, dict):
-            return _run_metadata(run)
-    return descriptive_metadata(meta)
+    run = run_beside_weights(path, meta)
+    return _run_metadata(run) if run is not None else descriptive_metadata(meta)
 
 
 def _from_run(args):

@@ -184,18 +184,21 @@ def set_threads(args) -> None:
 
 def pretrained_statistics(path: str, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """The input mean and std a weights file's metadata records (`cspnet convert`, `cspnet darknet convert`),
-    for ``in_chans`` channels; None when it records none (a .pth, a run's weights).
+    or a training run's record beside its checkpoint weights (``RUN/last.safetensors``), for ``in_chans``
+    channels; None when there are none (a .pth).
 
     RGB statistics for grey data are the colour channels' average, as the first conv is summed over
     them; grey ones for RGB data are repeated, as the conv is spread over three channels.
     """
+    from ..engine.checkpoint import run_beside_weights
     from ..weights import WeightsError, is_torch_save_file, read_metadata
 
     meta = {} if is_torch_save_file(Path(path)) else read_metadata(path)
-    mean, std = meta.get("mean"), meta.get("std")
+    run = run_beside_weights(path, meta)
+    mean, std = (run["data"].get("mean"), run["data"].get("std")) if run is not None else (meta.get("mean"), meta.get("std"))
     if mean is None and std is None:
         return None
-    numbers = all(isinstance(v, list) and len(v) in (1, 3) and all(isinstance(x, (int, float)) for x in v)
+    numbers = all(isinstance(v, (list, tuple)) and len(v) in (1, 3) and all(isinstance(x, (int, float)) for x in v)
                   for v in (mean, std))
     if not numbers or len(mean) != len(std) or min(std) <= 0:
         raise WeightsError(f"{path}: metadata 'mean' {mean!r} / 'std' {std!r} are not one or three numbers "

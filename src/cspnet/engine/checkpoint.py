@@ -228,6 +228,18 @@ def save_checkpoint(
     return json_path
 
 
+def run_beside_weights(path: str | os.PathLike, metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The run record (``state.run``: model, data, statistics …) of a training run's checkpoint weights
+    file (``RUN/last.safetensors`` beside ``RUN/last.json``), when the record's token is the file's
+    (``metadata["token"]``); None for any other file."""
+    path = Path(path)
+    if "token" not in metadata or not path.with_suffix(".json").is_file():
+        return None
+    record = read_checkpoint_record(path.parent, path.stem)
+    run = record["state"].get("run") if isinstance(record["state"], dict) else None
+    return run if record["token"] == metadata["token"] and isinstance(run, dict) else None
+
+
 def read_checkpoint_record(out_dir: str | os.PathLike, name: str = "last") -> dict[str, Any]:
     """The JSON commit record of a checkpoint, validated (no tensors loaded).
 
