@@ -256,8 +256,12 @@ class OneDnnConvAct(nn.Module):
         self._packed: torch.Tensor | None = None
         self._packed_from: PackedFrom | None = None
 
+    def drop_packed(self) -> None:
+        """Forget the packed weights: the next call packs the current ones again."""
+        self._packed = self._packed_from = None
+
     def _apply(self, fn, recurse=True):
-        self._packed = self._packed_from = None  # moved or cast: pack again from the new weights
+        self.drop_packed()  # moved or cast: pack again from the new weights
         return super()._apply(fn, recurse)
 
     def fast_path(self, x: torch.Tensor) -> bool:
@@ -367,6 +371,11 @@ class DeployedModel(nn.Module):
 
     Inputs are converted to channels-last when the network is. Outputs are inference tensors:
     read them, or ``.clone()`` them before using them in autograd.
+
+    The oneDNN and Winograd layers keep packed copies of their weights, made again when the weights
+    change by ``load_state_dict``, in-place edits under ``torch.no_grad()`` or new memory (``p.data = …``).
+    An in-place edit through ``p.data`` (``p.data.copy_(q)``, ``p.data.mul_(2)``) leaves no trace on the
+    weights: call `repack` after it, or the model keeps computing with the old weights.
     """
 
     def __init__(self, model: nn.Module, channels_last: bool, compiled: nn.Module | None = None):
@@ -382,6 +391,12 @@ class DeployedModel(nn.Module):
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             return (self.model if self.compiled is None else self.compiled)(x)
+
+    def repack(self) -> None:
+        """Drop every packed copy of the weights: the next call packs the current weights again."""
+        for module in self.model.modules():
+            if isinstance(module, (OneDnnConvAct, WinogradConvAct)):
+                module.drop_packed()
 
     def train(self, mode: bool = True):
         if mode:

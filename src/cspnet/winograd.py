@@ -216,11 +216,13 @@ RECOMPILE_LIMIT = 256
 class PackedFrom:
     """The weights a packed copy was made from, to tell when the copy is stale.
 
-    Stale when the weight tensor was changed in place (``load_state_dict`` copies in place: its version
-    counter moves) or was given other memory: ``p.data = …`` (``torch.nn.utils.vector_to_parameters``)
-    changes neither the Parameter nor its version. This holds the packed-from tensor, so that no new
-    weights can be allocated at its address while the copy is in use (the old weights stay in memory
-    until the layer packs the new ones).
+    Stale when the weight tensor was changed in place (``load_state_dict`` and in-place edits under
+    ``torch.no_grad()`` move its version counter) or was given other memory: ``p.data = …``
+    (``torch.nn.utils.vector_to_parameters``) changes neither the Parameter nor its version. An in-place
+    edit through ``p.data`` (``p.data.copy_(q)``) is not seen: ``.data`` is a tensor with its own version
+    counter; `cspnet.export.DeployedModel.repack` drops the copies after such an edit. This holds the
+    packed-from tensor, so that no new weights can be allocated at its address while the copy is in use
+    (the old weights stay in memory until the layer packs the new ones).
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -247,8 +249,12 @@ class WinogradConvAct(nn.Module):
         self._packed: dict[str, list[torch.Tensor]] = {}  # algorithm name → packed GEMM weights
         self._packed_from: PackedFrom | None = None
 
+    def drop_packed(self) -> None:
+        """Forget the transformed weights: the next call transforms the current ones again."""
+        self._packed, self._packed_from = {}, None
+
     def _apply(self, fn, recurse=True):
-        self._packed, self._packed_from = {}, None  # moved or cast: transform again from the new weights
+        self.drop_packed()  # moved or cast: transform again from the new weights
         return super()._apply(fn, recurse)
 
     def packed_weights(self, algorithm: WinogradAlgorithm, rows: int) -> list[torch.Tensor]:
