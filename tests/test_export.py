@@ -433,6 +433,22 @@ def test_export_cli(tmp_path, capsys):
     assert cli_main(["export", "cspresnet10", "--out", str(ts_path), "--input-size", str(SIZE)]) == 0
     assert load_torchscript(ts_path)(x).shape == (2, 1000)
 
+    # --num-classes 0: the file's backbone, its pooled features (the classifier dropped)
+    feats_path = tmp_path / "feats.onnx"
+    assert cli_main(["export", "cspresnet10", "--out", str(feats_path), "--weights", str(weights), "--num-classes", "0",
+                     "--input-size", str(SIZE)]) == 0
+    (feats,) = run_onnx(onnx_session(feats_path), x)
+    with torch.no_grad():
+        assert rel_err(feats, model.forward_head(model.forward_features(x), pre_logits=True)) <= TOL
+    # a Darknet .weights file is named as one, with the way to use it
+    dk = tmp_path / "darknet.weights"
+    cspnet.darknet.write_weights(cspnet.darknet.build_model(cspnet.darknet.parse_cfg_text(
+        "[net]\nwidth=8\nheight=8\nchannels=3\n[convolutional]\nfilters=4\nsize=3\npad=1\nbatch_normalize=1\n"
+        "activation=leaky\n", "tiny.cfg")), dk)
+    capsys.readouterr()
+    assert cli_main(["export", "cspresnet10", "--out", str(tmp_path / "dk.onnx"), "--weights", str(dk)]) == 2
+    assert "a Darknet weights file" in capsys.readouterr().err
+
     assert cli_main(["export", "cspresnet10", "--out", str(tmp_path / "m.bin")]) == 2
     assert "cannot tell the format" in capsys.readouterr().err
     assert cli_main(["export", "cspresnet1O", "--out", str(onnx_path)]) == 2

@@ -120,21 +120,25 @@ def _detector(args, path: Path | None, meta: dict):
 
 def _recorded_model(args, path: Path, meta: dict):
     """The classifier a cspnet weights file records (`cspnet.weights.load_model`), which must be MODEL's, with
-    --num-classes if given."""
+    --num-classes if given; --num-classes 0 exports its pooled features (the classifier dropped)."""
     from ..weights import WeightsError, load_model
 
     if meta.get("model") != args.model:
         raise WeightsError(f"{path}: holds weights of model {meta.get('model')!r} (metadata 'model'), not {args.model!r}")
-    if args.num_classes is not None and args.num_classes != meta.get("num_classes"):
+    if args.num_classes not in (None, 0, meta.get("num_classes")):
         raise WeightsError(f"{path}: made for another model: num_classes: file {meta.get('num_classes')!r} vs option "
                            f"{args.num_classes!r}")
-    return load_model(path)
+    model = load_model(path)
+    if args.num_classes == 0:
+        model.reset_classifier(0)
+    return model
 
 
 def _build(args):
     """The model to export, its input size, and what its exports record beyond the model itself: the
     training run's classes, input size and normalisation, or a weights file's (`_weights_metadata`)."""
     from ..registry import create_model, get_spec
+    from ..darknet.weights import is_darknet_weights
     from ..weights import is_torch_save_file, read_metadata
 
     if args.checkpoint:
@@ -147,7 +151,8 @@ def _build(args):
     spec = get_spec(args.model)
     path = Path(args.weights) if args.weights else None
     # a missing file is named by the weights loader below
-    meta = read_metadata(path) if path and path.is_file() and not is_torch_save_file(path) else {}
+    has_metadata = path and path.is_file() and not is_torch_save_file(path) and not is_darknet_weights(path)
+    meta = read_metadata(path) if has_metadata else {}
     metadata = _weights_metadata(path, meta) if path else {}
     if args.detector:
         return _detector(args, path, meta), args.input_size or metadata.get("input_size", 416), metadata
