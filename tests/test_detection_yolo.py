@@ -187,3 +187,14 @@ def test_labels_rounded_to_6_decimals_past_the_edge_are_clipped_without_a_report
     boxes, labels, report = D.load_yolo_labels(path, 96, 64, 2)
     assert labels.tolist() == [0, 1] and boxes[:, 2].tolist() == [96, 96]
     assert report.clipped == 1
+
+
+def test_rounded_labels_on_a_phone_sized_photo_are_not_reported_as_clipped(tmp_path):
+    # 6-decimal rounding overshoots by up to 5e-7 of the side: 0.002 px on a 4032-px photo, above a fixed 0.001 px
+    rng = np.random.default_rng(0)
+    x1 = rng.uniform(100, 4000, 200)
+    lines = [f"0 {(a + 4032) / 2 / 4032:.6f} 0.5 {(4032 - a) / 4032:.6f} 0.5" for a in x1]
+    path = tmp_path / "photo.txt"
+    path.write_text("\n".join(lines) + "\n")
+    boxes, _, report = D.load_yolo_labels(path, 4032, 3024, 1)
+    assert (boxes[:, 2] > 4031.99).all() and report.clipped == 0

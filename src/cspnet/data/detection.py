@@ -44,9 +44,11 @@ TREE_TRAIN = ("2019_YELL_2_528000_4978000_image_crop2", "SOAP_061")
 TREE_VAL = ("2019_YELL_2_541000_4977000_image_crop", "OSBS_029")
 PAD_VALUE = 114  # letterbox grey, as the YOLO family pads
 MIN_BOX_SIZE = 1.0  # pixels; narrower boxes after clipping are degenerate
-# pixels; a box reaching past the image by less is clipped without being counted: YOLO labels written
-# at 6 decimals overshoot the edge by rounding (-5e-7 of the width), which is no annotation error
+# A box reaching past the image by less than CLIP_TOLERANCE pixels plus CLIP_TOLERANCE_PER_PIXEL of the
+# image's side is clipped without being counted: YOLO labels written at 6 decimals overshoot the edge by
+# rounding (up to 5e-7 of the side: 0.002 px on a 4032-px photo), which is no annotation error
 CLIP_TOLERANCE = 1e-3
+CLIP_TOLERANCE_PER_PIXEL = 1e-6
 # An augmented box (cut by the mosaic window, moved out of view by the affine) keeps so little of its
 # object that it only teaches noise when it has a side under AUGMENTED_MIN_SIDE pixels, sides more
 # than AUGMENTED_MAX_ASPECT apart, or under AUGMENTED_MIN_AREA of its area before augmentation (at the
@@ -154,7 +156,8 @@ def sanitize_boxes(
 
     A box is degenerate (dropped) when it is narrower or lower than ``min_size`` after clipping, or
     has no width or height at all (``min_size=0``), which covers boxes entirely outside the image
-    and boxes with x2 < x1. The report counts the kept boxes that moved by more than ``CLIP_TOLERANCE``.
+    and boxes with x2 < x1. The report counts the kept boxes that moved by more than rounding
+    (``CLIP_TOLERANCE`` pixels plus ``CLIP_TOLERANCE_PER_PIXEL`` of the side).
     """
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     clipped = boxes.copy()
@@ -162,7 +165,8 @@ def sanitize_boxes(
     clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
     wh = clipped[:, 2:] - clipped[:, :2]
     keep = np.all((wh >= min_size) & (wh > 0), axis=1)
-    changed = np.any(np.abs(clipped - boxes) > CLIP_TOLERANCE, axis=1) & keep
+    tolerance = CLIP_TOLERANCE + CLIP_TOLERANCE_PER_PIXEL * np.array([width, height, width, height], np.float32)
+    changed = np.any(np.abs(clipped - boxes) > tolerance, axis=1) & keep
     return clipped, keep, SanitizeReport(int(changed.sum()), int((~keep).sum()))
 
 
