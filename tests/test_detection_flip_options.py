@@ -1,4 +1,5 @@
 """`cspnet detect train`'s flip options: --hflip, the digits scenes' default, and what a run records of them."""
+import json
 import types
 
 import numpy as np
@@ -67,3 +68,19 @@ def test_resume_with_other_flips_is_refused(tmp_path, capsys, fashion_root):
     assert main(_TRAIN + ["--out", out, "--resume"]) == 2  # the digits' default, 0, is another augmentation
     assert "data.augment: checkpoint {" in capsys.readouterr().err
     assert main(_TRAIN + ["--out", out, "--resume", "--hflip", "0.5", "--epochs", "1"]) == 0
+
+
+def test_a_run_recorded_before_its_augmentation_resumes_with_the_augmentation_it_had(tmp_path, capsys, fashion_root):
+    # Versions before data.augment flipped horizontally with probability 0.5 and recorded no augmentation.
+    out = tmp_path / "run"
+    assert main(_TRAIN + ["--out", str(out), "--hflip", "0.5", "--vflip", "0.2"]) == 0
+    record = json.loads((out / "last.json").read_text())
+    del record["state"]["run"]["data"]["augment"]
+    (out / "last.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(_TRAIN + ["--out", str(out), "--resume", "--vflip", "0.2"]) == 2  # the digits' default hflip, 0
+    err = capsys.readouterr().err
+    assert "last.json: data.augment: the run was written before its augmentation was recorded" in err
+    assert "'hflip': 0.0" in err
+    assert main(_TRAIN + ["--out", str(out), "--resume", "--hflip", "0.5", "--vflip", "0.2"]) == 0
+    assert main(_TRAIN + ["--out", str(out), "--resume", "--no-augment"]) == 0  # --no-augment was not recorded either

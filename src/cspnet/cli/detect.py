@@ -201,6 +201,29 @@ def run_train(args) -> int:
         cleanup(dist)
 
 
+def _accept_unrecorded_augmentation(out: str, augment, data_record: dict) -> None:
+    """Let a run written before its augmentation was recorded (no ``data.augment``) be resumed with the one it had.
+
+    Those versions flipped horizontally with probability 0.5 (there was no --hflip) and took --mosaic / --vflip,
+    recorded nowhere either, as given, or trained without augmentation (--no-augment): a resume with either is
+    taken to continue the run. Another augmentation is refused, naming data.augment. An accepted resume is
+    compared without ``augment``, as the checkpoint records the data (and its later checkpoints keep that record).
+    """
+    from ..data.detection import AugmentCfg
+    from ..engine.checkpoint import CheckpointError, read_checkpoint_record
+
+    then_data = (read_checkpoint_record(out)["state"].get("run") or {}).get("data")
+    if not isinstance(then_data, dict) or "augment" in then_data:
+        return
+    if augment is not None and augment != AugmentCfg(mosaic=augment.mosaic, hflip=0.5, vflip=augment.vflip):
+        raise CheckpointError(
+            f"{Path(out) / 'last.json'}: data.augment: the run was written before its augmentation was recorded, when "
+            f"horizontal flips had probability 0.5, but now it is {dataclasses.asdict(augment)}; resume with --hflip 0.5 "
+            "(and the --mosaic / --vflip it was started with), or --no-augment if it was started with it"
+        )
+    del data_record["augment"]
+
+
 def _train(args, dist) -> int:
     from ..data.detection import AugmentCfg, DetectionDataset, coco_ground_truth, has_validation_split, load_detection_source, source_record
     from ..detection import create_detector
@@ -251,6 +274,8 @@ def _train(args, dist) -> int:
     run_info = {"data": {"train": source_record(train_args, train_src), "val": source_record(val_args, val_src) if val_src else None,
                          "augment": dataclasses.asdict(augment) if augment else None},
                 "backbone_weights": args.backbone_weights}
+    if args.resume:
+        _accept_unrecorded_augmentation(args.out, augment, run_info["data"])
     result = train_detector(model, train_set, val_set, gt, args.out, cfg, recipe, category_ids=train_src.category_ids,
                             resume=args.resume, progress=not args.no_progress, run_info=run_info, dist=dist)
     if dist.is_main:
