@@ -114,3 +114,16 @@ def test_eval_prints_and_writes_per_class_ap_and_coco_results(coco_run, tmp_path
         ev.evaluate(), ev.accumulate(), ev.summarize()
         assert (row["AP"], row["AP50"]) == pytest.approx((round(ev.stats[0], 4), round(ev.stats[1], 4)), abs=1e-4), row
     assert any(row["AP50"] > 0 for row in printed["per_class"])  # something to compare
+
+
+def test_per_class_ap_of_a_class_with_only_crowd_boxes_is_minus_1_with_or_without_detections():
+    from cspnet.detection.metrics import coco_evaluate
+
+    gt = {"images": [{"id": 1, "width": 64, "height": 64, "file_name": "a.png"}],
+          "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 0},
+                          {"id": 2, "image_id": 1, "category_id": 2, "bbox": [30, 30, 20, 20], "area": 400, "iscrowd": 1}]}
+    found_a = [{"image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "score": 0.9}]
+    for detections in ([], found_a):
+        rows = {row["class"]: row for row in coco_evaluate(gt, detections, per_class=True)["per_class"]}
+        assert rows["b"]["AP"] == rows["b"]["AP50"] == -1.0, detections

@@ -41,7 +41,8 @@ def coco_evaluate(gt: dict | COCO, detections: list[dict], per_class: bool = Fal
         if per_class:
             result["per_class"] = [
                 {"class": coco_gt.cats[cid]["name"], "category_id": int(cid),
-                 **dict.fromkeys(("AP", "AP50"), 0.0 if coco_gt.getAnnIds(catIds=[cid]) else -1.0)}
+                 # crowd boxes are ignore regions: a category with only those has no ground truth (-1, as COCOeval)
+                 **dict.fromkeys(("AP", "AP50"), 0.0 if coco_gt.getAnnIds(catIds=[cid], iscrowd=False) else -1.0)}
                 for cid in sorted(coco_gt.getCatIds())
             ]
         return result
