@@ -11,9 +11,10 @@ from torch import nn
 
 import cspnet
 from cspnet.bench import (
-    FIXED_MMAP_THRESHOLD, NO_SLOWDOWN_TARGET, OURS_MEMORY_EFFICIENT, TIMM_EQUIVALENTS, BenchConfig, Clock, Timing,
-    build, check_targets, flops_saving, make_groups, measure_peak, quick_config, run_benchmarks, run_interleaved,
-    saved_activation_bytes, to_markdown, winograd_layers_run, worker_env, write_report,
+    FIXED_MMAP_THRESHOLD, NO_SLOWDOWN_TARGET, OURS_MEMORY_EFFICIENT, TIMM_EQUIVALENTS, BenchConfig, Clock,
+    MemoryWorkerError, Timing, build, check_targets, flops_saving, make_groups, measure_peak, memory_in_subprocess,
+    quick_config, run_benchmarks, run_interleaved, run_memory_worker, saved_activation_bytes, to_markdown,
+    winograd_layers_run, worker_env, write_report,
 )
 from cspnet.export import ConvAct, OneDnnConvAct, deploy, onednn_available
 from cspnet.winograd import WinogradConvAct
@@ -143,6 +144,19 @@ def test_memory_worker_malloc_policy_decides_whether_freed_blocks_stay_in_rss(re
         assert kept_mib < 5
     else:
         assert kept_mib > 15
+
+
+def test_memory_worker_past_its_timeout_is_an_error_not_a_hang():
+    result = memory_in_subprocess("ours", "resnet10", batch=1, input_size=32, threads=1, timeout=0.01)
+    assert result == {"impl": "ours", "model": "resnet10", "error": "timed out after 0.01 s"}
+
+
+def test_a_failed_memory_worker_is_named_with_its_exit_status_and_last_lines():
+    cmd = [sys.executable, "-c", "import sys; print('a'); print('b', file=sys.stderr); sys.exit(3)"]
+    with pytest.raises(MemoryWorkerError, match=r"^exit 3: b$"):
+        run_memory_worker(cmd, threads=1, return_freed_memory=True, timeout=120)
+    printed = [sys.executable, "-c", "import json; print('warming up'); print(json.dumps({'peak': 1.5}))"]
+    assert run_memory_worker(printed, threads=1, return_freed_memory=True, timeout=120) == {"peak": 1.5}
 
 
 def test_timm_models_run_side_by_side():

@@ -83,6 +83,12 @@ def test_memory_worker_runs_with_the_fixed_malloc_policy_of_cspnet_bench(monkeyp
     assert 0 < mem["peak_mem_mib"] < 1024
 
 
+def test_memory_worker_past_its_timeout_raises_naming_the_model():
+    small = model_record("resnet10", num_classes=10, in_chans=1, width=0.25)
+    with pytest.raises(RuntimeError, match=r"the memory worker for resnet10 failed: timed out after 0.01 s"):
+        memory_in_fresh_process(small, 32, 8, threads=1, timeout=0.01)
+
+
 def test_accuracy_verdict_weighs_the_difference_against_the_test_sets_sampling_error():
     # 14 % vs 10 % on 100 images is chance, not a finding: 2 SE = 2 sqrt(.14 .86 / 100 + .1 .9 / 100) = 9.17 pp
     assert accuracy_verdict(0.14, 0.10, 100) == (

@@ -589,10 +589,32 @@ def worker_env(threads: int, return_freed_memory: bool) -> dict[str, str]:
     return env
 
 
+class MemoryWorkerError(RuntimeError):
+    """A memory worker that ran past its timeout, exited with an error or printed no result."""
+
+
+def run_memory_worker(cmd: list[str], threads: int, return_freed_memory: bool, timeout: float) -> dict[str, Any]:
+    """Run the memory worker ``cmd`` in a fresh Python process (so earlier allocations do not count) with
+    `worker_env`; return the JSON object its last line of output holds.
+
+    Raises `MemoryWorkerError`: ``timed out after N s``, or ``exit N:`` and its last lines of output.
+    """
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=worker_env(threads, return_freed_memory))
+    except subprocess.TimeoutExpired:
+        raise MemoryWorkerError(f"timed out after {timeout:g} s") from None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise MemoryWorkerError(f"exit {proc.returncode}: {' | '.join(tail)}")
+    return json.loads(lines[-1])
+
+
 def memory_in_subprocess(impl: str, name: str, batch: int, input_size: int, threads: int, device: str = "cpu",
                          timeout: float = 900, memory_efficient: bool = False,
                          return_freed_memory: bool = True) -> dict[str, Any]:
-    """Run `measure_memory` in a fresh Python process (so earlier allocations do not count).
+    """Run `measure_memory` in a fresh Python process (`run_memory_worker`); a failure is returned as ``error``.
 
     ``return_freed_memory`` fixes glibc's mmap threshold in that process (see
     ``MMAP_THRESHOLD_ENV``); without it, peak RSS also counts the freed blocks malloc keeps.
@@ -602,15 +624,9 @@ def memory_in_subprocess(impl: str, name: str, batch: int, input_size: int, thre
     if memory_efficient:
         cmd.append("--memory-efficient")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=worker_env(threads, return_freed_memory))
-    except subprocess.TimeoutExpired:
-        return {"impl": impl, "model": name, "error": f"timed out after {timeout:.0f} s"}
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"impl": impl, "model": name, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
-    return json.loads(lines[-1])
+        return run_memory_worker(cmd, threads, return_freed_memory, timeout)
+    except MemoryWorkerError as e:
+        return {"impl": impl, "model": name, "error": str(e)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -27,7 +26,9 @@ from typing import Any
 
 import torch
 
-from .bench import FIXED_MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, sgd_train_step, warm_up_runtime, worker_env
+from .bench import (
+    FIXED_MMAP_THRESHOLD, MMAP_THRESHOLD_ENV, MemoryWorkerError, run_memory_worker, sgd_train_step, warm_up_runtime,
+)
 from .data import ClassificationData
 from .engine.checkpoint import CheckpointError, check_run_dir
 from .engine.classify import ClassificationTask, ClassifyRecipe
@@ -147,23 +148,22 @@ def _with_threads(threads: int | None, fn, *args):
 
 
 def memory_in_fresh_process(record: dict[str, Any], img_size: int, batch: int, device: str = "cpu",
-                            threads: int | None = None) -> dict[str, Any]:
+                            threads: int | None = None, timeout: float = 900) -> dict[str, Any]:
     """`peak_train_memory` in a fresh Python process with the environment of `cspnet.bench`'s memory
     workers (`cspnet.bench.worker_env`): glibc's mmap threshold fixed, so that the resident set follows
     the live tensors. With glibc's adaptive default, how many freed blocks malloc keeps depends on the
     order of allocations, and repeated runs of one pair gave CSP / plain ratios from 1.00x to 1.25x.
 
-    Returns ``peak_mem_mib`` and the ``malloc_mmap_threshold`` the worker ran with.
+    Returns ``peak_mem_mib`` and the ``malloc_mmap_threshold`` the worker ran with; raises `RuntimeError`
+    when the worker fails or runs past ``timeout`` seconds (`cspnet.bench.run_memory_worker`).
     """
     threads = threads or torch.get_num_threads()
     cmd = [sys.executable, "-m", "cspnet.compare", "--memory-worker", json.dumps(record), str(img_size), str(batch),
            device, str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(threads, return_freed_memory=True))
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise RuntimeError(f"the memory worker for {record['name']} failed (exit {proc.returncode}): {tail}")
-    return json.loads(lines[-1])
+    try:
+        return run_memory_worker(cmd, threads, return_freed_memory=True, timeout=timeout)
+    except MemoryWorkerError as e:
+        raise RuntimeError(f"the memory worker for {record['name']} failed: {e}") from None
 
 
 def _memory_worker(argv: list[str]) -> None:
