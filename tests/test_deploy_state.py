@@ -27,70 +27,53 @@ def with_random_statistics(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _assign_new_memory(deployed, weights):
+    # vector_to_parameters sets p.data: the Parameter and its version stay, the memory is new
+    vector_to_parameters(torch.cat([w.reshape(-1) for w in weights]), deployed.parameters())
+
+
+def _copy_through_data_then_repack(deployed, weights):
+    # p.data.copy_ bumps the version of the .data tensor, not the Parameter's: only repack() can tell the layers
+    for p, w in zip(deployed.parameters(), weights):
+        p.data.copy_(w)
+    deployed.repack()
+
+
+def _copy_under_no_grad(deployed, weights):
+    with torch.no_grad():
+        for p, w in zip(deployed.parameters(), weights):
+            p.copy_(w)
+
+
 @onednn_only
-def test_a_deployed_model_repacks_weights_given_new_memory():
-    # vector_to_parameters sets p.data: the Parameter and its version stay, the memory is new.
+@pytest.mark.parametrize("edit", [_assign_new_memory, _copy_through_data_then_repack, _copy_under_no_grad],
+                         ids=["new memory", "through .data, repack()", "in place under no_grad"])
+def test_a_deployed_model_computes_with_its_new_weights(edit):
     first = with_random_statistics(cspnet.create_model("cspresnet10"))
     second = with_random_statistics(cspnet.create_model("cspresnet10"))
     x = torch.randn(2, 3, 32, 32)
     deployed = deploy(first)
     deployed(x)  # packs the first model's weights
     assert any(isinstance(m, OneDnnConvAct) and m._packed is not None for m in deployed.modules())
-    weights = torch.cat([p.reshape(-1) for p in deploy(second).parameters()])  # channels-last: no view(-1)
-    vector_to_parameters(weights, deployed.parameters())
+    edit(deployed, [p.detach() for p in deploy(second).parameters()])
     with torch.no_grad():
         ref = second(x)
     assert rel_err(deployed(x), ref) <= 1e-4
 
 
-@onednn_only
-def test_a_winograd_layer_repacks_weights_given_new_memory():
-    torch.manual_seed(0)
-    conv = nn.Conv2d(16, 24, 3, padding=1)
-    layer = WinogradConvAct(OneDnnConvAct(ConvAct(conv, nn.ReLU()), ("relu", [])))
-    x = torch.randn(1, 16, 14, 14).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        layer.run(x, F2x2)  # packs the transformed weights
-    new = torch.randn(sum(p.numel() for p in layer.parameters()))
-    vector_to_parameters(new, layer.parameters())
-    with torch.inference_mode():
-        out = layer.run(x, F2x2)
-    ref = F.relu(F.conv2d(x, conv.weight.detach(), conv.bias.detach(), padding=1))
-    assert rel_err(out, ref) <= 1e-5
+def _winograd_new_memory(conv, deployed):
+    vector_to_parameters(torch.randn(sum(p.numel() for p in conv.parameters())), conv.parameters())
 
 
-@onednn_only
-def test_repack_makes_a_deployed_model_follow_an_edit_through_data():
-    # p.data.copy_ bumps the version of the .data tensor, not the Parameter's: only repack() can tell the layers.
-    first = with_random_statistics(cspnet.create_model("cspresnet10"))
-    second = with_random_statistics(cspnet.create_model("cspresnet10"))
-    x = torch.randn(2, 3, 32, 32)
-    deployed = deploy(first)
-    deployed(x)  # packs the first model's weights
-    for p, q in zip(deployed.parameters(), deploy(second).parameters()):
-        p.data.copy_(q)
+def _winograd_through_data_then_repack(conv, deployed):
+    conv.weight.data.mul_(2.0)
     deployed.repack()
-    with torch.no_grad():
-        ref = second(x)
-    assert rel_err(deployed(x), ref) <= 1e-4
 
 
 @onednn_only
-def test_a_deployed_model_follows_an_in_place_edit_under_no_grad():
-    first = with_random_statistics(cspnet.create_model("cspresnet10"))
-    second = with_random_statistics(cspnet.create_model("cspresnet10"))
-    x = torch.randn(2, 3, 32, 32)
-    deployed = deploy(first)
-    deployed(x)
-    with torch.no_grad():
-        for p, q in zip(deployed.parameters(), deploy(second).parameters()):
-            p.copy_(q)
-        ref = second(x)
-    assert rel_err(deployed(x), ref) <= 1e-4
-
-
-@onednn_only
-def test_repack_drops_a_winograd_layers_transformed_weights():
+@pytest.mark.parametrize("edit", [_winograd_new_memory, _winograd_through_data_then_repack],
+                         ids=["new memory", "through .data, repack()"])
+def test_a_winograd_layer_computes_with_its_new_weights(edit):
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, padding=1)
     layer = WinogradConvAct(OneDnnConvAct(ConvAct(conv, nn.ReLU()), ("relu", [])))
@@ -98,9 +81,10 @@ def test_repack_drops_a_winograd_layers_transformed_weights():
     x = torch.randn(1, 16, 14, 14).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         layer.run(x, F2x2)  # packs the transformed weights
-    conv.weight.data.mul_(2.0)
-    deployed.repack()
+    edit(conv, deployed)
     with torch.inference_mode():
         out = layer.run(x, F2x2)
     ref = F.relu(F.conv2d(x, conv.weight.detach(), conv.bias.detach(), padding=1))
     assert rel_err(out, ref) <= 1e-5
+
+
