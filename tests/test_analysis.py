@@ -13,7 +13,7 @@ from torch import nn
 
 from cspnet import create_model, list_models, profile
 from cspnet.analysis.ablation import (
-    PAPER_TABLE1, AblationRun, _measure, ablation_runs, format_ablation_table, run_ablation,
+    PAPER_TABLE1, TABLE1_FAMILY, AblationRun, _measure, ablation_runs, format_ablation_table, run_ablation,
 )
 from cspnet.analysis.common import find_twin
 from cspnet.analysis.gradients import analyze_gradients, cosine, cosine_matrix, stage_gradients
@@ -299,14 +299,16 @@ def test_ablation_leaves_runs_another_process_holds_to_it(tmp_path, capsys):
 def test_ablation_table_puts_the_papers_figures_beside_the_papers_network_only(tiny_ablation):
     data, rows = tiny_ablation[1], [dict(r) for r in tiny_ablation[4]]
     assert "| 70.7 |" not in format_ablation_table(rows)  # no paper figures for DenseNet
-    csp = AblationRun("csppeleenet", "csp", 0.5)
+    csp = AblationRun(TABLE1_FAMILY, "csp", 0.5)
     assert _measure(csp, data, 1.0, csp.options, 224)["paper_arch"]
+    headline = AblationRun("csppeleenet", "csp", 0.5)  # its other stage set misses Table 1's fusion-first rows
+    assert not _measure(headline, data, 1.0, headline.options, 224)["paper_arch"]
     # swish, another width or another size is not the network Table 1 measured
     assert not _measure(csp, data, 1.0, {**csp.options, "act": "swish"}, 224)["paper_arch"]
     assert not _measure(csp, data, 0.5, csp.options, 224)["paper_arch"]
     assert not _measure(csp, data, 1.0, csp.options, 64)["paper_arch"]
     for r in rows:
-        r["model"] = "peleenet" if r["fusion"] == "none" else "csppeleenet"
+        r["model"] = "peleenet" if r["fusion"] == "none" else TABLE1_FAMILY
     assert "| 70.7 |" not in format_ablation_table(rows)
     for r in rows:
         r["paper_arch"] = True

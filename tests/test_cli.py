@@ -151,9 +151,11 @@ def test_models_out_and_readme_write_every_model_only(tmp_path, capsys):
 
 
 def test_models_table_ends_with_paper_table1_for_peleenets(capsys):
-    assert main(["models", "csppeleenet"]) == 0
+    assert main(["models", "csppeleenet_table1"]) == 0
     out = capsys.readouterr().out
-    assert "| csppeleenet | 0.75 | fusion_last | 2.363 | 0.725 | 0.716 | +1.3% |" in out
+    assert "| csppeleenet_table1 | 0.75 | fusion_last | 1.683 | 0.707 | 0.716 | -1.2% |" in out
+    assert main(["models", "csppeleenet"]) == 0  # the headline CSPPeleeNet is not Table 1's γ / fusion family
+    assert "Table 1" not in capsys.readouterr().out
     assert main(["models", "resnet10"]) == 0
     assert "Table 1" not in capsys.readouterr().out
 

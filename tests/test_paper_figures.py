@@ -119,7 +119,7 @@ def test_readme_and_docs_model_tables_are_what_cspnet_models_measures():
     page = (root / "docs/models.md").read_text()
     assert page == models_page(tables), "docs/models.md is stale: run `make models`"
     assert all(f"| {name}" in tables for name in cspnet.list_models())
-    assert "| csppeleenet | 0.5 | fusion_last |" in tables  # paper Table 1 follows the model table
+    assert "| csppeleenet_table1 | 0.5 | fusion_last |" in tables  # paper Table 1 follows the model table
 
 
 def test_update_readme_replaces_only_the_generated_block(tmp_path):

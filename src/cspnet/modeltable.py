@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import atomic_write_text
-from .models.peleenet import PAPER_TABLE1
+from .models.peleenet import PAPER_TABLE1, TABLE1_FAMILY
 from .profile import profile
 from .registry import create_model, get_spec, list_models
 
@@ -173,13 +173,13 @@ class Table1Row:
 
 
 def table1_rows() -> list[Table1Row]:
-    """Profile every model of paper Table 1: PeleeNet, and CSPPeleeNet for each fusion and γ."""
+    """Profile every model of paper Table 1: PeleeNet, and its CSPPeleeNet for each fusion and γ."""
     rows = []
     for (fusion, gamma), (top1, bflops) in PAPER_TABLE1.items():
         if fusion == "none":
             model, options = "peleenet", {}
         else:
-            model, options = "csppeleenet", {"fusion": fusion, "part_ratio": gamma}
+            model, options = TABLE1_FAMILY, {"fusion": fusion, "part_ratio": gamma}
         p = profile(create_model(model, **options), TABLE1_SIZE)
         rows.append(Table1Row(model, fusion, gamma, p.conv_params, p.bflops, bflops, top1))
     return rows
@@ -200,15 +200,15 @@ def format_table1(rows: list[Table1Row]) -> str:
     misses = [r.label for r in rows if abs(r.bflops / r.paper_bflops - 1) > TABLE1_TOLERANCE]
     out.append("γ (`part_ratio`) is the fraction of each stage's base channels that bypasses the dense block. "
                f"Rows more than {TABLE1_TOLERANCE:.0%} from the paper's BFLOPs: {', '.join(misses) or 'none'} "
-               "(docs/models_design.md explains the design and the gap).")
+               "(docs/models_design.md explains the design and which widths were fitted to these rows).")
     return "\n".join(out)
 
 
 def models_markdown(pattern: str = "*", input_size: int | None = None) -> str:
-    """The model table for ``pattern``, followed by paper Table 1 when CSPPeleeNet matches it (and the
+    """The model table for ``pattern``, followed by paper Table 1 when its CSPPeleeNet matches it (and the
     models are profiled at the paper's sizes, as Table 1 is)."""
     text = format_markdown(model_rows(pattern, input_size))
-    if input_size is None and fnmatch.fnmatch("csppeleenet", pattern):
+    if input_size is None and fnmatch.fnmatch(TABLE1_FAMILY, pattern):
         text += "\n\n" + format_table1(table1_rows())
     return text
 

@@ -35,13 +35,13 @@ from ..engine.train import RESUMABLE_CHANGES, TrainConfig, fit
 from ..profile import profile
 from ..registry import get_spec
 from ..files import atomic_savefig, atomic_write_text
-from ..models.peleenet import PAPER_TABLE1
+from ..models.peleenet import PAPER_TABLE1, TABLE1_FAMILY
 from .common import find_twin
 
 ABLATION_FUSIONS = ("fusion_first", "fusion_last", "csp")
 ABLATION_GAMMAS = (0.25, 0.5, 0.75)
 
-PAPER_MODELS = ("peleenet", "csppeleenet")  # the networks of paper Table 1
+PAPER_MODELS = ("peleenet", TABLE1_FAMILY)  # the networks of paper Table 1
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def ablation_runs(family: str, gammas=ABLATION_GAMMAS, fusions=ABLATION_FUSIONS,
     spec = get_spec(family)
     csp = family if spec.twin else find_twin(family)
     if csp is None:
-        raise ValueError(f"model {family!r} has no CSP twin to ablate; pick a CSP model (e.g. csppeleenet)")
+        raise ValueError(f"model {family!r} has no CSP twin to ablate; pick a CSP model (e.g. csppeleenet_table1)")
     csp_spec = get_spec(csp)
     fields = {f.name for f in dataclasses.fields(csp_spec.cfg)}
     if not {"fusion", "part_ratio"} <= fields:

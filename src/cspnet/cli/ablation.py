@@ -17,13 +17,14 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def register(sub) -> None:
-    from ..analysis.ablation import ABLATION_FUSIONS, ABLATION_GAMMAS
+    from ..analysis.ablation import ABLATION_FUSIONS, ABLATION_GAMMAS, TABLE1_FAMILY
     from .train import add_data_args, add_recipe_args
 
     p = sub.add_parser("ablation", help=MODULE_HELP)
-    p.add_argument("--family", default="csppeleenet",
-                   help="CSP model with part_ratio / fusion options; the plain row is the family without CSP "
-                        "(its plain twin of the same builder, else itself with fusion none)")
+    p.add_argument("--family", default=TABLE1_FAMILY,
+                   help="CSP model with part_ratio / fusion options (default: the CSPPeleeNet of paper Table 1); "
+                        "the plain row is the family without CSP (its plain twin of the same builder, else itself "
+                        "with fusion none)")
     p.add_argument("--out", required=True, help="ablation directory (runs/<key>/, ablation.md/.json/.png); re-run to resume")
     p.add_argument("--gammas", default=",".join(f"{g:g}" for g in ABLATION_GAMMAS), help="part ratios γ, comma-separated")
     p.add_argument("--fusions", default=",".join(ABLATION_FUSIONS), help="fusions, comma-separated")

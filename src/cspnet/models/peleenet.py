@@ -9,9 +9,18 @@ CSPPeleeNet has no released definition. This one is built from the paper's descr
 block, partial transition, γ = the fraction of base channels that bypass) with the choices that reproduce
 the paper's figures (docs/models_design.md): the base map is sliced, the partial transition keeps its
 width at full resolution, the transition after the concat runs after the 2x2 pool (so it is the first
-layer of the next stage, as csresnet50.cfg's next-stage 1x1), and the last (7x7) stage stays a plain
-PeleeNet stage. ``fusion="fusion_first"`` puts the pool and the transition right after the concat;
-``fusion="fusion_last"`` drops the transition.
+layer of the next stage, as csresnet50.cfg's next-stage 1x1). ``fusion="fusion_last"`` drops the
+transition after the concat. ``fusion="fusion_first"`` has no partial transition and ends with PeleeNet's
+own transition (1x1 at full resolution, then the pool; Table 1 ticks "trans." for it, "partial trans." for
+the others), (1 − γ)·T wide: the width that puts Table 1's fusion-first rows on the paper's, not one the
+paper states.
+
+Which stages are partial (``csp_stages``) is the one choice on which the paper's figures disagree. The
+headline ``csppeleenet`` makes stages 1-3 partial and leaves the last (7x7) one plain: that cuts PeleeNet's
+heaviest layer, its first transition, as the paper's Fig. 7 shows. ``csppeleenet_table1`` makes stages
+2-4 partial, the one reading with these widths that puts all nine rows of Table 1 within 3% (the
+fusion-first rows among them); the γ / fusion ablation is built on it. Both give Table 3's CSPPeleeNet
+figures at γ = 0.5.
 """
 from __future__ import annotations
 
@@ -108,10 +117,11 @@ def _pelee_stage(cfg: PeleeNetCfg, i: int, in_chs: int, down: nn.Module | None, 
     if fusion == "fusion_last":  # the partial transition keeps the dense block's width
         return CrossStage(in_chs, make_blocks, fusion="fusion_last", **split), None, False
     fused = in_chs + cfg.depths[i] * cfg.growth_rate
-    if fusion == "fusion_first":
-        conv = ConvBnAct(fused, t_chs, 1, act=act)
-        transition = conv if last else nn.Sequential(_pool(), conv)  # concat -> pool -> 1x1
-        stage = CrossStage(in_chs, make_blocks, fusion="fusion_first", transition=transition, transition_chs=t_chs, **split)
+    if fusion == "fusion_first":  # concat -> 1x1 -> pool, (1 - γ)·T wide
+        width = round((1 - cfg.part_ratio) * t_chs)
+        conv = ConvBnAct(fused, width, 1, act=act)
+        transition = conv if last else nn.Sequential(conv, _pool())
+        stage = CrossStage(in_chs, make_blocks, fusion="fusion_first", transition=transition, transition_chs=width, **split)
         return stage, None, not last
     if last:
         return CrossStage(in_chs, make_blocks, fusion="csp", transition_chs=t_chs, **split), None, False
@@ -147,9 +157,11 @@ def build_peleenet(cfg: PeleeNetCfg, *, in_chans: int = 3, **net_kwargs) -> Stag
 
 PELEENET = PeleeNetCfg()
 CSPPELEENET = PeleeNetCfg(fusion="csp")
+CSPPELEENET_TABLE1 = PeleeNetCfg(fusion="csp", csp_stages=(1, 2, 3))
 
 # Paper Table 1 (ImageNet, PeleeNet family): (fusion, γ) -> (top-1 %, BFLOPs). reference/paper.md §3.
-# The γ / fusion rows are csppeleenet built with ``fusion=`` and ``part_ratio=`` (γ = the bypassing fraction).
+# The γ / fusion rows are TABLE1_FAMILY built with ``fusion=`` and ``part_ratio=`` (γ = the bypassing fraction).
+TABLE1_FAMILY = "csppeleenet_table1"
 PAPER_TABLE1: dict[tuple[str, float | None], tuple[float, float]] = {
     ("none", None): (70.7, 1.017),
     ("fusion_first", 0.75): (68.4, 0.649), ("fusion_first", 0.5): (69.2, 0.755), ("fusion_first", 0.25): (70.0, 0.861),
@@ -170,6 +182,10 @@ MODELS = (
     ModelSpec("csppeleenet", "peleenet", CSPPELEENET, build_peleenet,
               PaperFigures(2.83, 0.888, 224, "paper Table 3", 70.9, bflops_decimals=3), twin="peleenet",
               default_input=224, description="CSPPeleeNet, γ=0.5, designed here (no official cfg)"),
+    ModelSpec("csppeleenet_table1", "peleenet", CSPPELEENET_TABLE1, build_peleenet,
+              PaperFigures(2.83, 0.888, 224, "paper Table 3", 70.9, bflops_decimals=3), twin="peleenet",
+              default_input=224,
+              description="CSPPeleeNet with stages 2-4 partial: the paper's Table 1 γ / fusion rows (designed here)"),
     ModelSpec("csppeleenet_swish", "peleenet", dataclasses.replace(CSPPELEENET, act="swish"), build_peleenet,
               PaperFigures(2.83, 0.888, 224, "paper Table 3", 71.7, bflops_decimals=3), twin="peleenet_swish",
               default_input=224, description="CSPPeleeNet with swish"),
