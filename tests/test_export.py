@@ -333,6 +333,30 @@ def test_deploy_compile_true_uses_inductor_freezing():
     assert rel_err(compiled(x[:1]), ref[:1]) <= TOL  # another batch size: recompiled or dynamic, still right
 
 
+def test_deploy_compile_true_follows_weight_changes():
+    # Inductor's freezing bakes the weights into the compiled graph as constants; every way DeployedModel
+    # documents for changing weights must still reach it (a small network: each change may recompile).
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvBnAct(3, 8, 3), ConvBnAct(8, 8, 3)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    compiled = deploy(model, compile=True)
+    eager = deploy(model, onednn=False)  # the same folded network, no packed or frozen weights
+    before = compiled(x).clone()
+    changes = {
+        "load_state_dict": lambda: compiled.load_state_dict({k: 2 * v for k, v in compiled.state_dict().items()}),
+        "in place under no_grad": lambda: [p.mul_(0.5) for p in compiled.parameters()],
+        ".data, then repack()": lambda: ([p.data.add_(0.1) for p in compiled.parameters()], compiled.repack()),
+    }
+    for how, change in changes.items():
+        with torch.no_grad():
+            change()
+        eager.load_state_dict(compiled.state_dict())
+        out = compiled(x)
+        assert not torch.equal(out, before), how
+        assert rel_err(out, eager(x)) <= TOL, how
+        before = out.clone()
+
+
 def test_dynamo_onnx_export_keeps_the_batch_axis_dynamic(tmp_path):
     # torch.export makes a dimension of size 1 a constant: this graph, traced at batch 1, took batch 1 only.
     model, _, _ = calibrated("cspresnet50_elastic")
