@@ -5,7 +5,7 @@ import json
 import os
 
 from ..darknet import convert_weights
-from ..darknet.convert import UNREAD_FILL_SEED
+from ..darknet.convert import CFG_NECK_WORDS, UNREAD_FILL_SEED
 from ..darknet.info import format_table, summarize
 from .argtypes import POSITIVE_INT
 
@@ -27,11 +27,18 @@ def register(sub) -> None:
         description="If the cfg is a registered model's official cfg (or --model names one), the file holds "
                     "that native model's weights, with the cfg's class count (load with cspnet.create_model(NAME, "
                     "num_classes=K, in_chans=C, pretrained=OUT), as printed); "
-                    "otherwise, or with --raw, the cfg-built network's (cspnet.darknet.load_model(CFG, OUT)).")
+                    "otherwise, or with --raw, the cfg-built network's (cspnet.darknet.load_model(CFG, OUT)). "
+                    "A detector cfg (with [yolo] layers, e.g. csresnext50-panet-spp.cfg) becomes a native detector "
+                    "with the cfg's anchors, classes and input size (and COCO's class names and category ids for 80 "
+                    "classes): cspnet detect predict / eval --weights OUT run it, cspnet.weights.load_model(OUT) "
+                    "rebuilds it.")
     conv.add_argument("cfg", help="Darknet .cfg file")
     conv.add_argument("weights", help="Darknet .weights file (or a partial file such as x.conv.104)")
     conv.add_argument("out", help="output .safetensors file")
-    conv.add_argument("--model", default=None, help="registered model to convert into (default: found from the cfg name)")
+    conv.add_argument("--model", default=None, help="registered model to convert into, a detector cfg's backbone "
+                                                    "(default: found from the cfg name)")
+    conv.add_argument("--neck", default=None, choices=tuple(CFG_NECK_WORDS.values()),
+                      help="a detector cfg's neck (default: found from the cfg name: -panet-, -fpn-, -yolo-)")
     conv.add_argument("--raw", action="store_true", help="keep the cfg-built network's layout")
     conv.add_argument("--cutoff", type=POSITIVE_INT, default=None,
                       help="read only layers 0..N-1 (default: N from a .conv.N file name, else all)")
@@ -66,11 +73,16 @@ def run_info(args) -> int:
 def run_convert(args) -> int:
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"output {args.out!r} must be a .safetensors file")
-    result = convert_weights(args.cfg, args.weights, args.out, model=args.model, raw=args.raw, cutoff=args.cutoff)
+    result = convert_weights(args.cfg, args.weights, args.out, model=args.model, neck=args.neck, raw=args.raw,
+                             cutoff=args.cutoff)
     h = result.header
     kwargs = "".join(f"{k}={v}, " for k, v in result.model_kwargs.items())
-    how = (f"cspnet.create_model({result.model!r}, {kwargs}pretrained={args.out!r})" if result.model
-           else f"cspnet.darknet.load_model({args.cfg!r}, {args.out!r})")
+    if result.detector:
+        how = f"cspnet.weights.load_model({args.out!r}), or run it with cspnet detect predict --weights {args.out}"
+    elif result.model:
+        how = f"cspnet.create_model({result.model!r}, {kwargs}pretrained={args.out!r})"
+    else:
+        how = f"cspnet.darknet.load_model({args.cfg!r}, {args.out!r})"
     print(f"wrote {args.out}: {result.records} weighted layers from {args.weights} "
           f"(Darknet {h.major}.{h.minor}.{h.revision}, seen {h.seen}); load with {how}")
     if result.records < result.records_total:

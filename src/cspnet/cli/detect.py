@@ -49,6 +49,29 @@ def _add_data(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--scene-size", type=SCENE_SIZE, default=None, help="scenes: generated image size (default: --img-size)")
 
 
+def _add_detector_source(p: argparse.ArgumentParser) -> None:
+    """The detector to run: a training run's checkpoint or a detector weights file, exactly one."""
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", default=None, metavar="RUN_DIR", help="run directory written by cspnet detect train")
+    which.add_argument("--weights", default=None, metavar="FILE",
+                       help="a detector .safetensors file recording its input size and classes: an official Darknet "
+                            "detector converted by cspnet darknet convert (e.g. csresnext50-panet-spp), or a run's "
+                            "cspnet export --format safetensors")
+    p.add_argument("--name", default=None, help="with --checkpoint: best or last (default: best if present)")
+
+
+def _load_detector(args):
+    """``(model, info)``: the detector of ``--checkpoint`` or ``--weights`` and what eval / predict read of it,
+    its input size, class names and category ids (``img_size``, ``class_names``, ``category_ids``)."""
+    from ..detection.train import load_detector, load_detector_file
+
+    if args.checkpoint is not None:
+        return load_detector(args.checkpoint, args.name)
+    if args.name is not None:
+        raise ValueError("--name picks a checkpoint of a run (--checkpoint RUN_DIR); --weights is one file")
+    return load_detector_file(args.weights)
+
+
 def register(sub) -> None:
     det = sub.add_parser("detect", help=MODULE_HELP)
     dsub = det.add_subparsers(dest="detect_command", required=True)
@@ -100,13 +123,13 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
 
-    p = dsub.add_parser("eval", help="COCO AP / AP50 / AP75 / APs / APm / APl and per-class AP / AP50 of a checkpoint (JSON on stdout)")
-    p.add_argument("--checkpoint", required=True, help="run directory written by cspnet detect train")
-    p.add_argument("--name", default=None, help="best or last (default: best if present)")
+    p = dsub.add_parser("eval", help="COCO AP / AP50 / AP75 / APs / APm / APl and per-class AP / AP50 of a checkpoint or "
+                                     "weights file (JSON on stdout)")
+    _add_detector_source(p)
     _add_data(p, required=False)
     p.add_argument("--split", choices=("train", "val"), default="val",
                    help="without --data: the run's validation (default) or training set; with --data scenes / trees / a Darknet "
-                        ".data file: their split")
+                        ".data file: their split (--weights needs --data)")
     p.add_argument("--conf", type=PROBABILITY, default=0.001)
     p.add_argument("--iou", type=IOU, default=0.6)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
@@ -116,8 +139,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_eval)
 
     p = dsub.add_parser("predict", help="detect objects in images; write drawn images and detections.json")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--name", default=None)
+    _add_detector_source(p)
     p.add_argument("images", nargs="+", help="image files, or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--skip-corrupt", action="store_true",
@@ -287,11 +309,14 @@ def _train(args, dist) -> int:
 def run_eval(args) -> int:
     from ..data.detection import DetectionDataset, coco_ground_truth, load_detection_source
     from ..detection.metrics import coco_evaluate
-    from ..detection.train import load_detector, predict_dataset
+    from ..detection.train import predict_dataset
     from ..export import fuse
     from ..files import atomic_write_text
 
-    model, run = load_detector(args.checkpoint, args.name)
+    if args.weights is not None and args.data is None:  # said before the detector is loaded
+        raise ValueError(f"--weights {args.weights}: a weights file records no data set to evaluate on; give --data "
+                         "(e.g. COCO's instances_val2017.json with --images val2017/)")
+    model, run = _load_detector(args)
     fuse(model)  # inference only: BatchNorms folded into their convs, ~20 % faster on the CPU
     recorded = run.get("data", {}).get(args.split)
     recorded = recorded if isinstance(recorded, dict) else None  # runs of older versions recorded only a description
@@ -307,7 +332,8 @@ def run_eval(args) -> int:
     _check_images(src, spec, "evaluation", "--images")
     _report(src)
     if list(src.class_names) != list(run["class_names"]):
-        raise ValueError(f"{spec} has classes {list(src.class_names)[:10]}, the checkpoint was trained on {run['class_names'][:10]}")
+        model_classes = "the checkpoint was trained on" if args.checkpoint else f"the detector of {args.weights} predicts"
+        raise ValueError(f"{spec} has classes {list(src.class_names)[:10]}, {model_classes} {run['class_names'][:10]}")
     category_ids = src.category_ids
     dataset = DetectionDataset(src.records, src.class_names, img_size, None)
     gt = coco_ground_truth(src.records, src.class_names, category_ids)
@@ -316,7 +342,8 @@ def run_eval(args) -> int:
         atomic_write_text(args.results_out, json.dumps(detections))
     metrics = coco_evaluate(gt, detections, per_class=True)
     per_class = [{**row, "AP": round(row["AP"], 4), "AP50": round(row["AP50"], 4)} for row in metrics.pop("per_class")]
-    text = json.dumps({"checkpoint": str(args.checkpoint), "model": model.model_name, "data": src.description,
+    evaluated = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"weights": str(args.weights)}
+    text = json.dumps({**evaluated, "model": model.model_name, "data": src.description,
                        "images": len(src.records), **{k: round(v, 4) for k, v in metrics.items()}, "per_class": per_class},
                       indent=1)
     print(text)  # first, so that the result is seen even if the file cannot be written
@@ -328,11 +355,10 @@ def run_eval(args) -> int:
 def run_predict(args) -> int:
     from ..data.classification import image_files
     from ..detection.predict import predict_files
-    from ..detection.train import load_detector
     from ..export import fuse
 
     paths = image_files(args.images)  # as cspnet predict takes them, before the model is loaded
-    model, run = load_detector(args.checkpoint, args.name)
+    model, run = _load_detector(args)
     fuse(model)  # inference only, as in eval
     skipped: list[str] | None = [] if args.skip_corrupt else None
     results = predict_files(model, paths, Path(args.out), run["img_size"],

@@ -42,6 +42,22 @@ from . import classification
 TREE_CLASSES = ("Tree",)
 TREE_TRAIN = ("2019_YELL_2_528000_4978000_image_crop2", "SOAP_061")
 TREE_VAL = ("2019_YELL_2_541000_4977000_image_crop", "OSBS_029")
+# The 80 MS COCO detection classes in category-id order, as COCO's instances_*.json names them (Darknet's
+# coco.names spells six otherwise: motorbike, aeroplane, sofa, pottedplant, diningtable, tvmonitor), and
+# their category ids: 1..90 less the ten ids of categories never annotated with boxes. A detector trained
+# on COCO by Darknet predicts class k for category COCO_CATEGORY_IDS[k].
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
+COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
 PAD_VALUE = 114  # letterbox grey, as the YOLO family pads
 MIN_BOX_SIZE = 1.0  # pixels; narrower boxes after clipping are degenerate
 # A box reaching past the image by less than CLIP_TOLERANCE pixels plus CLIP_TOLERANCE_PER_PIXEL of the

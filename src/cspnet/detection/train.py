@@ -286,3 +286,34 @@ def load_detector(out_dir: str | os.PathLike, name: str | None = None) -> tuple[
     else:
         load_checkpoint(out_dir, model=model, name=name, restore_rng=False)
     return model.eval(), run
+
+
+def load_detector_file(path: str | os.PathLike) -> tuple[Detector, dict[str, Any]]:
+    """Rebuild the detector a safetensors file records (`cspnet.weights.load_model`: ``cspnet darknet convert`` of an
+    official detector cfg, ``cspnet export --format safetensors`` of a run) and return ``(model, info)``, ``info``
+    holding what `load_detector`'s run record gives predict and eval: ``img_size`` (the recorded input size),
+    ``class_names`` and ``category_ids`` (None when the file records none). The model is returned in eval mode."""
+    from ..darknet.weights import is_darknet_weights
+    from ..weights import WeightsError, load_model, read_metadata
+
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path}: a folder, not a weights file (a training run's folder is read with --checkpoint)")
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    if is_darknet_weights(path):
+        raise WeightsError(f"{path}: a Darknet weights file; convert it first: cspnet darknet convert CFG {path} OUT.safetensors")
+    meta = read_metadata(path)
+    if not isinstance(meta.get("config"), dict) or "neck" not in meta["config"]:
+        raise WeightsError(f"{path}: records no detector (metadata 'config' with a neck); it holds "
+                           + (f"model {meta['model']!r}" if "model" in meta else "no cspnet model record"))
+    size, names = meta.get("input_size"), meta.get("class_names")
+    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:  # a Darknet cfg's [height, width]
+        size = size[0]
+    if not (isinstance(size, int) and size > 0 and size % 32 == 0):
+        raise WeightsError(f"{path}: records input size {size!r}; the detector letterboxes images to a square whose "
+                           "side is a multiple of 32")
+    if not isinstance(names, list) or len(names) != meta["config"].get("num_classes"):
+        raise WeightsError(f"{path}: records no name for each of its {meta['config'].get('num_classes')} classes "
+                           "(metadata 'class_names')")
+    return load_model(path), {"img_size": size, "class_names": names, "category_ids": meta.get("category_ids")}
