@@ -626,10 +626,15 @@ def test_memory_efficient_run_trains_the_same_weights_and_may_resume_a_plain_run
     assert [on for on, _ in switched] == [False, True] and switched[1][1] > 0  # layers switched in the second run
     plain, lean = load_state(tmp_path / "plain" / "last.safetensors"), load_state(tmp_path / "lean" / "last.safetensors")
     assert plain.keys() == lean.keys()
-    for key in plain:
-        torch.testing.assert_close(lean[key], plain[key], rtol=1e-4, atol=1e-5, msg=key)
     state = read_checkpoint_record(tmp_path / "plain")["state"]
     saved = state["train_config"]
+    # Rebuilding activations for backward changes float rounding (by up to 1e-4 of a weight on some CPUs), not
+    # the update: each tensor's difference from the plain run is held against how far training moved it. A
+    # wrong gradient, or BatchNorm statistics updated twice, differs by a sizable part of the move.
+    init = rebuild_model(state["run"]["model"], seed=saved["seed"]).state_dict()
+    for key in plain:
+        moved = (plain[key] - init[key]).abs().max().item()
+        assert (lean[key] - plain[key]).abs().max().item() <= 0.02 * moved + 1e-6, key
     assert saved["memory_efficient"] is False
     _check_resume_config(state, TrainConfig(**{**saved, "step_milestones": tuple(saved["step_milestones"]),
                                                "memory_efficient": True}), state["run"], "plain")
