@@ -241,3 +241,34 @@ def test_grad_checkpointing_compiles():
     scale = max(q.grad.abs().max() for q in eager.parameters())
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad / scale, q.grad / scale, rtol=0, atol=2e-3, msg=name)
+
+
+def test_out_indices_out_of_order_return_the_maps_in_the_order_asked():
+    # timm's contract: maps come back in out_indices order, not sorted; a neck indexing them by position relies on it
+    model = cspnet.create_model("cspresnet10", features_only=True, out_indices=(3, 1)).eval()
+    every = cspnet.create_model("cspresnet10", features_only=True).eval()
+    model.load_state_dict(every.state_dict())  # the tensors of the stage it deleted (level 4) are skipped
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        maps, levels = model(x), every(x)
+    assert len(maps) == 2 and torch.equal(maps[0], levels[3]) and torch.equal(maps[1], levels[1])
+    assert [m.shape[1] for m in maps] == model.feature_info.channels()
+    # level 3 is at stride 16 (stem 4, then two stride-2 stages), level 1 at the stem's stride 4
+    assert [SIZE // m.shape[-1] for m in maps] == model.feature_info.reduction() == [16, 4]
+
+
+def test_min_input_size_counts_only_the_stages_a_features_only_model_keeps():
+    # A features_only model must accept every input its kept stages run on. DenseNet's stem maps s pixels to
+    # ceil(s / 4); stage i >= 1 opens with an unpadded 2x2 pool after i - 1 earlier halvings, so it needs
+    # 4 * (2**i - 1) + 1 pixels: stages 0..3 need [1, 5, 13, 29]; the deleted stages must not count.
+    model = cspnet.create_model("densenet121", features_only=True, out_indices=(0, 1)).eval()
+    assert len(model.stages) == 1 and model.min_input_size == 1
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 8, 8))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(2, 2), (2, 2)]
+    model = cspnet.create_model("densenet121", features_only=True, out_indices=(2,)).eval()
+    assert len(model.stages) == 2 and model.min_input_size == 5  # stages 0 and 1: max(1, 5)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 5, 5))[0].shape[-2:] == (1, 1)  # ceil(5 / 4) = 2, pooled to 1
+        with pytest.raises(ValueError, match="at least 5"):
+            model(torch.randn(1, 3, 4, 4))

@@ -322,3 +322,17 @@ def test_trains_end_to_end_through_every_layer_kind():
     out[0].square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     assert model.layers[14].stride == 1 and model.layers[14].anchors == ((1, 2), (3, 4))
+
+
+def test_yolo_stride_is_the_x_stride_when_the_strides_differ():
+    # YoloLayer.stride is documented as input pixels per cell along x (width); stride_hw is (y, x).
+    # A 1x1 conv with stride_x=4, stride_y=2 maps 64x64 to h = 63 // 2 + 1 = 32, w = 63 // 4 + 1 = 16:
+    # 64 / 32 = 2 along y, 64 / 16 = 4 along x. One mask entry and 2 classes need 1 * (2 + 5) = 7 filters.
+    model = tiny(
+        "[convolutional]\nfilters=7\nsize=1\nstride_x=4\nstride_y=2\nactivation=linear\n"
+        "[yolo]\nmask=0\nanchors=10,13\nnum=1\nclasses=2\n",
+        w=64, h=64,
+    )
+    yolo = model.layers[1]
+    assert isinstance(yolo, YoloLayer) and model.layers[0].out_shape == (7, 32, 16)
+    assert yolo.stride_hw == (2, 4) and yolo.stride == 4

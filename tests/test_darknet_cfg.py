@@ -225,3 +225,12 @@ def test_the_property_test_writes_nothing_where_pytest_is_started(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_list_option_with_a_trailing_comma_parses_as_darknet_reads_it():
+    # A trailing comma (cfgs end anchors= lines with one; Darknet reads them without complaint) ends the list:
+    # "mask=0,1," is [0, 1], not an error and not a third entry; only the one trailing empty item is dropped.
+    cfg = parse_cfg_text(NET + "[yolo]\nmask=0,1,\nanchors=10,13,16,30,\nnum=2\n", "t.cfg")
+    yolo = cfg.layers[0]
+    assert yolo.get_ints("mask") == [0, 1]
+    assert yolo.get_floats("anchors") == [10.0, 13.0, 16.0, 30.0]

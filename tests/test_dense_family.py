@@ -113,6 +113,51 @@ def test_elastic_densenets_match_the_paper():
     assert _close(csp.bflops / base.bflops, 7.13 / 8.77, 0.01)  # the paper's -19%
 
 
+def _randomize_bn_stats(module: nn.Module) -> nn.Module:
+    """Eval mode with BatchNorm statistics and affine parameters away from the identity."""
+    gen = torch.Generator().manual_seed(0)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen))
+    return module.eval()
+
+
+def test_elastic_low_branch_pool_keeps_the_last_row_and_column_of_an_odd_map():
+    # ELASTIC's 2x2 pool of the low-resolution branch is ceil-mode: a 5x5 map pools to 3x3 and its last
+    # row / column (pixel (4, 4) among them) still reach the low branch instead of being dropped.
+    layer = _randomize_bn_stats(ElasticDenseLayer(8, 8))
+    seen = []
+    layer.conv1_d.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-2:]))
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        layer(x)
+    assert seen == [(3, 3)]  # ceil(5 / 2)
+    low = []
+    layer.conv2_d.register_forward_hook(lambda m, args, out: low.append(out))
+    x2 = x.clone()
+    x2[..., 4, 4] += 10.0
+    with torch.no_grad():
+        layer(x), layer(x2)
+    assert not torch.allclose(low[-2], low[-1])
+
+
+def test_elastic_layer_upsamples_its_low_branch_bilinearly():
+    # ELASTIC (allenai/elastic) adds the low branch upsampled x2 bilinear (align_corners=False) to the full
+    # branch; recompose the layer's forward from its submodules with torch's own pool and upsample.
+    layer = _randomize_bn_stats(ElasticDenseLayer(8, 8))
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        h = layer.act1(layer.norm1(x))
+        full = layer.conv2(layer.act2(layer.norm2(layer.conv1(h))))
+        low = layer.conv2_d(layer.act2_d(layer.norm2_d(layer.conv1_d(nn.AvgPool2d(2, 2)(h)))))
+        expected = full + nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)(low)
+        torch.testing.assert_close(layer(x), expected)
+
+
 # -- Official cfgs: layer for layer ---------------------------------------------------------------
 
 @pytest.mark.parametrize("name,params_m,bflops", [("mobilenet_v2", 3.47, 0.858), ("cspmobilenet_v2", 2.51, 0.764)])
@@ -218,6 +263,50 @@ def test_csppeleenet_feature_pyramid():
     model = cspnet.create_model("csppeleenet", features_only=True)
     assert [(f.num_chs, f.reduction) for f in model.feature_info] == [
         (32, 4), (128, 4), (256, 8), (512, 16), (704, 32)]
+
+
+# -- PeleeNet's concat orders, which the official PeleeNet weights depend on ------------------------------
+# The PeleeNet paper's reference code (Robert-JunWang/PeleeNet): the stem block concatenates
+# [max-pool branch, conv branch]; a two-way dense layer outputs [its input, branch 1 (one 3x3),
+# branch 2 (two 3x3)], the input coming first from the dense block.
+
+def test_pelee_stem_concatenates_the_pool_branch_first():
+    model = _randomize_bn_stats(cspnet.create_model("peleenet"))
+    stem, chs = model.stem, model.feature_info[0].num_chs  # stem_chs
+    seen = []
+    stem.stem3.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        stem(x)
+        first = stem.stem1(x)
+        torch.testing.assert_close(seen[0][:, :chs], stem.pool(first))
+        torch.testing.assert_close(seen[0][:, chs:], stem.stem2b(stem.stem2a(first)))
+
+
+def test_two_way_dense_layer_puts_the_one_3x3_branch_first():
+    from cspnet.models.peleenet import TwoWayDenseLayer
+
+    layer = _randomize_bn_stats(TwoWayDenseLayer(8, 32, 16, "leaky"))  # growth 32: two branches of 16
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        y = layer(x)
+        torch.testing.assert_close(y[:, :16], layer.branch1b(layer.branch1a(x)))
+        torch.testing.assert_close(y[:, 16:], layer.branch2c(layer.branch2b(layer.branch2a(x))))
+
+
+def test_dense_block_keeps_its_input_channels_first():
+    from cspnet.models.densenet import DenseBlock
+    from cspnet.models.peleenet import TwoWayDenseLayer
+
+    layers = [TwoWayDenseLayer(8, 32, 16, "leaky"), TwoWayDenseLayer(40, 32, 16, "leaky")]
+    block = _randomize_bn_stats(DenseBlock(layers))
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        y = block(x)
+        first = layers[0](x)
+        second = layers[1](torch.cat([x, first], 1))
+    assert y.shape[1] == 8 + 2 * 32
+    torch.testing.assert_close(y, torch.cat([x, first, second], 1))
 
 
 # -- CrossStage: custom split layers (csmobilenet-v2) -------------------------------------------------

@@ -75,3 +75,16 @@ def test_profile_takes_any_integer_type_for_sizes_but_not_a_bool():
     for bad in (True, (16, True), 16.0, "16"):
         with pytest.raises(ValueError, match="input size must be one or two positive integers"):
             cspnet.profile(net, bad, in_chans=3)
+
+
+def test_flops_all_counts_batchnorm_as_two_per_element():
+    # Docstring rule: BatchNorm is a scale and a shift, 2 FLOPs per element: 2 · (4 channels · 3 · 3) = 72.
+    assert cspnet.profile(torch.nn.Sequential(torch.nn.BatchNorm2d(4)), 3, in_chans=4).flops_all == 2 * 4 * 3 * 3 == 72
+
+
+def test_flops_all_counts_a_pooling_window_of_k_by_k_for_an_int_kernel():
+    # Docstring rule: one FLOP per window element and output element; an int kernel k is a k x k window.
+    # Max pool 3x3 / 1, pad 1, on 2 x 4 x 4: 2 · 16 outputs · 9 = 288.
+    assert cspnet.profile(torch.nn.Sequential(torch.nn.MaxPool2d(3, 1, 1)), 4, in_chans=2).flops_all == 2 * 16 * 9 == 288
+    # Average pool 2x2 / 2 on 1 x 4 x 4: 4 outputs · 4 = 16 (the same rule for an average pool).
+    assert cspnet.profile(torch.nn.Sequential(torch.nn.AvgPool2d(2, 2)), 4, in_chans=1).flops_all == 4 * 4 == 16

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import cspnet
 from cspnet.blocks import DarkBlock, repeat_blocks
 from cspnet.layers import ConvBnAct
 from cspnet.stage import FUSIONS, CrossStage
@@ -116,3 +117,21 @@ def test_maxout_groups_channels_like_darknet_maxpool_depth():
     x = torch.randn(2, 12, 4, 4)
     expected = torch.stack([x[:, g::4] for g in range(4)], 1).amax(2)
     torch.testing.assert_close(Maxout(4)(x), expected)
+
+
+def test_slice_split_width_rounds_gamma_times_c():
+    # The slice split is round(γ·C) wide (docs, stage.py), the rule CSPDenseNet's builder sizes its widths by:
+    # γ = 0.3 of 32 channels is 9.6, so 10 channels bypass, not int()'s 9.
+    stage = CrossStage(32, dark_blocks(), split="slice", part_ratio=0.3, transition_chs=48)
+    assert (stage.cross_chs, stage.main_chs) == (10, 22)
+    model = cspnet.create_model("cspdensenet121", part_ratio=0.3).eval()  # widths computed with round() there
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_conv_split_default_widths_follow_gamma():
+    # γ is the fraction that bypasses: a conv split of 32 channels at γ = 0.25 gives the cross conv
+    # round(0.25·32) = 8 outputs and the main (block) conv the other 24.
+    stage = CrossStage(32, dark_blocks(), split="conv", part_ratio=0.25, transition_chs=48)
+    assert (stage.cross.conv.out_channels, stage.main.conv.out_channels) == (8, 24)
+    assert (stage.cross_chs, stage.main_chs) == (8, 24)
