@@ -120,20 +120,27 @@ def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {bare(k): v for k, v in state.items()}
 
 
-def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from a safetensors file or (never unpickling) from a ``torch.save`` file
-    (``.pth``, ``.pt``, ``.bin``, ``.ckpt``, ``.pth.tar``; a ``state_dict`` / ``model`` entry is taken);
-    the prefixes of DataParallel / DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) are dropped."""
-    path = Path(path)
+def check_weights_file(path: Path, folder_hint: str, darknet_hint: str) -> None:
+    """Refuse, naming ``path``, what is not a file of weights cspnet reads: a folder, a missing file, a Darknet
+    ``.weights`` file (which needs its cfg); the hints say what to do instead."""
     if path.is_dir():
-        raise WeightsError(f"{path}: a folder, not a weights file (a training run's weights are {path / 'last.safetensors'})")
+        raise WeightsError(f"{path}: a folder, not a weights file ({folder_hint})")
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
     from .darknet.weights import is_darknet_weights  # here: cspnet.darknet imports this module
 
     if is_darknet_weights(path):
-        raise WeightsError(f"{path}: a Darknet weights file; read it with create_model(name, darknet_weights=...) or "
-                           "convert it first: cspnet darknet convert CFG WEIGHTS OUT.safetensors")
+        raise WeightsError(f"{path}: a Darknet weights file; {darknet_hint}")
+
+
+def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from a safetensors file or (never unpickling) from a ``torch.save`` file
+    (``.pth``, ``.pt``, ``.bin``, ``.ckpt``, ``.pth.tar``; a ``state_dict`` / ``model`` entry is taken);
+    the prefixes of DataParallel / DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) are dropped."""
+    path = Path(path)
+    check_weights_file(path, f"a training run's weights are {path / 'last.safetensors'}",
+                       "read it with create_model(name, darknet_weights=...) or convert it first: cspnet darknet "
+                       "convert CFG WEIGHTS OUT.safetensors")
     head = _first_bytes(path)
     torch_save = _written_by_torch_save(head)
     if path.suffix in _PICKLE_SUFFIXES and not torch_save:

@@ -293,16 +293,11 @@ def load_detector_file(path: str | os.PathLike) -> tuple[Detector, dict[str, Any
     official detector cfg, ``cspnet export --format safetensors`` of a run) and return ``(model, info)``, ``info``
     holding what `load_detector`'s run record gives predict and eval: ``img_size`` (the recorded input size),
     ``class_names`` and ``category_ids`` (None when the file records none). The model is returned in eval mode."""
-    from ..darknet.weights import is_darknet_weights
-    from ..weights import WeightsError, load_model, read_metadata
+    from ..weights import WeightsError, check_weights_file, load_model, read_metadata
 
     path = Path(path)
-    if path.is_dir():
-        raise WeightsError(f"{path}: a folder, not a weights file (a training run's folder is read with --checkpoint)")
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
-    if is_darknet_weights(path):
-        raise WeightsError(f"{path}: a Darknet weights file; convert it first: cspnet darknet convert CFG {path} OUT.safetensors")
+    check_weights_file(path, "a training run's folder is read with --checkpoint",
+                       f"convert it first: cspnet darknet convert CFG {path} OUT.safetensors")
     meta = read_metadata(path)
     if not isinstance(meta.get("config"), dict) or "neck" not in meta["config"]:
         raise WeightsError(f"{path}: records no detector (metadata 'config' with a neck); it holds "
